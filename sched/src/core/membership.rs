@@ -1,0 +1,115 @@
+//! Workers and clients joining and leaving.
+
+use rdask_transport::protocol::{Resource, ToClientMessage, ToWorkerMessage};
+use rdask_transport::{ClientId, TaskId, WorkerId};
+
+use super::{Client, Core, TaskError, TaskState, Worker};
+use crate::comm::Comm;
+
+/// What a worker tells about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub name: String,
+    pub address: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub resources: Vec<Resource>,
+}
+
+impl Core {
+    pub fn add_worker(&mut self, comm: &mut Comm, spec: WorkerSpec, now_ms: u64) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        tracing::info!(worker = %id, name = %spec.name, address = %spec.address, nthreads = spec.nthreads, "worker joined");
+        self.workers.insert(
+            id,
+            Worker {
+                name: spec.name,
+                address: spec.address,
+                nthreads: spec.nthreads.max(1),
+                memory_limit: spec.memory_limit,
+                resources: spec.resources,
+                processing: Default::default(),
+                has_data: Default::default(),
+                stored_bytes: 0,
+                steals_in_flight: 0,
+                last_seen_ms: now_ms,
+            },
+        );
+        self.worker_order.push(id);
+        comm.send_worker(id, ToWorkerMessage::Registered { worker_id: id, heartbeat_ms: self.config.heartbeat_ms });
+        id
+    }
+
+    /// A worker left (cleanly or not). Its queued and running tasks go back
+    /// to the queue (or err after `allowed_failures` deaths); values only it
+    /// held are recomputed where still needed.
+    pub fn remove_worker(&mut self, comm: &mut Comm, id: WorkerId) {
+        let Some(worker) = self.workers.remove(&id) else { return };
+        comm.forget_worker(id);
+        self.worker_order.retain(|w| *w != id);
+        tracing::warn!(
+            worker = %id, name = %worker.name, processing = worker.processing.len(),
+            values = worker.has_data.len(), "worker left"
+        );
+        let mut processing: Vec<TaskId> = worker.processing.into_iter().collect();
+        processing.sort_unstable();
+        for t in processing {
+            let task = &mut self.tasks[t];
+            task.assigned = None;
+            task.steal_pending = false;
+            task.suspicious = task.suspicious.saturating_add(1);
+            if task.suspicious >= self.config.allowed_failures {
+                let message = format!(
+                    "KilledWorker: task {:?} was assigned to {} workers that died (the last was {} at {}); \
+                     it may be crashing its worker",
+                    &*task.key, task.suspicious, worker.name, worker.address
+                );
+                let err = TaskError { failed_key: task.key.clone(), message, payload: Default::default() };
+                // Not Assigned any more: fail_with_dependents must not look for a worker.
+                task.state = TaskState::Ready;
+                self.stats.failed += 1;
+                self.fail_with_dependents(comm, t, err);
+            } else {
+                self.make_ready(t);
+            }
+        }
+        for t in worker.has_data {
+            let Some(task) = self.tasks.get_mut(t) else { continue };
+            task.holders.retain(|h| *h != id);
+            if task.holders.is_empty() && task.state == TaskState::Memory {
+                self.data_lost(comm, t);
+            }
+        }
+        self.idle_hint = true;
+    }
+
+    /// Workers silent for longer than `timeout_ms`; the reactor drops them.
+    pub fn silent_workers(&self, now_ms: u64, timeout_ms: u64) -> Vec<WorkerId> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| now_ms.saturating_sub(w.last_seen_ms) > timeout_ms)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn add_client(&mut self, comm: &mut Comm, scheduler_id: &str) -> ClientId {
+        let id = ClientId(self.next_client);
+        self.next_client += 1;
+        self.clients.insert(id, Client::default());
+        comm.send_client(id, ToClientMessage::Welcome { client_id: id, scheduler_id: scheduler_id.to_string() });
+        id
+    }
+
+    /// A client left: everything it held is released.
+    pub fn remove_client(&mut self, comm: &mut Comm, id: ClientId) {
+        let Some(client) = self.clients.remove(&id) else { return };
+        comm.forget_client(id);
+        let wanted: Vec<TaskId> = client.wanted.into_iter().collect();
+        tracing::info!(client = %id, keys = wanted.len(), "client left; releasing its keys");
+        for &t in &wanted {
+            self.tasks[t].wanted_by.retain(|c| *c != id);
+        }
+        self.update_need(comm, wanted);
+    }
+}

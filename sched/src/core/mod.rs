@@ -1,0 +1,268 @@
+//! The scheduler's state machine. No sockets, no clock: handlers take the
+//! core, the outbox ([`Comm`]) and, where time matters, `now`. The reactor
+//! calls them; tests drive them directly.
+
+mod lifecycle;
+pub mod membership;
+mod placement;
+mod submit;
+pub mod task;
+
+use std::collections::BinaryHeap;
+
+use hashbrown::HashTable;
+use rdask_transport::protocol::{ArchivedFromClientMessage, ArchivedFromWorkerMessage, Resource};
+use rdask_transport::{ClientId, Frame, TaskId, WorkerId};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::comm::Comm;
+use crate::error::SchedError;
+pub use task::{Priority, Task, TaskError, TaskSlab, TaskState};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Tasks a worker may hold (queued + running) per thread before the
+    /// scheduler keeps further ready tasks back in its own queue. Large enough
+    /// to hide a round trip for micro-tasks; stealing fixes imbalance.
+    pub tasks_per_thread: u32,
+    /// A task whose workers died this many times errs ("killed worker").
+    pub allowed_failures: u8,
+    pub heartbeat_ms: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { tasks_per_thread: 256, allowed_failures: 3, heartbeat_ms: 1000 }
+    }
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub name: String,
+    pub address: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub resources: Vec<Resource>,
+    /// Assigned and not finished (queued or running there).
+    pub processing: FxHashSet<TaskId>,
+    /// Tasks whose value this worker holds.
+    pub has_data: FxHashSet<TaskId>,
+    pub stored_bytes: u64,
+    pub steals_in_flight: u32,
+    /// Milliseconds of the last message from it (time passed in by the caller).
+    pub last_seen_ms: u64,
+}
+
+impl Worker {
+    pub fn load(&self) -> u32 {
+        self.processing.len() as u32
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Client {
+    pub wanted: FxHashSet<TaskId>,
+}
+
+/// Counters for progress reporting and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub submitted: u64,
+    pub finished: u64,
+    pub failed: u64,
+    pub stolen: u64,
+    pub recomputed: u64,
+    pub forgotten: u64,
+}
+
+pub struct Core {
+    pub config: CoreConfig,
+    pub tasks: TaskSlab,
+    /// Key → task, hashing the key stored in the task (no second copy).
+    keys: HashTable<TaskId>,
+    hasher: rustc_hash::FxBuildHasher,
+    pub workers: FxHashMap<WorkerId, Worker>,
+    pub clients: FxHashMap<ClientId, Client>,
+    ready: BinaryHeap<(Priority, TaskId)>,
+    next_worker: u32,
+    next_client: u32,
+    next_seq: u64,
+    /// Round-robin cursor over `worker_order` for tasks without inputs.
+    rr_cursor: usize,
+    worker_order: Vec<WorkerId>,
+    /// Set when some worker dropped below one task per thread; balancing
+    /// (stealing) only runs then.
+    idle_hint: bool,
+    pub stats: Stats,
+}
+
+impl Core {
+    pub fn new(config: CoreConfig) -> Self {
+        Core {
+            config,
+            tasks: TaskSlab::default(),
+            keys: HashTable::new(),
+            hasher: Default::default(),
+            workers: Default::default(),
+            clients: Default::default(),
+            ready: BinaryHeap::new(),
+            next_worker: 0,
+            next_client: 0,
+            next_seq: 0,
+            rr_cursor: 0,
+            worker_order: Vec::new(),
+            idle_hint: false,
+            stats: Stats::default(),
+        }
+    }
+
+    fn hash_key(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    pub fn lookup(&self, key: &str) -> Option<TaskId> {
+        let h = self.hash_key(key);
+        self.keys.find(h, |&id| &*self.tasks[id].key == key).copied()
+    }
+
+    fn index_key(&mut self, id: TaskId) {
+        let h = self.hash_key(&self.tasks[id].key);
+        let tasks = &self.tasks;
+        let hasher = &self.hasher;
+        self.keys.insert_unique(h, id, |&other| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(&*tasks[other].key)
+        });
+    }
+
+    fn unindex_key(&mut self, id: TaskId, key: &str) {
+        let h = self.hash_key(key);
+        if let Ok(entry) = self.keys.find_entry(h, |&other| other == id) {
+            entry.remove();
+        }
+    }
+
+    pub fn task_state(&self, key: &str) -> Option<TaskState> {
+        self.lookup(key).map(|id| self.tasks[id].state)
+    }
+
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Handles one frame from a client. An `Err` goes back to that client;
+    /// nothing else is affected.
+    pub fn on_client_frame(&mut self, comm: &mut Comm, client: ClientId, frame: &Frame) -> Result<(), SchedError> {
+        let msg = frame.access::<rdask_transport::protocol::FromClientMessage>()?;
+        match msg {
+            ArchivedFromClientMessage::Submit(graph) => self.on_submit(comm, client, graph, &frame.data),
+            ArchivedFromClientMessage::Release { keys } => {
+                for key in keys.iter() {
+                    self.client_releases(comm, client, key.as_str());
+                }
+                Ok(())
+            }
+            ArchivedFromClientMessage::Cancel { keys } => {
+                let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+                self.cancel_keys(comm, &keys);
+                Ok(())
+            }
+            ArchivedFromClientMessage::WhoHas { request_id, keys } => {
+                self.who_has(comm, client, request_id.to_native(), keys.iter().map(|k| k.as_str()));
+                Ok(())
+            }
+            ArchivedFromClientMessage::Close => {
+                self.remove_client(comm, client);
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles one frame from a worker. An `Err` means the worker sent
+    /// something invalid; the reactor disconnects it.
+    pub fn on_worker_frame(&mut self, comm: &mut Comm, worker: WorkerId, frame: &Frame, now_ms: u64) -> Result<(), SchedError> {
+        let msg = frame.access::<rdask_transport::protocol::FromWorkerMessage>()?;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.last_seen_ms = now_ms;
+        }
+        match msg {
+            ArchivedFromWorkerMessage::Register(_) => {
+                return Err(SchedError::BadMessage("worker registered twice".into()));
+            }
+            ArchivedFromWorkerMessage::Finished(items) => {
+                for item in items.iter() {
+                    self.task_finished(comm, worker, item.id.get(), item.size.to_native());
+                }
+            }
+            ArchivedFromWorkerMessage::Failed(items) => {
+                for item in items.iter() {
+                    let payload = if item.payload.to_native() == rdask_transport::protocol::NO_FRAME {
+                        Default::default()
+                    } else {
+                        frame.data_frame(item.payload.to_native())?.clone()
+                    };
+                    self.task_failed(comm, worker, item.id.get(), item.message.as_str(), payload);
+                }
+            }
+            ArchivedFromWorkerMessage::ReplicasAdded(ids) => {
+                for id in ids.iter() {
+                    self.replica_added(comm, worker, id.get());
+                }
+            }
+            ArchivedFromWorkerMessage::FetchFailed(items) => {
+                for f in items.iter() {
+                    self.fetch_failed(comm, worker, f.task.get(), f.dep.get(), f.holder.get());
+                }
+            }
+            ArchivedFromWorkerMessage::StealReply(items) => {
+                for s in items.iter() {
+                    self.steal_reply(worker, s.id.get(), s.stolen);
+                }
+            }
+            ArchivedFromWorkerMessage::Heartbeat(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Debug check of the core's invariants (used by tests after every step).
+    pub fn check_invariants(&self) {
+        for (id, t) in self.tasks.iter() {
+            assert_eq!(self.lookup(&t.key), Some(id), "key index out of sync for {}", t.key);
+            let waiting = t.deps.iter().filter(|d| self.tasks[**d].state != TaskState::Memory).count() as u32;
+            if matches!(t.state, TaskState::Waiting | TaskState::Ready | TaskState::Assigned) {
+                assert_eq!(t.waiting, waiting, "waiting count of {}", t.key);
+                assert_eq!(t.state == TaskState::Waiting, waiting > 0, "state of {} vs waiting {}", t.key, waiting);
+            }
+            let pending =
+                t.dependents.iter().filter_map(|d| self.tasks.get(*d)).filter(|d| !d.is_finished()).count() as u32;
+            assert_eq!(t.pending_dependents, pending, "pending dependents of {}", t.key);
+            let live = t.dependents.iter().filter(|d| self.tasks.get(**d).is_some()).count();
+            assert_eq!(t.live_dependents as usize, live, "live dependents of {}", t.key);
+            if t.state == TaskState::Assigned {
+                let w = t.assigned.expect("assigned task without worker");
+                assert!(self.workers[&w].processing.contains(&id), "{} not in processing of {w}", t.key);
+            }
+            if t.state == TaskState::Memory {
+                assert!(!t.holders.is_empty(), "{} in memory without holders", t.key);
+            }
+            for h in &t.holders {
+                assert!(self.workers[h].has_data.contains(&id), "holder {h} of {} does not list it", t.key);
+            }
+            for c in &t.wanted_by {
+                assert!(self.clients[c].wanted.contains(&id));
+            }
+        }
+        for (wid, w) in &self.workers {
+            for id in &w.processing {
+                let t = &self.tasks[*id];
+                assert_eq!(t.assigned, Some(*wid));
+                assert_eq!(t.state, TaskState::Assigned);
+            }
+            for id in &w.has_data {
+                assert!(self.tasks[*id].holders.contains(wid));
+            }
+        }
+    }
+}

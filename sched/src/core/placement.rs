@@ -1,0 +1,160 @@
+//! Placement: ready tasks go to the worker holding most of their input bytes
+//! that has room; tasks without inputs spread round-robin. When the ready
+//! queue is empty and a worker idles, queued work is stolen from the busiest.
+
+use rdask_transport::protocol::{ComputeTask, DepInfo};
+use rdask_transport::{TaskId, WorkerId};
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
+
+use super::{Core, TaskState};
+use crate::comm::Comm;
+
+/// Steal only from workers queueing more than this many tasks per thread.
+const STEAL_MIN_QUEUE_PER_THREAD: u32 = 2;
+const MAX_STEAL_PER_ROUND: usize = 4096;
+
+impl Core {
+    fn capacity(&self, w: WorkerId) -> u32 {
+        self.workers[&w].nthreads.max(1) * self.config.tasks_per_thread
+    }
+
+    /// Assigns as many ready tasks as workers have room for, then balances.
+    /// Call once after each burst of events.
+    pub fn schedule(&mut self, comm: &mut Comm) {
+        if self.workers.is_empty() {
+            return;
+        }
+        while let Some(&(prio, id)) = self.ready.peek() {
+            let live = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready && t.priority == prio);
+            if !live {
+                self.ready.pop();
+                continue;
+            }
+            let Some(w) = self.choose_worker(id) else { break };
+            self.ready.pop();
+            self.assign(comm, id, w);
+        }
+        if self.idle_hint {
+            self.idle_hint = false;
+            if self.ready.is_empty() {
+                self.balance(comm);
+            }
+        }
+    }
+
+    fn choose_worker(&mut self, id: TaskId) -> Option<WorkerId> {
+        let t = &self.tasks[id];
+        if !t.deps.is_empty() {
+            if let Some(w) = self.best_local(id) {
+                return Some(w);
+            }
+        }
+        let n = self.worker_order.len();
+        for _ in 0..n {
+            let w = self.worker_order[self.rr_cursor % n];
+            self.rr_cursor = self.rr_cursor.wrapping_add(1);
+            if self.workers[&w].load() < self.capacity(w) {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// The worker with room that holds the most input bytes (each input
+    /// counts at least one byte, so many small inputs still attract).
+    fn best_local(&self, id: TaskId) -> Option<WorkerId> {
+        let deps = &self.tasks[id].deps;
+        let mut small: SmallVec<[(WorkerId, u64); 8]> = SmallVec::new();
+        let mut big: FxHashMap<WorkerId, u64> = FxHashMap::default();
+        let use_map = deps.len() > 32;
+        for d in deps {
+            let dt = &self.tasks[*d];
+            for &h in &dt.holders {
+                let bytes = dt.size.max(1);
+                if use_map {
+                    *big.entry(h).or_default() += bytes;
+                } else if let Some(e) = small.iter_mut().find(|e| e.0 == h) {
+                    e.1 += bytes;
+                } else {
+                    small.push((h, bytes));
+                }
+            }
+        }
+        let candidates: Box<dyn Iterator<Item = (WorkerId, u64)>> =
+            if use_map { Box::new(big.into_iter()) } else { Box::new(small.into_iter()) };
+        candidates
+            .filter(|(w, _)| self.workers.get(w).is_some_and(|wk| wk.load() < self.capacity(*w)))
+            .max_by_key(|(w, bytes)| (*bytes, std::cmp::Reverse(self.workers[w].load()), std::cmp::Reverse(*w)))
+            .map(|(w, _)| w)
+    }
+
+    pub(crate) fn assign(&mut self, comm: &mut Comm, id: TaskId, w: WorkerId) {
+        let t = &mut self.tasks[id];
+        t.state = TaskState::Assigned;
+        t.assigned = Some(w);
+        let t = &self.tasks[id];
+        let deps = t
+            .deps
+            .iter()
+            .map(|d| {
+                let dt = &self.tasks[*d];
+                DepInfo { id: *d, key: dt.key.to_string(), size: dt.size, holders: dt.holders.to_vec() }
+            })
+            .collect();
+        let msg = ComputeTask {
+            id,
+            key: t.key.to_string(),
+            user_priority: t.priority.user,
+            order: t.priority.order,
+            payload: 0,
+            deps,
+        };
+        comm.compute(w, msg, &t.payload);
+        self.workers.get_mut(&w).expect("assigning to a live worker").processing.insert(id);
+    }
+
+    /// Work stealing: idle workers take queued tasks from the busiest ones.
+    /// The victim answers for each task whether it gave it up (it may have
+    /// started it already); given-up tasks return to the ready queue.
+    fn balance(&mut self, comm: &mut Comm) {
+        let mut idle: Vec<(WorkerId, u32)> = Vec::new();
+        let mut busy: Vec<(WorkerId, u32)> = Vec::new();
+        for (&id, w) in &self.workers {
+            let load = w.load();
+            if load < w.nthreads {
+                idle.push((id, w.nthreads - load));
+            } else if load > w.nthreads * STEAL_MIN_QUEUE_PER_THREAD && w.steals_in_flight == 0 {
+                busy.push((id, load - w.nthreads));
+            }
+        }
+        if idle.is_empty() || busy.is_empty() {
+            return;
+        }
+        let want: u32 = idle.iter().map(|(_, free)| free).sum();
+        busy.sort_by_key(|(_, surplus)| std::cmp::Reverse(*surplus));
+        let mut remaining = want as usize * self.config.tasks_per_thread.max(1) as usize;
+        remaining = remaining.min(MAX_STEAL_PER_ROUND);
+        for (victim, surplus) in busy {
+            if remaining == 0 {
+                break;
+            }
+            // Take at most half of the victim's queue, so it keeps working too.
+            let take = (surplus as usize / 2).max(1).min(remaining);
+            let picked: Vec<TaskId> = self.workers[&victim]
+                .processing
+                .iter()
+                .copied()
+                .filter(|t| !self.tasks[*t].steal_pending)
+                .take(take)
+                .collect();
+            for t in &picked {
+                self.tasks[*t].steal_pending = true;
+                comm.steal(victim, *t);
+            }
+            let w = self.workers.get_mut(&victim).unwrap();
+            w.steals_in_flight += picked.len() as u32;
+            remaining -= picked.len();
+        }
+    }
+}

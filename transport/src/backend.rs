@@ -1,0 +1,116 @@
+//! The transport trait. A backend turns an address into connections; a
+//! connection is a [`FrameSender`] (cheap to clone, never blocks) and a
+//! [`FrameRead`] that yields whole frames. Everything above this module is
+//! backend-agnostic, so UCX and MPI are one file each behind a cargo feature.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::error::{Result, TransportError};
+use crate::frame::{Frame, Limits};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Sending half of a connection. Frames queue without blocking; a backend
+/// task writes them out, coalescing whatever has queued into one vectored write.
+#[derive(Clone)]
+pub struct FrameSender {
+    tx: mpsc::UnboundedSender<Frame>,
+    limits: Limits,
+}
+
+impl FrameSender {
+    pub fn new(tx: mpsc::UnboundedSender<Frame>, limits: Limits) -> Self {
+        FrameSender { tx, limits }
+    }
+
+    /// Queues a frame. Fails at once for a frame over the size limit, or when
+    /// the connection is gone.
+    pub fn send(&self, frame: Frame) -> Result<()> {
+        frame.check(&self.limits)?;
+        self.tx.send(frame).map_err(|_| TransportError::Closed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl std::fmt::Debug for FrameSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSender").field("closed", &self.is_closed()).finish()
+    }
+}
+
+/// Receiving half of a connection.
+pub trait FrameRead: Send {
+    /// The next frame; `Ok(None)` on a clean close. After an error the
+    /// connection is unusable and should be dropped.
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>>;
+}
+
+/// An established connection (before or after the handshake).
+pub struct Connection {
+    pub sender: FrameSender,
+    pub receiver: Box<dyn FrameRead>,
+    /// Human-readable peer address, for logs and errors.
+    pub peer: String,
+}
+
+/// Accepted connections of a listening backend.
+pub struct Listener {
+    /// The address peers should connect to (port 0 resolved).
+    pub address: String,
+    incoming: mpsc::Receiver<Connection>,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Listener {
+    pub fn new(address: String, incoming: mpsc::Receiver<Connection>, guard: Option<Box<dyn Send + Sync>>) -> Self {
+        Listener { address, incoming, _guard: guard }
+    }
+
+    /// Next accepted connection; `None` once the backend stopped accepting.
+    pub async fn accept(&mut self) -> Option<Connection> {
+        self.incoming.recv().await
+    }
+}
+
+/// One transport implementation (TCP, in-process, UCX, MPI).
+pub trait Backend: Send + Sync + 'static {
+    /// Address scheme this backend serves, e.g. "tcp".
+    fn scheme(&self) -> &'static str;
+    fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>>;
+    fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>>;
+}
+
+/// Splits `scheme://rest`; a bare `host:port` means TCP, as in Dask.
+pub fn split_scheme(addr: &str) -> (&str, &str) {
+    match addr.split_once("://") {
+        Some((scheme, rest)) => (scheme, rest),
+        None => ("tcp", addr),
+    }
+}
+
+/// The backend for an address, chosen by its scheme.
+pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
+    let (scheme, _) = split_scheme(addr);
+    match scheme {
+        "tcp" => Ok(Arc::new(crate::tcp::TcpBackend)),
+        "inproc" => Ok(Arc::new(crate::inproc::InProcBackend)),
+        _ => Err(TransportError::UnknownScheme(addr.to_string())),
+    }
+}
+
+/// Listens on `addr` with the backend its scheme names.
+pub async fn listen(addr: &str, limits: Limits) -> Result<Listener> {
+    backend_for(addr)?.listen(addr, limits).await
+}
+
+/// Connects to `addr` with the backend its scheme names.
+pub async fn connect(addr: &str, limits: Limits) -> Result<Connection> {
+    backend_for(addr)?.connect(addr, limits).await
+}

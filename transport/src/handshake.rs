@@ -1,0 +1,139 @@
+//! The versioned handshake: the first frame in each direction.
+//!
+//! Its control part has a fixed layout that never changes between protocol
+//! versions (it is not an rkyv archive), so a peer speaking another version
+//! still gets a readable refusal instead of a validation error.
+//!
+//! ```text
+//! hello:  b"RDASK\0" | u16 version | u8 role | u8 0 | u16 token_len | token
+//! reply:  b"RDASK\0" | u16 version | u8 status | u8 0 | u16 msg_len | message (UTF-8)
+//! ```
+
+use std::time::Duration;
+
+use rkyv::util::AlignedVec;
+
+use crate::backend::Connection;
+use crate::error::{Result, TransportError};
+use crate::frame::Frame;
+use crate::protocol::PROTOCOL_VERSION;
+
+pub const MAGIC: &[u8; 6] = b"RDASK\0";
+const FIXED: usize = 12;
+pub const MAX_TOKEN_LEN: usize = 1024;
+/// How long either side waits for the other's handshake frame.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is connecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Client = 1,
+    Worker = 2,
+    /// A worker or client fetching data from a worker.
+    Peer = 3,
+}
+
+impl Role {
+    fn from_u8(v: u8) -> Option<Role> {
+        match v {
+            1 => Some(Role::Client),
+            2 => Some(Role::Worker),
+            3 => Some(Role::Peer),
+            _ => None,
+        }
+    }
+}
+
+#[repr(u8)]
+enum Status {
+    Ok = 0,
+    BadVersion = 1,
+    BadToken = 2,
+    BadRole = 3,
+}
+
+fn fixed_part(version: u16, byte: u8, text: &[u8]) -> AlignedVec {
+    let mut v = AlignedVec::with_capacity(FIXED + text.len());
+    v.extend_from_slice(MAGIC);
+    v.extend_from_slice(&version.to_le_bytes());
+    v.extend_from_slice(&[byte, 0]);
+    v.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    v.extend_from_slice(text);
+    v
+}
+
+/// Parses either handshake frame into (version, role-or-status byte, text).
+fn parse(frame: &Frame) -> Result<(u16, u8, &[u8])> {
+    let b = &frame.control[..];
+    if b.len() < FIXED || &b[..6] != MAGIC {
+        return Err(TransportError::Handshake("peer is not an rdask endpoint (bad magic)".into()));
+    }
+    let version = u16::from_le_bytes([b[6], b[7]]);
+    let len = u16::from_le_bytes([b[10], b[11]]) as usize;
+    if b.len() != FIXED + len {
+        return Err(TransportError::Handshake("handshake frame has a wrong length".into()));
+    }
+    Ok((version, b[8], &b[FIXED..]))
+}
+
+async fn recv_with_timeout(conn: &mut Connection) -> Result<Frame> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.receiver.recv()).await {
+        Err(_) => Err(TransportError::Timeout("no handshake from peer".into())),
+        Ok(r) => r?.ok_or(TransportError::Closed),
+    }
+}
+
+/// Connecting side: announces `role`, waits for the verdict.
+pub async fn handshake_connect(conn: &mut Connection, role: Role, token: Option<&str>) -> Result<()> {
+    handshake_connect_as(conn, PROTOCOL_VERSION, role, token).await
+}
+
+#[doc(hidden)]
+pub async fn handshake_connect_as(conn: &mut Connection, version: u16, role: Role, token: Option<&str>) -> Result<()> {
+    let token = token.unwrap_or("").as_bytes();
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TransportError::Handshake(format!("token longer than {MAX_TOKEN_LEN} bytes")));
+    }
+    conn.sender.send(Frame::new(fixed_part(version, role as u8, token)))?;
+    let reply = recv_with_timeout(conn).await?;
+    let (their_version, status, msg) = parse(&reply)?;
+    if status == Status::Ok as u8 {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(msg).into_owned();
+    if status == Status::BadVersion as u8 {
+        return Err(TransportError::VersionMismatch { ours: version, theirs: their_version });
+    }
+    Err(TransportError::Handshake(format!("{} refused the connection: {msg}", conn.peer)))
+}
+
+/// Accepting side: checks version, role and token; answers either way.
+/// `allowed` lists the roles this endpoint serves.
+pub async fn handshake_accept(conn: &mut Connection, allowed: &[Role], token: Option<&str>) -> Result<Role> {
+    let hello = recv_with_timeout(conn).await?;
+    let (version, role, their_token) = parse(&hello)?;
+    let refuse = |status: Status, msg: String| {
+        let _ = conn.sender.send(Frame::new(fixed_part(PROTOCOL_VERSION, status as u8, msg.as_bytes())));
+        msg
+    };
+    if version != PROTOCOL_VERSION {
+        refuse(Status::BadVersion, format!("protocol version {version} not supported; this endpoint speaks {PROTOCOL_VERSION}"));
+        return Err(TransportError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
+    }
+    let role = match Role::from_u8(role).filter(|r| allowed.contains(r)) {
+        Some(r) => r,
+        None => {
+            let m = refuse(Status::BadRole, format!("role {role} is not served here"));
+            return Err(TransportError::Handshake(m));
+        }
+    };
+    if let Some(expected) = token {
+        if expected.as_bytes() != their_token {
+            let m = refuse(Status::BadToken, "wrong or missing token".into());
+            return Err(TransportError::Handshake(m));
+        }
+    }
+    conn.sender.send(Frame::new(fixed_part(PROTOCOL_VERSION, Status::Ok as u8, b"")))?;
+    Ok(role)
+}

@@ -1,0 +1,284 @@
+//! Every control message of the wire protocol, one enum per direction.
+//!
+//! Control messages are rkyv archives. Receivers validate them (bytecheck) and
+//! read them in place; they are never deserialised on hot paths. Payloads
+//! (pickled functions, results, exceptions) never live inside a control
+//! message: a message names them by index into the data frames that travel
+//! after it in the same [`crate::Frame`]. [`NO_FRAME`] means "no payload".
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::error::TransportError;
+pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientId, TaskId, WorkerId};
+
+/// Bumped on any change of a message layout below. The handshake rejects
+/// peers with a different version before any archive is read.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Index value meaning "this item has no data frame".
+pub const NO_FRAME: u32 = u32::MAX;
+
+/// A named amount of an abstract resource ("GPU" = 1, "MEM" = 4e9).
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Resource {
+    pub name: String,
+    pub amount: f64,
+}
+
+// ---------------------------------------------------------------- client -> scheduler
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum FromClientMessage {
+    /// Adds tasks. May be one of many batches of a large graph; each batch may
+    /// depend only on its own tasks and on keys the scheduler already holds.
+    Submit(SubmitGraph),
+    /// The client drops its interest in these keys.
+    Release { keys: Vec<String> },
+    /// Stop these keys (and everything that depends on them).
+    Cancel { keys: Vec<String> },
+    /// Where do these keys live? Answered with [`ToClientMessage::WhoHas`];
+    /// the client then fetches directly from the workers.
+    WhoHas { request_id: u64, keys: Vec<String> },
+    /// Clean goodbye; the client's keys are released.
+    Close,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct SubmitGraph {
+    /// `keys[..tasks.len()]` are the keys of the new tasks, in order; the rest
+    /// are existing keys that new tasks depend on.
+    pub keys: Vec<String>,
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Indices into [`SubmitGraph::keys`].
+    pub deps: Vec<u32>,
+    /// User priority: higher runs first (Dask's `priority=`).
+    pub user_priority: i32,
+    /// Graph order: lower runs first (Dask's `dask.order`). `None` lets the
+    /// scheduler derive one from the graph's shape (b-level).
+    pub order: Option<i64>,
+    /// Data frame holding the task's payload, or [`NO_FRAME`].
+    pub payload: u32,
+    /// The client holds this key and wants to hear when it finishes.
+    pub want: bool,
+    /// How many times to re-run the task after it raised.
+    pub retries: u32,
+}
+
+// ---------------------------------------------------------------- scheduler -> client
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum ToClientMessage {
+    Welcome { client_id: ClientId, scheduler_id: String },
+    /// Wanted keys that finished.
+    InMemory(Vec<KeyDone>),
+    /// Wanted keys that failed (or depend on a failure).
+    Erred(Vec<KeyErred>),
+    Cancelled { keys: Vec<String> },
+    /// A submit batch was refused as a whole; nothing of it was kept.
+    SubmitRejected { message: String },
+    WhoHas { request_id: u64, found: Vec<KeyLocation>, missing: Vec<String> },
+    /// A message the scheduler could not act on; the connection stays up.
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct KeyDone {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct KeyErred {
+    pub key: String,
+    /// The key of the task that actually raised (may be a dependency).
+    pub failed_key: String,
+    pub message: String,
+    /// Data frame with the executor's error payload (e.g. a pickled exception).
+    pub payload: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct KeyLocation {
+    pub key: String,
+    pub task: TaskId,
+    pub size: u64,
+    /// Peer addresses of workers that hold the value.
+    pub addresses: Vec<String>,
+}
+
+// ---------------------------------------------------------------- worker -> scheduler
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum FromWorkerMessage {
+    Register(WorkerInfo),
+    Finished(Vec<FinishedTask>),
+    Failed(Vec<FailedTask>),
+    /// The worker fetched these values for a local task and keeps a replica.
+    ReplicasAdded(Vec<TaskId>),
+    /// A dependency could not be fetched from the worker the scheduler named.
+    FetchFailed(Vec<FetchFailure>),
+    StealReply(Vec<StealOutcome>),
+    Heartbeat(WorkerLoad),
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    /// Address peers and clients fetch data from.
+    pub address: String,
+    pub nthreads: u32,
+    /// Bytes; 0 means no limit.
+    pub memory_limit: u64,
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct FinishedTask {
+    pub id: TaskId,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct FailedTask {
+    pub id: TaskId,
+    pub message: String,
+    pub payload: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct FetchFailure {
+    /// The task that needed the value.
+    pub task: TaskId,
+    pub dep: TaskId,
+    pub holder: WorkerId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct StealOutcome {
+    pub id: TaskId,
+    /// True when the worker gave the task up before starting it.
+    pub stolen: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct WorkerLoad {
+    pub running: u32,
+    pub queued: u32,
+    pub stored_bytes: u64,
+}
+
+// ---------------------------------------------------------------- scheduler -> worker
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum ToWorkerMessage {
+    Registered { worker_id: WorkerId, heartbeat_ms: u32 },
+    Compute(ComputeBatch),
+    /// Drop the stored values of these tasks.
+    Release(Vec<TaskId>),
+    /// Give these tasks back if they have not started; answered by StealReply.
+    Steal(Vec<TaskId>),
+    /// Forget these tasks if queued (they were cancelled).
+    Cancel(Vec<TaskId>),
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct ComputeBatch {
+    pub tasks: Vec<ComputeTask>,
+    /// Addresses of every worker named as a holder in `tasks`.
+    pub peers: Vec<PeerAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct ComputeTask {
+    pub id: TaskId,
+    pub key: String,
+    pub user_priority: i32,
+    pub order: i64,
+    pub payload: u32,
+    pub deps: Vec<DepInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct DepInfo {
+    pub id: TaskId,
+    pub key: String,
+    pub size: u64,
+    pub holders: Vec<WorkerId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct PeerAddress {
+    pub id: WorkerId,
+    pub address: String,
+}
+
+// ---------------------------------------------------------------- worker <-> worker, client -> worker
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum ToPeerMessage {
+    Fetch { request_id: u64, tasks: Vec<TaskId> },
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum FromPeerMessage {
+    /// One item per requested task; `frame` is [`NO_FRAME`] when the value is
+    /// not (or no longer) stored here.
+    Data { request_id: u64, items: Vec<DataItem> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct DataItem {
+    pub id: TaskId,
+    pub frame: u32,
+}
+
+// ---------------------------------------------------------------- encode / access
+
+/// A message type that travels as the control part of a frame.
+pub trait WireMessage: Sized {
+    type Archived;
+    /// Archives the message. Infallible for these types (no shared pointers,
+    /// no fallible serialisers), so an error here is a bug.
+    fn encode(&self) -> AlignedVec;
+    /// Validates `bytes` and returns a view of the archive without copying.
+    fn access(bytes: &[u8]) -> Result<&Self::Archived, TransportError>;
+    /// Validates and deserialises into an owned value (cold paths, tests).
+    fn decode(bytes: &[u8]) -> Result<Self, TransportError>;
+}
+
+macro_rules! wire_message {
+    ($($ty:ident => $archived:ident),* $(,)?) => {$(
+        impl WireMessage for $ty {
+            type Archived = $archived;
+            fn encode(&self) -> AlignedVec {
+                rkyv::to_bytes::<rancor::Error>(self).expect("archiving a protocol message cannot fail")
+            }
+            fn access(bytes: &[u8]) -> Result<&$archived, TransportError> {
+                rkyv::access::<$archived, rancor::Error>(bytes).map_err(|e| {
+                    TransportError::Invalid(format!(concat!("bad ", stringify!($ty), ": {}"), e))
+                })
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, TransportError> {
+                let archived = Self::access(bytes)?;
+                rkyv::deserialize::<$ty, rancor::Error>(archived)
+                    .map_err(|e| TransportError::Invalid(e.to_string()))
+            }
+        }
+    )*};
+}
+
+wire_message!(
+    FromClientMessage => ArchivedFromClientMessage,
+    ToClientMessage => ArchivedToClientMessage,
+    FromWorkerMessage => ArchivedFromWorkerMessage,
+    ToWorkerMessage => ArchivedToWorkerMessage,
+    ToPeerMessage => ArchivedToPeerMessage,
+    FromPeerMessage => ArchivedFromPeerMessage,
+);

@@ -1,0 +1,235 @@
+//! TCP backend (tokio). One writer task per connection drains the send queue
+//! and writes everything queued with vectored I/O; the receiving side reads
+//! frames directly from a buffered socket in the caller's task.
+
+use std::io::IoSlice;
+
+use bytes::BytesMut;
+use rkyv::util::AlignedVec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener};
+use crate::error::{Result, TransportError};
+use crate::frame::{check_lengths, split_data, FixedHeader, Frame, Limits, HEADER_LEN};
+
+pub struct TcpBackend;
+
+/// Pieces smaller than this are copied into the staging buffer rather than
+/// given their own iovec: a copy of a few bytes is cheaper than a slice entry.
+const COPY_BELOW: usize = 2048;
+/// Stop coalescing queued frames into one write past this many bytes.
+const MAX_COALESCE: usize = 8 << 20;
+const IOV_MAX: usize = 1024;
+const READ_BUFFER: usize = 256 << 10;
+
+fn host_port(addr: &str) -> Result<&str> {
+    let (scheme, rest) = split_scheme(addr);
+    if scheme != "tcp" {
+        return Err(TransportError::UnknownScheme(addr.to_string()));
+    }
+    if !rest.contains(':') {
+        return Err(TransportError::InvalidAddress(addr.to_string(), "expected tcp://host:port".into()));
+    }
+    Ok(rest)
+}
+
+impl Backend for TcpBackend {
+    fn scheme(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
+        Box::pin(async move {
+            let listener = TcpListener::bind(host_port(addr)?).await?;
+            let mut local = listener.local_addr()?;
+            if local.ip().is_unspecified() {
+                // Bound to all interfaces: advertise loopback; multi-host
+                // deployments pass an explicit host to listen on.
+                local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let (tx, rx) = mpsc::channel(256);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                let conn = wrap(stream, peer.to_string(), limits);
+                                if tx.send(conn).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                // EMFILE and friends: keep serving the connections we have.
+                                tracing::warn!("accept failed: {e}");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(Listener::new(format!("tcp://{local}"), rx, None))
+        })
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(host_port(addr)?).await?;
+            Ok(wrap(stream, addr.to_string(), limits))
+        })
+    }
+}
+
+fn wrap(stream: TcpStream, peer: String, limits: Limits) -> Connection {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let peer_for_log = peer.clone();
+    tokio::spawn(async move {
+        if let Err(e) = writer_loop(write, rx).await {
+            tracing::debug!(peer = %peer_for_log, "tcp writer stopped: {e}");
+        }
+    });
+    Connection {
+        sender: FrameSender::new(tx, limits),
+        receiver: Box::new(TcpFrameReader { reader: BufReader::with_capacity(READ_BUFFER, read), limits }),
+        peer,
+    }
+}
+
+async fn writer_loop(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>) -> std::io::Result<()> {
+    let mut batch: Vec<Frame> = Vec::new();
+    let mut staging: Vec<u8> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.wire_size() as usize;
+        batch.push(first);
+        while bytes < MAX_COALESCE {
+            match rx.try_recv() {
+                Ok(f) => {
+                    bytes += f.wire_size() as usize;
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        write_frames(&mut write, &batch, &mut staging).await?;
+        batch.clear();
+    }
+    let _ = write.shutdown().await;
+    Ok(())
+}
+
+enum Piece<'a> {
+    Staged(usize, usize),
+    Borrowed(&'a [u8]),
+}
+
+/// Writes frames with as few syscalls as possible: small pieces (headers,
+/// small control messages and values) are copied into `staging`, large ones
+/// are written from their own buffers.
+async fn write_frames(write: &mut OwnedWriteHalf, frames: &[Frame], staging: &mut Vec<u8>) -> std::io::Result<()> {
+    staging.clear();
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    let stage = |staging: &mut Vec<u8>, pieces: &mut Vec<Piece<'_>>, start: usize| {
+        let end = staging.len();
+        if end > start {
+            match pieces.last_mut() {
+                Some(Piece::Staged(_, e)) if *e == start => *e = end,
+                _ => pieces.push(Piece::Staged(start, end)),
+            }
+        }
+    };
+    for frame in frames {
+        let start = staging.len();
+        frame.encode_header(staging);
+        stage(staging, &mut pieces, start);
+        for part in std::iter::once(&frame.control[..]).chain(frame.data.iter().map(|d| &d[..])) {
+            if part.len() < COPY_BELOW {
+                let start = staging.len();
+                staging.extend_from_slice(part);
+                stage(staging, &mut pieces, start);
+            } else {
+                pieces.push(Piece::Borrowed(part));
+            }
+        }
+    }
+    let mut slices: Vec<IoSlice<'_>> = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Staged(s, e) => IoSlice::new(&staging[*s..*e]),
+            Piece::Borrowed(b) => IoSlice::new(b),
+        })
+        .collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        let upto = bufs.len().min(IOV_MAX);
+        let n = write.write_vectored(&bufs[..upto]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+struct TcpFrameReader {
+    reader: BufReader<OwnedReadHalf>,
+    limits: Limits,
+}
+
+impl TcpFrameReader {
+    async fn read_frame(&mut self) -> Result<Option<Frame>> {
+        let mut fixed = [0u8; HEADER_LEN];
+        // A clean close is only legal between frames.
+        let first = self.reader.read(&mut fixed).await?;
+        if first == 0 {
+            return Ok(None);
+        }
+        if first < HEADER_LEN {
+            self.read_exact(&mut fixed[first..], "frame header").await?;
+        }
+        let header = FixedHeader::parse(fixed, &self.limits)?;
+        let mut lengths = Vec::with_capacity(header.n_data as usize);
+        let mut word = [0u8; 8];
+        for _ in 0..header.n_data {
+            self.read_exact(&mut word, "length table").await?;
+            lengths.push(u64::from_le_bytes(word));
+        }
+        let total = check_lengths(&header, &lengths, &self.limits)?;
+        let mut control = AlignedVec::with_capacity(header.control_len as usize);
+        control.resize(header.control_len as usize, 0);
+        self.read_exact(&mut control[..], "control message").await?;
+        let data_len = (total - (HEADER_LEN + 8 * lengths.len()) as u64 - header.control_len as u64) as usize;
+        let mut data = BytesMut::with_capacity(data_len);
+        while data.len() < data_len {
+            let want = data_len - data.len();
+            let n = (&mut self.reader).take(want as u64).read_buf(&mut data).await?;
+            if n == 0 {
+                return Err(TransportError::Malformed(format!(
+                    "connection closed inside data frames ({} of {data_len} bytes)",
+                    data.len()
+                )));
+            }
+        }
+        Ok(Some(Frame { control, data: split_data(data, &lengths) }))
+    }
+
+    async fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        match self.reader.read_exact(buf).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(TransportError::Malformed(format!("connection closed inside {what}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl FrameRead for TcpFrameReader {
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>> {
+        Box::pin(self.read_frame())
+    }
+}
