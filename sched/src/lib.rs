@@ -4,6 +4,7 @@
 pub mod comm;
 pub mod core;
 pub mod error;
+pub mod reactor;
 
 pub use crate::comm::{Comm, CommSink};
 pub use crate::core::{Core, CoreConfig};

@@ -185,6 +185,9 @@ pub enum ToWorkerMessage {
     Steal(Vec<TaskId>),
     /// Forget these tasks if queued (they were cancelled).
     Cancel(Vec<TaskId>),
+    /// The scheduler could not accept something the worker sent.
+    Error { message: String },
+    /// Shut down cleanly (scheduler exiting or cluster closing).
     Stop,
 }
 

@@ -1,1 +1,92 @@
-fn main(){}
+//! `rdask-scheduler`: runs the scheduler until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use rdask_sched::reactor::{serve, SchedulerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "rdask-scheduler", version, about = "rdask scheduler")]
+struct Args {
+    /// Interface to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8786)]
+    port: u16,
+    /// Write the scheduler's address here as JSON (atomically); removed on clean exit.
+    #[arg(long)]
+    scheduler_file: Option<PathBuf>,
+    /// Shared token workers and clients must present.
+    #[arg(long, env = "RDASK_TOKEN")]
+    token: Option<String>,
+    /// Tasks queued per worker thread before the scheduler holds tasks back.
+    #[arg(long, default_value_t = 256)]
+    tasks_per_thread: u32,
+    /// Drop a worker silent for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    worker_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = SchedulerConfig::default();
+    config.core.tasks_per_thread = args.tasks_per_thread.max(1);
+    config.token = args.token.clone();
+    config.worker_timeout = Duration::from_secs(args.worker_timeout.max(1));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("tcp://{}:{}", args.host, args.port);
+        let listener = rdask_transport::listen(&addr, Default::default())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(address = %listener.address, "scheduler listening");
+        if let Some(path) = &args.scheduler_file {
+            write_scheduler_file(path, &listener.address)?;
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            let _ = stop_tx.send(true);
+        });
+        serve(listener, config, stop_rx).await;
+        if let Some(path) = &args.scheduler_file {
+            let _ = std::fs::remove_file(path);
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Dask-compatible scheduler file, written to a temporary name and renamed
+/// so readers never see half a file.
+fn write_scheduler_file(path: &std::path::Path, address: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "type": "Scheduler",
+        "id": format!("rdask-scheduler-{}", std::process::id()),
+        "address": address,
+        "services": {},
+        "started": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64(),
+        "workers": {},
+    });
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

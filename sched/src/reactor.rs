@@ -1,0 +1,379 @@
+//! The network shell around the core: accepts connections, runs handshakes,
+//! turns frames into core calls, and flushes the core's outbox once per burst
+//! of events. All core access happens on one task, so the core needs no locks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdask_transport::handshake::{handshake_accept, Role};
+use rdask_transport::protocol::{ArchivedFromWorkerMessage, FromWorkerMessage, ToClientMessage, ToWorkerMessage};
+use rdask_transport::{ClientId, Connection, Frame, FrameSender, Listener, WireMessage, WorkerId};
+use rustc_hash::FxHashMap;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::comm::{Comm, CommSink};
+use crate::core::membership::WorkerSpec;
+use crate::core::{Core, CoreConfig};
+use crate::error::SchedError;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub core: CoreConfig,
+    /// Shared secret peers must present in the handshake.
+    pub token: Option<String>,
+    /// A worker silent this long is dropped (its work is rescheduled).
+    pub worker_timeout: Duration,
+    /// How often progress is logged while tasks are in flight.
+    pub progress_interval: Duration,
+    /// Most events handled before the outbox is flushed.
+    pub max_events_per_tick: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            core: CoreConfig::default(),
+            token: None,
+            worker_timeout: Duration::from_secs(60),
+            progress_interval: Duration::from_secs(5),
+            max_events_per_tick: 4096,
+        }
+    }
+}
+
+enum Event {
+    WorkerJoined { spec: WorkerSpec, sender: FrameSender, reply: oneshot::Sender<WorkerId> },
+    WorkerFrame(WorkerId, Frame),
+    WorkerGone(WorkerId, String),
+    ClientJoined { sender: FrameSender, reply: oneshot::Sender<ClientId> },
+    ClientFrame(ClientId, Frame),
+    ClientGone(ClientId, String),
+}
+
+#[derive(Default)]
+struct Senders {
+    workers: FxHashMap<WorkerId, FrameSender>,
+    clients: FxHashMap<ClientId, FrameSender>,
+}
+
+impl CommSink for Senders {
+    fn to_worker(&mut self, worker: WorkerId, frame: Frame) {
+        if let Some(s) = self.workers.get(&worker) {
+            if let Err(e) = s.send(frame) {
+                tracing::debug!(%worker, "send to worker failed: {e}");
+            }
+        }
+    }
+    fn to_client(&mut self, client: ClientId, frame: Frame) {
+        if let Some(s) = self.clients.get(&client) {
+            if let Err(e) = s.send(frame) {
+                tracing::debug!(%client, "send to client failed: {e}");
+            }
+        }
+    }
+}
+
+/// Serves `listener` until `stop` turns true. On a clean stop every worker
+/// is told to stop too.
+pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch::Receiver<bool>) {
+    let scheduler_id = format!("rdask-scheduler-{}", std::process::id());
+    let (events_tx, mut events) = mpsc::channel::<Event>(4096);
+    let accept = tokio::spawn(accept_loop(listener, events_tx, config.token.clone()));
+
+    let started = Instant::now();
+    let now_ms = || started.elapsed().as_millis() as u64;
+    let mut core = Core::new(config.core.clone());
+    let mut comm = Comm::default();
+    let mut senders = Senders::default();
+    let mut addresses: FxHashMap<WorkerId, String> = FxHashMap::default();
+    let mut housekeeping = tokio::time::interval(config.progress_interval.min(config.worker_timeout / 4));
+    let mut last_logged = core.stats;
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => if *stop.borrow() { break },
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), &scheduler_id);
+                let mut n = 1;
+                while n < config.max_events_per_tick {
+                    match events.try_recv() {
+                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), &scheduler_id),
+                        Err(_) => break,
+                    }
+                    n += 1;
+                }
+            }
+            _ = housekeeping.tick() => {
+                for w in core.silent_workers(now_ms(), config.worker_timeout.as_millis() as u64) {
+                    tracing::warn!(worker = %w, "no message for {:?}; dropping worker", config.worker_timeout);
+                    drop_worker(&mut core, &mut comm, &mut senders, &mut addresses, w);
+                }
+                let s = core.stats;
+                if s.submitted != last_logged.submitted || s.finished != last_logged.finished {
+                    tracing::info!(
+                        submitted = s.submitted, finished = s.finished, failed = s.failed, ready = core.ready_len(),
+                        live = core.tasks.len(), workers = core.workers.len(), clients = core.clients.len(),
+                        "progress"
+                    );
+                    last_logged = s;
+                }
+            }
+        }
+        core.schedule(&mut comm);
+        if !comm.is_empty() {
+            comm.flush(&mut senders, &|w| addresses.get(&w).cloned());
+        }
+    }
+    for s in senders.workers.values() {
+        let _ = s.send(Frame::from_message(&ToWorkerMessage::Stop));
+    }
+    accept.abort();
+    tracing::info!("scheduler stopped");
+}
+
+fn drop_worker(core: &mut Core, comm: &mut Comm, senders: &mut Senders, addresses: &mut FxHashMap<WorkerId, String>, w: WorkerId) {
+    senders.workers.remove(&w);
+    addresses.remove(&w);
+    core.remove_worker(comm, w);
+}
+
+fn handle(
+    core: &mut Core,
+    comm: &mut Comm,
+    senders: &mut Senders,
+    addresses: &mut FxHashMap<WorkerId, String>,
+    ev: Event,
+    now_ms: u64,
+    scheduler_id: &str,
+) {
+    match ev {
+        Event::WorkerJoined { spec, sender, reply } => {
+            let address = spec.address.clone();
+            let id = core.add_worker(comm, spec, now_ms);
+            senders.workers.insert(id, sender);
+            addresses.insert(id, address);
+            let _ = reply.send(id);
+        }
+        Event::WorkerFrame(w, frame) => {
+            if !senders.workers.contains_key(&w) {
+                return;
+            }
+            if let Err(e) = core.on_worker_frame(comm, w, &frame, now_ms) {
+                tracing::warn!(worker = %w, "bad message from worker, disconnecting it: {e}");
+                if let Some(s) = senders.workers.get(&w) {
+                    let _ = s.send(Frame::from_message(&ToWorkerMessage::Error { message: e.to_string() }));
+                }
+                drop_worker(core, comm, senders, addresses, w);
+            }
+        }
+        Event::WorkerGone(w, reason) => {
+            if senders.workers.contains_key(&w) {
+                tracing::info!(worker = %w, "worker connection closed: {reason}");
+                drop_worker(core, comm, senders, addresses, w);
+            }
+        }
+        Event::ClientJoined { sender, reply } => {
+            let id = core.add_client(comm, scheduler_id);
+            senders.clients.insert(id, sender);
+            let _ = reply.send(id);
+        }
+        Event::ClientFrame(c, frame) => {
+            if !senders.clients.contains_key(&c) {
+                return;
+            }
+            if let Err(e) = core.on_client_frame(comm, c, &frame) {
+                tracing::warn!(client = %c, "client request failed: {e}");
+                let msg = match &e {
+                    SchedError::Rejected(m) => ToClientMessage::SubmitRejected { message: m.clone() },
+                    other => ToClientMessage::Error { message: other.to_string() },
+                };
+                comm.send_client(c, msg);
+            }
+        }
+        Event::ClientGone(c, reason) => {
+            if senders.clients.remove(&c).is_some() {
+                tracing::info!(client = %c, "client connection closed: {reason}");
+                core.remove_client(comm, c);
+            }
+        }
+    }
+}
+
+async fn accept_loop(mut listener: Listener, events: mpsc::Sender<Event>, token: Option<String>) {
+    let token: Arc<Option<String>> = Arc::new(token);
+    while let Some(conn) = listener.accept().await {
+        let events = events.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let peer = conn.peer.clone();
+            if let Err(e) = serve_connection(conn, events, token.as_deref()).await {
+                tracing::warn!(%peer, "connection ended with error: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(mut conn: Connection, events: mpsc::Sender<Event>, token: Option<&str>) -> Result<(), SchedError> {
+    let role = handshake_accept(&mut conn, &[Role::Client, Role::Worker], token).await?;
+    match role {
+        Role::Worker => serve_worker(conn, events).await,
+        Role::Client => serve_client(conn, events).await,
+        Role::Peer => unreachable!("handshake only admits clients and workers"),
+    }
+}
+
+async fn serve_worker(mut conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
+    let first = conn.receiver.recv().await?.ok_or(rdask_transport::TransportError::Closed)?;
+    let spec = match FromWorkerMessage::access(&first.control)? {
+        ArchivedFromWorkerMessage::Register(info) => WorkerSpec {
+            name: info.name.to_string(),
+            address: info.address.to_string(),
+            nthreads: info.nthreads.to_native(),
+            memory_limit: info.memory_limit.to_native(),
+            resources: info
+                .resources
+                .iter()
+                .map(|r| rdask_transport::protocol::Resource { name: r.name.to_string(), amount: r.amount.to_native() })
+                .collect(),
+        },
+        _ => {
+            let msg = "first message from a worker must be Register";
+            let _ = conn.sender.send(Frame::from_message(&ToWorkerMessage::Error { message: msg.into() }));
+            return Err(SchedError::BadMessage(msg.into()));
+        }
+    };
+    let (reply, id) = oneshot::channel();
+    if events.send(Event::WorkerJoined { spec, sender: conn.sender.clone(), reply }).await.is_err() {
+        return Ok(());
+    }
+    let Ok(id) = id.await else { return Ok(()) };
+    let reason = loop {
+        match conn.receiver.recv().await {
+            Ok(Some(frame)) => {
+                if events.send(Event::WorkerFrame(id, frame)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(None) => break "closed".to_string(),
+            Err(e) => {
+                let _ = conn.sender.send(Frame::from_message(&ToWorkerMessage::Error { message: e.to_string() }));
+                break e.to_string();
+            }
+        }
+    };
+    let _ = events.send(Event::WorkerGone(id, reason)).await;
+    Ok(())
+}
+
+async fn serve_client(mut conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
+    let (reply, id) = oneshot::channel();
+    if events.send(Event::ClientJoined { sender: conn.sender.clone(), reply }).await.is_err() {
+        return Ok(());
+    }
+    let Ok(id) = id.await else { return Ok(()) };
+    let reason = loop {
+        match conn.receiver.recv().await {
+            Ok(Some(frame)) => {
+                if events.send(Event::ClientFrame(id, frame)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(None) => break "closed".to_string(),
+            Err(e) => {
+                // Malformed or truncated input: say why, then hang up.
+                let _ = conn.sender.send(Frame::from_message(&ToClientMessage::Error { message: e.to_string() }));
+                break e.to_string();
+            }
+        }
+    };
+    let _ = events.send(Event::ClientGone(id, reason)).await;
+    Ok(())
+}
+
+/// A scheduler running on its own thread (its own single-threaded runtime),
+/// for in-process clusters, tests and benchmarks.
+pub struct SchedulerHandle {
+    pub address: String,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    thread_cpu: Arc<std::sync::Mutex<Option<libc_time::ThreadClock>>>,
+}
+
+impl SchedulerHandle {
+    /// Starts a scheduler listening on `addr` (port 0 picks a free port).
+    pub fn start(addr: &str, config: SchedulerConfig) -> Result<SchedulerHandle, SchedError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let addr = addr.to_string();
+        let thread_cpu = Arc::new(std::sync::Mutex::new(None));
+        let cpu = thread_cpu.clone();
+        let thread = std::thread::Builder::new().name("rdask-scheduler".into()).spawn(move || {
+            *cpu.lock().unwrap() = Some(libc_time::ThreadClock::current());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            rt.block_on(async move {
+                match rdask_transport::listen(&addr, Default::default()).await {
+                    Ok(listener) => {
+                        let _ = addr_tx.send(Ok(listener.address.clone()));
+                        serve(listener, config, stop_rx).await;
+                    }
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+        let address = addr_rx
+            .recv()
+            .map_err(|_| SchedError::BadMessage("scheduler thread died during start-up".into()))??;
+        Ok(SchedulerHandle { address, stop: stop_tx, thread: Some(thread), thread_cpu })
+    }
+
+    /// CPU time the scheduler thread has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.thread_cpu.lock().unwrap().as_ref().map(|c| c.elapsed()).unwrap_or_default()
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Per-thread CPU clock (Linux `pthread_getcpuclockid`), readable from any thread.
+mod libc_time {
+    use std::time::Duration;
+
+    pub struct ThreadClock(libc::clockid_t);
+
+    impl ThreadClock {
+        pub fn current() -> Self {
+            let mut id: libc::clockid_t = 0;
+            // SAFETY: pthread_self is always valid for the calling thread and
+            // `id` is a valid out-pointer.
+            unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) };
+            ThreadClock(id)
+        }
+
+        pub fn elapsed(&self) -> Duration {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: valid clock id and out-pointer; a clock of an exited
+            // thread returns an error and leaves ts at zero.
+            unsafe { libc::clock_gettime(self.0, &mut ts) };
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        }
+    }
+}
