@@ -185,11 +185,7 @@ fn handle(
             }
             if let Err(e) = core.on_client_frame(comm, c, &frame) {
                 tracing::warn!(client = %c, "client request failed: {e}");
-                let msg = match &e {
-                    SchedError::Rejected(m) => ToClientMessage::SubmitRejected { message: m.clone() },
-                    other => ToClientMessage::Error { message: other.to_string() },
-                };
-                comm.send_client(c, msg);
+                comm.send_client(c, ToClientMessage::Error { message: e.to_string() });
             }
         }
         Event::ClientGone(c, reason) => {

@@ -33,6 +33,7 @@ pub struct Resource {
 pub enum FromClientMessage {
     /// Adds tasks. May be one of many batches of a large graph; each batch may
     /// depend only on its own tasks and on keys the scheduler already holds.
+    /// Answered by `Submitted` or `SubmitRejected` with the same `submit_id`.
     Submit(SubmitGraph),
     /// The client drops its interest in these keys.
     Release { keys: Vec<String> },
@@ -47,6 +48,7 @@ pub enum FromClientMessage {
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct SubmitGraph {
+    pub submit_id: u64,
     /// `keys[..tasks.len()]` are the keys of the new tasks, in order; the rest
     /// are existing keys that new tasks depend on.
     pub keys: Vec<String>,
@@ -80,8 +82,9 @@ pub enum ToClientMessage {
     /// Wanted keys that failed (or depend on a failure).
     Erred(Vec<KeyErred>),
     Cancelled { keys: Vec<String> },
+    Submitted { submit_id: u64 },
     /// A submit batch was refused as a whole; nothing of it was kept.
-    SubmitRejected { message: String },
+    SubmitRejected { submit_id: u64, message: String },
     WhoHas { request_id: u64, found: Vec<KeyLocation>, missing: Vec<String> },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
@@ -231,15 +234,19 @@ pub enum ToPeerMessage {
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub enum FromPeerMessage {
-    /// One item per requested task; `frame` is [`NO_FRAME`] when the value is
-    /// not (or no longer) stored here.
+    /// One item per requested task, in request order.
     Data { request_id: u64, items: Vec<DataItem> },
 }
 
+/// A value sent as `count` consecutive data frames starting at `first`
+/// (a serialiser may split one value into several buffers, e.g. pickle 5).
 #[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
 pub struct DataItem {
     pub id: TaskId,
-    pub frame: u32,
+    /// False when the value is not (or no longer) stored here.
+    pub found: bool,
+    pub first: u32,
+    pub count: u32,
 }
 
 // ---------------------------------------------------------------- encode / access

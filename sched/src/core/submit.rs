@@ -1,7 +1,7 @@
 //! Graph submission: validation (all or nothing), b-level priorities, insertion.
 
 use rdask_transport::bytes::Bytes;
-use rdask_transport::protocol::{ArchivedSubmitGraph, KeyDone, NO_FRAME};
+use rdask_transport::protocol::{ArchivedSubmitGraph, KeyDone, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, TaskId};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -30,9 +30,20 @@ impl Core {
         if !self.clients.contains_key(&client) {
             return Err(SchedError::BadMessage(format!("unknown client {client}")));
         }
-        let plan = self.validate(graph, data)?;
-        self.insert(comm, client, graph, data, plan);
-        Ok(())
+        let submit_id = graph.submit_id.to_native();
+        match self.validate(graph, data) {
+            Ok(plan) => {
+                self.insert(comm, client, graph, data, plan);
+                comm.send_client(client, ToClientMessage::Submitted { submit_id });
+                Ok(())
+            }
+            Err(SchedError::Rejected(message)) => {
+                tracing::warn!(%client, "submit rejected: {message}");
+                comm.send_client(client, ToClientMessage::SubmitRejected { submit_id, message });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Resolves every key and orders the new tasks topologically; rejects

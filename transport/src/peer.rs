@@ -1,0 +1,136 @@
+//! Fetching values from a worker: used by workers (inputs held elsewhere) and
+//! clients (gather). One connection per peer address, shared by concurrent
+//! requests and matched by request id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, OnceCell};
+
+use crate::backend::{connect, FrameSender};
+use crate::error::{Result, TransportError};
+use crate::frame::{Frame, Limits};
+use crate::handshake::{handshake_connect, Role};
+use crate::protocol::{ArchivedFromPeerMessage, FromPeerMessage, ToPeerMessage, WireMessage};
+use crate::TaskId;
+
+/// A fetched value: its frames, or `None` when the peer does not hold it.
+pub type Fetched = (TaskId, Option<Vec<Bytes>>);
+
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Vec<Fetched>>>>>>>;
+
+pub struct PeerConnection {
+    sender: FrameSender,
+    pending: Pending,
+    next_id: AtomicU64,
+    pub address: String,
+}
+
+impl PeerConnection {
+    pub async fn connect(address: &str, token: Option<&str>, limits: Limits) -> Result<PeerConnection> {
+        let mut conn = connect(address, limits).await?;
+        handshake_connect(&mut conn, Role::Peer, token).await?;
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let reader_pending = pending.clone();
+        let mut receiver = conn.receiver;
+        let addr = address.to_string();
+        tokio::spawn(async move {
+            let err = loop {
+                match receiver.recv().await {
+                    Ok(Some(frame)) => {
+                        if let Err(e) = dispatch(&reader_pending, frame) {
+                            break e;
+                        }
+                    }
+                    Ok(None) => break TransportError::Closed,
+                    Err(e) => break e,
+                }
+            };
+            tracing::debug!(peer = %addr, "peer connection ended: {err}");
+            // Fail everything still waiting, and refuse new requests.
+            if let Some(map) = reader_pending.lock().unwrap().take() {
+                for (_, tx) in map {
+                    let _ = tx.send(Err(TransportError::Closed));
+                }
+            }
+        });
+        Ok(PeerConnection { sender: conn.sender, pending, next_id: AtomicU64::new(1), address: address.to_string() })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().unwrap().is_none() || self.sender.is_closed()
+    }
+
+    /// Asks the peer for `tasks`; the answer lists them in the same order.
+    pub async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.pending.lock().unwrap().as_mut() {
+            Some(map) => map.insert(request_id, tx),
+            None => return Err(TransportError::Closed),
+        };
+        self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks }))?;
+        rx.await.map_err(|_| TransportError::Closed)?
+    }
+}
+
+fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
+    let msg = FromPeerMessage::access(&frame.control)?;
+    let ArchivedFromPeerMessage::Data { request_id, items } = msg;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items.iter() {
+        if !item.found {
+            out.push((item.id.get(), None));
+            continue;
+        }
+        let first = item.first.to_native() as usize;
+        let count = item.count.to_native() as usize;
+        let frames = frame
+            .data
+            .get(first..first + count)
+            .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..{} of {}", first + count, frame.data.len())))?;
+        out.push((item.id.get(), Some(frames.to_vec())));
+    }
+    let tx = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&request_id.to_native()));
+    if let Some(tx) = tx {
+        let _ = tx.send(Ok(out));
+    }
+    Ok(())
+}
+
+/// Connections to peers by address, opened on first use and reopened after
+/// they break.
+#[derive(Default)]
+pub struct PeerPool {
+    links: Mutex<HashMap<String, Arc<OnceCell<PeerConnection>>>>,
+    token: Option<String>,
+    limits: Limits,
+}
+
+impl PeerPool {
+    pub fn new(token: Option<String>, limits: Limits) -> Self {
+        PeerPool { links: Default::default(), token, limits }
+    }
+
+    pub async fn fetch(&self, address: &str, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
+        let cell = {
+            let mut links = self.links.lock().unwrap();
+            let cell = links.entry(address.to_string()).or_default();
+            if cell.get().is_some_and(|c| c.is_closed()) {
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
+        let conn = cell.get_or_try_init(|| PeerConnection::connect(address, self.token.as_deref(), self.limits)).await;
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                self.links.lock().unwrap().remove(address);
+                return Err(e);
+            }
+        };
+        conn.fetch(tasks).await
+    }
+}

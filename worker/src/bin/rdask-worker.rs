@@ -1,0 +1,106 @@
+//! `rdask-worker`: starts N worker runtimes in this process, connected to a scheduler.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rdask_worker::config_parse::{parse_memory_limit, parse_resources};
+use rdask_worker::{run_worker, NullExecutor, WorkerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "rdask-worker", version, about = "rdask worker (Rust null executor; Python workers come with the rdask package)")]
+struct Args {
+    /// Scheduler address, e.g. tcp://127.0.0.1:8786.
+    scheduler: Option<String>,
+    /// Read the scheduler address from this file (written by rdask-scheduler --scheduler-file).
+    #[arg(long)]
+    scheduler_file: Option<PathBuf>,
+    /// Worker runtimes to start in this process.
+    #[arg(long, default_value_t = 1)]
+    nworkers: u32,
+    /// Executor threads per worker.
+    #[arg(long, default_value_t = 1)]
+    nthreads: u32,
+    /// auto | 0 | bytes ("4GiB") | fraction of system memory ("0.5").
+    #[arg(long, default_value = "auto")]
+    memory_limit: String,
+    /// Worker name (suffixed with -i when --nworkers > 1).
+    #[arg(long)]
+    name: Option<String>,
+    /// Abstract resources, e.g. "GPU=1 MEM=8e9".
+    #[arg(long, default_value = "")]
+    resources: String,
+    /// Host peers use to reach this worker.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_host: String,
+    #[arg(long, env = "RDASK_TOKEN")]
+    token: Option<String>,
+    /// Executor: only "null" (benchmarks and tests) in the Rust binary.
+    #[arg(long, default_value = "null")]
+    executor: String,
+}
+
+fn read_scheduler_file(path: &PathBuf) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading scheduler file {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v["address"].as_str().map(str::to_string).context("scheduler file has no \"address\"")
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let scheduler = match (&args.scheduler, &args.scheduler_file) {
+        (Some(a), _) => a.clone(),
+        (None, Some(f)) => read_scheduler_file(f)?,
+        (None, None) => bail!("give the scheduler address or --scheduler-file"),
+    };
+    if args.executor != "null" {
+        bail!("unknown executor {:?}; the Rust worker binary offers \"null\"", args.executor);
+    }
+    let memory_limit = parse_memory_limit(&args.memory_limit, args.nworkers).map_err(anyhow::Error::msg)?;
+    let resources = parse_resources(&args.resources).map_err(anyhow::Error::msg)?;
+    let base = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let mut handles = Vec::new();
+        for i in 0..args.nworkers {
+            let config = WorkerConfig {
+                scheduler: scheduler.clone(),
+                name: if args.nworkers > 1 { format!("{base}-{i}") } else { base.clone() },
+                nthreads: args.nthreads.max(1),
+                memory_limit,
+                resources: resources.clone(),
+                listen: format!("tcp://{}:0", args.listen_host),
+                token: args.token.clone(),
+                ..Default::default()
+            };
+            handles.push(tokio::spawn(run_worker(config, Arc::new(NullExecutor))));
+        }
+        let mut failed = 0;
+        for h in handles {
+            match h.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("worker stopped: {e}");
+                    failed += 1;
+                }
+                Err(e) => {
+                    tracing::error!("worker task panicked: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} worker(s) stopped with an error");
+        }
+        Ok(())
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
+}

@@ -1,0 +1,162 @@
+//! How a worker runs tasks. The runtime is generic over [`Executor`]: the
+//! Rust [`NullExecutor`] here for benchmarks and tests, a Python executor in
+//! the Python package.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdask_transport::bytes::Bytes;
+use rdask_transport::TaskId;
+
+/// A value in the worker's store. Plain bytes, or an executor-specific object
+/// that is serialised only when a peer or client asks for it.
+#[derive(Clone)]
+pub enum Value {
+    Bytes(Bytes),
+    Object(Arc<dyn ObjectValue>),
+}
+
+impl Value {
+    pub fn size(&self) -> u64 {
+        match self {
+            Value::Bytes(b) => b.len() as u64,
+            Value::Object(o) => o.size(),
+        }
+    }
+
+    /// Frames to send to a peer.
+    pub fn to_frames(&self) -> Result<Vec<Bytes>, String> {
+        match self {
+            Value::Bytes(b) => Ok(vec![b.clone()]),
+            Value::Object(o) => o.serialize(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Value::Object(o) => write!(f, "Object({} bytes)", o.size()),
+        }
+    }
+}
+
+/// An in-memory object (e.g. a Python object) kept unserialised.
+pub trait ObjectValue: Send + Sync + 'static {
+    /// Estimated memory footprint, reported to the scheduler for placement.
+    fn size(&self) -> u64;
+    fn serialize(&self) -> Result<Vec<Bytes>, String>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One task as handed to an executor thread.
+pub struct TaskRun {
+    pub id: TaskId,
+    pub key: String,
+    pub payload: Bytes,
+    /// Inputs in the order of the task's dependencies: (key, value).
+    pub inputs: Vec<(String, Value)>,
+}
+
+/// Why a task failed: a message for humans and an optional payload the client
+/// can turn back into the original exception.
+#[derive(Debug, Clone)]
+pub struct TaskFailure {
+    pub message: String,
+    pub payload: Bytes,
+}
+
+impl TaskFailure {
+    pub fn message(m: impl Into<String>) -> Self {
+        TaskFailure { message: m.into(), payload: Bytes::new() }
+    }
+}
+
+/// Runs tasks on the worker's threads. Must be thread-safe: `nthreads`
+/// threads call `execute` concurrently.
+pub trait Executor: Send + Sync + 'static {
+    fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure>;
+
+    /// Turns frames received from a peer back into a value.
+    fn deserialize(&self, frames: Vec<Bytes>) -> Result<Value, String> {
+        match frames.len() {
+            1 => Ok(Value::Bytes(frames.into_iter().next().unwrap())),
+            0 => Ok(Value::Bytes(Bytes::new())),
+            n => Err(format!("value arrived as {n} frames; this executor expects one")),
+        }
+    }
+}
+
+/// What a null task does, carried as its payload (12 bytes, little-endian).
+/// An empty payload means: no sleep, output the count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NullTask {
+    pub sleep_us: u32,
+    /// Output size; at least 8 (the count always leads the output).
+    pub output_bytes: u32,
+    /// Raise an error instead of producing output.
+    pub fail: bool,
+    /// Kill the whole worker process (for killed-worker tests).
+    pub crash: bool,
+}
+
+impl NullTask {
+    pub fn encode(&self) -> Bytes {
+        let mut v = Vec::with_capacity(12);
+        v.extend_from_slice(&self.sleep_us.to_le_bytes());
+        v.extend_from_slice(&self.output_bytes.to_le_bytes());
+        v.extend_from_slice(&((self.fail as u32) | ((self.crash as u32) << 1)).to_le_bytes());
+        Bytes::from(v)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<NullTask, String> {
+        if b.is_empty() {
+            return Ok(NullTask::default());
+        }
+        if b.len() != 12 {
+            return Err(format!("null task payload must be 0 or 12 bytes, got {}", b.len()));
+        }
+        let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        Ok(NullTask { sleep_us: word(0), output_bytes: word(4), fail: word(8) & 1 != 0, crash: word(8) & 2 != 0 })
+    }
+}
+
+/// Reads the count a null task produced.
+pub fn null_count(value: &Value) -> Option<u64> {
+    match value {
+        Value::Bytes(b) if b.len() >= 8 => Some(u64::from_le_bytes(b[..8].try_into().unwrap())),
+        _ => None,
+    }
+}
+
+/// Does no real work, but does it checkably: each task outputs
+/// `1 + sum of its inputs' counts`, so a tree of N tasks yields N at its root
+/// and a lost or duplicated input shows up as a wrong number.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullExecutor;
+
+impl Executor for NullExecutor {
+    fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
+        let spec = NullTask::decode(&task.payload).map_err(TaskFailure::message)?;
+        if spec.sleep_us > 0 {
+            std::thread::sleep(Duration::from_micros(spec.sleep_us as u64));
+        }
+        if spec.crash {
+            tracing::error!(key = %task.key, "null task asked to crash the worker process");
+            std::process::exit(17);
+        }
+        if spec.fail {
+            return Err(TaskFailure::message(format!("null task {} failed on purpose", task.key)));
+        }
+        let mut count = 1u64;
+        for (key, v) in &task.inputs {
+            count += null_count(v).ok_or_else(|| TaskFailure::message(format!("input {key} is not a null-task value")))?;
+        }
+        let len = (spec.output_bytes as usize).max(8);
+        let mut out = vec![0u8; len];
+        out[..8].copy_from_slice(&count.to_le_bytes());
+        Ok(Value::Bytes(Bytes::from(out)))
+    }
+}

@@ -1,0 +1,13 @@
+//! rdask worker runtime.
+
+pub mod config_parse;
+pub mod error;
+pub mod executor;
+pub mod peer_server;
+pub mod runqueue;
+pub mod runtime;
+pub mod store;
+
+pub use error::WorkerError;
+pub use executor::{Executor, NullExecutor, NullTask, TaskFailure, TaskRun, Value};
+pub use runtime::{run_worker, WorkerConfig};

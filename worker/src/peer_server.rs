@@ -1,0 +1,54 @@
+//! Serves this worker's values to peers and clients.
+
+use std::sync::Arc;
+
+use rdask_transport::bytes::Bytes;
+use rdask_transport::handshake::{handshake_accept, Role};
+use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, ToPeerMessage, WireMessage};
+use rdask_transport::{Connection, Frame, Listener};
+
+use crate::store::Store;
+
+pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Option<String>) {
+    let token = Arc::new(token);
+    while let Some(conn) = listener.accept().await {
+        let store = store.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let peer = conn.peer.clone();
+            if let Err(e) = serve_one(conn, store, token.as_deref()).await {
+                tracing::debug!(%peer, "peer connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one(mut conn: Connection, store: Arc<Store>, token: Option<&str>) -> rdask_transport::Result<()> {
+    handshake_accept(&mut conn, &[Role::Peer], token).await?;
+    while let Some(frame) = conn.receiver.recv().await? {
+        let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control)?;
+        let values = store.get_many(tasks.iter().map(|t| t.get()));
+        let mut items = Vec::with_capacity(values.len());
+        let mut data: Vec<Bytes> = Vec::with_capacity(values.len());
+        for (t, v) in tasks.iter().zip(values) {
+            let id = t.get();
+            let frames = match v.map(|v| v.to_frames()) {
+                Some(Ok(frames)) => frames,
+                Some(Err(e)) => {
+                    tracing::error!(task = %id, "cannot serialise value for a peer: {e}");
+                    items.push(DataItem { id, found: false, first: 0, count: 0 });
+                    continue;
+                }
+                None => {
+                    items.push(DataItem { id, found: false, first: 0, count: 0 });
+                    continue;
+                }
+            };
+            items.push(DataItem { id, found: true, first: data.len() as u32, count: frames.len() as u32 });
+            data.extend(frames);
+        }
+        let reply = FromPeerMessage::Data { request_id: request_id.to_native(), items };
+        conn.sender.send(Frame::with_data(&reply, data))?;
+    }
+    Ok(())
+}

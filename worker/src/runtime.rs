@@ -1,0 +1,504 @@
+//! The worker loop: registers with the scheduler, fetches missing inputs
+//! from peers, feeds the executor threads, and reports back in batches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdask_transport::bytes::Bytes;
+use rdask_transport::handshake::{handshake_connect, Role};
+use rdask_transport::peer::{Fetched, PeerPool};
+use rdask_transport::protocol::{
+    ArchivedComputeTask, ArchivedToWorkerMessage, FailedTask, FetchFailure, FinishedTask, FromWorkerMessage, Resource,
+    StealOutcome, ToWorkerMessage, WorkerInfo, WorkerLoad, NO_FRAME,
+};
+use rdask_transport::{Frame, FrameSender, Limits, TaskId, TransportError, WireMessage, WorkerId};
+use rustc_hash::FxHashMap;
+use tokio::sync::mpsc;
+
+use crate::error::WorkerError;
+use crate::executor::{Executor, TaskRun};
+use crate::peer_server::serve_peers;
+use crate::runqueue::{Completion, JobPriority, RunQueue};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Scheduler address, e.g. `tcp://127.0.0.1:8786`.
+    pub scheduler: String,
+    pub name: String,
+    pub nthreads: u32,
+    /// Bytes; 0 = no limit.
+    pub memory_limit: u64,
+    pub resources: Vec<Resource>,
+    /// Where peers fetch this worker's values (`tcp://host:0` picks a port).
+    pub listen: String,
+    pub token: Option<String>,
+    /// Concurrent fetch requests to peers.
+    pub max_concurrent_fetches: usize,
+    /// Values asked for in one request to one peer.
+    pub max_fetch_batch: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            scheduler: "tcp://127.0.0.1:8786".into(),
+            name: format!("worker-{}", std::process::id()),
+            nthreads: 1,
+            memory_limit: 0,
+            resources: Vec::new(),
+            listen: "tcp://127.0.0.1:0".into(),
+            token: None,
+            max_concurrent_fetches: 32,
+            max_fetch_batch: 8192,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+enum Stage {
+    Fetching,
+    Queued,
+}
+
+struct LocalTask {
+    key: String,
+    payload: Bytes,
+    deps: Vec<(TaskId, String)>,
+    missing: u32,
+    priority: JobPriority,
+    stage: Stage,
+}
+
+struct DepFetch {
+    holders: Vec<WorkerId>,
+    tried: usize,
+    waiters: Vec<TaskId>,
+}
+
+struct FetchDone {
+    holder: WorkerId,
+    /// Whether this request counted against `in_flight`.
+    counted: bool,
+    ids: Vec<TaskId>,
+    result: Result<Vec<Fetched>, TransportError>,
+}
+
+#[derive(Default)]
+struct Outgoing {
+    finished: Vec<FinishedTask>,
+    failed: Vec<FailedTask>,
+    failed_data: Vec<Bytes>,
+    replicas: Vec<TaskId>,
+    fetch_failed: Vec<FetchFailure>,
+    steal: Vec<StealOutcome>,
+}
+
+/// Stops the executor threads and the peer server however the worker ends
+/// (return, error, or its task being aborted).
+struct Guard {
+    queue: Arc<RunQueue>,
+    peer_server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.queue.shutdown();
+        self.peer_server.abort();
+    }
+}
+
+struct State {
+    id: WorkerId,
+    config: WorkerConfig,
+    executor: Arc<dyn Executor>,
+    store: Arc<Store>,
+    queue: Arc<RunQueue>,
+    pool: Arc<PeerPool>,
+    tasks: FxHashMap<TaskId, LocalTask>,
+    peers: FxHashMap<WorkerId, String>,
+    fetches: FxHashMap<TaskId, DepFetch>,
+    to_request: FxHashMap<WorkerId, Vec<TaskId>>,
+    in_flight: usize,
+    fetch_tx: mpsc::UnboundedSender<FetchDone>,
+    out: Outgoing,
+    seq: u64,
+}
+
+/// Runs one worker until the scheduler says stop (Ok) or goes away (Err).
+pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Result<(), WorkerError> {
+    let limits = Limits::default();
+    let listener = rdask_transport::listen(&config.listen, limits).await?;
+    let address = listener.address.clone();
+    let store = Arc::new(Store::default());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
+    let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx)?;
+    let _guard = Guard {
+        queue: queue.clone(),
+        peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone())),
+    };
+
+    let connect = async {
+        let mut conn = rdask_transport::connect(&config.scheduler, limits).await?;
+        handshake_connect(&mut conn, Role::Worker, config.token.as_deref()).await?;
+        Ok::<_, TransportError>(conn)
+    };
+    let mut conn = match tokio::time::timeout(config.connect_timeout, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(source)) => return Err(WorkerError::Connect { address: config.scheduler.clone(), source }),
+        Err(_) => {
+            let source = TransportError::Timeout(format!("no answer within {:?}", config.connect_timeout));
+            return Err(WorkerError::Connect { address: config.scheduler.clone(), source });
+        }
+    };
+    let info = WorkerInfo {
+        name: config.name.clone(),
+        address: address.clone(),
+        nthreads: config.nthreads,
+        memory_limit: config.memory_limit,
+        resources: config.resources.clone(),
+    };
+    conn.sender.send(Frame::from_message(&FromWorkerMessage::Register(info)))?;
+    let first = conn.receiver.recv().await?.ok_or(TransportError::Closed)?;
+    let (id, heartbeat_ms) = match ToWorkerMessage::access(&first.control)? {
+        ArchivedToWorkerMessage::Registered { worker_id, heartbeat_ms } => (worker_id.get(), heartbeat_ms.to_native()),
+        ArchivedToWorkerMessage::Error { message } => return Err(WorkerError::Refused(message.to_string())),
+        _ => return Err(WorkerError::Protocol("expected Registered".into())),
+    };
+    tracing::info!(worker = %id, name = %config.name, %address, "registered with scheduler");
+
+    // The frame reader is not cancel-safe, so it gets its own task and the
+    // loop below selects on a channel instead.
+    let (sched_tx, mut sched_rx) = mpsc::channel::<Result<Frame, TransportError>>(64);
+    let mut receiver = conn.receiver;
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = receiver.recv().await;
+            let end = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err(TransportError::Closed),
+                Err(e) => Err(e),
+            };
+            if sched_tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let _abort_reader = AbortOnDrop(reader);
+
+    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
+    let mut st = State {
+        id,
+        pool: Arc::new(PeerPool::new(config.token.clone(), limits)),
+        config,
+        executor,
+        store,
+        queue,
+        tasks: Default::default(),
+        peers: Default::default(),
+        fetches: Default::default(),
+        to_request: Default::default(),
+        in_flight: 0,
+        fetch_tx,
+        out: Outgoing::default(),
+        seq: 0,
+    };
+    let sender = conn.sender;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100) as u64));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => {
+                st.on_done(done);
+                while let Ok(done) = done_rx.try_recv() {
+                    st.on_done(done);
+                }
+            }
+            Some(fetched) = fetch_rx.recv() => {
+                st.on_fetched(fetched);
+                while let Ok(f) = fetch_rx.try_recv() {
+                    st.on_fetched(f);
+                }
+            }
+            msg = sched_rx.recv() => {
+                let mut next = msg;
+                loop {
+                    match next {
+                        Some(Ok(frame)) => {
+                            if st.on_scheduler_frame(&frame)? {
+                                tracing::info!(worker = %st.id, "scheduler asked us to stop");
+                                st.flush(&sender);
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(e)) => return Err(WorkerError::Protocol(format!("lost the scheduler: {e}"))),
+                        None => return Err(WorkerError::Protocol("lost the scheduler".into())),
+                    }
+                    match sched_rx.try_recv() {
+                        Ok(f) => next = Some(f),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                let (queued, running) = st.queue.load();
+                let load = WorkerLoad { running: running as u32, queued: queued as u32, stored_bytes: st.store.bytes() };
+                let _ = sender.send(Frame::from_message(&FromWorkerMessage::Heartbeat(load)));
+            }
+        }
+        st.pump_fetches();
+        st.flush(&sender);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl State {
+    /// Returns true when the scheduler said Stop.
+    fn on_scheduler_frame(&mut self, frame: &Frame) -> Result<bool, WorkerError> {
+        match ToWorkerMessage::access(&frame.control)? {
+            ArchivedToWorkerMessage::Compute(batch) => {
+                for p in batch.peers.iter() {
+                    self.peers.entry(p.id.get()).or_insert_with(|| p.address.to_string());
+                }
+                for t in batch.tasks.iter() {
+                    let payload = match t.payload.to_native() {
+                        NO_FRAME => Bytes::new(),
+                        i => frame.data_frame(i)?.clone(),
+                    };
+                    self.on_compute(t, payload);
+                }
+            }
+            ArchivedToWorkerMessage::Release(ids) => {
+                for id in ids.iter() {
+                    self.store.remove(id.get());
+                }
+            }
+            ArchivedToWorkerMessage::Steal(ids) => {
+                for id in ids.iter() {
+                    let id = id.get();
+                    let stolen = self.give_up(id);
+                    self.out.steal.push(StealOutcome { id, stolen });
+                }
+            }
+            ArchivedToWorkerMessage::Cancel(ids) => {
+                for id in ids.iter() {
+                    self.give_up(id.get());
+                }
+            }
+            ArchivedToWorkerMessage::Error { message } => {
+                tracing::error!(worker = %self.id, "scheduler reports an error: {}", message.as_str());
+            }
+            ArchivedToWorkerMessage::Registered { .. } => {
+                return Err(WorkerError::Protocol("registered twice".into()));
+            }
+            ArchivedToWorkerMessage::Stop => return Ok(true),
+        }
+        Ok(false)
+    }
+
+    fn on_compute(&mut self, t: &ArchivedComputeTask, payload: Bytes) {
+        let id = t.id.get();
+        let mut missing = 0;
+        let mut deps = Vec::with_capacity(t.deps.len());
+        for d in t.deps.iter() {
+            let dep = d.id.get();
+            deps.push((dep, d.key.to_string()));
+            if self.store.contains(dep) {
+                continue;
+            }
+            missing += 1;
+            match self.fetches.get_mut(&dep) {
+                Some(f) => f.waiters.push(id),
+                None => {
+                    let holders: Vec<WorkerId> = d.holders.iter().map(|h| h.get()).collect();
+                    self.fetches.insert(dep, DepFetch { holders, tried: 0, waiters: vec![id] });
+                    self.request_next(dep);
+                }
+            }
+        }
+        self.seq += 1;
+        let priority = JobPriority { user: t.user_priority.to_native(), order: t.order.to_native(), seq: self.seq };
+        self.tasks.insert(
+            id,
+            LocalTask { key: t.key.to_string(), payload, deps, missing, priority, stage: Stage::Fetching },
+        );
+        if missing == 0 {
+            self.start(id);
+        }
+    }
+
+    /// Queues a request for `dep` from its next untried holder, or fails the
+    /// tasks waiting for it when every holder has been tried.
+    fn request_next(&mut self, dep: TaskId) {
+        let f = self.fetches.get_mut(&dep).expect("fetch entry");
+        if f.tried < f.holders.len() {
+            // Spread load: different workers start at different holders.
+            let holder = f.holders[(f.tried + self.id.as_usize()) % f.holders.len()];
+            f.tried += 1;
+            self.to_request.entry(holder).or_default().push(dep);
+            return;
+        }
+        let f = self.fetches.remove(&dep).unwrap();
+        let holder = f.holders.last().copied().unwrap_or(self.id);
+        for w in f.waiters {
+            if self.tasks.remove(&w).is_some() {
+                tracing::warn!(task = %w, %dep, "could not fetch input from any holder");
+                self.out.fetch_failed.push(FetchFailure { task: w, dep, holder });
+            }
+        }
+    }
+
+    fn pump_fetches(&mut self) {
+        while self.in_flight < self.config.max_concurrent_fetches && !self.to_request.is_empty() {
+            let holder = *self.to_request.keys().next().unwrap();
+            let queue = self.to_request.get_mut(&holder).unwrap();
+            let take = queue.len().min(self.config.max_fetch_batch);
+            let ids: Vec<TaskId> = queue.drain(..take).collect();
+            if queue.is_empty() {
+                self.to_request.remove(&holder);
+            }
+            let Some(address) = self.peers.get(&holder).cloned() else {
+                let result = Err(TransportError::InvalidAddress(holder.to_string(), "unknown peer".into()));
+                self.on_fetched(FetchDone { holder, counted: false, ids, result });
+                continue;
+            };
+            self.in_flight += 1;
+            let pool = self.pool.clone();
+            let tx = self.fetch_tx.clone();
+            tokio::spawn(async move {
+                let result = pool.fetch(&address, ids.clone()).await;
+                let _ = tx.send(FetchDone { holder, counted: true, ids, result });
+            });
+        }
+    }
+
+    fn on_fetched(&mut self, done: FetchDone) {
+        if done.counted {
+            self.in_flight -= 1;
+        }
+        let items = match done.result {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, holder = %done.holder, "fetch failed: {e}");
+                done.ids.iter().map(|id| (*id, None)).collect()
+            }
+        };
+        for (dep, frames) in items {
+            if !self.fetches.contains_key(&dep) {
+                continue;
+            }
+            let value = frames.map(|f| self.executor.deserialize(f));
+            match value {
+                Some(Ok(v)) => {
+                    self.store.insert(dep, v);
+                    self.out.replicas.push(dep);
+                    let f = self.fetches.remove(&dep).unwrap();
+                    for w in f.waiters {
+                        if let Some(t) = self.tasks.get_mut(&w) {
+                            t.missing -= 1;
+                            if t.missing == 0 {
+                                self.start(w);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%dep, "cannot deserialise fetched value: {e}");
+                    self.request_next(dep);
+                }
+                None => self.request_next(dep),
+            }
+        }
+    }
+
+    fn start(&mut self, id: TaskId) {
+        let t = self.tasks.get_mut(&id).unwrap();
+        let values = self.store.get_many(t.deps.iter().map(|(d, _)| *d));
+        let mut inputs = Vec::with_capacity(values.len());
+        for ((dep, key), v) in t.deps.iter().zip(values) {
+            match v {
+                Some(v) => inputs.push((key.clone(), v)),
+                None => {
+                    // Released under us; the scheduler will place the task again.
+                    self.out.fetch_failed.push(FetchFailure { task: id, dep: *dep, holder: self.id });
+                    self.tasks.remove(&id);
+                    return;
+                }
+            }
+        }
+        t.stage = Stage::Queued;
+        let run = TaskRun { id, key: t.key.clone(), payload: t.payload.clone(), inputs };
+        self.queue.push(t.priority, run);
+    }
+
+    /// Drops a task that has not started. False if it is running (or unknown).
+    fn give_up(&mut self, id: TaskId) -> bool {
+        let Some(t) = self.tasks.get(&id) else { return false };
+        let gone = match t.stage {
+            Stage::Fetching => true,
+            Stage::Queued => self.queue.take(id),
+        };
+        if gone {
+            self.tasks.remove(&id);
+        }
+        gone
+    }
+
+    fn on_done(&mut self, (id, result): Completion) {
+        if self.tasks.remove(&id).is_none() {
+            return; // cancelled while running
+        }
+        match result {
+            Ok(value) => {
+                let size = value.size();
+                self.store.insert(id, value);
+                self.out.finished.push(FinishedTask { id, size });
+            }
+            Err(f) => {
+                let payload = if f.payload.is_empty() {
+                    NO_FRAME
+                } else {
+                    self.out.failed_data.push(f.payload);
+                    (self.out.failed_data.len() - 1) as u32
+                };
+                self.out.failed.push(FailedTask { id, message: f.message, payload });
+            }
+        }
+    }
+
+    fn flush(&mut self, sender: &FrameSender) {
+        let out = std::mem::take(&mut self.out);
+        let send = |frame: Frame| {
+            if let Err(e) = sender.send(frame) {
+                tracing::debug!("send to scheduler failed: {e}");
+            }
+        };
+        // Replicas before completions: a dependent finishing may release them.
+        if !out.replicas.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::ReplicasAdded(out.replicas)));
+        }
+        if !out.finished.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::Finished(out.finished)));
+        }
+        if !out.failed.is_empty() {
+            send(Frame::with_data(&FromWorkerMessage::Failed(out.failed), out.failed_data));
+        }
+        if !out.fetch_failed.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::FetchFailed(out.fetch_failed)));
+        }
+        if !out.steal.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::StealReply(out.steal)));
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The worker's values, shared between the worker loop (insert/release) and
+//! the peer server (reads).
+
+use std::sync::Mutex;
+
+use rdask_transport::TaskId;
+use rustc_hash::FxHashMap;
+
+use crate::executor::Value;
+
+#[derive(Default)]
+pub struct Store {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    values: FxHashMap<TaskId, Value>,
+    bytes: u64,
+}
+
+impl Store {
+    pub fn insert(&self, id: TaskId, value: Value) {
+        let mut g = self.inner.lock().unwrap();
+        g.bytes += value.size();
+        if let Some(old) = g.values.insert(id, value) {
+            g.bytes -= old.size();
+        }
+    }
+
+    pub fn remove(&self, id: TaskId) -> Option<Value> {
+        let mut g = self.inner.lock().unwrap();
+        let v = g.values.remove(&id)?;
+        g.bytes -= v.size();
+        Some(v)
+    }
+
+    pub fn get(&self, id: TaskId) -> Option<Value> {
+        self.inner.lock().unwrap().values.get(&id).cloned()
+    }
+
+    pub fn contains(&self, id: TaskId) -> bool {
+        self.inner.lock().unwrap().values.contains_key(&id)
+    }
+
+    /// Looks up many values under one lock.
+    pub fn get_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Value>> {
+        let g = self.inner.lock().unwrap();
+        ids.map(|id| g.values.get(&id).cloned()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap().bytes
+    }
+}
