@@ -49,6 +49,10 @@ pub enum FromClientMessage {
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct SubmitGraph {
     pub submit_id: u64,
+    /// More batches of the same graph follow. Until the batch with `more ==
+    /// false` arrives, the scheduler keeps every task of the graph (it may be
+    /// an input of a later batch), even ones nobody seems to need yet.
+    pub more: bool,
     /// `keys[..tasks.len()]` are the keys of the new tasks, in order; the rest
     /// are existing keys that new tasks depend on.
     pub keys: Vec<String>,

@@ -157,8 +157,7 @@ impl Core {
                     }
                 }
             }
-            let t = &self.tasks[id];
-            if t.wanted_by.is_empty() && t.live_dependents == 0 {
+            if self.tasks[id].is_unreferenced() {
                 self.forget(comm, id, &mut check);
             }
         }

@@ -103,6 +103,8 @@ impl Core {
 
     /// A client left: everything it held is released.
     pub fn remove_client(&mut self, comm: &mut Comm, id: ClientId) {
+        // An unfinished multi-batch submission is abandoned with its client.
+        self.unpin(comm, id);
         let Some(client) = self.clients.remove(&id) else { return };
         comm.forget_client(id);
         let wanted: Vec<TaskId> = client.wanted.into_iter().collect();

@@ -63,6 +63,8 @@ impl Worker {
 #[derive(Debug, Default)]
 pub struct Client {
     pub wanted: FxHashSet<TaskId>,
+    /// Tasks of a multi-batch submission whose last batch has not arrived.
+    pub pinned: Vec<TaskId>,
 }
 
 /// Counters for progress reporting and benchmarks.

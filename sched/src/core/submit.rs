@@ -195,11 +195,16 @@ impl Core {
                 live_dependents: 0,
                 assigned: None,
                 retries_left: spec.retries.to_native(),
+                pins: 0,
                 suspicious: 0,
                 steal_pending: false,
                 state: TaskState::Waiting,
             };
             let id = self.tasks.insert(task);
+            if graph.more {
+                self.tasks[id].pins += 1;
+                self.clients.get_mut(&client).expect("checked above").pinned.push(id);
+            }
             self.index_key(id);
             slots[i as usize] = Slot::Existing(id);
             new_ids.push((i, id));
@@ -208,6 +213,9 @@ impl Core {
         // Wire edges and states once every new task exists.
         for &(_, id) in &new_ids {
             self.link_new_task(comm, id);
+        }
+        if !graph.more {
+            self.unpin(comm, client);
         }
         // Client interest, for new and reused keys alike.
         for (i, spec) in graph.tasks.iter().enumerate() {
@@ -253,6 +261,22 @@ impl Core {
         if waiting == 0 {
             self.make_ready(id);
         }
+    }
+
+    /// The client's multi-batch submission is complete (or abandoned): its
+    /// tasks are released to the normal rules.
+    pub(crate) fn unpin(&mut self, comm: &mut Comm, client: ClientId) {
+        let Some(c) = self.clients.get_mut(&client) else { return };
+        let pinned = std::mem::take(&mut c.pinned);
+        if pinned.is_empty() {
+            return;
+        }
+        for &id in &pinned {
+            if let Some(t) = self.tasks.get_mut(id) {
+                t.pins -= 1;
+            }
+        }
+        self.update_need(comm, pinned);
     }
 
     /// `client` holds `id`: tell it now if the value is already there.

@@ -77,6 +77,8 @@ pub struct Task {
     pub live_dependents: u32,
     pub assigned: Option<WorkerId>,
     pub retries_left: u32,
+    /// Multi-batch submissions still in progress that include this task.
+    pub pins: u16,
     /// Workers that died while this task was assigned to them.
     pub suspicious: u8,
     pub steal_pending: bool,
@@ -85,7 +87,13 @@ pub struct Task {
 
 impl Task {
     pub fn is_needed(&self) -> bool {
-        !self.wanted_by.is_empty() || self.pending_dependents > 0
+        !self.wanted_by.is_empty() || self.pending_dependents > 0 || self.pins > 0
+    }
+
+    /// Nothing refers to the task any more: no client, no unfinished graph
+    /// submission, no live dependent.
+    pub fn is_unreferenced(&self) -> bool {
+        self.wanted_by.is_empty() && self.pins == 0 && self.live_dependents == 0
     }
 
     pub fn is_finished(&self) -> bool {

@@ -1,0 +1,314 @@
+//! The Rust client. Graphs go to the scheduler in batches (each batch only
+//! depends on itself and earlier ones); results come straight from the
+//! workers that hold them.
+
+mod graph;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdask_transport::bytes::Bytes;
+use rdask_transport::handshake::{handshake_connect, Role};
+use rdask_transport::peer::PeerPool;
+use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
+use rdask_transport::{ClientId, Frame, FrameSender, Limits, TransportError, WireMessage};
+use thiserror::Error;
+use tokio::sync::{oneshot, Notify};
+
+pub use graph::TaskDef;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot connect to scheduler at {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("task {key} failed (raised in {failed_key}): {message}")]
+    TaskFailed { key: String, failed_key: String, message: String, payload: Bytes },
+    #[error("submission rejected by the scheduler: {0}")]
+    Rejected(String),
+    #[error("key {0} was cancelled")]
+    Cancelled(String),
+    #[error("key {0} is not in memory on any worker (unknown, released or not finished)")]
+    MissingKey(String),
+    #[error("scheduler error: {0}")]
+    Scheduler(String),
+    #[error("connection to the scheduler was lost")]
+    Disconnected,
+}
+
+/// What the client knows about a key it holds.
+#[derive(Debug, Clone)]
+pub enum KeyStatus {
+    Pending,
+    Done { size: u64 },
+    Erred { failed_key: String, message: String, payload: Bytes },
+    Cancelled,
+    Rejected(String),
+}
+
+#[derive(Default)]
+struct Shared {
+    keys: HashMap<String, KeyStatus>,
+    /// Keys of each submit batch not yet acknowledged.
+    unacked: HashMap<u64, Vec<String>>,
+    who_has: HashMap<u64, oneshot::Sender<(Vec<KeyLocation>, Vec<String>)>>,
+    errors: Vec<String>,
+    disconnected: bool,
+}
+
+pub struct Client {
+    sender: FrameSender,
+    shared: Arc<Mutex<Shared>>,
+    changed: Arc<Notify>,
+    next_id: AtomicU64,
+    pool: PeerPool,
+    pub id: ClientId,
+    /// Tasks per submit message.
+    pub batch_size: usize,
+}
+
+impl Client {
+    /// Connects and completes the handshake, giving up after `timeout`.
+    pub async fn connect(address: &str, token: Option<&str>, timeout: Duration) -> Result<Client, ClientError> {
+        let fail = |reason: String| ClientError::Connect { address: address.to_string(), reason };
+        let attempt = async {
+            let mut conn = rdask_transport::connect(address, Limits::default()).await?;
+            handshake_connect(&mut conn, Role::Client, token).await?;
+            let welcome = conn.receiver.recv().await?.ok_or(TransportError::Closed)?;
+            let id = match ToClientMessage::access(&welcome.control)? {
+                ArchivedToClientMessage::Welcome { client_id, .. } => client_id.get(),
+                _ => return Err(TransportError::Handshake("expected Welcome".into())),
+            };
+            Ok((conn, id))
+        };
+        let (conn, id) = match tokio::time::timeout(timeout, attempt).await {
+            Err(_) => return Err(fail(format!("no answer within {timeout:?}"))),
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Ok(Ok(x)) => x,
+        };
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let changed = Arc::new(Notify::new());
+        let (s, c) = (shared.clone(), changed.clone());
+        let mut receiver = conn.receiver;
+        tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(Some(frame)) => {
+                        if let Err(e) = handle_frame(&s, &frame) {
+                            tracing::error!("bad message from scheduler: {e}");
+                            s.lock().unwrap().errors.push(e.to_string());
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        s.lock().unwrap().disconnected = true;
+                        c.notify_waiters();
+                        break;
+                    }
+                }
+                c.notify_waiters();
+            }
+        });
+        Ok(Client {
+            sender: conn.sender,
+            shared,
+            changed,
+            next_id: AtomicU64::new(1),
+            pool: PeerPool::new(token.map(str::to_string), Limits::default()),
+            id,
+            batch_size: 50_000,
+        })
+    }
+
+    /// Submits tasks (any order; they are sorted so each batch depends only
+    /// on itself and earlier batches). Keys marked `want` can be waited on.
+    pub fn submit(&self, tasks: Vec<TaskDef>) -> Result<(), ClientError> {
+        let batches = graph::batches(tasks, self.batch_size);
+        for (graph, data, wanted) in batches {
+            let submit_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut sh = self.shared.lock().unwrap();
+                for k in &wanted {
+                    sh.keys.entry(k.clone()).or_insert(KeyStatus::Pending);
+                }
+                sh.unacked.insert(submit_id, wanted);
+            }
+            let msg = FromClientMessage::Submit(rdask_transport::protocol::SubmitGraph { submit_id, ..graph });
+            self.sender.send(Frame::with_data(&msg, data)).map_err(|_| ClientError::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every key is done; the first failure is returned as an error.
+    pub async fn wait(&self, keys: &[String]) -> Result<(), ClientError> {
+        let mut pending: Vec<&String> = keys.iter().collect();
+        loop {
+            let notified = self.changed.notified();
+            {
+                let sh = self.shared.lock().unwrap();
+                let mut err = None;
+                pending.retain(|k| match sh.keys.get(*k) {
+                    Some(KeyStatus::Done { .. }) => false,
+                    Some(KeyStatus::Pending) => true,
+                    Some(other) => {
+                        err.get_or_insert_with(|| status_error(k, other));
+                        false
+                    }
+                    None => {
+                        err.get_or_insert_with(|| ClientError::MissingKey(k.to_string()));
+                        false
+                    }
+                });
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                if sh.disconnected {
+                    return Err(ClientError::Disconnected);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub fn status(&self, key: &str) -> Option<KeyStatus> {
+        self.shared.lock().unwrap().keys.get(key).cloned()
+    }
+
+    /// Fetches the values of finished keys directly from the workers.
+    pub async fn gather(&self, keys: &[String]) -> Result<Vec<Vec<Bytes>>, ClientError> {
+        self.wait(keys).await?;
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared.lock().unwrap().who_has.insert(request_id, tx);
+        self.sender.send(Frame::from_message(&FromClientMessage::WhoHas { request_id, keys: keys.to_vec() }))?;
+        let (found, missing) = rx.await.map_err(|_| ClientError::Disconnected)?;
+        if let Some(k) = missing.first() {
+            return Err(ClientError::MissingKey(k.clone()));
+        }
+        let mut by_worker: HashMap<String, Vec<(usize, rdask_transport::TaskId)>> = HashMap::new();
+        let index: HashMap<&str, usize> = keys.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+        for loc in &found {
+            let addr = loc.addresses.first().ok_or_else(|| ClientError::MissingKey(loc.key.clone()))?;
+            by_worker.entry(addr.clone()).or_default().push((index[loc.key.as_str()], loc.task));
+        }
+        let mut out: Vec<Option<Vec<Bytes>>> = vec![None; keys.len()];
+        for (addr, items) in by_worker {
+            let ids = items.iter().map(|(_, t)| *t).collect();
+            let fetched = self.pool.fetch(&addr, ids).await?;
+            for ((slot, _), (_, frames)) in items.iter().zip(fetched) {
+                out[*slot] = Some(frames.ok_or_else(|| ClientError::MissingKey(keys[*slot].clone()))?);
+            }
+        }
+        out.into_iter().enumerate().map(|(i, v)| v.ok_or_else(|| ClientError::MissingKey(keys[i].clone()))).collect()
+    }
+
+    pub fn release(&self, keys: &[String]) -> Result<(), ClientError> {
+        {
+            let mut sh = self.shared.lock().unwrap();
+            for k in keys {
+                sh.keys.remove(k);
+            }
+        }
+        self.sender.send(Frame::from_message(&FromClientMessage::Release { keys: keys.to_vec() }))?;
+        Ok(())
+    }
+
+    pub fn cancel(&self, keys: &[String]) -> Result<(), ClientError> {
+        self.sender.send(Frame::from_message(&FromClientMessage::Cancel { keys: keys.to_vec() }))?;
+        Ok(())
+    }
+
+    /// Scheduler errors about this client's messages so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.shared.lock().unwrap().errors.clone()
+    }
+
+    pub async fn close(self) {
+        let _ = self.sender.send(Frame::from_message(&FromClientMessage::Close));
+        // Give the writer a moment to flush the goodbye.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn status_error(key: &str, s: &KeyStatus) -> ClientError {
+    match s {
+        KeyStatus::Erred { failed_key, message, payload } => ClientError::TaskFailed {
+            key: key.to_string(),
+            failed_key: failed_key.clone(),
+            message: message.clone(),
+            payload: payload.clone(),
+        },
+        KeyStatus::Cancelled => ClientError::Cancelled(key.to_string()),
+        KeyStatus::Rejected(m) => ClientError::Rejected(m.clone()),
+        KeyStatus::Pending | KeyStatus::Done { .. } => unreachable!(),
+    }
+}
+
+fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportError> {
+    let msg = ToClientMessage::access(&frame.control)?;
+    let mut sh = shared.lock().unwrap();
+    match msg {
+        ArchivedToClientMessage::InMemory(items) => {
+            for it in items.iter() {
+                if let Some(s) = sh.keys.get_mut(it.key.as_str()) {
+                    *s = KeyStatus::Done { size: it.size.to_native() };
+                }
+            }
+        }
+        ArchivedToClientMessage::Erred(items) => {
+            for it in items.iter() {
+                let payload = match it.payload.to_native() {
+                    NO_FRAME => Bytes::new(),
+                    i => frame.data_frame(i)?.clone(),
+                };
+                if let Some(s) = sh.keys.get_mut(it.key.as_str()) {
+                    *s = KeyStatus::Erred {
+                        failed_key: it.failed_key.to_string(),
+                        message: it.message.to_string(),
+                        payload,
+                    };
+                }
+            }
+        }
+        ArchivedToClientMessage::Cancelled { keys } => {
+            for k in keys.iter() {
+                if let Some(s) = sh.keys.get_mut(k.as_str()) {
+                    *s = KeyStatus::Cancelled;
+                }
+            }
+        }
+        ArchivedToClientMessage::Submitted { submit_id } => {
+            sh.unacked.remove(&submit_id.to_native());
+        }
+        ArchivedToClientMessage::SubmitRejected { submit_id, message } => {
+            let keys = sh.unacked.remove(&submit_id.to_native()).unwrap_or_default();
+            for k in keys {
+                sh.keys.insert(k, KeyStatus::Rejected(message.to_string()));
+            }
+            sh.errors.push(message.to_string());
+        }
+        ArchivedToClientMessage::WhoHas { request_id, .. } => {
+            let owned = rkyv_owned(frame)?;
+            if let ToClientMessage::WhoHas { found, missing, .. } = owned {
+                if let Some(tx) = sh.who_has.remove(&request_id.to_native()) {
+                    let _ = tx.send((found, missing));
+                }
+            }
+        }
+        ArchivedToClientMessage::Error { message } => {
+            tracing::error!("scheduler: {}", message.as_str());
+            sh.errors.push(message.to_string());
+        }
+        ArchivedToClientMessage::Welcome { .. } => {}
+    }
+    Ok(())
+}
+
+fn rkyv_owned(frame: &Frame) -> Result<ToClientMessage, TransportError> {
+    ToClientMessage::decode(&frame.control)
+}
