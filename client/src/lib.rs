@@ -12,6 +12,7 @@ use std::time::Duration;
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, Role};
 use rdask_transport::peer::PeerPool;
+pub use rdask_transport::protocol::ClusterInfo;
 use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, Frame, FrameSender, Limits, TransportError, WireMessage};
 use thiserror::Error;
@@ -55,6 +56,7 @@ struct Shared {
     /// Keys of each submit batch not yet acknowledged.
     unacked: HashMap<u64, Vec<String>>,
     who_has: HashMap<u64, oneshot::Sender<(Vec<KeyLocation>, Vec<String>)>>,
+    info: HashMap<u64, oneshot::Sender<ClusterInfo>>,
     errors: Vec<String>,
     disconnected: bool,
 }
@@ -223,6 +225,33 @@ impl Client {
         Ok(())
     }
 
+    /// Workers and task counts as the scheduler sees them now.
+    pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared.lock().unwrap().info.insert(request_id, tx);
+        self.sender.send(Frame::from_message(&FromClientMessage::ClusterInfo { request_id }))?;
+        rx.await.map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Waits until at least `n` workers are connected.
+    pub async fn wait_for_workers(&self, n: usize, timeout: Duration) -> Result<ClusterInfo, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self.cluster_info().await?;
+            if info.workers.len() >= n {
+                return Ok(info);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Scheduler(format!(
+                    "only {} of {n} workers connected after {timeout:?}",
+                    info.workers.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Scheduler errors about this client's messages so far.
     pub fn errors(&self) -> Vec<String> {
         self.shared.lock().unwrap().errors.clone()
@@ -297,6 +326,13 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             if let ToClientMessage::WhoHas { found, missing, .. } = owned {
                 if let Some(tx) = sh.who_has.remove(&request_id.to_native()) {
                     let _ = tx.send((found, missing));
+                }
+            }
+        }
+        ArchivedToClientMessage::ClusterInfo { request_id, .. } => {
+            if let ToClientMessage::ClusterInfo { info, .. } = rkyv_owned(frame)? {
+                if let Some(tx) = sh.info.remove(&request_id.to_native()) {
+                    let _ = tx.send(info);
                 }
             }
         }

@@ -76,7 +76,6 @@ impl CommSink for Senders {
 /// Serves `listener` until `stop` turns true. On a clean stop every worker
 /// is told to stop too.
 pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch::Receiver<bool>) {
-    let scheduler_id = format!("rdask-scheduler-{}", std::process::id());
     let (events_tx, mut events) = mpsc::channel::<Event>(4096);
     let accept = tokio::spawn(accept_loop(listener, events_tx, config.token.clone()));
 
@@ -95,11 +94,11 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
             _ = stop.changed() => if *stop.borrow() { break },
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), &scheduler_id);
+                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms());
                 let mut n = 1;
                 while n < config.max_events_per_tick {
                     match events.try_recv() {
-                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), &scheduler_id),
+                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms()),
                         Err(_) => break,
                     }
                     n += 1;
@@ -146,7 +145,6 @@ fn handle(
     addresses: &mut FxHashMap<WorkerId, String>,
     ev: Event,
     now_ms: u64,
-    scheduler_id: &str,
 ) {
     match ev {
         Event::WorkerJoined { spec, sender, reply } => {
@@ -175,7 +173,7 @@ fn handle(
             }
         }
         Event::ClientJoined { sender, reply } => {
-            let id = core.add_client(comm, scheduler_id);
+            let id = core.add_client(comm);
             senders.clients.insert(id, sender);
             let _ = reply.send(id);
         }

@@ -42,6 +42,8 @@ pub enum FromClientMessage {
     /// Where do these keys live? Answered with [`ToClientMessage::WhoHas`];
     /// the client then fetches directly from the workers.
     WhoHas { request_id: u64, keys: Vec<String> },
+    /// Workers and task counts; answered with [`ToClientMessage::ClusterInfo`].
+    ClusterInfo { request_id: u64 },
     /// Clean goodbye; the client's keys are released.
     Close,
 }
@@ -90,8 +92,33 @@ pub enum ToClientMessage {
     /// A submit batch was refused as a whole; nothing of it was kept.
     SubmitRejected { submit_id: u64, message: String },
     WhoHas { request_id: u64, found: Vec<KeyLocation>, missing: Vec<String> },
+    ClusterInfo { request_id: u64, info: ClusterInfo },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub scheduler_id: String,
+    pub workers: Vec<WorkerSummary>,
+    /// Tasks the scheduler currently knows (not forgotten).
+    pub tasks: u64,
+    pub ready: u64,
+    pub submitted: u64,
+    pub finished: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct WorkerSummary {
+    pub id: WorkerId,
+    pub name: String,
+    pub address: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub processing: u64,
+    pub stored_values: u64,
+    pub stored_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

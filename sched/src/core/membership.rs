@@ -93,11 +93,11 @@ impl Core {
             .collect()
     }
 
-    pub fn add_client(&mut self, comm: &mut Comm, scheduler_id: &str) -> ClientId {
+    pub fn add_client(&mut self, comm: &mut Comm) -> ClientId {
         let id = ClientId(self.next_client);
         self.next_client += 1;
         self.clients.insert(id, Client::default());
-        comm.send_client(id, ToClientMessage::Welcome { client_id: id, scheduler_id: scheduler_id.to_string() });
+        comm.send_client(id, ToClientMessage::Welcome { client_id: id, scheduler_id: self.scheduler_id.clone() });
         id
     }
 

@@ -11,7 +11,9 @@ pub mod task;
 use std::collections::BinaryHeap;
 
 use hashbrown::HashTable;
-use rdask_transport::protocol::{ArchivedFromClientMessage, ArchivedFromWorkerMessage, Resource};
+use rdask_transport::protocol::{
+    ArchivedFromClientMessage, ArchivedFromWorkerMessage, ClusterInfo, Resource, ToClientMessage, WorkerSummary,
+};
 use rdask_transport::{ClientId, Frame, TaskId, WorkerId};
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -97,6 +99,7 @@ pub struct Core {
     /// (stealing) only runs then.
     idle_hint: bool,
     pub stats: Stats,
+    pub scheduler_id: String,
 }
 
 impl Core {
@@ -116,6 +119,7 @@ impl Core {
             worker_order: Vec::new(),
             idle_hint: false,
             stats: Stats::default(),
+            scheduler_id: format!("rdask-scheduler-{}", std::process::id()),
         }
     }
 
@@ -175,6 +179,11 @@ impl Core {
                 self.who_has(comm, client, request_id.to_native(), keys.iter().map(|k| k.as_str()));
                 Ok(())
             }
+            ArchivedFromClientMessage::ClusterInfo { request_id } => {
+                let info = self.cluster_info();
+                comm.send_client(client, ToClientMessage::ClusterInfo { request_id: request_id.to_native(), info });
+                Ok(())
+            }
             ArchivedFromClientMessage::Close => {
                 self.remove_client(comm, client);
                 Ok(())
@@ -226,6 +235,33 @@ impl Core {
             ArchivedFromWorkerMessage::Heartbeat(_) => {}
         }
         Ok(())
+    }
+
+    pub fn cluster_info(&self) -> ClusterInfo {
+        let mut workers: Vec<WorkerSummary> = self
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerSummary {
+                id: *id,
+                name: w.name.clone(),
+                address: w.address.clone(),
+                nthreads: w.nthreads,
+                memory_limit: w.memory_limit,
+                processing: w.processing.len() as u64,
+                stored_values: w.has_data.len() as u64,
+                stored_bytes: w.stored_bytes,
+            })
+            .collect();
+        workers.sort_by_key(|w| w.id);
+        ClusterInfo {
+            scheduler_id: self.scheduler_id.clone(),
+            workers,
+            tasks: self.tasks.len() as u64,
+            ready: self.ready.len() as u64,
+            submitted: self.stats.submitted,
+            finished: self.stats.finished,
+            failed: self.stats.failed,
+        }
     }
 
     /// Debug check of the core's invariants (used by tests after every step).
