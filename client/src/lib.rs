@@ -3,6 +3,7 @@
 //! workers that hold them.
 
 mod graph;
+pub mod graphs;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
