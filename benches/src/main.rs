@@ -122,6 +122,7 @@ async fn run_all(args: &Args, modes: &[WorkerMode]) -> anyhow::Result<Report> {
                 for run in 0..args.repeat.max(1) {
                     let row = run_scenario(spec, workers, mode, args.tasks_per_thread)
                         .await
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))
                         .with_context(|| format!("{spec} on {workers} workers ({mode}), run {}", run + 1))?;
                     eprintln!(
                         "  {spec:>14} {workers:>5} workers {mode:>8}: {:>10.0} tasks/s  {:>7.2} µs/task  result {}",

@@ -125,10 +125,22 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
             comm.flush(&mut senders, &|w| addresses.get(&w).cloned());
         }
     }
+    accept.abort();
+    // Tell workers to stop and wait (bounded) until they hang up, so the Stop
+    // frames are written before this process exits.
     for s in senders.workers.values() {
         let _ = s.send(Frame::from_message(&ToWorkerMessage::Stop));
     }
-    accept.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !senders.workers.is_empty() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::WorkerGone(w, _))) => {
+                senders.workers.remove(&w);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
     tracing::info!("scheduler stopped");
 }
 
