@@ -78,7 +78,7 @@ impl RunQueue {
         nthreads: usize,
         name: &str,
         executor: Arc<dyn Executor>,
-        done: mpsc::UnboundedSender<Completion>,
+        done: mpsc::UnboundedSender<Vec<Completion>>,
     ) -> std::io::Result<Arc<RunQueue>> {
         let q = Arc::new(RunQueue { inner: Mutex::new(Inner::default()), cv: Condvar::new() });
         for i in 0..nthreads.max(1) {
@@ -93,12 +93,21 @@ impl RunQueue {
         Ok(q)
     }
 
-    pub fn push(&self, priority: JobPriority, run: TaskRun) {
+    /// Queues jobs under one lock and wakes as many threads as there are jobs.
+    pub fn push_many(&self, jobs: impl IntoIterator<Item = (JobPriority, TaskRun)>) {
         let mut g = self.inner.lock().unwrap();
-        g.queued.insert(run.id);
-        g.heap.push(Job { priority, run });
+        let mut n = 0;
+        for (priority, run) in jobs {
+            g.queued.insert(run.id);
+            g.heap.push(Job { priority, run });
+            n += 1;
+        }
         drop(g);
-        self.cv.notify_one();
+        if n == 1 {
+            self.cv.notify_one();
+        } else if n > 1 {
+            self.cv.notify_all();
+        }
     }
 
     /// Removes a task that has not started. True if it was still queued.
@@ -121,13 +130,27 @@ impl RunQueue {
         self.cv.notify_all();
     }
 
-    fn thread_loop(&self, executor: &dyn Executor, done: &mpsc::UnboundedSender<Completion>) {
+    /// Runs jobs one at a time, highest priority first. Completions are
+    /// handed to the worker loop in batches: a thread reports when the queue
+    /// runs dry (or after `REPORT_EVERY` jobs), so a burst of micro-tasks
+    /// costs one wake-up of the worker loop, not one per task.
+    fn thread_loop(&self, executor: &dyn Executor, done: &mpsc::UnboundedSender<Vec<Completion>>) {
+        const REPORT_EVERY: usize = 256;
+        let mut finished: Vec<Completion> = Vec::new();
         let mut g = self.inner.lock().unwrap();
         loop {
             if g.shutdown {
                 return;
             }
             let Some(job) = g.heap.pop() else {
+                if !finished.is_empty() {
+                    drop(g);
+                    if done.send(std::mem::take(&mut finished)).is_err() {
+                        return; // worker loop is gone
+                    }
+                    g = self.inner.lock().unwrap();
+                    continue;
+                }
                 g = self.cv.wait(g).unwrap();
                 continue;
             };
@@ -147,8 +170,9 @@ impl RunQueue {
                         .unwrap_or_else(|| "unknown panic".into());
                     Err(TaskFailure::message(format!("executor panicked while running {key}: {what}")))
                 });
-            if done.send((id, result)).is_err() {
-                return; // worker loop is gone
+            finished.push((id, result));
+            if finished.len() >= REPORT_EVERY && done.send(std::mem::take(&mut finished)).is_err() {
+                return;
             }
             g = self.inner.lock().unwrap();
             g.running -= 1;

@@ -123,6 +123,8 @@ struct State {
     in_flight: usize,
     fetch_tx: mpsc::UnboundedSender<FetchDone>,
     out: Outgoing,
+    /// Jobs made runnable while handling the current burst; queued together.
+    to_run: Vec<(JobPriority, TaskRun)>,
     seq: u64,
 }
 
@@ -132,7 +134,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
     let listener = rdask_transport::listen(&config.listen, limits).await?;
     let address = listener.address.clone();
     let store = Arc::new(Store::default());
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completion>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<Completion>>();
     let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx)?;
     let _guard = Guard {
         queue: queue.clone(),
@@ -203,6 +205,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         in_flight: 0,
         fetch_tx,
         out: Outgoing::default(),
+        to_run: Vec::new(),
         seq: 0,
     };
     let sender = conn.sender;
@@ -251,6 +254,9 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
             }
         }
         st.pump_fetches();
+        if !st.to_run.is_empty() {
+            st.queue.push_many(st.to_run.drain(..));
+        }
         st.flush(&sender);
     }
 }
@@ -280,9 +286,7 @@ impl State {
                 }
             }
             ArchivedToWorkerMessage::Release(ids) => {
-                for id in ids.iter() {
-                    self.store.remove(id.get());
-                }
+                self.store.remove_many(ids.iter().map(|id| id.get()));
             }
             ArchivedToWorkerMessage::Steal(ids) => {
                 for id in ids.iter() {
@@ -439,7 +443,7 @@ impl State {
         }
         t.stage = Stage::Queued;
         let run = TaskRun { id, key: t.key.clone(), payload: t.payload.clone(), inputs };
-        self.queue.push(t.priority, run);
+        self.to_run.push((t.priority, run));
     }
 
     /// Drops a task that has not started. False if it is running (or unknown).
@@ -455,26 +459,29 @@ impl State {
         gone
     }
 
-    fn on_done(&mut self, (id, result): Completion) {
-        if self.tasks.remove(&id).is_none() {
-            return; // cancelled while running
-        }
-        match result {
-            Ok(value) => {
-                let size = value.size();
-                self.store.insert(id, value);
-                self.out.finished.push(FinishedTask { id, size });
+    fn on_done(&mut self, batch: Vec<Completion>) {
+        let mut values = Vec::with_capacity(batch.len());
+        for (id, result) in batch {
+            if self.tasks.remove(&id).is_none() {
+                continue; // cancelled while running
             }
-            Err(f) => {
-                let payload = if f.payload.is_empty() {
-                    NO_FRAME
-                } else {
-                    self.out.failed_data.push(f.payload);
-                    (self.out.failed_data.len() - 1) as u32
-                };
-                self.out.failed.push(FailedTask { id, message: f.message, payload });
+            match result {
+                Ok(value) => {
+                    self.out.finished.push(FinishedTask { id, size: value.size() });
+                    values.push((id, value));
+                }
+                Err(f) => {
+                    let payload = if f.payload.is_empty() {
+                        NO_FRAME
+                    } else {
+                        self.out.failed_data.push(f.payload);
+                        (self.out.failed_data.len() - 1) as u32
+                    };
+                    self.out.failed.push(FailedTask { id, message: f.message, payload });
+                }
             }
         }
+        self.store.insert_many(values);
     }
 
     fn flush(&mut self, sender: &FrameSender) {

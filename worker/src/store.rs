@@ -28,6 +28,28 @@ impl Store {
         }
     }
 
+    pub fn insert_many(&self, values: Vec<(TaskId, Value)>) {
+        if values.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap();
+        for (id, value) in values {
+            g.bytes += value.size();
+            if let Some(old) = g.values.insert(id, value) {
+                g.bytes -= old.size();
+            }
+        }
+    }
+
+    pub fn remove_many(&self, ids: impl Iterator<Item = TaskId>) {
+        let mut g = self.inner.lock().unwrap();
+        for id in ids {
+            if let Some(v) = g.values.remove(&id) {
+                g.bytes -= v.size();
+            }
+        }
+    }
+
     pub fn remove(&self, id: TaskId) -> Option<Value> {
         let mut g = self.inner.lock().unwrap();
         let v = g.values.remove(&id)?;

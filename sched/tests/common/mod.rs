@@ -388,6 +388,19 @@ impl Harness {
         assert!(self.comm.is_empty(), "flush left messages behind");
         self.core.check_invariants();
         self.sync();
+        self.check_holders();
+    }
+
+    /// Every holder the core lists for a value really stores it: the core
+    /// never told it to release it (the simulated worker applies Release).
+    pub fn check_holders(&self) {
+        for (id, t) in self.core.tasks.iter() {
+            for h in &t.holders {
+                if let Some(sim) = self.sims.get(h) {
+                    assert!(sim.held.contains(&id), "core lists worker {h} as holder of {}, but it was told to drop it", t.key);
+                }
+            }
+        }
     }
 
     /// Simulated workers process messages they have not seen yet.
