@@ -80,7 +80,7 @@ pub(crate) fn batches(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<(SubmitGrap
                 retries: t.retries,
             });
         }
-        out.push((SubmitGraph { submit_id: 0, more: c + 1 < nchunks, keys, tasks: specs }, data, wanted));
+        out.push((SubmitGraph { submit_id: 0, graph_id: 0, more: c + 1 < nchunks, keys, tasks: specs }, data, wanted));
     }
     out
 }

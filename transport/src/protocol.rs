@@ -51,6 +51,8 @@ pub enum FromClientMessage {
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct SubmitGraph {
     pub submit_id: u64,
+    /// Identifies the graph a batch belongs to (client-chosen, unique per client).
+    pub graph_id: u64,
     /// More batches of the same graph follow. Until the batch with `more ==
     /// false` arrives, the scheduler keeps every task of the graph (it may be
     /// an input of a later batch), even ones nobody seems to need yet.

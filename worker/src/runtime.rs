@@ -74,6 +74,8 @@ struct LocalTask {
 struct DepFetch {
     holders: Vec<WorkerId>,
     tried: usize,
+    /// The holder asked last (named in a FetchFailed report).
+    last_asked: Option<WorkerId>,
     waiters: Vec<TaskId>,
 }
 
@@ -141,19 +143,6 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone())),
     };
 
-    let connect = async {
-        let mut conn = rdask_transport::connect(&config.scheduler, limits).await?;
-        handshake_connect(&mut conn, Role::Worker, config.token.as_deref()).await?;
-        Ok::<_, TransportError>(conn)
-    };
-    let mut conn = match tokio::time::timeout(config.connect_timeout, connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(source)) => return Err(WorkerError::Connect { address: config.scheduler.clone(), source }),
-        Err(_) => {
-            let source = TransportError::Timeout(format!("no answer within {:?}", config.connect_timeout));
-            return Err(WorkerError::Connect { address: config.scheduler.clone(), source });
-        }
-    };
     let info = WorkerInfo {
         name: config.name.clone(),
         address: address.clone(),
@@ -161,12 +150,26 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         memory_limit: config.memory_limit,
         resources: config.resources.clone(),
     };
-    conn.sender.send(Frame::from_message(&FromWorkerMessage::Register(info)))?;
-    let first = conn.receiver.recv().await?.ok_or(TransportError::Closed)?;
-    let (id, heartbeat_ms) = match ToWorkerMessage::access(&first.control)? {
-        ArchivedToWorkerMessage::Registered { worker_id, heartbeat_ms } => (worker_id.get(), heartbeat_ms.to_native()),
-        ArchivedToWorkerMessage::Error { message } => return Err(WorkerError::Refused(message.to_string())),
-        _ => return Err(WorkerError::Protocol("expected Registered".into())),
+    let register = async {
+        let mut conn = rdask_transport::connect(&config.scheduler, limits).await?;
+        handshake_connect(&mut conn, Role::Worker, config.token.as_deref()).await?;
+        conn.sender.send(Frame::from_message(&FromWorkerMessage::Register(info)))?;
+        let first = conn.receiver.recv().await?.ok_or(TransportError::Closed)?;
+        let registered = match ToWorkerMessage::access(&first.control)? {
+            ArchivedToWorkerMessage::Registered { worker_id, heartbeat_ms } => Ok((worker_id.get(), heartbeat_ms.to_native())),
+            ArchivedToWorkerMessage::Error { message } => Err(message.to_string()),
+            _ => Err("expected Registered".to_string()),
+        };
+        Ok::<_, TransportError>((conn, registered))
+    };
+    let (conn, (id, heartbeat_ms)) = match tokio::time::timeout(config.connect_timeout, register).await {
+        Ok(Ok((conn, Ok(reg)))) => (conn, reg),
+        Ok(Ok((_, Err(refusal)))) => return Err(WorkerError::Refused(refusal)),
+        Ok(Err(source)) => return Err(WorkerError::Connect { address: config.scheduler.clone(), source }),
+        Err(_) => {
+            let source = TransportError::Timeout(format!("no registration within {:?}", config.connect_timeout));
+            return Err(WorkerError::Connect { address: config.scheduler.clone(), source });
+        }
     };
     tracing::info!(worker = %id, name = %config.name, %address, "registered with scheduler");
 
@@ -326,7 +329,7 @@ impl State {
                 Some(f) => f.waiters.push(id),
                 None => {
                     let holders: Vec<WorkerId> = d.holders.iter().map(|h| h.get()).collect();
-                    self.fetches.insert(dep, DepFetch { holders, tried: 0, waiters: vec![id] });
+                    self.fetches.insert(dep, DepFetch { holders, tried: 0, last_asked: None, waiters: vec![id] });
                     self.request_next(dep);
                 }
             }
@@ -350,11 +353,12 @@ impl State {
             // Spread load: different workers start at different holders.
             let holder = f.holders[(f.tried + self.id.as_usize()) % f.holders.len()];
             f.tried += 1;
+            f.last_asked = Some(holder);
             self.to_request.entry(holder).or_default().push(dep);
             return;
         }
         let f = self.fetches.remove(&dep).unwrap();
-        let holder = f.holders.last().copied().unwrap_or(self.id);
+        let holder = f.last_asked.unwrap_or(self.id);
         for w in f.waiters {
             if self.tasks.remove(&w).is_some() {
                 tracing::warn!(task = %w, %dep, "could not fetch input from any holder");

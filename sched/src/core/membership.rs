@@ -37,6 +37,8 @@ impl Core {
             },
         );
         self.worker_order.push(id);
+        // A newcomer may take queued work from busy workers.
+        self.idle_hint = true;
         comm.send_worker(id, ToWorkerMessage::Registered { worker_id: id, heartbeat_ms: self.config.heartbeat_ms });
         id
     }
@@ -104,7 +106,7 @@ impl Core {
     /// A client left: everything it held is released.
     pub fn remove_client(&mut self, comm: &mut Comm, id: ClientId) {
         // An unfinished multi-batch submission is abandoned with its client.
-        self.unpin(comm, id);
+        self.unpin(comm, id, None);
         let Some(client) = self.clients.remove(&id) else { return };
         comm.forget_client(id);
         let wanted: Vec<TaskId> = client.wanted.into_iter().collect();

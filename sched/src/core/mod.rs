@@ -65,8 +65,9 @@ impl Worker {
 #[derive(Debug, Default)]
 pub struct Client {
     pub wanted: FxHashSet<TaskId>,
-    /// Tasks of a multi-batch submission whose last batch has not arrived.
-    pub pinned: Vec<TaskId>,
+    /// Per graph id: tasks of a multi-batch submission whose last batch has
+    /// not arrived.
+    pub pinned: FxHashMap<u64, Vec<TaskId>>,
 }
 
 /// Counters for progress reporting and benchmarks.

@@ -39,6 +39,8 @@ impl Core {
             }
             Err(SchedError::Rejected(message)) => {
                 tracing::warn!(%client, "submit rejected: {message}");
+                // Later batches of this graph cannot succeed; drop the pins.
+                self.unpin(comm, client, Some(graph.graph_id.to_native()));
                 comm.send_client(client, ToClientMessage::SubmitRejected { submit_id, message });
                 Ok(())
             }
@@ -203,7 +205,8 @@ impl Core {
             let id = self.tasks.insert(task);
             if graph.more {
                 self.tasks[id].pins += 1;
-                self.clients.get_mut(&client).expect("checked above").pinned.push(id);
+                let c = self.clients.get_mut(&client).expect("checked above");
+                c.pinned.entry(graph.graph_id.to_native()).or_default().push(id);
             }
             self.index_key(id);
             slots[i as usize] = Slot::Existing(id);
@@ -215,7 +218,7 @@ impl Core {
             self.link_new_task(comm, id);
         }
         if !graph.more {
-            self.unpin(comm, client);
+            self.unpin(comm, client, Some(graph.graph_id.to_native()));
         }
         // Client interest, for new and reused keys alike.
         for (i, spec) in graph.tasks.iter().enumerate() {
@@ -263,11 +266,14 @@ impl Core {
         }
     }
 
-    /// The client's multi-batch submission is complete (or abandoned): its
-    /// tasks are released to the normal rules.
-    pub(crate) fn unpin(&mut self, comm: &mut Comm, client: ClientId) {
+    /// A multi-batch submission is complete or abandoned (`None`: all of the
+    /// client's): its tasks fall back to the normal release rules.
+    pub(crate) fn unpin(&mut self, comm: &mut Comm, client: ClientId, graph: Option<u64>) {
         let Some(c) = self.clients.get_mut(&client) else { return };
-        let pinned = std::mem::take(&mut c.pinned);
+        let pinned: Vec<TaskId> = match graph {
+            Some(g) => c.pinned.remove(&g).unwrap_or_default(),
+            None => c.pinned.drain().flat_map(|(_, v)| v).collect(),
+        };
         if pinned.is_empty() {
             return;
         }
