@@ -338,10 +338,11 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
     let (g, d) = build_submit(0, &[t("dup", &[]), t("dup", &["base"])], false);
     expect_rejected(&mut h, c, g, d, "duplicate");
 
-    let g = SubmitGraph { submit_id: 0, more: false, keys: vec!["a".into()], tasks: vec![spec(vec![5])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, keys: vec!["a".into()], tasks: vec![spec(vec![5])] };
     expect_rejected(&mut h, c, g, vec![], "index 5");
 
     let g = SubmitGraph {
+        graph_id: 0,
         submit_id: 0,
         more: false,
         keys: vec!["a".into()],
@@ -349,7 +350,7 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
     };
     expect_rejected(&mut h, c, g, vec![Bytes::from_static(b"only one")], "data frame 2");
 
-    let g = SubmitGraph { submit_id: 0, more: false, keys: vec![], tasks: vec![spec(vec![])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, keys: vec![], tasks: vec![spec(vec![])] };
     expect_rejected(&mut h, c, g, vec![], "keys");
 
     // Still serving: a valid graph using the held key completes.
@@ -450,10 +451,9 @@ fn cancel_reaches_the_key_and_its_unfinished_dependents() {
 
 // ------------------------------------------------------------------ 12. work stealing
 
-/// The scenario of the style guide: everything queued on A, B joins idle,
-/// A finishes one task, and the scheduler should steal from A for B.
+/// Everything is queued on A; B joins idle. The scheduler asks A to give up
+/// part of its queue, and what A gives up goes to B.
 #[test]
-#[ignore = "BUG: an idle worker that joins never triggers stealing (idle_hint is only set when the finishing worker drops below nthreads, never by add_worker)"]
 fn idle_worker_that_joins_gets_stolen_work() {
     let mut h = Harness::default();
     let a = h.add_worker(1);
@@ -463,40 +463,9 @@ fn idle_worker_that_joins_gets_stolen_work() {
     assert_eq!(h.queued(a).len(), 20);
     let b = h.add_worker(1);
     assert!(h.queued(b).is_empty());
-    let first = h.queued(a)[0].clone();
-    h.finish_key(a, &first, 1);
-    h.step();
     let steals = h.steals_to(a);
-    assert!(!steals.is_empty(), "A (19 queued) should be asked to give work to idle B");
-    let outcomes: Vec<(TaskId, bool)> = steals.iter().map(|id| (*id, true)).collect();
-    h.steal_reply(a, &outcomes);
-    h.step();
-    for id in steals {
-        let key = h.core.tasks[id].key.to_string();
-        assert_eq!(h.assigned_to(&key), Some(b), "stolen {key} should go to B");
-    }
-}
-
-/// Stealing mechanics when the idle hint is set by the idle worker itself.
-#[test]
-fn busy_worker_is_asked_to_give_up_queued_tasks() {
-    let mut h = Harness::default();
-    let a = h.add_worker(1);
-    let c = h.add_client();
-    h.submit(c, &(0..20).map(|i| t(&format!("t{i}"), &[]).want()).collect::<Vec<_>>(), false);
-    h.step();
-    let b = h.add_worker(1);
-    // Two more leaves: round-robin puts one on B; B finishing it makes B idle.
-    h.submit(c, &[t("x", &[]).want(), t("y", &[]).want()], false);
-    h.step();
-    let on_b = h.queued(b);
-    assert_eq!(on_b.len(), 1, "one of x, y lands on B");
-    assert!(h.steals_to(a).is_empty());
-    h.finish_key(b, &on_b[0], 1);
-    h.step();
-    let steals = h.steals_to(a);
-    assert!(!steals.is_empty(), "A is asked to give up queued work");
-    assert!(steals.len() <= 11, "at most half of A's queue: {}", steals.len());
+    assert!(!steals.is_empty(), "A (20 queued) should be asked to give work to idle B");
+    assert!(steals.len() <= 10, "at most half of A's queue: {}", steals.len());
     assert!(h.steals_to(b).is_empty());
 
     // A refuses the first (already running): it stays on A. A gives up the rest.
@@ -509,16 +478,14 @@ fn busy_worker_is_asked_to_give_up_queued_tasks() {
     assert_eq!(h.assigned_to(&kept_key), Some(a));
     for id in &steals[1..] {
         let key = h.core.tasks[*id].key.to_string();
-        assert!(h.assigned_to(&key).is_some(), "stolen {key} is assigned again");
+        assert_eq!(h.assigned_to(&key), Some(b), "stolen {key} should go to B");
     }
-    assert!(!h.queued(b).is_empty(), "B got some of the stolen tasks");
     assert_eq!(h.core.stats.stolen as usize, steals.len() - 1);
     h.run_all();
-    assert_eq!(h.in_memory(c).len(), 22);
+    assert_eq!(h.in_memory(c).len(), 20);
 }
 
 #[test]
-#[ignore = "BUG: stolen tasks go back to the ready queue and round-robin sends about half of them back to the victim"]
 fn stolen_tasks_go_to_the_idle_worker() {
     let mut h = Harness::default();
     let a = h.add_worker(1);
@@ -690,6 +657,7 @@ fn a_dependency_listed_twice_is_handled() {
     let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
     let g = SubmitGraph {
+        graph_id: 0,
         submit_id: 5,
         more: false,
         keys: vec!["d".into(), "twice".into()],
@@ -704,7 +672,6 @@ fn a_dependency_listed_twice_is_handled() {
 }
 
 #[test]
-#[ignore = "BUG: fetch_failed drops the replica from has_data but not its size from the holder's stored_bytes"]
 fn fetch_failure_recomputes_the_value_and_keeps_accounting() {
     let (mut h, _) = Harness::with_workers(2);
     let c = h.add_client();
@@ -761,7 +728,6 @@ fn silent_worker_is_found_with_the_fake_clock() {
 /// worker reports `Finished` twice; the second must not make the core tell
 /// the worker to drop a value the core goes on listing it as holding.
 #[test]
-#[ignore = "BUG: a second Finished for a task already in Memory on that worker sends it Release but keeps it listed as holder"]
 fn duplicate_finished_does_not_release_a_value_the_core_still_lists() {
     let (mut h, _) = Harness::with_workers(3);
     let c = h.add_client();
@@ -791,7 +757,6 @@ fn duplicate_finished_does_not_release_a_value_the_core_still_lists() {
 /// A key the batch reuses (already computed for another client) is part of
 /// the graph too.
 #[test]
-#[ignore = "BUG: more:true pins only new tasks; a reused key in an unfinished multi-batch graph can be forgotten, and the next batch is rejected"]
 fn multi_batch_keeps_reused_keys_until_the_last_batch() {
     let (mut h, _) = Harness::with_workers(2);
     let (c1, c2) = (h.add_client(), h.add_client());
@@ -811,7 +776,6 @@ fn multi_batch_keeps_reused_keys_until_the_last_batch() {
 /// Batch 1 (`more: true`) has an unwanted `p`; the final batch lists `p`
 /// again with `want: true`.
 #[test]
-#[ignore = "BUG: scheduler panics (task is not live): insert() unpins and forgets p before add_want(p)"]
 fn final_batch_may_want_a_key_of_an_earlier_batch() {
     let (mut h, _) = Harness::with_workers(1);
     let c = h.add_client();
@@ -826,7 +790,6 @@ fn final_batch_may_want_a_key_of_an_earlier_batch() {
 /// A task nobody wants whose input already erred is erred at once; it
 /// must still be forgotten like any finished task nobody needs.
 #[test]
-#[ignore = "BUG: an unwanted new task erred at submission (erred dependency) is never forgotten; it and its input leak"]
 fn unwanted_task_on_top_of_an_erred_key_is_forgotten() {
     let (mut h, ws) = Harness::with_workers(1);
     let c = h.add_client();

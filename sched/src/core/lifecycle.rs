@@ -20,7 +20,11 @@ impl Core {
     pub(crate) fn unassign(&mut self, id: TaskId) -> Option<WorkerId> {
         let t = &mut self.tasks[id];
         let w = t.assigned.take()?;
-        let was_stealing = std::mem::take(&mut t.steal_pending);
+        let thief = t.steal_to.take();
+        let was_stealing = thief.is_some();
+        if let Some(tw) = thief.and_then(|th| self.workers.get_mut(&th)) {
+            tw.incoming_steals = tw.incoming_steals.saturating_sub(1);
+        }
         if let Some(worker) = self.workers.get_mut(&w) {
             worker.processing.remove(&id);
             if was_stealing {
@@ -36,9 +40,16 @@ impl Core {
     pub(crate) fn task_finished(&mut self, comm: &mut Comm, worker: WorkerId, id: TaskId, size: u64) {
         let current = self.tasks.get(id).map(|t| (t.state, t.assigned));
         if current != Some((TaskState::Assigned, Some(worker))) {
-            // Forgotten, cancelled or moved meanwhile: the worker must not keep
-            // an orphan value.
-            comm.release(worker, id);
+            match current {
+                // A repeat report from a worker we already list as holder.
+                Some((TaskState::Memory, _)) if self.tasks[id].holders.contains(&worker) => {}
+                // Finished elsewhere too (it ran again after a cancel crossed
+                // its start): an extra replica is still a correct value.
+                Some((TaskState::Memory, _)) => self.replica_added(comm, worker, id),
+                // Forgotten, cancelled or moved meanwhile: the worker must not
+                // keep an orphan value.
+                _ => comm.release(worker, id),
+            }
             return;
         }
         self.unassign(id);
@@ -315,8 +326,12 @@ impl Core {
             if let Some(pos) = dt.holders.iter().position(|h| *h == holder) {
                 tracing::warn!(key = %dt.key, %holder, "worker could not fetch value from holder; dropping that replica");
                 dt.holders.remove(pos);
+                let size = dt.size;
                 if let Some(w) = self.workers.get_mut(&holder) {
                     w.has_data.remove(&dep);
+                    w.stored_bytes = w.stored_bytes.saturating_sub(size);
+                    // It may still hold a broken copy; make sure it drops it.
+                    comm.release(holder, dep);
                 }
                 if dt.holders.is_empty() && dt.state == TaskState::Memory {
                     self.data_lost(comm, dep);
@@ -338,17 +353,26 @@ impl Core {
 
     pub(crate) fn steal_reply(&mut self, worker: WorkerId, id: TaskId, stolen: bool) {
         let Some(t) = self.tasks.get_mut(id) else { return };
-        if !(t.steal_pending && t.state == TaskState::Assigned && t.assigned == Some(worker)) {
+        if !(t.steal_to.is_some() && t.state == TaskState::Assigned && t.assigned == Some(worker)) {
             return;
         }
-        t.steal_pending = false;
+        let thief = t.steal_to.take().unwrap();
         if let Some(w) = self.workers.get_mut(&worker) {
             w.steals_in_flight = w.steals_in_flight.saturating_sub(1);
+        }
+        if let Some(tw) = self.workers.get_mut(&thief) {
+            tw.incoming_steals = tw.incoming_steals.saturating_sub(1);
         }
         if stolen {
             self.unassign(id);
             self.stats.stolen += 1;
-            self.make_ready(id);
+            // Straight to the worker it was stolen for, if that one is still here.
+            if self.workers.contains_key(&thief) {
+                self.tasks[id].state = TaskState::Ready;
+                self.pending_assign.push((id, thief));
+            } else {
+                self.make_ready(id);
+            }
         }
     }
 

@@ -33,6 +33,7 @@ impl Core {
                 has_data: Default::default(),
                 stored_bytes: 0,
                 steals_in_flight: 0,
+                incoming_steals: 0,
                 last_seen_ms: now_ms,
             },
         );
@@ -59,7 +60,12 @@ impl Core {
         for t in processing {
             let task = &mut self.tasks[t];
             task.assigned = None;
-            task.steal_pending = false;
+            if let Some(thief) = task.steal_to.take() {
+                if let Some(tw) = self.workers.get_mut(&thief) {
+                    tw.incoming_steals = tw.incoming_steals.saturating_sub(1);
+                }
+            }
+            let task = &mut self.tasks[t];
             task.suspicious = task.suspicious.saturating_add(1);
             if task.suspicious >= self.config.allowed_failures {
                 let message = format!(

@@ -52,6 +52,8 @@ pub struct Worker {
     pub has_data: FxHashSet<TaskId>,
     pub stored_bytes: u64,
     pub steals_in_flight: u32,
+    /// Tasks being stolen for this worker (steal requests not answered yet).
+    pub incoming_steals: u32,
     /// Milliseconds of the last message from it (time passed in by the caller).
     pub last_seen_ms: u64,
 }
@@ -99,6 +101,8 @@ pub struct Core {
     /// Set when some worker dropped below one task per thread; balancing
     /// (stealing) only runs then.
     idle_hint: bool,
+    /// Stolen tasks to hand to the worker they were stolen for.
+    pending_assign: Vec<(TaskId, WorkerId)>,
     pub stats: Stats,
     pub scheduler_id: String,
 }
@@ -119,6 +123,7 @@ impl Core {
             rr_cursor: 0,
             worker_order: Vec::new(),
             idle_hint: false,
+            pending_assign: Vec::new(),
             stats: Stats::default(),
             scheduler_id: format!("rdask-scheduler-{}", std::process::id()),
         }

@@ -25,6 +25,14 @@ impl Core {
         if self.workers.is_empty() {
             return;
         }
+        for (id, w) in std::mem::take(&mut self.pending_assign) {
+            let ok = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) && self.workers.contains_key(&w);
+            if ok {
+                self.assign(comm, id, w);
+            } else if self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) {
+                self.make_ready(id);
+            }
+        }
         while let Some(&(prio, id)) = self.ready.peek() {
             let live = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready && t.priority == prio);
             if !live {
@@ -122,7 +130,7 @@ impl Core {
         let mut busy: Vec<(WorkerId, u32)> = Vec::new();
         for (&id, w) in &self.workers {
             let load = w.load();
-            if load < w.nthreads {
+            if load < w.nthreads && w.incoming_steals == 0 {
                 idle.push((id, w.nthreads - load));
             } else if load > w.nthreads * STEAL_MIN_QUEUE_PER_THREAD && w.steals_in_flight == 0 {
                 busy.push((id, load - w.nthreads));
@@ -131,10 +139,12 @@ impl Core {
         if idle.is_empty() || busy.is_empty() {
             return;
         }
-        let want: u32 = idle.iter().map(|(_, free)| free).sum();
+        // Each idle worker asks for enough to fill its queue, not just its threads.
+        let mut thieves: Vec<(WorkerId, usize)> =
+            idle.iter().map(|(w, free)| (*w, (*free * self.config.tasks_per_thread.max(1)) as usize)).collect();
+        let mut cursor = 0;
+        let mut remaining: usize = thieves.iter().map(|(_, n)| n).sum::<usize>().min(MAX_STEAL_PER_ROUND);
         busy.sort_by_key(|(_, surplus)| std::cmp::Reverse(*surplus));
-        let mut remaining = want as usize * self.config.tasks_per_thread.max(1) as usize;
-        remaining = remaining.min(MAX_STEAL_PER_ROUND);
         for (victim, surplus) in busy {
             if remaining == 0 {
                 break;
@@ -145,15 +155,25 @@ impl Core {
                 .processing
                 .iter()
                 .copied()
-                .filter(|t| !self.tasks[*t].steal_pending)
+                .filter(|t| self.tasks[*t].steal_to.is_none())
                 .take(take)
                 .collect();
+            let mut sent = 0u32;
             for t in &picked {
-                self.tasks[*t].steal_pending = true;
+                // Round-robin over thieves that still want work.
+                let Some(pos) = (0..thieves.len()).map(|i| (cursor + i) % thieves.len()).find(|&i| thieves[i].1 > 0) else {
+                    break;
+                };
+                cursor = pos + 1;
+                thieves[pos].1 -= 1;
+                let thief = thieves[pos].0;
+                self.tasks[*t].steal_to = Some(thief);
+                self.workers.get_mut(&thief).unwrap().incoming_steals += 1;
                 comm.steal(victim, *t);
+                sent += 1;
             }
             let w = self.workers.get_mut(&victim).unwrap();
-            w.steals_in_flight += picked.len() as u32;
+            w.steals_in_flight += sent;
             remaining -= picked.len();
         }
     }

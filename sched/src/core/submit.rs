@@ -199,19 +199,40 @@ impl Core {
                 retries_left: spec.retries.to_native(),
                 pins: 0,
                 suspicious: 0,
-                steal_pending: false,
+                steal_to: None,
                 state: TaskState::Waiting,
             };
             let id = self.tasks.insert(task);
-            if graph.more {
-                self.tasks[id].pins += 1;
-                let c = self.clients.get_mut(&client).expect("checked above");
-                c.pinned.entry(graph.graph_id.to_native()).or_default().push(id);
-            }
             self.index_key(id);
             slots[i as usize] = Slot::Existing(id);
             new_ids.push((i, id));
             self.stats.submitted += 1;
+        }
+        // Until the graph's last batch arrives, every key of this batch (new
+        // or reused) stays: a later batch may depend on it.
+        if graph.more {
+            let graph_id = graph.graph_id.to_native();
+            let ids: Vec<TaskId> = slots[..graph.tasks.len()]
+                .iter()
+                .map(|s| match s {
+                    Slot::Existing(id) => *id,
+                    Slot::New => unreachable!("every new task was inserted"),
+                })
+                .collect();
+            for &id in &ids {
+                self.tasks[id].pins += 1;
+            }
+            let c = self.clients.get_mut(&client).expect("checked above");
+            c.pinned.entry(graph_id).or_default().extend(ids);
+        }
+        // Client interest before linking, so a task that errs while being
+        // linked tells its clients and is then released by the normal rules.
+        for (i, spec) in graph.tasks.iter().enumerate() {
+            if spec.want {
+                if let Slot::Existing(id) = slots[i] {
+                    self.add_want(comm, client, id);
+                }
+            }
         }
         // Wire edges and states once every new task exists.
         for &(_, id) in &new_ids {
@@ -219,14 +240,6 @@ impl Core {
         }
         if !graph.more {
             self.unpin(comm, client, Some(graph.graph_id.to_native()));
-        }
-        // Client interest, for new and reused keys alike.
-        for (i, spec) in graph.tasks.iter().enumerate() {
-            if spec.want {
-                if let Slot::Existing(id) = slots[i] {
-                    self.add_want(comm, client, id);
-                }
-            }
         }
     }
 
@@ -254,6 +267,7 @@ impl Core {
         if let Some(d) = erred_by {
             let err = self.tasks[d].error.clone().expect("erred task keeps its error");
             self.fail_with_dependents(comm, id, *err);
+            self.update_need(comm, vec![id]);
             return;
         }
         for &d in &deps {

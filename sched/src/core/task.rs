@@ -81,7 +81,8 @@ pub struct Task {
     pub pins: u16,
     /// Workers that died while this task was assigned to them.
     pub suspicious: u8,
-    pub steal_pending: bool,
+    /// Set while a steal request is out: the idle worker the task is meant for.
+    pub steal_to: Option<WorkerId>,
     pub state: TaskState,
 }
 
