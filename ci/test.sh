@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: core unit tests, loopback integration tests, process
+# tests, and the small form of the scaling benchmark (correctness only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source ci/setup.sh
+
+# One profile for everything: the benchmark needs release, and building a
+# second profile would double CI time on 2 cores.
+cargo build --release --workspace --bins --examples
+cargo test --release --workspace
+# 256 null workers over TCP, tree-15 and friends, plus workers in 4 processes
+# and a 200k-task pending-memory check: fails on any wrong result or leaked
+# task, never on timing.
+./target/release/rdask-bench --ci --out bench-results/ci.json
