@@ -37,6 +37,12 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    // Submissions arrive in multi-megabyte batches whose buffers are freed
+    // right after. A fixed mmap threshold returns them to the OS instead of
+    // leaving holes between long-lived task records (measured: 366 → 323
+    // bytes per pending task with 1M tasks).
+    // SAFETY: mallopt only tunes glibc's allocator; called before any threads.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) };
     let mut config = SchedulerConfig::default();
     config.core.tasks_per_thread = args.tasks_per_thread.max(1);
     config.token = args.token.clone();

@@ -94,7 +94,7 @@ pub struct Core {
     ready: BinaryHeap<(Priority, TaskId)>,
     next_worker: u32,
     next_client: u32,
-    next_seq: u64,
+    next_seq: u32,
     /// Round-robin cursor over `worker_order` for tasks without inputs.
     rr_cursor: usize,
     worker_order: Vec<WorkerId>,

@@ -5,6 +5,7 @@ use rdask_transport::protocol::{ArchivedSubmitGraph, KeyDone, ToClientMessage, N
 use rdask_transport::{ClientId, TaskId};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
+use thin_vec::ThinVec;
 
 use super::{Core, Priority, Task, TaskState};
 use crate::comm::Comm;
@@ -180,7 +181,7 @@ impl Core {
                 NO_FRAME => Bytes::new(),
                 p => data[p as usize].clone(),
             };
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.wrapping_add(1);
             let order_value = spec.order.as_ref().map(|o| o.to_native()).unwrap_or(-blevel[i as usize]);
             let task = Task {
                 key: graph.keys[i as usize].as_str().into(),
@@ -188,9 +189,9 @@ impl Core {
                 deps,
                 dependents: SmallVec::new(),
                 holders: SmallVec::new(),
-                wanted_by: SmallVec::new(),
+                wanted_by: ThinVec::new(),
                 error: None,
-                priority: Priority { user: spec.user_priority.to_native(), order: order_value, seq: self.next_seq },
+                priority: Priority { order: order_value, user: spec.user_priority.to_native(), seq: self.next_seq },
                 size: 0,
                 waiting: 0,
                 pending_dependents: 0,

@@ -5,6 +5,7 @@ use std::cmp::Ordering;
 use rdask_transport::bytes::Bytes;
 use rdask_transport::{ClientId, TaskId, WorkerId};
 use smallvec::SmallVec;
+use thin_vec::ThinVec;
 
 /// Lifecycle: Waiting → Ready → Assigned → Memory | Erred → Released → forgotten.
 /// "Running" is worker-side: the worker tells (via steal replies) whether an
@@ -38,9 +39,11 @@ pub struct TaskError {
 /// earlier submission. `Ord` is arranged so the max-heap pops the next task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Priority {
-    pub user: i32,
     pub order: i64,
-    pub seq: u64,
+    pub user: i32,
+    /// Submission sequence; wraps after 2^32 tasks, which only affects the
+    /// tie-break between tasks of equal priority and order.
+    pub seq: u32,
 }
 
 impl Ord for Priority {
@@ -65,7 +68,9 @@ pub struct Task {
     pub deps: SmallVec<[TaskId; 2]>,
     pub dependents: SmallVec<[TaskId; 1]>,
     pub holders: SmallVec<[WorkerId; 2]>,
-    pub wanted_by: SmallVec<[ClientId; 1]>,
+    /// Clients holding the key. Most tasks have none: an empty ThinVec is one
+    /// null-sized pointer and allocates nothing.
+    pub wanted_by: ThinVec<ClientId>,
     pub error: Option<Box<TaskError>>,
     pub priority: Priority,
     pub size: u64,
