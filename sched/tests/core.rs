@@ -32,7 +32,7 @@ fn run_to_completion(tasks: Vec<T>) -> Harness {
         assert!(sim.held.is_empty(), "worker {w} was never told to release {:?}", sim.held);
     }
     for (w, worker) in &h.core.workers {
-        assert!(worker.has_data.is_empty() && worker.processing.is_empty(), "worker {w} still has books");
+        assert!(worker.stored_values == 0 && worker.processing.is_empty(), "worker {w} still has books");
         assert_eq!(worker.stored_bytes, 0, "stored bytes of {w}");
     }
     h
@@ -410,7 +410,7 @@ fn client_disconnect_releases_values_and_cancels_running_tasks() {
     assert!(h.cancels_to(wr).contains(&idr), "running r is cancelled on its worker");
     assert!(h.releases_to(wa).contains(&ida), "a's value is released");
     assert!(h.sims.values().all(|s| s.queue.is_empty() && s.held.is_empty()));
-    assert!(h.core.workers.values().all(|w| w.processing.is_empty() && w.has_data.is_empty()));
+    assert!(h.core.workers.values().all(|w| w.processing.is_empty() && w.stored_values == 0));
     assert_eq!(h.core.ready_len(), 0);
 }
 
@@ -561,7 +561,7 @@ fn finished_for_a_forgotten_task_is_answered_with_release() {
     assert_eq!(h.core.stats.finished, stats.finished);
     assert_eq!(h.rec.clients[&c].len(), client_msgs, "no client hears about it");
     assert_eq!(h.state("new"), Some(TaskState::Assigned));
-    assert!(h.core.workers.values().all(|w| w.has_data.is_empty()));
+    assert!(h.core.workers.values().all(|w| w.stored_values == 0));
 
     // A Finished from a worker the task is not assigned to is stale as well.
     let w_new = h.assigned_to("new").unwrap();

@@ -9,6 +9,7 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
+pub use smallvec::SmallVec;
 
 use crate::error::TransportError;
 pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientId, TaskId, WorkerId};
@@ -249,7 +250,8 @@ pub struct DepInfo {
     pub id: TaskId,
     pub key: String,
     pub size: u64,
-    pub holders: Vec<WorkerId>,
+    /// Inline for up to two holders: building a message must not allocate per input.
+    pub holders: SmallVec<[WorkerId; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

@@ -59,11 +59,11 @@ impl Core {
         t.size = size;
         t.holders.push(worker);
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.has_data.insert(id);
+            w.stored_values += 1;
             w.stored_bytes += size;
         }
         for &c in &t.wanted_by {
-            comm.key_done(c, KeyDone { key: t.key.to_string(), size });
+            comm.key_done(c, KeyDone { key: String::from(&*t.key), size });
         }
         let deps = t.deps.clone();
         let dependents = t.dependents.clone();
@@ -123,7 +123,7 @@ impl Core {
             let t = &mut self.tasks[x];
             t.state = TaskState::Erred;
             t.error = Some(err.clone());
-            let key = t.key.to_string();
+            let key = String::from(&*t.key);
             let wanted = t.wanted_by.clone();
             let deps = t.deps.clone();
             stack.extend(t.dependents.iter().copied());
@@ -143,7 +143,7 @@ impl Core {
     pub(crate) fn notify_erred(&self, comm: &mut Comm, client: ClientId, key: String, err: &TaskError) {
         comm.key_erred(
             client,
-            KeyErred { key, failed_key: err.failed_key.to_string(), message: err.message.clone(), payload: 0 },
+            KeyErred { key, failed_key: String::from(&*err.failed_key), message: err.message.clone(), payload: 0 },
             &err.payload,
         );
     }
@@ -163,7 +163,7 @@ impl Core {
                 for h in t.holders.drain(..) {
                     comm.release(h, id);
                     if let Some(w) = self.workers.get_mut(&h) {
-                        w.has_data.remove(&id);
+                        w.stored_values = w.stored_values.saturating_sub(1);
                         w.stored_bytes = w.stored_bytes.saturating_sub(size);
                     }
                 }
@@ -186,7 +186,7 @@ impl Core {
         for h in &t.holders {
             comm.release(*h, id);
             if let Some(w) = self.workers.get_mut(h) {
-                w.has_data.remove(&id);
+                w.stored_values = w.stored_values.saturating_sub(1);
             }
         }
         let finished = t.is_finished();
@@ -294,7 +294,7 @@ impl Core {
             }
             let Some(t) = self.tasks.get_mut(id) else { continue };
             for c in t.wanted_by.drain(..) {
-                comm.key_cancelled(c, t.key.to_string());
+                comm.key_cancelled(c, String::from(&*t.key));
                 if let Some(cl) = self.clients.get_mut(&c) {
                     cl.wanted.remove(&id);
                 }
@@ -316,7 +316,7 @@ impl Core {
         let t = &mut self.tasks[id];
         if !t.holders.contains(&worker) {
             t.holders.push(worker);
-            w.has_data.insert(id);
+            w.stored_values += 1;
             w.stored_bytes += t.size;
         }
     }
@@ -328,7 +328,7 @@ impl Core {
                 dt.holders.remove(pos);
                 let size = dt.size;
                 if let Some(w) = self.workers.get_mut(&holder) {
-                    w.has_data.remove(&dep);
+                    w.stored_values = w.stored_values.saturating_sub(1);
                     w.stored_bytes = w.stored_bytes.saturating_sub(size);
                     // It may still hold a broken copy; make sure it drops it.
                     comm.release(holder, dep);

@@ -30,7 +30,7 @@ impl Core {
                 memory_limit: spec.memory_limit,
                 resources: spec.resources,
                 processing: Default::default(),
-                has_data: Default::default(),
+                stored_values: 0,
                 stored_bytes: 0,
                 steals_in_flight: 0,
                 incoming_steals: 0,
@@ -53,7 +53,7 @@ impl Core {
         self.worker_order.retain(|w| *w != id);
         tracing::warn!(
             worker = %id, name = %worker.name, processing = worker.processing.len(),
-            values = worker.has_data.len(), "worker left"
+            values = worker.stored_values, "worker left"
         );
         let mut processing: Vec<TaskId> = worker.processing.into_iter().collect();
         processing.sort_unstable();
@@ -82,7 +82,9 @@ impl Core {
                 self.make_ready(t);
             }
         }
-        for t in worker.has_data {
+        let held: Vec<TaskId> =
+            if worker.stored_values == 0 { Vec::new() } else { self.tasks.iter().filter(|(_, t)| t.holders.contains(&id)).map(|(t, _)| t).collect() };
+        for t in held {
             let Some(task) = self.tasks.get_mut(t) else { continue };
             task.holders.retain(|h| *h != id);
             if task.holders.is_empty() && task.state == TaskState::Memory {

@@ -48,8 +48,10 @@ pub struct Worker {
     pub resources: Vec<Resource>,
     /// Assigned and not finished (queued or running there).
     pub processing: FxHashSet<TaskId>,
-    /// Tasks whose value this worker holds.
-    pub has_data: FxHashSet<TaskId>,
+    /// Values this worker holds (the tasks list it in `holders`; a worker
+    /// that leaves is found there by one scan, which is cheaper overall than
+    /// a per-worker set updated on every completion and release).
+    pub stored_values: u64,
     pub stored_bytes: u64,
     pub steals_in_flight: u32,
     /// Tasks being stolen for this worker (steal requests not answered yet).
@@ -135,12 +137,24 @@ impl Core {
     }
 
     pub fn lookup(&self, key: &str) -> Option<TaskId> {
-        let h = self.hash_key(key);
+        self.lookup_hashed(key, self.hash_key(key))
+    }
+
+    fn lookup_hashed(&self, key: &str, h: u64) -> Option<TaskId> {
         self.keys.find(h, |&id| &*self.tasks[id].key == key).copied()
     }
 
-    fn index_key(&mut self, id: TaskId) {
-        let h = self.hash_key(&self.tasks[id].key);
+    fn reserve_keys(&mut self, n: usize) {
+        let tasks = &self.tasks;
+        let hasher = &self.hasher;
+        self.keys.reserve(n, |&other| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(&*tasks[other].key)
+        });
+    }
+
+    /// Indexes a new task's key; `h` is `hash_key` of it.
+    fn index_key(&mut self, id: TaskId, h: u64) {
         let tasks = &self.tasks;
         let hasher = &self.hasher;
         self.keys.insert_unique(h, id, |&other| {
@@ -254,7 +268,7 @@ impl Core {
                 nthreads: w.nthreads,
                 memory_limit: w.memory_limit,
                 processing: w.processing.len() as u64,
-                stored_values: w.has_data.len() as u64,
+                stored_values: w.stored_values,
                 stored_bytes: w.stored_bytes,
             })
             .collect();
@@ -292,7 +306,7 @@ impl Core {
                 assert!(!t.holders.is_empty(), "{} in memory without holders", t.key);
             }
             for h in &t.holders {
-                assert!(self.workers[h].has_data.contains(&id), "holder {h} of {} does not list it", t.key);
+                assert!(self.workers.contains_key(h), "holder {h} of {} is not a live worker", t.key);
             }
             for c in &t.wanted_by {
                 assert!(self.clients[c].wanted.contains(&id));
@@ -304,9 +318,8 @@ impl Core {
                 assert_eq!(t.assigned, Some(*wid));
                 assert_eq!(t.state, TaskState::Assigned);
             }
-            for id in &w.has_data {
-                assert!(self.tasks[*id].holders.contains(wid));
-            }
+            let held = self.tasks.iter().filter(|(_, t)| t.holders.contains(wid)).count() as u64;
+            assert_eq!(w.stored_values, held, "stored values of worker {wid}");
         }
     }
 }

@@ -107,12 +107,12 @@ impl Core {
             .iter()
             .map(|d| {
                 let dt = &self.tasks[*d];
-                DepInfo { id: *d, key: dt.key.to_string(), size: dt.size, holders: dt.holders.to_vec() }
+                DepInfo { id: *d, key: String::from(&*dt.key), size: dt.size, holders: dt.holders.clone() }
             })
             .collect();
         let msg = ComputeTask {
             id,
-            key: t.key.to_string(),
+            key: String::from(&*t.key),
             user_priority: t.priority.user,
             order: t.priority.order,
             payload: 0,

@@ -3,7 +3,7 @@
 use rdask_transport::bytes::Bytes;
 use rdask_transport::protocol::{ArchivedSubmitGraph, KeyDone, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, TaskId};
-use rustc_hash::FxHashMap;
+use hashbrown::HashTable;
 use smallvec::SmallVec;
 use thin_vec::ThinVec;
 
@@ -59,22 +59,27 @@ impl Core {
             return reject(format!("{nkeys} keys for {n} tasks"));
         }
         let mut slots = Vec::with_capacity(nkeys);
-        let mut seen: FxHashMap<&str, u32> = FxHashMap::default();
-        seen.reserve(n);
+        // Each key is hashed once; the hash serves the duplicate check, the
+        // lookup here and the insertion later.
+        let hashes: Vec<u64> = graph.keys.iter().map(|k| self.hash_key(k.as_str())).collect();
+        let mut seen: HashTable<u32> = HashTable::with_capacity(n);
         for (i, key) in graph.keys.iter().enumerate() {
             let key = key.as_str();
+            let h = hashes[i];
+            let in_batch = seen.find(h, |&j| graph.keys[j as usize].as_str() == key).is_some();
             if i < n {
-                if seen.insert(key, i as u32).is_some() {
+                if in_batch {
                     return reject(format!("duplicate key {key:?} in one submission"));
                 }
-                slots.push(match self.lookup(key) {
+                seen.insert_unique(h, i as u32, |&j| hashes[j as usize]);
+                slots.push(match self.lookup_hashed(key, h) {
                     Some(id) => Slot::Existing(id),
                     None => Slot::New,
                 });
             } else {
-                match self.lookup(key) {
+                match self.lookup_hashed(key, h) {
                     Some(id) => slots.push(Slot::Existing(id)),
-                    None if seen.contains_key(key) => {
+                    None if in_batch => {
                         return reject(format!("key {key:?} listed both as a task and as an existing dependency"))
                     }
                     None => {
@@ -161,12 +166,14 @@ impl Core {
                 .unwrap_or(0);
             blevel[t] = best + 1;
         }
-        Ok(Plan { slots, order, blevel })
+        Ok(Plan { slots, order, blevel, hashes })
     }
 
     fn insert(&mut self, comm: &mut Comm, client: ClientId, graph: &ArchivedSubmitGraph, data: &[Bytes], plan: Plan) {
-        let Plan { mut slots, order, blevel } = plan;
+        let Plan { mut slots, order, blevel, hashes } = plan;
         let mut new_ids: Vec<(u32, TaskId)> = Vec::with_capacity(order.len());
+        self.tasks.reserve(order.len());
+        self.reserve_keys(order.len());
         for &i in &order {
             let spec = &graph.tasks[i as usize];
             let deps: SmallVec<[TaskId; 2]> = spec
@@ -204,7 +211,7 @@ impl Core {
                 state: TaskState::Waiting,
             };
             let id = self.tasks.insert(task);
-            self.index_key(id);
+            self.index_key(id, hashes[i as usize]);
             slots[i as usize] = Slot::Existing(id);
             new_ids.push((i, id));
             self.stats.submitted += 1;
@@ -309,10 +316,10 @@ impl Core {
         let t = &mut self.tasks[id];
         t.wanted_by.push(client);
         match t.state {
-            TaskState::Memory => comm.key_done(client, KeyDone { key: t.key.to_string(), size: t.size }),
+            TaskState::Memory => comm.key_done(client, KeyDone { key: String::from(&*t.key), size: t.size }),
             TaskState::Erred => {
                 let err = t.error.clone().expect("erred task keeps its error");
-                let key = t.key.to_string();
+                let key = String::from(&*t.key);
                 self.notify_erred(comm, client, key, &err);
             }
             TaskState::Released => self.recompute(comm, id),
@@ -326,4 +333,5 @@ struct Plan {
     /// New tasks (batch indices) in topological order.
     order: Vec<u32>,
     blevel: Vec<i64>,
+    hashes: Vec<u64>,
 }

@@ -135,6 +135,10 @@ impl TaskSlab {
         TaskId(slot as u64)
     }
 
+    pub fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n.saturating_sub(self.free.len()));
+    }
+
     /// The id the next `insert` will return, so a batch can be wired up
     /// before it is inserted.
     pub fn reserve_ids(&self, n: usize) -> Vec<TaskId> {

@@ -597,8 +597,10 @@ impl Harness {
     /// The stored-bytes total each worker reports matches the values it holds.
     pub fn check_stored_bytes(&self) {
         for (wid, w) in &self.core.workers {
-            let sum: u64 = w.has_data.iter().map(|id| self.core.tasks[*id].size).sum();
-            assert_eq!(w.stored_bytes, sum, "stored_bytes of worker {wid}");
+            let held: Vec<u64> =
+                self.core.tasks.iter().filter(|(_, t)| t.holders.contains(wid)).map(|(_, t)| t.size).collect();
+            assert_eq!(w.stored_bytes, held.iter().sum::<u64>(), "stored_bytes of worker {wid}");
+            assert_eq!(w.stored_values, held.len() as u64, "stored_values of worker {wid}");
         }
     }
 }
