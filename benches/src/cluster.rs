@@ -45,7 +45,7 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 impl Cluster {
-    pub async fn start(workers: usize, mode: WorkerMode, tasks_per_thread: u32) -> anyhow::Result<Cluster> {
+    pub async fn start(workers: usize, mode: WorkerMode, tasks_per_thread: u32, threaded: bool) -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("rdask-bench-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir)?;
         let file = dir.join("scheduler.json");
@@ -79,7 +79,8 @@ impl Cluster {
                         connect_timeout: Duration::from_secs(60),
                         ..Default::default()
                     };
-                    cluster.worker_tasks.push(tokio::spawn(run_worker(config, Arc::new(NullExecutor))));
+                    let executor = if threaded { NullExecutor::threaded() } else { NullExecutor::default() };
+                    cluster.worker_tasks.push(tokio::spawn(run_worker(config, Arc::new(executor))));
                 }
             }
             WorkerMode::Processes(p) => {
@@ -90,6 +91,7 @@ impl Cluster {
                         .arg(&cluster.address)
                         .args(["--nworkers", &n.to_string(), "--nthreads", "1", "--memory-limit", "0"])
                         .args(["--name", &format!("bench-p{i}")])
+                        .args(["--executor", if threaded { "null-threaded" } else { "null" }])
                         .env("RUST_LOG", std::env::var("RDASK_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
                         .stdin(Stdio::null())
                         .spawn()

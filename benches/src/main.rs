@@ -39,6 +39,10 @@ struct Args {
     /// Scheduler tasks-per-thread setting.
     #[arg(long, default_value_t = 256)]
     tasks_per_thread: u32,
+    /// Run every null task through the workers' executor threads (as user
+    /// code runs) instead of inline on the worker loop.
+    #[arg(long)]
+    threaded: bool,
     /// The small CI form: correctness only, never judged on timing.
     #[arg(long)]
     ci: bool,
@@ -53,6 +57,8 @@ struct Row {
     tasks: usize,
     workers: usize,
     mode: String,
+    /// Null tasks ran through executor threads (true) or inline (false).
+    threaded: bool,
     wall_s: f64,
     tasks_per_s: f64,
     us_per_task: f64,
@@ -121,7 +127,7 @@ async fn run_all(args: &Args, modes: &[WorkerMode]) -> anyhow::Result<Report> {
             for spec in &args.graphs {
                 let mut best: Option<Row> = None;
                 for run in 0..args.repeat.max(1) {
-                    let row = run_scenario(spec, workers, mode, args.tasks_per_thread)
+                    let row = run_scenario(spec, workers, mode, args.tasks_per_thread, args.threaded)
                         .await
                         .map_err(|e| anyhow::anyhow!("{e:?}"))
                         .with_context(|| format!("{spec} on {workers} workers ({mode}), run {}", run + 1))?;
@@ -147,9 +153,9 @@ async fn run_all(args: &Args, modes: &[WorkerMode]) -> anyhow::Result<Report> {
     Ok(Report { command: std::env::args().collect::<Vec<_>>().join(" "), machine: machine(), rows, pending })
 }
 
-async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_thread: u32) -> anyhow::Result<Row> {
+async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_thread: u32, threaded: bool) -> anyhow::Result<Row> {
     let graph = graphs::by_name(spec, "").map_err(anyhow::Error::msg)?;
-    let cluster = Cluster::start(workers, mode, tasks_per_thread).await?;
+    let cluster = Cluster::start(workers, mode, tasks_per_thread, threaded).await?;
     let client = Client::connect(&cluster.address, None, Duration::from_secs(20)).await?;
     client.wait_for_workers(workers, Duration::from_secs(120)).await?;
     let pid = cluster.scheduler_pid();
@@ -193,6 +199,7 @@ async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_th
         tasks: ntasks,
         workers,
         mode: mode.to_string(),
+        threaded,
         wall_s: secs,
         tasks_per_s: ntasks as f64 / secs,
         us_per_task: secs * 1e6 / ntasks as f64,
@@ -206,7 +213,7 @@ async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_th
 /// Scheduler memory per pending task: submit a large graph with no workers
 /// connected, so every task stays pending, and compare resident memory.
 async fn measure_pending(n: usize) -> anyhow::Result<PendingRow> {
-    let cluster = Cluster::start(0, WorkerMode::InProcess, 256).await?;
+    let cluster = Cluster::start(0, WorkerMode::InProcess, 256, false).await?;
     let client = Client::connect(&cluster.address, None, Duration::from_secs(20)).await?;
     let pid = cluster.scheduler_pid();
     let (before, _) = procinfo::memory(pid)?;

@@ -88,6 +88,11 @@ pub(crate) fn batches(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<(SubmitGrap
 fn topological(tasks: Vec<TaskDef>) -> Vec<TaskDef> {
     let n = tasks.len();
     let index: FxHashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.key.as_str(), i)).collect();
+    // Graphs usually arrive dependencies-first already; then there is nothing to do.
+    let ordered = tasks.iter().enumerate().all(|(i, t)| t.deps.iter().all(|d| index.get(d.as_str()).is_none_or(|&j| j < i)));
+    if ordered {
+        return tasks;
+    }
     let mut indegree = vec![0u32; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, t) in tasks.iter().enumerate() {

@@ -115,7 +115,7 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
                 let s = core.stats;
                 if s.submitted != last_logged.submitted || s.finished != last_logged.finished {
                     tracing::info!(
-                        submitted = s.submitted, finished = s.finished, failed = s.failed, ready = core.ready_len(),
+                        submitted = s.submitted, finished = s.finished, failed = s.failed, stolen = s.stolen, ready = core.ready_len(),
                         live = core.tasks.len(), workers = core.workers.len(), clients = core.clients.len(),
                         "progress"
                     );
@@ -144,7 +144,11 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
             Ok(None) | Err(_) => break,
         }
     }
-    tracing::info!("scheduler stopped");
+    let s = core.stats;
+    tracing::info!(
+        submitted = s.submitted, finished = s.finished, failed = s.failed, stolen = s.stolen,
+        recomputed = s.recomputed, "scheduler stopped"
+    );
 }
 
 fn drop_worker(core: &mut Core, comm: &mut Comm, senders: &mut Senders, addresses: &mut FxHashMap<WorkerId, String>, w: WorkerId) {

@@ -79,6 +79,15 @@ impl TaskFailure {
 pub trait Executor: Send + Sync + 'static {
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure>;
 
+    /// True when this task is known to finish in microseconds without
+    /// blocking: the worker then runs it on its event loop and skips the
+    /// hand-off to an executor thread (two queue operations and a wake-up,
+    /// which would cost more than the task). Executors of user code (Python)
+    /// leave this false.
+    fn is_trivial(&self, _payload: &Bytes) -> bool {
+        false
+    }
+
     /// Turns frames received from a peer back into a value.
     fn deserialize(&self, frames: Vec<Bytes>) -> Result<Value, String> {
         match frames.len() {
@@ -134,10 +143,31 @@ pub fn null_count(value: &Value) -> Option<u64> {
 /// Does no real work, but does it checkably: each task outputs
 /// `1 + sum of its inputs' counts`, so a tree of N tasks yields N at its root
 /// and a lost or duplicated input shows up as a wrong number.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NullExecutor;
+#[derive(Debug, Clone, Copy)]
+pub struct NullExecutor {
+    /// Run tasks without sleep on the worker's event loop (see
+    /// [`Executor::is_trivial`]). Off: every task goes through the thread pool.
+    pub inline_trivial: bool,
+}
+
+impl Default for NullExecutor {
+    fn default() -> Self {
+        NullExecutor { inline_trivial: true }
+    }
+}
+
+impl NullExecutor {
+    /// Every task through the executor threads, as user code would run.
+    pub fn threaded() -> Self {
+        NullExecutor { inline_trivial: false }
+    }
+}
 
 impl Executor for NullExecutor {
+    fn is_trivial(&self, payload: &Bytes) -> bool {
+        self.inline_trivial && NullTask::decode(payload).is_ok_and(|t| t.sleep_us == 0 && !t.crash)
+    }
+
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
         let spec = NullTask::decode(&task.payload).map_err(TaskFailure::message)?;
         if spec.sleep_us > 0 {

@@ -127,6 +127,8 @@ struct State {
     out: Outgoing,
     /// Jobs made runnable while handling the current burst; queued together.
     to_run: Vec<(JobPriority, TaskRun)>,
+    /// Results of trivial tasks run inline during the current burst.
+    inline_done: Vec<Completion>,
     seq: u64,
 }
 
@@ -209,6 +211,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         fetch_tx,
         out: Outgoing::default(),
         to_run: Vec::new(),
+        inline_done: Vec::new(),
         seq: 0,
     };
     let sender = conn.sender;
@@ -259,6 +262,10 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         st.pump_fetches();
         if !st.to_run.is_empty() {
             st.queue.push_many(st.to_run.drain(..));
+        }
+        if !st.inline_done.is_empty() {
+            let done = std::mem::take(&mut st.inline_done);
+            st.on_done(done);
         }
         st.flush(&sender);
     }
@@ -318,10 +325,11 @@ impl State {
         let id = t.id.get();
         let mut missing = 0;
         let mut deps = Vec::with_capacity(t.deps.len());
-        for d in t.deps.iter() {
+        let local = self.store.contains_many(t.deps.iter().map(|d| d.id.get()));
+        for (d, is_local) in t.deps.iter().zip(local) {
             let dep = d.id.get();
             deps.push((dep, d.key.to_string()));
-            if self.store.contains(dep) {
+            if is_local {
                 continue;
             }
             missing += 1;
@@ -402,30 +410,33 @@ impl State {
                 done.ids.iter().map(|id| (*id, None)).collect()
             }
         };
+        // Store everything that arrived under one lock, then wake waiters.
+        let mut arrived = Vec::with_capacity(items.len());
         for (dep, frames) in items {
             if !self.fetches.contains_key(&dep) {
                 continue;
             }
-            let value = frames.map(|f| self.executor.deserialize(f));
-            match value {
-                Some(Ok(v)) => {
-                    self.store.insert(dep, v);
-                    self.out.replicas.push(dep);
-                    let f = self.fetches.remove(&dep).unwrap();
-                    for w in f.waiters {
-                        if let Some(t) = self.tasks.get_mut(&w) {
-                            t.missing -= 1;
-                            if t.missing == 0 {
-                                self.start(w);
-                            }
-                        }
-                    }
-                }
+            match frames.map(|f| self.executor.deserialize(f)) {
+                Some(Ok(v)) => arrived.push((dep, v)),
                 Some(Err(e)) => {
                     tracing::warn!(%dep, "cannot deserialise fetched value: {e}");
                     self.request_next(dep);
                 }
                 None => self.request_next(dep),
+            }
+        }
+        let deps: Vec<TaskId> = arrived.iter().map(|(d, _)| *d).collect();
+        self.store.insert_many(arrived);
+        for dep in deps {
+            self.out.replicas.push(dep);
+            let f = self.fetches.remove(&dep).unwrap();
+            for w in f.waiters {
+                if let Some(t) = self.tasks.get_mut(&w) {
+                    t.missing -= 1;
+                    if t.missing == 0 {
+                        self.start(w);
+                    }
+                }
             }
         }
     }
@@ -434,12 +445,13 @@ impl State {
         let t = self.tasks.get_mut(&id).unwrap();
         let values = self.store.get_many(t.deps.iter().map(|(d, _)| *d));
         let mut inputs = Vec::with_capacity(values.len());
-        for ((dep, key), v) in t.deps.iter().zip(values) {
+        // The keys move into the run: the task record no longer needs them.
+        for ((dep, key), v) in std::mem::take(&mut t.deps).into_iter().zip(values) {
             match v {
-                Some(v) => inputs.push((key.clone(), v)),
+                Some(v) => inputs.push((key, v)),
                 None => {
                     // Released under us; the scheduler will place the task again.
-                    self.out.fetch_failed.push(FetchFailure { task: id, dep: *dep, holder: self.id });
+                    self.out.fetch_failed.push(FetchFailure { task: id, dep, holder: self.id });
                     self.tasks.remove(&id);
                     return;
                 }
@@ -447,7 +459,13 @@ impl State {
         }
         t.stage = Stage::Queued;
         let run = TaskRun { id, key: t.key.clone(), payload: t.payload.clone(), inputs };
-        self.to_run.push((t.priority, run));
+        if self.executor.is_trivial(&run.payload) {
+            // Runs now, on this loop; reported with the thread pool's results.
+            let result = self.executor.execute(run);
+            self.inline_done.push((id, result));
+        } else {
+            self.to_run.push((t.priority, run));
+        }
     }
 
     /// Drops a task that has not started. False if it is running (or unknown).

@@ -61,6 +61,12 @@ impl Store {
         self.inner.lock().unwrap().values.get(&id).cloned()
     }
 
+    /// Which of `ids` are stored, under one lock.
+    pub fn contains_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<bool> {
+        let g = self.inner.lock().unwrap();
+        ids.map(|id| g.values.contains_key(&id)).collect()
+    }
+
     pub fn contains(&self, id: TaskId) -> bool {
         self.inner.lock().unwrap().values.contains_key(&id)
     }

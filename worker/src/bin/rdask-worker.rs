@@ -36,7 +36,8 @@ struct Args {
     listen_host: String,
     #[arg(long, env = "RDASK_TOKEN")]
     token: Option<String>,
-    /// Executor: only "null" (benchmarks and tests) in the Rust binary.
+    /// Executor: "null" (trivial tasks run on the worker loop) or
+    /// "null-threaded" (every task through the executor threads).
     #[arg(long, default_value = "null")]
     executor: String,
 }
@@ -59,9 +60,11 @@ fn main() -> anyhow::Result<()> {
         (None, Some(f)) => read_scheduler_file(f)?,
         (None, None) => bail!("give the scheduler address or --scheduler-file"),
     };
-    if args.executor != "null" {
-        bail!("unknown executor {:?}; the Rust worker binary offers \"null\"", args.executor);
-    }
+    let executor = match args.executor.as_str() {
+        "null" => NullExecutor::default(),
+        "null-threaded" => NullExecutor::threaded(),
+        other => bail!("unknown executor {other:?}; the Rust worker binary offers \"null\" and \"null-threaded\""),
+    };
     let memory_limit = parse_memory_limit(&args.memory_limit, args.nworkers).map_err(anyhow::Error::msg)?;
     let resources = parse_resources(&args.resources).map_err(anyhow::Error::msg)?;
     let base = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
@@ -79,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 token: args.token.clone(),
                 ..Default::default()
             };
-            handles.push(tokio::spawn(run_worker(config, Arc::new(NullExecutor))));
+            handles.push(tokio::spawn(run_worker(config, Arc::new(executor))));
         }
         let mut failed = 0;
         for h in handles {
