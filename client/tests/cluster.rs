@@ -961,3 +961,40 @@ async fn submit_after_the_scheduler_went_away_reports_disconnected() {
     let r = client.submit(vec![TaskDef::new("late", vec![])]);
     assert!(matches!(r, Err(ClientError::Disconnected)), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: a worker whose run_worker returned keeps serving (and holding) its values on peer connections opened before"]
+async fn a_stopped_worker_stops_serving_its_values() {
+    // Reproduction: one worker computes key "v"; a peer connection to the
+    // worker's listener fetches it; the scheduler stops, so run_worker
+    // returns Ok. The same peer connection still gets the value: the
+    // worker's Guard aborts only the accept loop of serve_peers, not the
+    // per-connection tasks it spawned, and those keep the Store alive for as
+    // long as any peer stays connected (in-process workers, e.g. the
+    // benchmark's, leak every value; an aborted worker serves data the
+    // scheduler believes lost).
+    let cluster = Cluster::tcp(1).await;
+    let mut conn = raw_client(&cluster.address).await;
+    conn.sender.send(submit_frame(1, 1, false, &["v"], vec![spec(&[], NO_FRAME, true)], vec![])).unwrap();
+    loop {
+        match next_message(&mut conn).await {
+            Some(ToClientMessage::InMemory(_)) => break,
+            Some(ToClientMessage::Submitted { .. }) => {}
+            other => panic!("expected Submitted/InMemory, got {other:?}"),
+        }
+    }
+    conn.sender.send(Frame::from_message(&FromClientMessage::WhoHas { request_id: 1, keys: vec!["v".into()] })).unwrap();
+    let (task, address) = match next_message(&mut conn).await {
+        Some(ToClientMessage::WhoHas { found, .. }) => (found[0].task, found[0].addresses[0].clone()),
+        other => panic!("expected WhoHas, got {other:?}"),
+    };
+    let peer = rdask_transport::peer::PeerConnection::connect(&address, None, Limits::default()).await.unwrap();
+    let before = within("fetch", peer.fetch(vec![task])).await.unwrap();
+    assert!(before[0].1.is_some(), "the live worker serves the value");
+    cluster.shutdown().await; // every worker returned Ok(())
+    match tokio::time::timeout(Duration::from_secs(2), peer.fetch(vec![task])).await {
+        Ok(Err(_)) => {}
+        Ok(Ok(items)) => panic!("a stopped worker still served {:?}", items.iter().map(|(t, v)| (*t, v.is_some())).collect::<Vec<_>>()),
+        Err(_) => panic!("fetch from a stopped worker hung"),
+    }
+}
