@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut args = Args::parse();
+    rdask_transport::raise_fd_limit();
     if args.ci {
         args.graphs = vec!["tree-15".into(), "merge-20000".into(), "shuffle-48".into(), "chain-2000".into()];
         args.workers = vec![256];

@@ -998,3 +998,64 @@ async fn a_stopped_worker_stops_serving_its_values() {
         Err(_) => panic!("fetch from a stopped worker hung"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_are_per_graph_so_another_graph_finishing_keeps_an_unfinished_one() {
+    // Graph 1 sends its first batch (more = true); graph 2 from the same
+    // client arrives complete; graph 1's second batch must still find the
+    // key of its first batch.
+    let cluster = Cluster::tcp(2).await;
+    let mut conn = raw_client(&cluster.address).await;
+    conn.sender.send(submit_frame(1, 100, true, &["g1-a"], vec![spec(&[], NO_FRAME, false)], vec![])).unwrap();
+    conn.sender.send(submit_frame(2, 200, false, &["g2-b"], vec![spec(&[], NO_FRAME, true)], vec![])).unwrap();
+    let mut submitted = Vec::new();
+    while submitted.len() < 2 {
+        match next_message(&mut conn).await {
+            Some(ToClientMessage::Submitted { submit_id }) => submitted.push(submit_id),
+            Some(ToClientMessage::InMemory(_)) => {}
+            other => panic!("expected Submitted, got {other:?}"),
+        }
+    }
+    // Give graph 2 time to finish (and any wrong unpin time to forget g1-a).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.sender.send(submit_frame(3, 100, false, &["g1-c", "g1-a"], vec![spec(&[1], NO_FRAME, true)], vec![])).unwrap();
+    loop {
+        match next_message(&mut conn).await {
+            Some(ToClientMessage::Submitted { submit_id: 3 }) => {}
+            Some(ToClientMessage::InMemory(done)) if done.iter().any(|d| d.key == "g1-c") => break,
+            Some(ToClientMessage::InMemory(_)) => {}
+            other => panic!("graph 1's second batch: expected Submitted and InMemory, got {other:?}"),
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_mid_run_take_queued_work() {
+    // All 40 leaves are queued on the only worker at submit time (256 tasks
+    // per thread fit); newcomers only get work by stealing.
+    let mut cluster = Cluster::tcp(1).await;
+    let client = cluster.client().await;
+    let mut g = graphs::merge(40, "");
+    for t in g.tasks.iter_mut().filter(|t| !t.want) {
+        t.payload = sleeping(25_000);
+    }
+    let root = g.root.clone();
+    client.submit(g.tasks).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    for _ in 0..3 {
+        cluster.add_worker();
+    }
+    let start = Instant::now();
+    let mut newcomers_worked = false;
+    while client.status(&root).is_some_and(|s| matches!(s, rdask_client::KeyStatus::Pending)) {
+        let info = client.cluster_info().await.unwrap();
+        newcomers_worked |= info.workers.iter().any(|w| w.name != "w0" && (w.processing > 0 || w.stored_values > 0));
+        assert!(start.elapsed() < WAIT, "merge did not finish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let v = within("gather", client.gather(std::slice::from_ref(&root))).await.unwrap();
+    assert_eq!(count_of(&v[0]), 41);
+    assert!(newcomers_worked, "no worker that joined mid-run got any of the queued tasks");
+    cluster.shutdown().await;
+}

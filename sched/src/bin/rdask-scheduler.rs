@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    rdask_transport::raise_fd_limit();
     // Submissions arrive in multi-megabyte batches whose buffers are freed
     // right after. A fixed mmap threshold returns them to the OS instead of
     // leaving holes between long-lived task records (measured: 366 → 323

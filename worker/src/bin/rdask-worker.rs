@@ -55,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    rdask_transport::raise_fd_limit();
     let scheduler = match (&args.scheduler, &args.scheduler_file) {
         (Some(a), _) => a.clone(),
         (None, Some(f)) => read_scheduler_file(f)?,
