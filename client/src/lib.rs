@@ -106,7 +106,12 @@ impl Client {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        s.lock().unwrap().disconnected = true;
+                        let mut sh = s.lock().unwrap();
+                        sh.disconnected = true;
+                        // Dropping the reply channels wakes every pending request with an error.
+                        sh.who_has.clear();
+                        sh.info.clear();
+                        drop(sh);
                         c.notify_waiters();
                         break;
                     }
@@ -128,6 +133,7 @@ impl Client {
     /// Submits tasks (any order; they are sorted so each batch depends only
     /// on itself and earlier batches). Keys marked `want` can be waited on.
     pub fn submit(&self, tasks: Vec<TaskDef>) -> Result<(), ClientError> {
+        self.check_connected()?;
         let batches = graph::batches(tasks, self.batch_size);
         let graph_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         for (graph, data, wanted) in batches {
@@ -148,6 +154,34 @@ impl Client {
         Ok(())
     }
 
+    fn check_connected(&self) -> Result<(), ClientError> {
+        if self.shared.lock().unwrap().disconnected {
+            return Err(ClientError::Disconnected);
+        }
+        Ok(())
+    }
+
+    /// Sends a request whose answer arrives through `slot`; fails instead of
+    /// hanging when the scheduler is gone.
+    async fn request<T>(
+        &self,
+        msg: FromClientMessage,
+        slot: impl FnOnce(&mut Shared) -> &mut HashMap<u64, oneshot::Sender<T>>,
+        request_id: u64,
+    ) -> Result<T, ClientError> {
+        let rx = {
+            let mut sh = self.shared.lock().unwrap();
+            if sh.disconnected {
+                return Err(ClientError::Disconnected);
+            }
+            let (tx, rx) = oneshot::channel();
+            slot(&mut sh).insert(request_id, tx);
+            rx
+        };
+        self.sender.send(Frame::from_message(&msg)).map_err(|_| ClientError::Disconnected)?;
+        rx.await.map_err(|_| ClientError::Disconnected)
+    }
+
     /// Waits until every key is done; the first failure is returned as an error.
     pub async fn wait(&self, keys: &[String]) -> Result<(), ClientError> {
         let mut pending: Vec<&String> = keys.iter().collect();
@@ -164,7 +198,13 @@ impl Client {
                         false
                     }
                     None => {
-                        err.get_or_insert_with(|| ClientError::MissingKey(k.to_string()));
+                        err.get_or_insert_with(|| {
+                            if sh.disconnected {
+                                ClientError::Disconnected
+                            } else {
+                                ClientError::MissingKey(k.to_string())
+                            }
+                        });
                         false
                     }
                 });
@@ -188,12 +228,25 @@ impl Client {
 
     /// Fetches the values of finished keys directly from the workers.
     pub async fn gather(&self, keys: &[String]) -> Result<Vec<Vec<Bytes>>, ClientError> {
-        self.wait(keys).await?;
-        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared.lock().unwrap().who_has.insert(request_id, tx);
-        self.sender.send(Frame::from_message(&FromClientMessage::WhoHas { request_id, keys: keys.to_vec() }))?;
-        let (found, missing) = rx.await.map_err(|_| ClientError::Disconnected)?;
+        // A value can be lost with its worker between "done" and the fetch;
+        // the scheduler then says so (the key is pending again) and we wait
+        // for the recomputation.
+        let (found, missing) = loop {
+            self.wait(keys).await?;
+            let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let msg = FromClientMessage::WhoHas { request_id, keys: keys.to_vec() };
+            let (found, missing) = self.request(msg, |sh| &mut sh.who_has, request_id).await?;
+            if missing.is_empty() {
+                break (found, missing);
+            }
+            let lost = {
+                let sh = self.shared.lock().unwrap();
+                missing.iter().all(|k| matches!(sh.keys.get(k), Some(KeyStatus::Pending)))
+            };
+            if !lost {
+                break (found, missing);
+            }
+        };
         if let Some(k) = missing.first() {
             return Err(ClientError::MissingKey(k.clone()));
         }
@@ -233,10 +286,7 @@ impl Client {
     /// Workers and task counts as the scheduler sees them now.
     pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared.lock().unwrap().info.insert(request_id, tx);
-        self.sender.send(Frame::from_message(&FromClientMessage::ClusterInfo { request_id }))?;
-        rx.await.map_err(|_| ClientError::Disconnected)
+        self.request(FromClientMessage::ClusterInfo { request_id }, |sh| &mut sh.info, request_id).await
     }
 
     /// Waits until at least `n` workers are connected.
@@ -306,6 +356,13 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
                         message: it.message.to_string(),
                         payload,
                     };
+                }
+            }
+        }
+        ArchivedToClientMessage::Lost { keys } => {
+            for k in keys.iter() {
+                if let Some(s) = sh.keys.get_mut(k.as_str()) {
+                    *s = KeyStatus::Pending;
                 }
             }
         }

@@ -44,6 +44,7 @@ struct Cluster {
     workers: Vec<Option<JoinHandle<Result<(), WorkerError>>>>,
     worker_listen: String,
     token: Option<String>,
+    executor: NullExecutor,
 }
 
 impl Cluster {
@@ -53,9 +54,20 @@ impl Cluster {
     }
 
     async fn start(sched_addr: &str, worker_listen: &str, n: usize, config: SchedulerConfig) -> Cluster {
+        Cluster::start_with(sched_addr, worker_listen, n, config, NullExecutor::default()).await
+    }
+
+    async fn start_with(sched_addr: &str, worker_listen: &str, n: usize, config: SchedulerConfig, executor: NullExecutor) -> Cluster {
         let token = config.token.clone();
         let sched = SchedulerHandle::start(sched_addr, config).expect("scheduler starts");
-        let mut c = Cluster { address: sched.address.clone(), sched: Some(sched), workers: Vec::new(), worker_listen: worker_listen.into(), token };
+        let mut c = Cluster {
+            address: sched.address.clone(),
+            sched: Some(sched),
+            workers: Vec::new(),
+            worker_listen: worker_listen.into(),
+            token,
+            executor,
+        };
         for _ in 0..n {
             c.add_worker();
         }
@@ -75,7 +87,7 @@ impl Cluster {
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         };
-        self.workers.push(Some(tokio::spawn(run_worker(config, std::sync::Arc::new(NullExecutor::default())))));
+        self.workers.push(Some(tokio::spawn(run_worker(config, std::sync::Arc::new(self.executor)))));
     }
 
     async fn client(&self) -> Client {
@@ -279,6 +291,19 @@ async fn a_graph_submitted_in_many_batches_gives_the_expected_root() {
     client.batch_size = 17;
     check_graph(&client, graphs::tree(7, "")).await;
     check_graph(&client, graphs::shuffle(8, "")).await;
+    wait_for_tasks(&client, 0).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphs_run_through_the_executor_threads_too() {
+    // The default null executor runs sleep-free tasks inline on the worker's
+    // event loop; user code always goes through the thread pool.
+    let config = SchedulerConfig::default();
+    let cluster = Cluster::start_with("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 4, config, NullExecutor::threaded()).await;
+    let client = cluster.client().await;
+    check_graph(&client, graphs::tree(8, "")).await;
+    check_graph(&client, graphs::shuffle(16, "")).await;
     wait_for_tasks(&client, 0).await;
     cluster.shutdown().await;
 }
@@ -867,7 +892,6 @@ async fn a_wanted_value_lost_with_its_worker_is_recomputed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: gather of a held key whose only copy was lost fails with MissingKey instead of waiting for the recomputation"]
 async fn gather_waits_for_a_lost_value_to_be_recomputed() {
     // Reproduction: tree-4 of 5 ms tasks on 2 workers, gather the root (31),
     // abort the worker holding it, wait until cluster_info lists 1 worker,
@@ -923,7 +947,6 @@ async fn when_the_scheduler_goes_away_wait_returns_disconnected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: cluster_info() (and gather's WhoHas) hang forever once the scheduler connection is gone"]
 async fn requests_after_the_scheduler_went_away_fail_instead_of_hanging() {
     // Reproduction: connect, stop the scheduler, wait until the client has
     // noticed (wait() says Disconnected), then call cluster_info(). The
@@ -946,7 +969,6 @@ async fn requests_after_the_scheduler_went_away_fail_instead_of_hanging() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: submit() after the client saw the connection close returns Ok and the tasks are silently lost"]
 async fn submit_after_the_scheduler_went_away_reports_disconnected() {
     // Reproduction: stop the scheduler; once wait() returns Disconnected,
     // submit() still returns Ok(()) because FrameSender::send only fails
@@ -963,7 +985,6 @@ async fn submit_after_the_scheduler_went_away_reports_disconnected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a worker whose run_worker returned keeps serving (and holding) its values on peer connections opened before"]
 async fn a_stopped_worker_stops_serving_its_values() {
     // Reproduction: one worker computes key "v"; a peer connection to the
     // worker's listener fetches it; the scheduler stops, so run_worker

@@ -26,6 +26,7 @@ struct ClientOut {
     erred: Vec<KeyErred>,
     erred_data: Vec<Bytes>,
     cancelled: Vec<String>,
+    lost: Vec<String>,
     other: Vec<ToClientMessage>,
 }
 
@@ -91,6 +92,10 @@ impl Comm {
         self.clients.entry(client).or_default().cancelled.push(key);
     }
 
+    pub fn key_lost(&mut self, client: ClientId, key: String) {
+        self.clients.entry(client).or_default().lost.push(key);
+    }
+
     pub fn send_client(&mut self, client: ClientId, msg: ToClientMessage) {
         self.clients.entry(client).or_default().other.push(msg);
     }
@@ -144,6 +149,9 @@ impl Comm {
             }
             if !out.erred.is_empty() {
                 sink.to_client(client, Frame::with_data(&ToClientMessage::Erred(out.erred), out.erred_data));
+            }
+            if !out.lost.is_empty() {
+                sink.to_client(client, Frame::from_message(&ToClientMessage::Lost { keys: out.lost }));
             }
             if !out.cancelled.is_empty() {
                 sink.to_client(client, Frame::from_message(&ToClientMessage::Cancelled { keys: out.cancelled }));

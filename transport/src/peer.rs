@@ -114,6 +114,16 @@ impl PeerPool {
         PeerPool { links: Default::default(), token, limits }
     }
 
+    /// The pool every worker of this process uses (one per token). Sharing
+    /// matters when a process hosts many workers: each peer address gets one
+    /// connection per process instead of one per worker, which keeps a
+    /// thousand in-process workers within the open-file limit.
+    pub fn shared(token: Option<String>) -> Arc<PeerPool> {
+        static POOLS: std::sync::OnceLock<Mutex<HashMap<Option<String>, Arc<PeerPool>>>> = std::sync::OnceLock::new();
+        let pools = POOLS.get_or_init(Default::default);
+        pools.lock().unwrap().entry(token.clone()).or_insert_with(|| Arc::new(PeerPool::new(token, Limits::default()))).clone()
+    }
+
     pub async fn fetch(&self, address: &str, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
         let cell = {
             let mut links = self.links.lock().unwrap();

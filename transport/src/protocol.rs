@@ -91,6 +91,9 @@ pub enum ToClientMessage {
     /// Wanted keys that failed (or depend on a failure).
     Erred(Vec<KeyErred>),
     Cancelled { keys: Vec<String> },
+    /// Wanted keys whose value was lost with its worker; they are being
+    /// recomputed and will be reported in memory again.
+    Lost { keys: Vec<String> },
     Submitted { submit_id: u64 },
     /// A submit batch was refused as a whole; nothing of it was kept.
     SubmitRejected { submit_id: u64, message: String },

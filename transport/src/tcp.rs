@@ -24,6 +24,8 @@ const COPY_BELOW: usize = 2048;
 const MAX_COALESCE: usize = 8 << 20;
 const IOV_MAX: usize = 1024;
 const READ_BUFFER: usize = 256 << 10;
+/// Receive buffers start at this size and at most double per step.
+const GROW_STEP: usize = 1 << 20;
 
 fn host_port(addr: &str) -> Result<&str> {
     let (scheme, rest) = split_scheme(addr);
@@ -52,6 +54,7 @@ impl Backend for TcpBackend {
             }
             let (tx, rx) = mpsc::channel(256);
             tokio::spawn(async move {
+                let mut last_warning: Option<std::time::Instant> = None;
                 loop {
                     tokio::select! {
                         _ = tx.closed() => break,
@@ -63,8 +66,12 @@ impl Backend for TcpBackend {
                                 }
                             }
                             Err(e) => {
-                                // EMFILE and friends: keep serving the connections we have.
-                                tracing::warn!("accept failed: {e}");
+                                // EMFILE and friends: keep serving the connections we
+                                // have, retry shortly, and say so once in a while.
+                                if last_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(5)) {
+                                    tracing::warn!("accept failed (will retry): {e}");
+                                    last_warning = Some(std::time::Instant::now());
+                                }
                                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                             }
                         }
@@ -192,20 +199,30 @@ impl TcpFrameReader {
             self.read_exact(&mut fixed[first..], "frame header").await?;
         }
         let header = FixedHeader::parse(fixed, &self.limits)?;
-        let mut lengths = Vec::with_capacity(header.n_data as usize);
+        // Buffers grow with the bytes that actually arrive, never to a size a
+        // header merely announces: a hostile peer must send what it claims.
+        let mut lengths = Vec::with_capacity((header.n_data as usize).min(GROW_STEP / 8));
         let mut word = [0u8; 8];
         for _ in 0..header.n_data {
             self.read_exact(&mut word, "length table").await?;
             lengths.push(u64::from_le_bytes(word));
         }
         let total = check_lengths(&header, &lengths, &self.limits)?;
-        let mut control = AlignedVec::with_capacity(header.control_len as usize);
-        control.resize(header.control_len as usize, 0);
-        self.read_exact(&mut control[..], "control message").await?;
+        let control_len = header.control_len as usize;
+        let mut control = AlignedVec::with_capacity(control_len.min(GROW_STEP));
+        while control.len() < control_len {
+            let start = control.len();
+            let step = (control_len - start).min(start.max(GROW_STEP));
+            control.resize(start + step, 0);
+            self.read_exact(&mut control[start..], "control message").await?;
+        }
         let data_len = (total - (HEADER_LEN + 8 * lengths.len()) as u64 - header.control_len as u64) as usize;
-        let mut data = BytesMut::with_capacity(data_len);
+        let mut data = BytesMut::with_capacity(data_len.min(GROW_STEP));
         while data.len() < data_len {
             let want = data_len - data.len();
+            if data.capacity() == data.len() {
+                data.reserve(want.min(data.len().max(GROW_STEP)));
+            }
             let n = (&mut self.reader).take(want as u64).read_buf(&mut data).await?;
             if n == 0 {
                 return Err(TransportError::Malformed(format!(

@@ -345,8 +345,6 @@ async fn truncated_frame_from_a_raw_peer_makes_recv_fail_at_every_cut() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: an 8-byte header makes the TCP reader allocate (and zero) the announced control size \
-            before any byte of it arrives, pre-handshake: up to max_frame_size = 4 GiB per connection"]
 async fn announced_size_is_not_allocated_before_the_bytes_arrive() {
     // Reproduction: connect to any rdask listener (scheduler, worker peer port)
     // and send `header(1 << 30, &[])`, i.e. 00 00 00 40 00 00 00 00, then

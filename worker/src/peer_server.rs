@@ -9,12 +9,18 @@ use rdask_transport::{Connection, Frame, Listener};
 
 use crate::store::Store;
 
+/// Accepts peers until dropped or aborted. Connection tasks live in a
+/// `JoinSet` owned by this future, so stopping the server also stops every
+/// connection it serves (a stopped worker must not keep serving values).
 pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Option<String>) {
     let token = Arc::new(token);
+    let mut connections = tokio::task::JoinSet::new();
     while let Some(conn) = listener.accept().await {
+        // Reap finished connection tasks so the set does not grow forever.
+        while connections.try_join_next().is_some() {}
         let store = store.clone();
         let token = token.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let peer = conn.peer.clone();
             if let Err(e) = serve_one(conn, store, token.as_deref()).await {
                 tracing::debug!(%peer, "peer connection ended: {e}");

@@ -198,7 +198,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
     let mut st = State {
         id,
-        pool: Arc::new(PeerPool::new(config.token.clone(), limits)),
+        pool: PeerPool::shared(config.token.clone()),
         config,
         executor,
         store,

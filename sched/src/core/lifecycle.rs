@@ -207,6 +207,9 @@ impl Core {
         let t = &mut self.tasks[id];
         debug_assert!(t.holders.is_empty());
         t.state = TaskState::Released;
+        for &c in &t.wanted_by {
+            comm.key_lost(c, String::from(&*t.key));
+        }
         let dependents = t.dependents.clone();
         for x in dependents {
             let Some(xt) = self.tasks.get_mut(x) else { continue };
