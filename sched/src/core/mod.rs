@@ -99,6 +99,8 @@ pub struct Core {
     next_seq: u32,
     /// Round-robin cursor over `worker_order` for tasks without inputs.
     rr_cursor: usize,
+    /// Tasks given to the worker at `rr_cursor` in its current block.
+    rr_filled: u32,
     worker_order: Vec<WorkerId>,
     /// Set when some worker dropped below one task per thread; balancing
     /// (stealing) only runs then.
@@ -123,6 +125,7 @@ impl Core {
             next_client: 0,
             next_seq: 0,
             rr_cursor: 0,
+            rr_filled: 0,
             worker_order: Vec::new(),
             idle_hint: false,
             pending_assign: Vec::new(),

@@ -58,13 +58,20 @@ impl Core {
                 return Some(w);
             }
         }
+        // Tasks without inputs go out in blocks of consecutive tasks per
+        // worker, not one by one: neighbours in submission order (siblings
+        // under one reduction) then share a worker, so their dependents find
+        // both inputs local. The block is the ready backlog split evenly.
         let n = self.worker_order.len();
-        for _ in 0..n {
+        let block = (self.ready.len() / n).max(1) as u32;
+        for _ in 0..=n {
             let w = self.worker_order[self.rr_cursor % n];
-            self.rr_cursor = self.rr_cursor.wrapping_add(1);
-            if self.workers[&w].load() < self.capacity(w) {
+            if self.rr_filled < block && self.workers[&w].load() < self.capacity(w) {
+                self.rr_filled += 1;
                 return Some(w);
             }
+            self.rr_cursor = self.rr_cursor.wrapping_add(1);
+            self.rr_filled = 0;
         }
         None
     }
