@@ -458,7 +458,8 @@ impl State {
             }
         }
         t.stage = Stage::Queued;
-        let run = TaskRun { id, key: t.key.clone(), payload: t.payload.clone(), inputs };
+        // The record keeps only what steal/cancel need; key and payload move on.
+        let run = TaskRun { id, key: std::mem::take(&mut t.key), payload: std::mem::take(&mut t.payload), inputs };
         if self.executor.is_trivial(&run.payload) {
             // Runs now, on this loop; reported with the thread pool's results.
             let result = self.executor.execute(run);
