@@ -261,7 +261,7 @@ impl Client {
             let ids = items.iter().map(|(_, t)| *t).collect();
             let fetched = self.pool.fetch(&addr, ids).await?;
             for ((slot, _), (_, frames)) in items.iter().zip(fetched) {
-                out[*slot] = Some(frames.ok_or_else(|| ClientError::MissingKey(keys[*slot].clone()))?);
+                out[*slot] = Some(frames.ok_or_else(|| ClientError::MissingKey(keys[*slot].clone()))?.into_vec());
             }
         }
         out.into_iter().enumerate().map(|(i, v)| v.ok_or_else(|| ClientError::MissingKey(keys[i].clone()))).collect()

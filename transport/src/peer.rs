@@ -16,8 +16,11 @@ use crate::handshake::{handshake_connect, Role};
 use crate::protocol::{ArchivedFromPeerMessage, FromPeerMessage, ToPeerMessage, WireMessage};
 use crate::TaskId;
 
+/// The frames of one value; most values are one frame, kept inline.
+pub type Frames = smallvec::SmallVec<[Bytes; 1]>;
+
 /// A fetched value: its frames, or `None` when the peer does not hold it.
-pub type Fetched = (TaskId, Option<Vec<Bytes>>);
+pub type Fetched = (TaskId, Option<Frames>);
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Vec<Fetched>>>>>>>;
 
@@ -91,7 +94,7 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
             .data
             .get(first..first + count)
             .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..{} of {}", first + count, frame.data.len())))?;
-        out.push((item.id.get(), Some(frames.to_vec())));
+        out.push((item.id.get(), Some(frames.iter().cloned().collect())));
     }
     let tx = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&request_id.to_native()));
     if let Some(tx) = tx {

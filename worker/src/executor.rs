@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdask_transport::bytes::Bytes;
+pub use rdask_transport::peer::Frames;
 use rdask_transport::TaskId;
 
 /// A value in the worker's store. Plain bytes, or an executor-specific object
@@ -26,10 +27,10 @@ impl Value {
     }
 
     /// Frames to send to a peer.
-    pub fn to_frames(&self) -> Result<Vec<Bytes>, String> {
+    pub fn to_frames(&self) -> Result<Frames, String> {
         match self {
-            Value::Bytes(b) => Ok(vec![b.clone()]),
-            Value::Object(o) => o.serialize(),
+            Value::Bytes(b) => Ok(smallvec::smallvec![b.clone()]),
+            Value::Object(o) => o.serialize().map(Frames::from_vec),
         }
     }
 }
@@ -89,7 +90,7 @@ pub trait Executor: Send + Sync + 'static {
     }
 
     /// Turns frames received from a peer back into a value.
-    fn deserialize(&self, frames: Vec<Bytes>) -> Result<Value, String> {
+    fn deserialize(&self, frames: Frames) -> Result<Value, String> {
         match frames.len() {
             1 => Ok(Value::Bytes(frames.into_iter().next().unwrap())),
             0 => Ok(Value::Bytes(Bytes::new())),
