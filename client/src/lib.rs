@@ -146,12 +146,32 @@ impl Client {
                 sh.unacked.insert(submit_id, wanted);
             }
             let msg = FromClientMessage::Submit(rdask_transport::protocol::SubmitGraph { submit_id, graph_id, ..graph });
-            self.sender.send(Frame::with_data(&msg, data)).map_err(|e| match e {
-                TransportError::Closed => ClientError::Disconnected,
-                other => ClientError::Transport(other),
-            })?;
+            if let Err(e) = self.sender.send(Frame::with_data(&msg, data)) {
+                // Nothing of this batch reached the scheduler: its keys are
+                // not pending any more, and an empty last batch closes the
+                // graph so the batches already sent are not pinned forever.
+                let mut sh = self.shared.lock().unwrap();
+                for k in sh.unacked.remove(&submit_id).unwrap_or_default() {
+                    sh.keys.insert(k, KeyStatus::Rejected(e.to_string()));
+                }
+                drop(sh);
+                let close = rdask_transport::protocol::SubmitGraph {
+                    submit_id,
+                    graph_id,
+                    more: false,
+                    keys: vec![],
+                    tasks: vec![],
+                };
+                let _ = self.sender.send(Frame::from_message(&FromClientMessage::Submit(close)));
+                return Err(send_error(e));
+            }
         }
         Ok(())
+    }
+
+    fn send_control(&self, msg: FromClientMessage) -> Result<(), ClientError> {
+        self.check_connected()?;
+        self.sender.send(Frame::from_message(&msg)).map_err(send_error)
     }
 
     fn check_connected(&self) -> Result<(), ClientError> {
@@ -274,13 +294,11 @@ impl Client {
                 sh.keys.remove(k);
             }
         }
-        self.sender.send(Frame::from_message(&FromClientMessage::Release { keys: keys.to_vec() }))?;
-        Ok(())
+        self.send_control(FromClientMessage::Release { keys: keys.to_vec() })
     }
 
     pub fn cancel(&self, keys: &[String]) -> Result<(), ClientError> {
-        self.sender.send(Frame::from_message(&FromClientMessage::Cancel { keys: keys.to_vec() }))?;
-        Ok(())
+        self.send_control(FromClientMessage::Cancel { keys: keys.to_vec() })
     }
 
     /// Workers and task counts as the scheduler sees them now.
@@ -316,6 +334,14 @@ impl Client {
         let _ = self.sender.send(Frame::from_message(&FromClientMessage::Close));
         // Give the writer a moment to flush the goodbye.
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A failed send: the connection is gone, or the frame broke a limit.
+fn send_error(e: TransportError) -> ClientError {
+    match e {
+        TransportError::Closed => ClientError::Disconnected,
+        other => ClientError::Transport(other),
     }
 }
 

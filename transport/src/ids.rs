@@ -52,7 +52,9 @@ macro_rules! define_id {
 }
 
 define_id!(
-    /// A task known to the scheduler; dense, assigned in submission order.
+    /// A task known to the scheduler. Opaque: the scheduler packs
+    /// `generation << 32 | slot`, so an id of a forgotten task never names
+    /// the slot's next task.
     TaskId,
     ArchivedTaskId,
     u64
