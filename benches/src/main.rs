@@ -172,6 +172,7 @@ async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_th
 
     let t0 = Instant::now();
     client.submit(graph.tasks)?;
+    tracing::info!("submit() returned after {:?}", t0.elapsed());
     let values = client.gather(&root).await?;
     let wall = t0.elapsed();
 

@@ -34,17 +34,28 @@ impl TaskDef {
 }
 
 /// Orders tasks so dependencies come first (a cycle is left for the
-/// scheduler to reject with a precise message) and cuts them into batches.
-pub(crate) fn batches(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<(SubmitGraph, Vec<Bytes>, Vec<String>)> {
+/// scheduler to reject with a precise message), cuts them into batches and
+/// hands each to `send` as soon as it is built. The first batches are small
+/// and later ones grow to `batch_size`, so the scheduler starts work while the
+/// rest of a large graph is still being encoded.
+pub(crate) fn for_each_batch<E>(
+    tasks: Vec<TaskDef>,
+    batch_size: usize,
+    mut send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
+) -> Result<(), E> {
+    const FIRST_BATCH: usize = 2048;
     let ordered = topological(tasks);
-    let mut out = Vec::new();
-    let nchunks = ordered.len().div_ceil(batch_size.max(1));
-    for (c, chunk) in ordered.chunks(batch_size.max(1)).enumerate() {
+    let batch_size = batch_size.max(1);
+    // One index over the whole graph: key -> position in `ordered`.
+    let pos: FxHashMap<&str, usize> = ordered.iter().enumerate().map(|(i, t)| (t.key.as_str(), i)).collect();
+    let mut start = 0;
+    let mut size = FIRST_BATCH.min(batch_size);
+    while start < ordered.len() || (start == 0 && ordered.is_empty()) {
+        let end = (start + size).min(ordered.len());
+        let chunk = &ordered[start..end];
         let mut keys: Vec<String> = chunk.iter().map(|t| t.key.clone()).collect();
-        let mut index: FxHashMap<&str, u32> = FxHashMap::default();
-        for (i, t) in chunk.iter().enumerate() {
-            index.entry(t.key.as_str()).or_insert(i as u32);
-        }
+        // Dependencies outside this batch (earlier batches or existing keys).
+        let mut external: FxHashMap<&str, u32> = FxHashMap::default();
         let mut data = Vec::new();
         let mut specs = Vec::with_capacity(chunk.len());
         let mut wanted = Vec::new();
@@ -52,14 +63,12 @@ pub(crate) fn batches(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<(SubmitGrap
             let deps = t
                 .deps
                 .iter()
-                .map(|d| match index.get(d.as_str()) {
-                    Some(&i) => i,
-                    None => {
+                .map(|d| match pos.get(d.as_str()) {
+                    Some(&p) if p >= start && p < end => (p - start) as u32,
+                    _ => *external.entry(d.as_str()).or_insert_with(|| {
                         keys.push(d.clone());
-                        let i = (keys.len() - 1) as u32;
-                        index.insert(d.as_str(), i);
-                        i
-                    }
+                        (keys.len() - 1) as u32
+                    }),
                 })
                 .collect();
             let payload = if t.payload.is_empty() {
@@ -80,9 +89,15 @@ pub(crate) fn batches(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<(SubmitGrap
                 retries: t.retries,
             });
         }
-        out.push((SubmitGraph { submit_id: 0, graph_id: 0, more: c + 1 < nchunks, keys, tasks: specs }, data, wanted));
+        let more = end < ordered.len();
+        send(SubmitGraph { submit_id: 0, graph_id: 0, more, keys, tasks: specs }, data, wanted)?;
+        if !more {
+            break;
+        }
+        start = end;
+        size = (size * 2).min(batch_size);
     }
-    out
+    Ok(())
 }
 
 fn topological(tasks: Vec<TaskDef>) -> Vec<TaskDef> {

@@ -69,7 +69,8 @@ pub struct Client {
     next_id: AtomicU64,
     pool: PeerPool,
     pub id: ClientId,
-    /// Tasks per submit message.
+    /// Most tasks per submit message (the first messages of a graph are
+    /// smaller, so the scheduler can start early).
     pub batch_size: usize,
 }
 
@@ -134,9 +135,8 @@ impl Client {
     /// on itself and earlier batches). Keys marked `want` can be waited on.
     pub fn submit(&self, tasks: Vec<TaskDef>) -> Result<(), ClientError> {
         self.check_connected()?;
-        let batches = graph::batches(tasks, self.batch_size);
         let graph_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        for (graph, data, wanted) in batches {
+        graph::for_each_batch(tasks, self.batch_size, |graph, data, wanted| {
             let submit_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             {
                 let mut sh = self.shared.lock().unwrap();
@@ -165,8 +165,8 @@ impl Client {
                 let _ = self.sender.send(Frame::from_message(&FromClientMessage::Submit(close)));
                 return Err(send_error(e));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn send_control(&self, msg: FromClientMessage) -> Result<(), ClientError> {
