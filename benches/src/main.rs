@@ -43,6 +43,9 @@ struct Args {
     /// code runs) instead of inline on the worker loop.
     #[arg(long)]
     threaded: bool,
+    /// Tokio threads of this process (client and in-process workers).
+    #[arg(long, default_value_t = 2)]
+    runtime_threads: usize,
     /// The small CI form: correctness only, never judged on timing.
     #[arg(long)]
     ci: bool,
@@ -108,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         m => bail!("unknown mode {m:?} (inproc, procs, both)"),
     };
     // Workers and client share this runtime; the scheduler has its own process.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.runtime_threads.max(1)).enable_all().build()?;
     let report = rt.block_on(run_all(&args, &modes))?;
     print_table(&report);
     if let Some(dir) = args.out.parent() {
