@@ -41,13 +41,36 @@ impl TaskDef {
 pub(crate) fn for_each_batch<E>(
     tasks: Vec<TaskDef>,
     batch_size: usize,
+    send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
+) -> Result<(), E> {
+    // One index over the whole graph (key -> position). Graphs usually
+    // arrive dependencies-first; only otherwise are they sorted and indexed again.
+    let pos = index(&tasks);
+    if is_ordered(&tasks, &pos) {
+        return emit(&tasks, &pos, batch_size, send);
+    }
+    drop(pos);
+    let ordered = topological(tasks);
+    let pos = index(&ordered);
+    emit(&ordered, &pos, batch_size, send)
+}
+
+fn index(tasks: &[TaskDef]) -> FxHashMap<&str, usize> {
+    tasks.iter().enumerate().map(|(i, t)| (t.key.as_str(), i)).collect()
+}
+
+fn is_ordered(tasks: &[TaskDef], pos: &FxHashMap<&str, usize>) -> bool {
+    tasks.iter().enumerate().all(|(i, t)| t.deps.iter().all(|d| pos.get(d.as_str()).is_none_or(|&j| j < i)))
+}
+
+fn emit<E>(
+    ordered: &[TaskDef],
+    pos: &FxHashMap<&str, usize>,
+    batch_size: usize,
     mut send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
 ) -> Result<(), E> {
     const FIRST_BATCH: usize = 2048;
-    let ordered = topological(tasks);
     let batch_size = batch_size.max(1);
-    // One index over the whole graph: key -> position in `ordered`.
-    let pos: FxHashMap<&str, usize> = ordered.iter().enumerate().map(|(i, t)| (t.key.as_str(), i)).collect();
     let mut start = 0;
     let mut size = FIRST_BATCH.min(batch_size);
     while start < ordered.len() || (start == 0 && ordered.is_empty()) {
@@ -102,12 +125,7 @@ pub(crate) fn for_each_batch<E>(
 
 fn topological(tasks: Vec<TaskDef>) -> Vec<TaskDef> {
     let n = tasks.len();
-    let index: FxHashMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.key.as_str(), i)).collect();
-    // Graphs usually arrive dependencies-first already; then there is nothing to do.
-    let ordered = tasks.iter().enumerate().all(|(i, t)| t.deps.iter().all(|d| index.get(d.as_str()).is_none_or(|&j| j < i)));
-    if ordered {
-        return tasks;
-    }
+    let index = index(&tasks);
     let mut indegree = vec![0u32; n];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, t) in tasks.iter().enumerate() {
@@ -138,4 +156,53 @@ fn topological(tasks: Vec<TaskDef>) -> Vec<TaskDef> {
     order.extend((0..n).filter(|&i| !placed[i]));
     let mut slots: Vec<Option<TaskDef>> = tasks.into_iter().map(Some).collect();
     order.into_iter().map(|i| slots[i].take().unwrap()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(tasks: Vec<TaskDef>, batch_size: usize) -> Vec<SubmitGraph> {
+        let mut out = Vec::new();
+        for_each_batch::<()>(tasks, batch_size, |g, _, _| {
+            out.push(g);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn unordered_graph_is_sent_dependencies_first() {
+        // c depends on b depends on a, given in reverse.
+        let tasks = vec![
+            TaskDef::new("c", vec!["b".into()]),
+            TaskDef::new("b", vec!["a".into()]),
+            TaskDef::new("a", vec![]),
+        ];
+        let batches = collect(tasks, 10);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].keys, vec!["a", "b", "c"]);
+        assert_eq!(batches[0].tasks[2].deps, vec![1]);
+        assert!(!batches[0].more);
+    }
+
+    #[test]
+    fn batches_grow_and_name_earlier_keys_as_external() {
+        let n = 10_000;
+        let mut tasks: Vec<TaskDef> = (0..n).map(|i| TaskDef::new(format!("k{i}"), vec![])).collect();
+        tasks.push(TaskDef::new("root", (0..n).map(|i| format!("k{i}")).collect()).wanted());
+        let batches = collect(tasks, 4096);
+        let sizes: Vec<usize> = batches.iter().map(|b| b.tasks.len()).collect();
+        assert_eq!(sizes, vec![2048, 4096, 3857]);
+        assert!(batches[..2].iter().all(|b| b.more) && !batches[2].more);
+        // The root (last batch) names keys of earlier batches after its own tasks.
+        let last = &batches[2];
+        let root = last.tasks.last().unwrap();
+        assert!(root.want);
+        assert_eq!(root.deps.len(), n);
+        let first_dep = root.deps[0] as usize;
+        assert!(first_dep >= last.tasks.len(), "k0 is external to the last batch");
+        assert_eq!(last.keys[first_dep], "k0");
+    }
 }
