@@ -141,7 +141,11 @@ impl Client {
             {
                 let mut sh = self.shared.lock().unwrap();
                 for k in &wanted {
-                    sh.keys.entry(k.clone()).or_insert(KeyStatus::Pending);
+                    let status = sh.keys.entry(k.clone()).or_insert(KeyStatus::Pending);
+                    // A key cancelled or refused earlier runs again now.
+                    if matches!(status, KeyStatus::Cancelled | KeyStatus::Rejected(_)) {
+                        *status = KeyStatus::Pending;
+                    }
                 }
                 sh.unacked.insert(submit_id, wanted);
             }

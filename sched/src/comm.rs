@@ -141,20 +141,24 @@ impl Comm {
             }
         }
         for (client, out) in self.clients.drain() {
-            for msg in out.other {
-                sink.to_client(client, Frame::from_message(&msg));
-            }
+            // Key news in the order it happened within a tick: a value can be
+            // done, then lost, then its recomputation can err; never the
+            // reverse. Replies (who-has, acks) go last, so they describe the
+            // state the key news already told.
             if !out.done.is_empty() {
                 sink.to_client(client, Frame::from_message(&ToClientMessage::InMemory(out.done)));
-            }
-            if !out.erred.is_empty() {
-                sink.to_client(client, Frame::with_data(&ToClientMessage::Erred(out.erred), out.erred_data));
             }
             if !out.lost.is_empty() {
                 sink.to_client(client, Frame::from_message(&ToClientMessage::Lost { keys: out.lost }));
             }
+            if !out.erred.is_empty() {
+                sink.to_client(client, Frame::with_data(&ToClientMessage::Erred(out.erred), out.erred_data));
+            }
             if !out.cancelled.is_empty() {
                 sink.to_client(client, Frame::from_message(&ToClientMessage::Cancelled { keys: out.cancelled }));
+            }
+            for msg in out.other {
+                sink.to_client(client, Frame::from_message(&msg));
             }
         }
     }

@@ -94,19 +94,9 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
     loop {
         tokio::select! {
             biased;
-            _ = stop.changed() => if *stop.borrow() { break },
-            ev = events.recv() => {
-                let Some(ev) = ev else { break };
-                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms());
-                let mut n = 1;
-                while n < config.max_events_per_tick {
-                    match events.try_recv() {
-                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms()),
-                        Err(_) => break,
-                    }
-                    n += 1;
-                }
-            }
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            // Before events, so a steady stream of messages cannot starve
+            // silent-worker detection and progress logs.
             _ = housekeeping.tick() => {
                 for w in core.silent_workers(now_ms(), config.worker_timeout.as_millis() as u64) {
                     tracing::warn!(worker = %w, "no message for {:?}; dropping worker", config.worker_timeout);
@@ -120,6 +110,18 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
                         "progress"
                     );
                     last_logged = s;
+                }
+            }
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms());
+                let mut n = 1;
+                while n < config.max_events_per_tick {
+                    match events.try_recv() {
+                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms()),
+                        Err(_) => break,
+                    }
+                    n += 1;
                 }
             }
         }

@@ -804,6 +804,29 @@ fn unwanted_task_on_top_of_an_erred_key_is_forgotten() {
     assert_eq!(h.core.tasks.len(), 0, "left: {:?}", h.core.tasks.iter().map(|(_, t)| t.key.to_string()).collect::<Vec<_>>());
 }
 
+/// A chain on top of an erred key, submitted in one batch: the first link
+/// errs while the second is not linked yet; it must not be forgotten under
+/// the second (found in review: the scheduler panicked here).
+#[test]
+fn chain_on_an_erred_key_errs_whole_and_is_then_forgotten() {
+    let (mut h, ws) = Harness::with_workers(1);
+    let c = h.add_client();
+    h.submit(c, &[t("bad", &[]).want()], false);
+    h.step();
+    h.fail(ws[0], h.id("bad"), "boom");
+    h.step();
+    h.take_client_msgs(c);
+    h.submit(c, &[t("x", &["bad"]), t("y", &["x"]).want()], false);
+    h.step();
+    let msgs = h.take_client_msgs(c);
+    let erred: Vec<&KeyErred> = msgs.iter().flat_map(|m| match m { ToClientMessage::Erred(e) => e.iter().collect(), _ => vec![] }).collect();
+    assert_eq!(erred.len(), 1, "{msgs:?}");
+    assert_eq!((erred[0].key.as_str(), erred[0].failed_key.as_str()), ("y", "bad"));
+    h.release(c, &["bad", "y"]);
+    h.step();
+    assert_eq!(h.core.tasks.len(), 0);
+}
+
 #[test]
 fn cluster_info_reports_workers_and_counters() {
     let (mut h, ws) = Harness::with_workers(2);

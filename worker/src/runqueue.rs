@@ -136,7 +136,11 @@ impl RunQueue {
     /// costs one wake-up of the worker loop, not one per task.
     fn thread_loop(&self, executor: &dyn Executor, done: &mpsc::UnboundedSender<Vec<Completion>>) {
         const REPORT_EVERY: usize = 256;
+        /// Results older than this go out even while the queue is busy, so a
+        /// long queue of real tasks does not hold finished results back.
+        const REPORT_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
         let mut finished: Vec<Completion> = Vec::new();
+        let mut oldest = std::time::Instant::now();
         let mut g = self.inner.lock().unwrap();
         loop {
             if g.shutdown {
@@ -170,8 +174,12 @@ impl RunQueue {
                         .unwrap_or_else(|| "unknown panic".into());
                     Err(TaskFailure::message(format!("executor panicked while running {key}: {what}")))
                 });
+            if finished.is_empty() {
+                oldest = std::time::Instant::now();
+            }
             finished.push((id, result));
-            if finished.len() >= REPORT_EVERY && done.send(std::mem::take(&mut finished)).is_err() {
+            let due = finished.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
+            if due && done.send(std::mem::take(&mut finished)).is_err() {
                 return;
             }
             g = self.inner.lock().unwrap();

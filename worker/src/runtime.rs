@@ -37,6 +37,8 @@ pub struct WorkerConfig {
     pub max_concurrent_fetches: usize,
     /// Values asked for in one request to one peer.
     pub max_fetch_batch: usize,
+    /// Bytes asked for in one request (a single larger value still goes alone).
+    pub max_fetch_bytes: u64,
     pub connect_timeout: Duration,
 }
 
@@ -52,6 +54,7 @@ impl Default for WorkerConfig {
             token: None,
             max_concurrent_fetches: 32,
             max_fetch_batch: 8192,
+            max_fetch_bytes: 64 << 20,
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -73,6 +76,8 @@ struct LocalTask {
 
 struct DepFetch {
     holders: Vec<WorkerId>,
+    /// Size the scheduler reported, for request byte limits.
+    size: u64,
     tried: usize,
     /// The holder asked last (named in a FetchFailed report).
     last_asked: Option<WorkerId>,
@@ -337,7 +342,7 @@ impl State {
                 Some(f) => f.waiters.push(id),
                 None => {
                     let holders: Vec<WorkerId> = d.holders.iter().map(|h| h.get()).collect();
-                    self.fetches.insert(dep, DepFetch { holders, tried: 0, last_asked: None, waiters: vec![id] });
+                    self.fetches.insert(dep, DepFetch { holders, size: d.size.to_native(), tried: 0, last_asked: None, waiters: vec![id] });
                     self.request_next(dep);
                 }
             }
@@ -379,7 +384,18 @@ impl State {
         while self.in_flight < self.config.max_concurrent_fetches && !self.to_request.is_empty() {
             let holder = *self.to_request.keys().next().unwrap();
             let queue = self.to_request.get_mut(&holder).unwrap();
-            let take = queue.len().min(self.config.max_fetch_batch);
+            // At most max_fetch_batch values and (beyond the first) at most
+            // max_fetch_bytes per request: the reply is one frame.
+            let mut take = 0;
+            let mut bytes = 0u64;
+            for dep in queue.iter().take(self.config.max_fetch_batch) {
+                let size = self.fetches.get(dep).map_or(0, |f| f.size);
+                if take > 0 && bytes + size > self.config.max_fetch_bytes {
+                    break;
+                }
+                bytes += size;
+                take += 1;
+            }
             let ids: Vec<TaskId> = queue.drain(..take).collect();
             if queue.is_empty() {
                 self.to_request.remove(&holder);
@@ -473,7 +489,16 @@ impl State {
     fn give_up(&mut self, id: TaskId) -> bool {
         let Some(t) = self.tasks.get(&id) else { return false };
         let gone = match t.stage {
-            Stage::Fetching => true,
+            Stage::Fetching => {
+                // Not a waiter any more: if the task comes back while the
+                // fetch runs, it must not be counted twice.
+                for (dep, _) in &t.deps {
+                    if let Some(f) = self.fetches.get_mut(dep) {
+                        f.waiters.retain(|w| *w != id);
+                    }
+                }
+                true
+            }
             Stage::Queued => self.queue.take(id),
         };
         if gone {

@@ -366,6 +366,9 @@ impl Core {
         if let Some(tw) = self.workers.get_mut(&thief) {
             tw.incoming_steals = tw.incoming_steals.saturating_sub(1);
         }
+        // Balancing skips victims with steals in flight; now there is one
+        // less, so look again.
+        self.idle_hint = true;
         if stolen {
             self.unassign(id);
             self.stats.stolen += 1;

@@ -246,6 +246,14 @@ impl Core {
         for &(_, id) in &new_ids {
             self.link_new_task(comm, id);
         }
+        // Tasks that erred on an erred input are released by the normal
+        // rules, but only now: while linking, a later task of this batch may
+        // still have been about to depend on them.
+        let erred: Vec<TaskId> =
+            new_ids.iter().map(|&(_, id)| id).filter(|&id| self.tasks.get(id).is_some_and(|t| t.state == TaskState::Erred)).collect();
+        if !erred.is_empty() {
+            self.update_need(comm, erred);
+        }
         if !graph.more {
             self.unpin(comm, client, Some(graph.graph_id.to_native()));
         }
@@ -275,7 +283,6 @@ impl Core {
         if let Some(d) = erred_by {
             let err = self.tasks[d].error.clone().expect("erred task keeps its error");
             self.fail_with_dependents(comm, id, *err);
-            self.update_need(comm, vec![id]);
             return;
         }
         for &d in &deps {
