@@ -270,7 +270,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         }
         if !st.inline_done.is_empty() {
             let done = std::mem::take(&mut st.inline_done);
-            st.on_done(done);
+            st.record(done);
         }
         st.flush(&sender);
     }
@@ -328,6 +328,14 @@ impl State {
 
     fn on_compute(&mut self, t: &ArchivedComputeTask, payload: Bytes) {
         let id = t.id.get();
+        // Fast path: a trivial task without inputs runs right here, with no
+        // bookkeeping record at all.
+        if t.deps.is_empty() && self.executor.is_trivial(&payload) {
+            let run = TaskRun { id, key: t.key.to_string(), payload, inputs: Vec::new() };
+            let result = self.executor.execute(run);
+            self.inline_done.push((id, result));
+            return;
+        }
         let mut missing = 0;
         let mut deps = Vec::with_capacity(t.deps.len());
         let local = self.store.contains_many(t.deps.iter().map(|d| d.id.get()));
@@ -478,6 +486,7 @@ impl State {
         let run = TaskRun { id, key: std::mem::take(&mut t.key), payload: std::mem::take(&mut t.payload), inputs };
         if self.executor.is_trivial(&run.payload) {
             // Runs now, on this loop; reported with the thread pool's results.
+            self.tasks.remove(&id);
             let result = self.executor.execute(run);
             self.inline_done.push((id, result));
         } else {
@@ -507,12 +516,16 @@ impl State {
         gone
     }
 
-    fn on_done(&mut self, batch: Vec<Completion>) {
+    /// Results from the executor threads.
+    fn on_done(&mut self, mut batch: Vec<Completion>) {
+        batch.retain(|(id, _)| self.tasks.remove(id).is_some()); // else cancelled while running
+        self.record(batch);
+    }
+
+    /// Stores values and queues the reports of finished tasks.
+    fn record(&mut self, batch: Vec<Completion>) {
         let mut values = Vec::with_capacity(batch.len());
         for (id, result) in batch {
-            if self.tasks.remove(&id).is_none() {
-                continue; // cancelled while running
-            }
             match result {
                 Ok(value) => {
                     self.out.finished.push(FinishedTask { id, size: value.size() });

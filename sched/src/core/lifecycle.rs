@@ -13,7 +13,7 @@ impl Core {
     pub(crate) fn make_ready(&mut self, id: TaskId) {
         let t = &mut self.tasks[id];
         t.state = TaskState::Ready;
-        self.ready.push((t.priority, id));
+        self.ready.push(t.priority, id);
     }
 
     /// Takes `id` off its worker's books (it was Assigned there).

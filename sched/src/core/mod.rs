@@ -5,10 +5,9 @@
 mod lifecycle;
 pub mod membership;
 mod placement;
+mod ready;
 mod submit;
 pub mod task;
-
-use std::collections::BinaryHeap;
 
 use hashbrown::HashTable;
 use rdask_transport::protocol::{
@@ -93,7 +92,7 @@ pub struct Core {
     hasher: rustc_hash::FxBuildHasher,
     pub workers: FxHashMap<WorkerId, Worker>,
     pub clients: FxHashMap<ClientId, Client>,
-    ready: BinaryHeap<(Priority, TaskId)>,
+    ready: ready::ReadyQueue,
     next_worker: u32,
     next_client: u32,
     next_seq: u32,
@@ -120,7 +119,7 @@ impl Core {
             hasher: Default::default(),
             workers: Default::default(),
             clients: Default::default(),
-            ready: BinaryHeap::new(),
+            ready: Default::default(),
             next_worker: 0,
             next_client: 0,
             next_seq: 0,

@@ -33,7 +33,7 @@ impl Core {
                 self.make_ready(id);
             }
         }
-        while let Some(&(prio, id)) = self.ready.peek() {
+        while let Some((prio, id)) = self.ready.peek() {
             let live = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready && t.priority == prio);
             if !live {
                 self.ready.pop();
