@@ -157,7 +157,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         memory_limit: config.memory_limit,
         resources: config.resources.clone(),
     };
-    let register = async {
+    let register = |info: WorkerInfo| async {
         let mut conn = rdask_transport::connect(&config.scheduler, limits).await?;
         handshake_connect(&mut conn, Role::Worker, config.token.as_deref()).await?;
         conn.sender.send(Frame::from_message(&FromWorkerMessage::Register(info)))?;
@@ -169,14 +169,27 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         };
         Ok::<_, TransportError>((conn, registered))
     };
-    let (conn, (id, heartbeat_ms)) = match tokio::time::timeout(config.connect_timeout, register).await {
-        Ok(Ok((conn, Ok(reg)))) => (conn, reg),
-        Ok(Ok((_, Err(refusal)))) => return Err(WorkerError::Refused(refusal)),
-        Ok(Err(source)) => return Err(WorkerError::Connect { address: config.scheduler.clone(), source }),
-        Err(_) => {
-            let source = TransportError::Timeout(format!("no registration within {:?}", config.connect_timeout));
+    // A scheduler that is still starting, or a thousand workers arriving at
+    // once, can make an attempt fail; retry with backoff until
+    // `connect_timeout`. A refusal (version, token, registration) is final.
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let mut backoff = Duration::from_millis(50);
+    let (conn, (id, heartbeat_ms)) = loop {
+        let source = match tokio::time::timeout_at(deadline, register(info.clone())).await {
+            Ok(Ok((conn, Ok(reg)))) => break (conn, reg),
+            Ok(Ok((_, Err(refusal)))) => return Err(WorkerError::Refused(refusal)),
+            Ok(Err(e @ (TransportError::Handshake(_) | TransportError::VersionMismatch { .. }))) => {
+                return Err(WorkerError::Connect { address: config.scheduler.clone(), source: e })
+            }
+            Ok(Err(e)) => e,
+            Err(_) => TransportError::Timeout(format!("no registration within {:?}", config.connect_timeout)),
+        };
+        if tokio::time::Instant::now() + backoff >= deadline {
             return Err(WorkerError::Connect { address: config.scheduler.clone(), source });
         }
+        tracing::debug!(scheduler = %config.scheduler, "registration failed, retrying in {backoff:?}: {source}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     };
     tracing::info!(worker = %id, name = %config.name, %address, "registered with scheduler");
 

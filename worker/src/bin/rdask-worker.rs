@@ -36,6 +36,9 @@ struct Args {
     listen_host: String,
     #[arg(long, env = "RDASK_TOKEN")]
     token: Option<String>,
+    /// Keep trying to reach the scheduler for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    death_timeout: u64,
     /// Executor: "null" (trivial tasks run on the worker loop) or
     /// "null-threaded" (every task through the executor threads).
     #[arg(long, default_value = "null")]
@@ -81,22 +84,24 @@ fn main() -> anyhow::Result<()> {
                 resources: resources.clone(),
                 listen: format!("tcp://{}:0", args.listen_host),
                 token: args.token.clone(),
+                connect_timeout: std::time::Duration::from_secs(args.death_timeout.max(1)),
                 ..Default::default()
             };
-            handles.push(tokio::spawn(run_worker(config, Arc::new(executor))));
+            let name = config.name.clone();
+            let executor = Arc::new(executor);
+            // Each worker reports its own end as it happens.
+            handles.push(tokio::spawn(async move {
+                let result = run_worker(config, executor).await;
+                if let Err(e) = &result {
+                    tracing::error!(worker = %name, "worker stopped: {e}");
+                }
+                result.is_ok()
+            }));
         }
         let mut failed = 0;
         for h in handles {
-            match h.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!("worker stopped: {e}");
-                    failed += 1;
-                }
-                Err(e) => {
-                    tracing::error!("worker task panicked: {e}");
-                    failed += 1;
-                }
+            if !matches!(h.await, Ok(true)) {
+                failed += 1;
             }
         }
         if failed > 0 {
