@@ -113,7 +113,8 @@ fn emit<E>(
             });
         }
         let more = end < ordered.len();
-        send(SubmitGraph { submit_id: 0, graph_id: 0, more, keys, tasks: specs }, data, wanted)?;
+        let graph_tasks = ordered.len() as u64;
+        send(SubmitGraph { submit_id: 0, graph_id: 0, more, graph_tasks, keys, tasks: specs }, data, wanted)?;
         if !more {
             break;
         }

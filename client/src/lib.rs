@@ -163,6 +163,7 @@ impl Client {
                     submit_id,
                     graph_id,
                     more: false,
+                    graph_tasks: 0,
                     keys: vec![],
                     tasks: vec![],
                 };
@@ -430,6 +431,12 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
         }
         ArchivedToClientMessage::Error { message } => {
             tracing::error!("scheduler: {}", message.as_str());
+            // A submission the scheduler could not even read is never
+            // acknowledged; its keys must not wait forever.
+            let unacked: Vec<Vec<String>> = sh.unacked.drain().map(|(_, keys)| keys).collect();
+            for k in unacked.into_iter().flatten() {
+                sh.keys.insert(k, KeyStatus::Rejected(message.to_string()));
+            }
             sh.errors.push(message.to_string());
         }
         ArchivedToClientMessage::Welcome { .. } => {}

@@ -197,7 +197,7 @@ fn spec(deps: &[u32], payload: u32, want: bool) -> TaskSpec {
 
 fn submit_frame(submit_id: u64, graph_id: u64, more: bool, keys: &[&str], tasks: Vec<TaskSpec>, data: Vec<Bytes>) -> Frame {
     let keys = keys.iter().map(|k| k.to_string()).collect();
-    Frame::with_data(&FromClientMessage::Submit(SubmitGraph { submit_id, graph_id, more, keys, tasks }), data)
+    Frame::with_data(&FromClientMessage::Submit(SubmitGraph { submit_id, graph_id, more, graph_tasks: 0, keys, tasks }), data)
 }
 
 /// Reads one whole frame from a raw socket; `None` on EOF between frames.

@@ -114,6 +114,7 @@ fn main() {
         let msg = FromClientMessage::Submit(SubmitGraph {
             submit_id: b as u64,
             graph_id: 1,
+            graph_tasks: total as u64,
             more: end < total,
             keys,
             tasks,

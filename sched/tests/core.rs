@@ -338,11 +338,12 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
     let (g, d) = build_submit(0, &[t("dup", &[]), t("dup", &["base"])], false);
     expect_rejected(&mut h, c, g, d, "duplicate");
 
-    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, keys: vec!["a".into()], tasks: vec![spec(vec![5])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec!["a".into()], tasks: vec![spec(vec![5])] };
     expect_rejected(&mut h, c, g, vec![], "index 5");
 
     let g = SubmitGraph {
         graph_id: 0,
+        graph_tasks: 0,
         submit_id: 0,
         more: false,
         keys: vec!["a".into()],
@@ -350,7 +351,7 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
     };
     expect_rejected(&mut h, c, g, vec![Bytes::from_static(b"only one")], "data frame 2");
 
-    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, keys: vec![], tasks: vec![spec(vec![])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec![], tasks: vec![spec(vec![])] };
     expect_rejected(&mut h, c, g, vec![], "keys");
 
     // Still serving: a valid graph using the held key completes.
@@ -658,6 +659,7 @@ fn a_dependency_listed_twice_is_handled() {
     let c = h.add_client();
     let g = SubmitGraph {
         graph_id: 0,
+        graph_tasks: 0,
         submit_id: 5,
         more: false,
         keys: vec!["d".into(), "twice".into()],

@@ -58,6 +58,10 @@ pub struct SubmitGraph {
     /// false` arrives, the scheduler keeps every task of the graph (it may be
     /// an input of a later batch), even ones nobody seems to need yet.
     pub more: bool,
+    /// Tasks in the whole graph (all its batches), or 0 if unknown. A
+    /// placement hint: the scheduler sizes per-worker blocks of input-less
+    /// tasks from it before the later batches have arrived.
+    pub graph_tasks: u64,
     /// `keys[..tasks.len()]` are the keys of the new tasks, in order; the rest
     /// are existing keys that new tasks depend on.
     pub keys: Vec<String>,

@@ -502,6 +502,7 @@ fn samples_from_client() -> Vec<FromClientMessage> {
         FromClientMessage::Submit(SubmitGraph {
             submit_id: 7,
             graph_id: 3,
+            graph_tasks: 2,
             more: true,
             keys: vec!["a".into(), "a-key-longer-than-eight-bytes".into(), "existing".into()],
             tasks: vec![

@@ -100,6 +100,8 @@ pub struct Core {
     rr_cursor: usize,
     /// Tasks given to the worker at `rr_cursor` in its current block.
     rr_filled: u32,
+    /// Size of the most recent graph as its client announced it.
+    graph_tasks_hint: u64,
     worker_order: Vec<WorkerId>,
     /// Set when some worker dropped below one task per thread; balancing
     /// (stealing) only runs then.
@@ -125,6 +127,7 @@ impl Core {
             next_seq: 0,
             rr_cursor: 0,
             rr_filled: 0,
+            graph_tasks_hint: 0,
             worker_order: Vec::new(),
             idle_hint: false,
             pending_assign: Vec::new(),

@@ -61,9 +61,12 @@ impl Core {
         // Tasks without inputs go out in blocks of consecutive tasks per
         // worker, not one by one: neighbours in submission order (siblings
         // under one reduction) then share a worker, so their dependents find
-        // both inputs local. The block is the ready backlog split evenly.
+        // both inputs local. The block is the ready backlog split evenly, or
+        // half the announced graph per worker when the graph is still
+        // arriving in batches (the first batches are small on purpose).
         let n = self.worker_order.len();
-        let block = (self.ready.len() / n).max(1) as u32;
+        let from_graph = (self.graph_tasks_hint / (2 * n as u64)) as usize;
+        let block = (self.ready.len() / n).max(from_graph).max(1) as u32;
         for _ in 0..=n {
             let w = self.worker_order[self.rr_cursor % n];
             if self.rr_filled < block && self.workers[&w].load() < self.capacity(w) {

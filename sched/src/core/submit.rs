@@ -32,6 +32,10 @@ impl Core {
             return Err(SchedError::BadMessage(format!("unknown client {client}")));
         }
         let submit_id = graph.submit_id.to_native();
+        let graph_tasks = graph.graph_tasks.to_native();
+        if graph_tasks > 0 {
+            self.graph_tasks_hint = graph_tasks;
+        }
         match self.validate(graph, data) {
             Ok(plan) => {
                 self.insert(comm, client, graph, data, plan);

@@ -132,7 +132,7 @@ pub fn build_submit(submit_id: u64, tasks: &[T], more: bool) -> (SubmitGraph, Ve
             retries: t.retries,
         });
     }
-    (SubmitGraph { submit_id, graph_id: 0, more, keys, tasks: specs }, data)
+    (SubmitGraph { submit_id, graph_id: 0, more, graph_tasks: 0, keys, tasks: specs }, data)
 }
 
 // ------------------------------------------------------------------ recorder
