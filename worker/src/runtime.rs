@@ -341,13 +341,18 @@ impl State {
 
     fn on_compute(&mut self, t: &ArchivedComputeTask, payload: Bytes) {
         let id = t.id.get();
-        // Fast path: a trivial task without inputs runs right here, with no
-        // bookkeeping record at all.
-        if t.deps.is_empty() && self.executor.is_trivial(&payload) {
-            let run = TaskRun { id, key: t.key.to_string(), payload, inputs: Vec::new() };
-            let result = self.executor.execute(run);
-            self.inline_done.push((id, result));
-            return;
+        // Fast path: a trivial task whose inputs are all here (none, or a
+        // reduction whose subtree shares this worker) runs right away, with
+        // no bookkeeping record at all.
+        if self.executor.is_trivial(&payload) {
+            let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
+            if values.iter().all(Option::is_some) {
+                let inputs = t.deps.iter().zip(values).map(|(d, v)| (d.key.to_string(), v.unwrap())).collect();
+                let run = TaskRun { id, key: t.key.to_string(), payload, inputs };
+                let result = self.executor.execute(run);
+                self.inline_done.push((id, result));
+                return;
+            }
         }
         let mut missing = 0;
         let mut deps = Vec::with_capacity(t.deps.len());
