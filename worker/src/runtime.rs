@@ -39,6 +39,8 @@ pub struct WorkerConfig {
     pub max_fetch_batch: usize,
     /// Bytes asked for in one request (a single larger value still goes alone).
     pub max_fetch_bytes: u64,
+    /// A fetch request not answered within this time fails over to the next holder.
+    pub fetch_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
@@ -55,6 +57,7 @@ impl Default for WorkerConfig {
             max_concurrent_fetches: 32,
             max_fetch_batch: 8192,
             max_fetch_bytes: 64 << 20,
+            fetch_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -434,8 +437,14 @@ impl State {
             self.in_flight += 1;
             let pool = self.pool.clone();
             let tx = self.fetch_tx.clone();
+            let timeout = self.config.fetch_timeout;
             tokio::spawn(async move {
-                let result = pool.fetch(&address, ids.clone()).await;
+                // A peer that hangs (rather than dies) must not hold a fetch
+                // slot forever: time out and try the next holder.
+                let result = match tokio::time::timeout(timeout, pool.fetch(&address, ids.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(TransportError::Timeout(format!("no answer from {address} within {timeout:?}"))),
+                };
                 let _ = tx.send(FetchDone { holder, counted: true, ids, result });
             });
         }
