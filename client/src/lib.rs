@@ -415,7 +415,7 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             sh.errors.push(message.to_string());
         }
         ArchivedToClientMessage::WhoHas { request_id, .. } => {
-            let owned = rkyv_owned(frame)?;
+            let owned = ToClientMessage::decode(&frame.control)?;
             if let ToClientMessage::WhoHas { found, missing, .. } = owned {
                 if let Some(tx) = sh.who_has.remove(&request_id.to_native()) {
                     let _ = tx.send((found, missing));
@@ -423,7 +423,7 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             }
         }
         ArchivedToClientMessage::ClusterInfo { request_id, .. } => {
-            if let ToClientMessage::ClusterInfo { info, .. } = rkyv_owned(frame)? {
+            if let ToClientMessage::ClusterInfo { info, .. } = ToClientMessage::decode(&frame.control)? {
                 if let Some(tx) = sh.info.remove(&request_id.to_native()) {
                     let _ = tx.send(info);
                 }
@@ -442,8 +442,4 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
         ArchivedToClientMessage::Welcome { .. } => {}
     }
     Ok(())
-}
-
-fn rkyv_owned(frame: &Frame) -> Result<ToClientMessage, TransportError> {
-    ToClientMessage::decode(&frame.control)
 }

@@ -347,20 +347,19 @@ impl State {
         // Fast path: a trivial task whose inputs are all here (none, or a
         // reduction whose subtree shares this worker) runs right away, with
         // no bookkeeping record at all.
-        if self.executor.is_trivial(&payload) {
-            let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
-            if values.iter().all(Option::is_some) {
-                let inputs = t.deps.iter().zip(values).map(|(d, v)| (d.key.to_string(), v.unwrap())).collect();
-                let run = TaskRun { id, key: t.key.to_string(), payload, inputs };
-                let result = self.executor.execute(run);
-                self.inline_done.push((id, result));
-                return;
-            }
+        // One look into the store serves both the fast path and the fetch plan.
+        let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
+        if self.executor.is_trivial(&payload) && values.iter().all(Option::is_some) {
+            let inputs = t.deps.iter().zip(values).map(|(d, v)| (d.key.to_string(), v.unwrap())).collect();
+            let run = TaskRun { id, key: t.key.to_string(), payload, inputs };
+            let result = self.executor.execute(run);
+            self.inline_done.push((id, result));
+            return;
         }
         let mut missing = 0;
         let mut deps = Vec::with_capacity(t.deps.len());
-        let local = self.store.contains_many(t.deps.iter().map(|d| d.id.get()));
-        for (d, is_local) in t.deps.iter().zip(local) {
+        for (d, value) in t.deps.iter().zip(values) {
+            let is_local = value.is_some();
             let dep = d.id.get();
             deps.push((dep, d.key.to_string()));
             if is_local {

@@ -20,13 +20,6 @@ struct Inner {
 }
 
 impl Store {
-    pub fn insert(&self, id: TaskId, value: Value) {
-        let mut g = self.inner.lock().unwrap();
-        g.bytes += value.size();
-        if let Some(old) = g.values.insert(id, value) {
-            g.bytes -= old.size();
-        }
-    }
 
     pub fn insert_many(&self, values: Vec<(TaskId, Value)>) {
         if values.is_empty() {
@@ -50,39 +43,10 @@ impl Store {
         }
     }
 
-    pub fn remove(&self, id: TaskId) -> Option<Value> {
-        let mut g = self.inner.lock().unwrap();
-        let v = g.values.remove(&id)?;
-        g.bytes -= v.size();
-        Some(v)
-    }
-
-    pub fn get(&self, id: TaskId) -> Option<Value> {
-        self.inner.lock().unwrap().values.get(&id).cloned()
-    }
-
-    /// Which of `ids` are stored, under one lock.
-    pub fn contains_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<bool> {
-        let g = self.inner.lock().unwrap();
-        ids.map(|id| g.values.contains_key(&id)).collect()
-    }
-
-    pub fn contains(&self, id: TaskId) -> bool {
-        self.inner.lock().unwrap().values.contains_key(&id)
-    }
-
     /// Looks up many values under one lock.
     pub fn get_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Value>> {
         let g = self.inner.lock().unwrap();
         ids.map(|id| g.values.get(&id).cloned()).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn bytes(&self) -> u64 {

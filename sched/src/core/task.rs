@@ -139,21 +139,6 @@ impl TaskSlab {
         self.slots.reserve(n.saturating_sub(self.free.len()));
     }
 
-    /// The id the next `insert` will return, so a batch can be wired up
-    /// before it is inserted.
-    pub fn reserve_ids(&self, n: usize) -> Vec<TaskId> {
-        let mut ids = Vec::with_capacity(n);
-        for &slot in self.free.iter().rev().take(n) {
-            let g = self.slots[slot as usize].generation.wrapping_add(1);
-            ids.push(TaskId(((g as u64) << 32) | slot as u64));
-        }
-        let base = self.slots.len() as u64;
-        for i in 0..(n - ids.len()) as u64 {
-            ids.push(TaskId(base + i));
-        }
-        ids
-    }
-
     #[inline]
     pub fn get(&self, id: TaskId) -> Option<&Task> {
         let s = self.slots.get((id.0 & 0xffff_ffff) as usize)?;
