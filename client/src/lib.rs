@@ -60,6 +60,21 @@ struct Shared {
     info: HashMap<u64, oneshot::Sender<ClusterInfo>>,
     errors: Vec<String>,
     disconnected: bool,
+    /// Status changes of held keys, in arrival order, kept only once
+    /// [`Client::enable_events`] was called (the Python client's futures are
+    /// driven by them).
+    events: Option<Vec<(String, KeyStatus)>>,
+}
+
+impl Shared {
+    fn set(&mut self, key: &str, status: KeyStatus) {
+        if let Some(s) = self.keys.get_mut(key) {
+            *s = status.clone();
+            if let Some(ev) = &mut self.events {
+                ev.push((key.to_string(), status));
+            }
+        }
+    }
 }
 
 pub struct Client {
@@ -247,6 +262,36 @@ impl Client {
         }
     }
 
+    /// Starts recording status changes for [`Client::next_events`].
+    pub fn enable_events(&self) {
+        let mut sh = self.shared.lock().unwrap();
+        sh.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Waits up to `timeout` for status changes and returns them all (empty
+    /// on timeout). `Err(Disconnected)` once the scheduler is gone and every
+    /// change has been handed out.
+    pub async fn next_events(&self, timeout: Duration) -> Result<Vec<(String, KeyStatus)>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut sh = self.shared.lock().unwrap();
+                let disconnected = sh.disconnected;
+                let ev = sh.events.get_or_insert_with(Vec::new);
+                if !ev.is_empty() {
+                    return Ok(std::mem::take(ev));
+                }
+                if disconnected {
+                    return Err(ClientError::Disconnected);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
     pub fn status(&self, key: &str) -> Option<KeyStatus> {
         self.shared.lock().unwrap().keys.get(key).cloned()
     }
@@ -335,7 +380,7 @@ impl Client {
         self.shared.lock().unwrap().errors.clone()
     }
 
-    pub async fn close(self) {
+    pub async fn close(&self) {
         let _ = self.sender.send(Frame::from_message(&FromClientMessage::Close));
         // Give the writer a moment to flush the goodbye.
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -370,9 +415,7 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
     match msg {
         ArchivedToClientMessage::InMemory(items) => {
             for it in items.iter() {
-                if let Some(s) = sh.keys.get_mut(it.key.as_str()) {
-                    *s = KeyStatus::Done { size: it.size.to_native() };
-                }
+                sh.set(it.key.as_str(), KeyStatus::Done { size: it.size.to_native() });
             }
         }
         ArchivedToClientMessage::Erred(items) => {
@@ -381,27 +424,19 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
                     NO_FRAME => Bytes::new(),
                     i => frame.data_frame(i)?.clone(),
                 };
-                if let Some(s) = sh.keys.get_mut(it.key.as_str()) {
-                    *s = KeyStatus::Erred {
-                        failed_key: it.failed_key.to_string(),
-                        message: it.message.to_string(),
-                        payload,
-                    };
-                }
+                let status =
+                    KeyStatus::Erred { failed_key: it.failed_key.to_string(), message: it.message.to_string(), payload };
+                sh.set(it.key.as_str(), status);
             }
         }
         ArchivedToClientMessage::Lost { keys } => {
             for k in keys.iter() {
-                if let Some(s) = sh.keys.get_mut(k.as_str()) {
-                    *s = KeyStatus::Pending;
-                }
+                sh.set(k.as_str(), KeyStatus::Pending);
             }
         }
         ArchivedToClientMessage::Cancelled { keys } => {
             for k in keys.iter() {
-                if let Some(s) = sh.keys.get_mut(k.as_str()) {
-                    *s = KeyStatus::Cancelled;
-                }
+                sh.set(k.as_str(), KeyStatus::Cancelled);
             }
         }
         ArchivedToClientMessage::Submitted { submit_id } => {
@@ -410,7 +445,7 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
         ArchivedToClientMessage::SubmitRejected { submit_id, message } => {
             let keys = sh.unacked.remove(&submit_id.to_native()).unwrap_or_default();
             for k in keys {
-                sh.keys.insert(k, KeyStatus::Rejected(message.to_string()));
+                sh.set(&k, KeyStatus::Rejected(message.to_string()));
             }
             sh.errors.push(message.to_string());
         }
@@ -435,7 +470,7 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             // acknowledged; its keys must not wait forever.
             let unacked: Vec<Vec<String>> = sh.unacked.drain().map(|(_, keys)| keys).collect();
             for k in unacked.into_iter().flatten() {
-                sh.keys.insert(k, KeyStatus::Rejected(message.to_string()));
+                sh.set(&k, KeyStatus::Rejected(message.to_string()));
             }
             sh.errors.push(message.to_string());
         }

@@ -1,0 +1,23 @@
+"""rdask: run dask.distributed code on a Rust scheduler and worker runtime.
+
+    from rdask import Client          # instead of: from dask.distributed import Client
+    client = Client()                  # a LocalCluster of worker processes
+    client.submit(sum, [1, 2]).result()
+"""
+
+from . import _rdask
+from ._rdask import CommClosedError, RdaskError
+from .api import as_completed, fire_and_forget, get_client, wait
+from .client import Client, default_client
+from .cluster import LocalCluster
+from .future import Future, FutureCancelledError
+from .progress import progress
+from .worker import get_worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
+    "fire_and_forget", "get_client", "get_worker", "progress", "default_client",
+    "RdaskError", "CommClosedError",
+]

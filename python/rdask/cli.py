@@ -1,0 +1,137 @@
+"""`rdask-scheduler` and `rdask-worker`, with the flags Dask users type."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import _rdask
+from .config import parse_memory_limit, parse_resources
+
+
+def _wait_for_signal(stop: threading.Event):
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.is_set():
+        stop.wait(0.2)
+
+
+def write_scheduler_file(path: str, address: str):
+    body = {"type": "Scheduler", "id": f"rdask-scheduler-{os.getpid()}", "address": address,
+            "services": {}, "started": time.time(), "workers": {}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=2)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def scheduler_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="rdask-scheduler", description="rdask scheduler (Rust core, in this process)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8786)
+    p.add_argument("--scheduler-file", default=None)
+    p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
+    p.add_argument("--worker-timeout", type=float, default=60.0, help="drop a worker silent this many seconds")
+    a = p.parse_args(argv)
+    _rdask.init_logging("info")
+    try:
+        sched = _rdask.Scheduler(a.host, a.port, a.token, a.worker_timeout)
+    except OSError as e:
+        print(f"rdask-scheduler: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 1
+    print(f"rdask-scheduler listening at {sched.address}", file=sys.stderr, flush=True)
+    if a.scheduler_file:
+        write_scheduler_file(a.scheduler_file, sched.address)
+    try:
+        _wait_for_signal(threading.Event())
+    finally:
+        sched.stop()
+        if a.scheduler_file:
+            try:
+                os.remove(a.scheduler_file)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+def worker_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="rdask-worker", description="rdask worker processes, each under a nanny")
+    p.add_argument("address", nargs="?", help="scheduler address, e.g. tcp://10.0.0.1:8786")
+    p.add_argument("--scheduler-file", default=None)
+    p.add_argument("--nworkers", "--nprocs", default="1", help="worker processes (an integer, or 'auto')")
+    p.add_argument("--nthreads", type=int, default=0, help="threads per worker (0: cores / nworkers)")
+    p.add_argument("--memory-limit", default="auto", help="per worker: auto, 0, bytes, '4GiB' or a fraction like 0.5")
+    p.add_argument("--name", default=None, help="worker name (suffixed -i with several workers)")
+    p.add_argument("--local-directory", default=None)
+    p.add_argument("--resources", default="", help='e.g. "GPU=1 MEM=10e9"')
+    p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
+    p.add_argument("--listen-host", "--host", default="127.0.0.1")
+    p.add_argument("--no-nanny", dest="nanny", action="store_false")
+    p.add_argument("--death-timeout", type=float, default=30.0, help="seconds to keep trying to reach the scheduler")
+    a = p.parse_args(argv)
+    address = a.address
+    if address is None and a.scheduler_file:
+        from .client import _read_scheduler_file
+
+        try:
+            address = _read_scheduler_file(a.scheduler_file, a.death_timeout)
+        except TimeoutError as e:
+            print(f"rdask-worker: {e}", file=sys.stderr)
+            return 1
+    if address is None:
+        p.error("give the scheduler address or --scheduler-file")
+    if "://" not in address:
+        address = "tcp://" + address
+    cpus = os.cpu_count() or 1
+    nworkers = cpus if a.nworkers == "auto" else int(a.nworkers)
+    nthreads = a.nthreads or max(1, cpus // max(1, nworkers))
+    try:
+        memory = parse_memory_limit(a.memory_limit, nworkers)
+        resources = parse_resources(a.resources)
+    except ValueError as e:
+        p.error(str(e))
+    base = a.name or f"{os.uname().nodename}-{os.getpid()}"
+    names = [base] if nworkers == 1 else [f"{base}-{i}" for i in range(nworkers)]
+    if not a.nanny:
+        if nworkers != 1:
+            p.error("--no-nanny runs exactly one worker in this process")
+        from .worker import run
+
+        try:
+            run(address, names[0], nthreads, memory, resources, a.token, a.local_directory, a.listen_host, a.death_timeout)
+        except KeyboardInterrupt:
+            pass
+        except _rdask.RdaskError as e:
+            print(f"rdask-worker: {e}", file=sys.stderr)
+            return 1
+        return 0
+    from .nanny import Nanny
+
+    nannies = []
+    for n in names:
+        local = os.path.join(a.local_directory, n) if a.local_directory else None
+        nannies.append(Nanny(address, n, nthreads, memory, resources, a.token, local, a.listen_host).start())
+    print(f"rdask-worker: {nworkers} worker(s) x {nthreads} thread(s) for {address}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if all(not n.is_alive() and (n._thread is None or not n._thread.is_alive()) for n in nannies):
+                stop.set()
+            stop.wait(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        _wait_for_signal(stop)
+    finally:
+        for n in nannies:
+            n.stop()
+    return 0

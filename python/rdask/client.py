@@ -1,0 +1,585 @@
+"""`rdask.Client`: the `distributed.Client` API on the rdask runtime."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import dask
+
+from . import _rdask
+from .future import Future, FutureCancelledError, FutureState
+from .graph import graph_to_tasks
+from .keys import call_key, funcname, key_str
+from .serialize import dumps_function, dumps_payload, loads, loads_error
+from .packing import pack_futures, unpack_structure, flatten_futures
+
+logger = logging.getLogger("rdask.client")
+
+CALL, NODE, DATA = 1, 2, 3
+
+_default_client: Client | None = None
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def default_client() -> Client | None:
+    c = _default_client
+    return c if c is not None and c.status == "running" else None
+
+
+class Client:
+    """Connects to an rdask scheduler, or starts a `LocalCluster` when given
+    no address. Mirrors `distributed.Client`: change the import, keep the code.
+
+    ``Client()`` – a new local cluster; ``Client(cluster)``;
+    ``Client("tcp://host:8786")``; ``Client(scheduler_file="...")``.
+    """
+
+    def __init__(
+        self,
+        address=None,
+        *,
+        scheduler_file: str | None = None,
+        timeout: float = 10.0,
+        set_as_default: bool = True,
+        token: str | None = None,
+        name: str | None = None,
+        asynchronous: bool = False,
+        direct_to_workers: bool | None = None,
+        **cluster_kwargs,
+    ):
+        if asynchronous:
+            raise NotImplementedError("rdask's Client is synchronous (asynchronous=True is not supported)")
+        self.cluster = None
+        self._owns_cluster = False
+        if scheduler_file is not None and address is None:
+            address = _read_scheduler_file(scheduler_file, timeout)
+        if address is None:
+            from .cluster import LocalCluster
+
+            self.cluster = LocalCluster(token=token, **cluster_kwargs)
+            self._owns_cluster = True
+            address = self.cluster.scheduler_address
+        elif not isinstance(address, str):
+            self.cluster = address  # a cluster object
+            address = address.scheduler_address
+        elif cluster_kwargs:
+            raise TypeError(f"unexpected arguments for a remote scheduler: {sorted(cluster_kwargs)}")
+        if "://" not in address:
+            address = "tcp://" + address
+        token = token if token is not None else getattr(self.cluster, "token", None) or os.environ.get("RDASK_TOKEN")
+        self.scheduler_address = address
+        self.id = name or f"Client-{os.getpid()}-{id(self):x}"
+        self._rc = _rdask.Client.connect(address, token, float(timeout))
+        self._lock = threading.RLock()
+        self._states: dict[str, FutureState] = {}
+        self._releasing: dict[str, FutureState] = {}
+        self._forever: set[Future] = set()  # fire_and_forget
+        self._closing = False
+        self.status = "running"
+        self._config = None
+        self._previous_default = None
+        self._events = threading.Thread(target=self._event_loop, name="rdask-client-events", daemon=True)
+        self._events.start()
+        _clients.add(self)
+        if set_as_default:
+            self._set_default()
+
+    # ------------------------------------------------------------ defaults
+    def _set_default(self):
+        global _default_client
+        self._previous_default = _default_client
+        _default_client = self
+        self._config = dask.config.set(
+            {
+                "scheduler": self.get,
+                "dataframe.shuffle.method": "tasks",
+                "array.rechunk.method": "tasks",
+            }
+        )
+
+    def as_current(self):
+        """`with client.as_current():` – dask.compute runs on this client."""
+        return dask.config.set(scheduler=self.get)
+
+    @classmethod
+    def current(cls) -> Client:
+        c = default_client()
+        if c is None:
+            raise ValueError("No clients found; start one with rdask.Client()")
+        return c
+
+    # ------------------------------------------------------------ key bookkeeping
+    def _hold(self, key) -> FutureState:
+        skey = key_str(key)
+        with self._lock:
+            st = self._states.get(skey)
+            if st is None:
+                st = self._releasing.pop(skey, None)
+                if st is None:
+                    st = FutureState(key, skey)
+                self._states[skey] = st
+            st.refs += 1
+            return st
+
+    def _drop(self, st: FutureState):
+        with self._lock:
+            st.refs -= 1
+            if st.refs <= 0 and self._states.get(st.skey) is st:
+                del self._states[st.skey]
+                self._releasing[st.skey] = st
+
+    def _flush_releases(self):
+        with self._lock:
+            if not self._releasing:
+                return
+            keys = list(self._releasing)
+            self._releasing.clear()
+        try:
+            self._rc.release(keys)
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------ events
+    def _event_loop(self):
+        rc = self._rc
+        while True:
+            try:
+                events = rc.next_events(0.05)
+            except Exception as e:  # scheduler gone or client closed
+                self._on_disconnect(e)
+                return
+            if events:
+                self._apply_events(events)
+            self._flush_releases()
+
+    def _apply_events(self, events):
+        done = []
+        with self._lock:
+            for skey, state, detail in events:
+                st = self._states.get(skey) or self._releasing.get(skey)
+                if st is None:
+                    continue
+                if state == "finished":
+                    st.status = "finished"
+                elif state == "erred":
+                    failed_key, message, payload = detail
+                    exc, tb = loads_error(payload, message)
+                    st.status, st.exception, st.traceback = "error", exc, tb
+                elif state == "cancelled":
+                    st.status = "cancelled"
+                elif state == "rejected":
+                    st.status, st.exception, st.traceback = "error", _rdask.RdaskError(detail), None
+                elif state == "lost":
+                    st.status = "pending"
+                    st.event.clear()
+                    continue
+                st.event.set()
+                if st.callbacks:
+                    done.append(st.callbacks)
+                    st.callbacks = []
+        for callbacks in done:
+            for fn, fut in callbacks:
+                self._run_callback(fn, fut)
+
+    def _run_callback(self, fn, fut):
+        try:
+            fn(fut)
+        except Exception:
+            logger.exception("error in done callback of %s", fut.key)
+
+    def _on_disconnect(self, exc):
+        callbacks = []
+        with self._lock:
+            for st in list(self._states.values()):
+                if not st.done():
+                    st.status = "error"
+                    st.exception = _rdask.CommClosedError(
+                        "lost the connection to the scheduler before this key finished"
+                    )
+                    st.event.set()
+                    callbacks.extend(st.callbacks)
+                    st.callbacks = []
+            if not self._closing:
+                self.status = "closed"
+        for fn, fut in callbacks:
+            self._run_callback(fn, fut)
+
+    # ------------------------------------------------------------ submitting
+    def _check(self):
+        if self.status != "running":
+            raise _rdask.CommClosedError(f"client is {self.status}")
+
+    def _send(self, tasks: list, keys: list) -> list[Future]:
+        """Holds `keys` (creating their futures) and submits `tasks`."""
+        futures = [Future(k, self) for k in keys]
+        if tasks:
+            with self._lock:
+                for t in tasks:
+                    st = self._states.get(t[0])
+                    if st is not None and st.status in ("error", "cancelled"):
+                        st.status, st.exception, st.traceback = "pending", None, None
+                        st.event.clear()
+            self._rc.submit(tasks)
+        return futures
+
+    def submit(
+        self,
+        func,
+        *args,
+        key=None,
+        workers=None,
+        resources=None,
+        retries: int | None = None,
+        priority: int = 0,
+        fifo_timeout=None,
+        allow_other_workers: bool = False,
+        actor: bool = False,
+        actors: bool = False,
+        pure: bool = True,
+        **kwargs,
+    ) -> Future:
+        """Runs `func(*args, **kwargs)` on the cluster; futures in the
+        arguments are replaced by their values on the worker."""
+        self._check()
+        if not callable(func):
+            raise TypeError("first argument to submit must be callable")
+        if actor or actors:
+            raise NotImplementedError("actors are not supported by rdask")
+        _check_restrictions(workers, resources)
+        if key is None:
+            key = call_key(func, args, kwargs, pure)
+        skey = key_str(key)
+        with self._lock:
+            st = self._states.get(skey)
+            if st is not None and pure and st.status not in ("error", "cancelled"):
+                return Future(key, self)  # same pure call: share the result
+        (args2, kwargs2), deps = pack_futures((args, kwargs), self)
+        payload = dumps_payload((CALL, dumps_function(func), args2, kwargs2))
+        task = (skey, deps, payload, int(priority), None, True, int(retries or 0))
+        return self._send([task], [key])[0]
+
+    def map(
+        self,
+        func,
+        *iterables,
+        key=None,
+        workers=None,
+        resources=None,
+        retries: int | None = None,
+        priority: int = 0,
+        pure: bool = True,
+        batch_size=None,
+        **kwargs,
+    ) -> list[Future]:
+        """`submit` for each element of the iterables (zipped)."""
+        self._check()
+        if not callable(func):
+            raise TypeError("first argument to map must be callable")
+        _check_restrictions(workers, resources)
+        iterables = [list(it) if not isinstance(it, (list, tuple)) else it for it in iterables]
+        fb = dumps_function(func)
+        name = funcname(func) if not isinstance(key, str) else key
+        import hashlib
+        import pickle
+        import uuid
+
+        from dask.base import tokenize
+
+        from .keys import fast_token
+
+        if isinstance(key, (list, tuple)):
+            keys = list(key)
+        elif pure:
+            base = tokenize(func, kwargs)
+            keys = [f"{name}-{fast_token(base, args)}" for args in zip(*iterables)]
+        else:
+            keys = [f"{name}-{uuid.uuid4().hex}" for _ in zip(*iterables)]
+        kw = kwargs or {}
+        retries = int(retries or 0)
+        priority = int(priority)
+        tasks = []
+        seen = set()
+        dumps = pickle.dumps
+        with self._lock:
+            existing = {k for k in keys if k in self._states and self._states[k].status not in ("error", "cancelled")}
+        for k, args in zip(keys, zip(*iterables)):
+            if k in seen or (pure and k in existing):
+                continue
+            seen.add(k)
+            if any(isinstance(a, (Future, list, tuple, dict, set)) for a in args) or kw:
+                (a2, kw2), deps = pack_futures((args, kw), self)
+                payload = dumps_payload((CALL, fb, a2, kw2))
+            else:
+                deps = []
+                try:
+                    payload = dumps((CALL, fb, args, kw), protocol=5)
+                except Exception:
+                    payload = dumps_payload((CALL, fb, args, kw))
+            tasks.append((k, deps, payload, priority, None, True, retries))
+        return self._send(tasks, keys)
+
+    def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash: bool = True, timeout=None):
+        """Puts local data on the cluster; returns futures of the same shape."""
+        self._check()
+        from dask.base import tokenize
+        import uuid
+
+        def one(value, key=None):
+            if key is None:
+                tok = tokenize(value) if hash else uuid.uuid4().hex
+                key = f"{type(value).__name__}-{tok}"
+            return key, (key_str(key), [], dumps_payload((DATA, value)), 0, None, True, 0)
+
+        if isinstance(data, dict):
+            items = [one(v, k) for k, v in data.items()]
+            futs = self._send([t for _, t in items], [k for k, _ in items])
+            return dict(zip(data.keys(), futs))
+        if isinstance(data, (list, tuple, set, frozenset)):
+            items = [one(v) for v in data]
+            futs = self._send([t for _, t in items], [k for k, _ in items])
+            return type(data)(futs) if not isinstance(data, (set, frozenset)) else futs
+        if isinstance(data, Iterator):
+            return [self.scatter(x) for x in data]
+        k, t = one(data)
+        return self._send([t], [k])[0]
+
+    # ------------------------------------------------------------ dask graphs
+    def _graph_to_futures(self, dsk, keys, priority: int = 0, retries: int = 0) -> dict:
+        """Materialises a dask graph on this client and submits it; returns
+        {key: Future} for `keys` (flat)."""
+        self._check()
+        flat = list(_flatten(keys))
+        with self._lock:
+            held = set(self._states)
+        tasks = graph_to_tasks(dsk, flat, held, priority, retries)
+        futures = self._send(tasks, flat)
+        return dict(zip(flat, futures))
+
+    def get(self, dsk, keys, *, sync: bool = True, priority: int = 0, retries: int = 0, **kwargs):
+        """A dask scheduler: `dask.compute(x, scheduler=client.get)`.
+        Reentrant: dask may compute inside graph optimisation."""
+        futures = self._graph_to_futures(dsk, keys, priority, retries)
+        packed = _repack(keys, futures)
+        if not sync:
+            return packed
+        return self.gather(packed)
+
+    @property
+    def _persist_schedule(self):
+        """A dask scheduler that returns futures instead of values. A plain
+        function, not a bound method: dask hands persist() back to the
+        `__self__` of a bound scheduler, which would be this client again."""
+
+        def schedule(dsk, keys, **kwargs):
+            futures = self._graph_to_futures(dsk, keys)
+            return [futures[k] for k in keys]
+
+        return schedule
+
+    def compute(self, collections, sync: bool = False, optimize_graph: bool = True, priority: int = 0, retries=None, **kwargs):
+        """Starts computing collections; returns a Future per collection
+        (the values themselves with sync=True)."""
+        single = not isinstance(collections, (list, tuple, set))
+        colls = [collections] if single else list(collections)
+        out = []
+        for c in colls:
+            if dask.is_dask_collection(c):
+                (f,) = dask.compute(c, scheduler=self._persist_schedule, optimize_graph=optimize_graph)
+                out.append(f)
+            else:
+                out.append(c)
+        if sync:
+            out = self.gather(out)
+        return out[0] if single else out
+
+    def persist(self, collections, optimize_graph: bool = True, **kwargs):
+        """Starts computing collections and returns them backed by futures,
+        so later computations reuse the results held in the cluster."""
+        single = not isinstance(collections, (list, tuple, set))
+        colls = [collections] if single else list(collections)
+        res = dask.persist(*colls, scheduler=self._persist_schedule, optimize_graph=optimize_graph)
+        return res[0] if single else list(res)
+
+    # ------------------------------------------------------------ results
+    def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
+        """Values of futures, in the same structure (lists, tuples, dicts)."""
+        if isinstance(futures, Iterator):
+            return (self.gather(f, errors=errors) for f in futures)
+        flat = flatten_futures(futures)
+        if not flat:
+            return futures
+        for f in flat:
+            f._state.event.wait()
+        good = []
+        for f in flat:
+            st = f._state
+            if st.status == "error":
+                if errors == "raise":
+                    raise _with_remote_note(st.exception, st.traceback)
+            elif st.status == "cancelled":
+                if errors == "raise":
+                    raise FutureCancelledError(f.key)
+            else:
+                good.append(f)
+        values = dict(zip((f._state.skey for f in good), self._gather_values(good)))
+        return unpack_structure(futures, values, skip=(errors == "skip"))
+
+    def _gather_values(self, futures: list) -> list:
+        if not futures:
+            return []
+        keys = [f._state.skey for f in futures]
+        unique = list(dict.fromkeys(keys))
+        try:
+            frames = self._rc.gather(unique)
+        except KeyError as e:
+            raise KeyError(f"key {e.args[0]!r} is not held by the cluster (released, cancelled or never submitted)") from None
+        values = {k: loads(fr)[0] for k, fr in zip(unique, frames)}
+        return [values[k] for k in keys]
+
+    def cancel(self, futures, asynchronous=None, force: bool = False, reason=None, msg=None):
+        flat = flatten_futures(futures)
+        if flat:
+            self._rc.cancel([f._state.skey for f in flat])
+
+    def release(self, futures):
+        for f in flatten_futures(futures):
+            f.release()
+
+    def who_has(self, futures=None):
+        raise NotImplementedError("who_has is not exposed by rdask yet")
+
+    def scheduler_info(self) -> dict:
+        info = self._rc.cluster_info()
+        info["address"] = self.scheduler_address
+        info["workers"] = {w["address"]: w for w in info["workers"]}
+        return info
+
+    def nthreads(self) -> dict:
+        return {a: w["nthreads"] for a, w in self.scheduler_info()["workers"].items()}
+
+    ncores = nthreads
+
+    def wait_for_workers(self, n_workers: int = 0, timeout: float | None = None):
+        self._rc.wait_for_workers(int(n_workers), float(timeout if timeout is not None else 3600.0))
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self, timeout=None):
+        """Closes the connection; the scheduler releases this client's keys.
+        A cluster this client started is closed with it."""
+        global _default_client
+        if self.status == "closed" and self._closing:
+            return
+        self._closing = True
+        self.status = "closed"
+        if self._config is not None:
+            try:
+                self._config.__exit__(None, None, None)
+            except Exception:
+                pass
+            self._config = None
+        if _default_client is self:
+            prev = self._previous_default
+            _default_client = prev if prev is not None and prev.status == "running" else None
+        try:
+            self._rc.close()
+        except Exception:
+            pass
+        if self._events.is_alive() and threading.current_thread() is not self._events:
+            self._events.join(timeout=5)
+        if self._owns_cluster and self.cluster is not None:
+            self.cluster.close()
+
+    def shutdown(self):
+        """Closes this client and the cluster it is connected to."""
+        cluster = self.cluster
+        self.close()
+        if cluster is not None:
+            cluster.close()
+        elif self._rc is not None:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if self.status == "running":
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        try:
+            info = self._rc.cluster_info() if self.status == "running" else None
+        except Exception:
+            info = None
+        if info is None:
+            return f"<Client: {self.scheduler_address!r} ({self.status})>"
+        threads = sum(w["nthreads"] for w in info["workers"])
+        return f"<Client: {self.scheduler_address!r} processes={len(info['workers'])} threads={threads}>"
+
+    def _repr_html_(self):
+        return f"<div><b>rdask Client</b> {self.scheduler_address} — {self.status}</div>"
+
+
+def _check_restrictions(workers, resources):
+    if workers is not None or resources is not None:
+        raise NotImplementedError(
+            "rdask does not place tasks by worker or resource restrictions yet; "
+            "submit without workers=/resources="
+        )
+
+
+def _with_remote_note(exc: BaseException, tb: str | None) -> BaseException:
+    if tb and not any("Remote traceback" in n for n in getattr(exc, "__notes__", [])):
+        try:
+            exc.add_note("Remote traceback (from the worker):\n" + tb.rstrip())
+        except Exception:
+            pass
+    return exc
+
+
+def _flatten(keys):
+    if isinstance(keys, list):
+        for k in keys:
+            yield from _flatten(k)
+    else:
+        yield keys
+
+
+def _repack(keys, futures: dict):
+    if isinstance(keys, list):
+        return [_repack(k, futures) for k in keys]
+    return futures[keys]
+
+
+def _read_scheduler_file(path: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no scheduler address in {path} after {timeout} s") from None
+            time.sleep(0.1)
+
+
+@atexit.register
+def _close_all():
+    for c in list(_clients):
+        try:
+            c.close()
+        except Exception:
+            pass

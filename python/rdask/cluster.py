@@ -1,0 +1,169 @@
+"""`LocalCluster`: a scheduler in this process (a Rust thread) and worker
+processes, each under a nanny."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from . import _rdask
+from .config import parse_memory_limit, total_memory
+from .nanny import Nanny
+
+
+class LocalCluster:
+    def __init__(self, n_workers: int | None = None, threads_per_worker: int | None = None,
+                 processes: bool = True, memory_limit="auto", host: str = "127.0.0.1",
+                 scheduler_port: int = 0, token: str | None = None, resources=None,
+                 local_directory: str | None = None, silence_logs=True, timeout: float = 60.0,
+                 dashboard_address=None, **kwargs):
+        if kwargs:
+            unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "worker_class", "interface"}
+            if unknown:
+                raise TypeError(f"unexpected LocalCluster arguments: {sorted(unknown)}")
+        cpus = os.cpu_count() or 1
+        if n_workers is None and threads_per_worker is None:
+            n_workers, threads_per_worker = (cpus, 1) if (processes and cpus <= 4) else ((max(1, cpus // 2), 2) if processes else (1, cpus))
+        elif n_workers is None:
+            n_workers = max(1, cpus // threads_per_worker)
+        elif threads_per_worker is None:
+            threads_per_worker = max(1, cpus // max(1, n_workers))
+        self.processes = processes
+        self.threads_per_worker = int(threads_per_worker)
+        self.memory_limit = parse_memory_limit(memory_limit, max(1, n_workers), total_memory())
+        self.resources = resources
+        self.local_directory = local_directory
+        self.token = token
+        self.host = host
+        self.timeout = timeout
+        self.quiet = bool(silence_logs)
+        self.scheduler = _rdask.Scheduler(host, scheduler_port, token)
+        self.scheduler_address = self.scheduler.address
+        self.workers: dict[str, Nanny | threading.Thread] = {}
+        self._next = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._probe = None
+        self.scale(n_workers)
+
+    # ------------------------------------------------------------ workers
+    def _client(self):
+        if self._probe is None:
+            self._probe = _rdask.Client.connect(self.scheduler_address, self.token, 10.0)
+        return self._probe
+
+    def _start_worker(self):
+        name = str(self._next)
+        self._next += 1
+        if self.processes:
+            w = Nanny(self.scheduler_address, name, self.threads_per_worker, self.memory_limit,
+                      self.resources, self.token, self.local_directory, self.host, quiet=False).start()
+        else:
+            from .worker import execute
+            from .serialize import dumps, loads
+
+            w = threading.Thread(
+                target=_rdask.run_worker,
+                args=(self.scheduler_address, execute, dumps, loads, name),
+                kwargs=dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
+                            resources=self.resources, listen=f"tcp://{self.host}:0", token=self.token),
+                name=f"rdask-worker-{name}", daemon=True)
+            w.start()
+        self.workers[name] = w
+
+    def scale(self, n: int):
+        """Starts or stops worker processes until there are `n`."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cluster is closed")
+            while len(self.workers) < n:
+                self._start_worker()
+            if len(self.workers) > n:
+                if not self.processes:
+                    raise NotImplementedError("scaling down is only supported with processes=True")
+                for name in sorted(self.workers, key=int)[n:]:
+                    self.workers.pop(name).stop()
+        self.wait_for_workers(n)
+
+    def wait_for_workers(self, n: int, timeout: float | None = None):
+        import time
+
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._client().cluster_info()
+            if len(info["workers"]) == n:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(info['workers'])} of {n} workers connected after {timeout} s")
+            time.sleep(0.02)
+
+    # ------------------------------------------------------------ user API
+    def get_client(self):
+        from .client import Client
+
+        return Client(self)
+
+    @property
+    def dashboard_link(self):
+        return None
+
+    def close(self, timeout=None):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = list(self.workers.values())
+            self.workers.clear()
+        for w in workers:
+            if isinstance(w, Nanny):
+                w._stopping.set()
+        for w in workers:
+            if isinstance(w, Nanny):
+                w.stop()
+        if self._probe is not None:
+            self._probe.close()
+        self.scheduler.stop()
+        for w in workers:
+            if isinstance(w, threading.Thread):
+                w.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _summary(self):
+        n = len(self.workers)
+        mem = self.memory_limit * n
+        return n, n * self.threads_per_worker, mem
+
+    def __repr__(self):
+        n, t, mem = self._summary()
+        state = "closed" if self._closed else "running"
+        return (f"LocalCluster({self.scheduler_address!r}, workers={n}, threads={t}, "
+                f"memory={_fmt_bytes(mem)}, processes={self.processes}, status={state})")
+
+    def _repr_html_(self):
+        n, t, mem = self._summary()
+        return ("<div><h3>rdask LocalCluster</h3><table>"
+                f"<tr><th>Scheduler</th><td>{self.scheduler_address}</td></tr>"
+                f"<tr><th>Workers</th><td>{n}</td></tr><tr><th>Threads</th><td>{t}</td></tr>"
+                f"<tr><th>Memory</th><td>{_fmt_bytes(mem)}</td></tr></table></div>")
+
+
+def _fmt_bytes(n: int) -> str:
+    if not n:
+        return "no limit"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,128 @@
+"""Futures: a handle on a key held by a client. Every Future of a key shares
+one `FutureState`; when the last Future of a key is garbage collected the
+client releases the key on the scheduler."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError
+
+from dask._task_spec import TaskRef
+
+
+class FutureCancelledError(CancelledError):
+    def __init__(self, key, reason: str = "cancelled"):
+        self.key = key
+        super().__init__(f"{key!r} {reason}")
+
+
+class FutureState:
+    __slots__ = ("key", "skey", "status", "event", "exception", "traceback", "callbacks", "refs", "type")
+
+    def __init__(self, key, skey: str):
+        self.key = key
+        self.skey = skey
+        self.status = "pending"
+        self.event = threading.Event()
+        self.exception: BaseException | None = None
+        self.traceback: str | None = None
+        self.callbacks: list = []
+        self.refs = 0
+        self.type = None
+
+    def done(self) -> bool:
+        return self.event.is_set()
+
+
+class Future(TaskRef):
+    """A remote computation (mirrors `distributed.Future`)."""
+
+    __dask_future__ = True
+
+    def __init__(self, key, client):
+        self.key = key
+        self.client = client
+        self._held = True
+        self._state = client._hold(key)
+
+    # -- status ---------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._state.status
+
+    def done(self) -> bool:
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    # -- results --------------------------------------------------------
+    def result(self, timeout: float | None = None):
+        """Waits and returns the value; raises the task's exception if it failed."""
+        self._wait(timeout)
+        st = self._state
+        if st.status == "error":
+            raise st.exception.with_traceback(None) if st.exception else RuntimeError(f"{self.key!r} failed")
+        if st.status == "cancelled":
+            raise FutureCancelledError(self.key, st.traceback or "cancelled")
+        return self.client._gather_values([self])[0]
+
+    def exception(self, timeout: float | None = None):
+        self._wait(timeout)
+        return self._state.exception if self._state.status == "error" else None
+
+    def traceback(self, timeout: float | None = None):
+        """The remote traceback as text (None if the task did not fail)."""
+        self._wait(timeout)
+        return self._state.traceback if self._state.status == "error" else None
+
+    def _wait(self, timeout):
+        if not self._state.event.wait(timeout):
+            raise TimeoutError(f"{self.key!r} not done after {timeout} s")
+
+    # -- control --------------------------------------------------------
+    def cancel(self, **kwargs):
+        self.client.cancel([self])
+
+    def release(self):
+        if self._held:
+            self._held = False
+            self.client._drop(self._state)
+
+    def add_done_callback(self, fn):
+        """Calls `fn(future)` once the future is done (at once if it is)."""
+        st = self._state
+        with self.client._lock:
+            if not st.done():
+                st.callbacks.append((fn, self))
+                return
+        self.client._run_callback(fn, self)
+
+    @property
+    def type(self):
+        return self._state.type
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        # Inside a task a future is a reference to its key.
+        return TaskRef, (self.key,)
+
+    def __repr__(self):
+        return f"<Future: {self._state.status}, key: {self.key}>"
+
+    def _repr_html_(self):
+        return f"<b>Future: {self.key}</b> <span>status: {self._state.status}</span>"
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, Future) and other.key == self.key and other.client is self.client
+
+    def __await__(self):
+        raise NotImplementedError("rdask's Client is synchronous; use future.result()")

@@ -1,0 +1,86 @@
+"""A nanny per worker process: starts `python -m rdask.worker`, and starts it
+again if it dies while it should be running (a crash, the OOM killer)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+logger = logging.getLogger("rdask.nanny")
+
+
+class Nanny:
+    def __init__(self, scheduler: str, name: str, nthreads: int = 1, memory_limit: int = 0,
+                 resources: dict | None = None, token: str | None = None,
+                 local_directory: str | None = None, listen_host: str = "127.0.0.1",
+                 max_restarts_per_minute: int = 10, quiet: bool = False):
+        self.name = name
+        self.cmd = [sys.executable, "-m", "rdask.worker_process", scheduler, "--name", name,
+                    "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
+                    "--listen-host", listen_host]
+        if resources:
+            self.cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
+        if local_directory:
+            self.cmd += ["--local-directory", local_directory]
+        self.env = None
+        if token:
+            import os
+
+            self.env = dict(os.environ, RDASK_TOKEN=token)
+        self.quiet = quiet
+        self.max_restarts = max_restarts_per_minute
+        self.restarts: list[float] = []
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self):
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name=f"rdask-nanny-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _spawn(self):
+        out = subprocess.DEVNULL if self.quiet else None
+        self.process = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=out if self.quiet else None)
+
+    def _watch(self):
+        while not self._stopping.is_set():
+            p = self.process
+            if p is not None and p.poll() is not None and not self._stopping.is_set():
+                code = p.returncode
+                if code == 0:
+                    logger.info("worker %s exited cleanly (scheduler gone)", self.name)
+                    return
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+                if len(self.restarts) > self.max_restarts:
+                    logger.error("worker %s died %d times within a minute; giving up", self.name, len(self.restarts))
+                    return
+                logger.warning("worker %s died (exit code %s); restarting it", self.name, code)
+                print(f"rdask nanny: worker {self.name} died (exit code {code}); restarting", file=sys.stderr)
+                self._spawn()
+            self._stopping.wait(0.1)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0):
+        self._stopping.set()
+        p = self.process
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)

@@ -1,0 +1,128 @@
+"""How values, task payloads and errors travel.
+
+Values: pickle protocol 5 with out-of-band buffers, so the buffers of numpy
+arrays and pandas frames become separate data frames sent with no extra
+copy; cloudpickle is the fallback for what plain pickle refuses (lambdas,
+locally defined classes). Task payloads are pickled tuples (see
+`rdask.worker.execute`). Errors travel as the pickled exception plus its
+formatted traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from dask.sizeof import sizeof
+
+HIGHEST = 5
+
+
+def dumps(obj: Any) -> list:
+    """Object -> [header, *buffers] (buffers are zero-copy views)."""
+    buffers: list = []
+    try:
+        header = pickle.dumps(obj, protocol=HIGHEST, buffer_callback=buffers.append)
+        if b"__main__" in header:
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        buffers = []
+        header = cloudpickle.dumps(obj, protocol=HIGHEST, buffer_callback=buffers.append)
+    frames = [header]
+    for b in buffers:
+        try:
+            frames.append(b.raw())
+        except BufferError:  # not contiguous: one copy
+            frames.append(memoryview(b).tobytes())
+    return frames
+
+
+def loads(frames: list) -> tuple[Any, int]:
+    """[header, *buffers] -> (object, estimated bytes)."""
+    obj = pickle.loads(frames[0], buffers=frames[1:])
+    return obj, nbytes(obj)
+
+
+def nbytes(obj: Any) -> int:
+    try:
+        return int(sizeof(obj))
+    except Exception:
+        return 64
+
+
+def dumps_payload(obj: Any) -> bytes:
+    """A task payload; raises TypeError naming the culprit if it cannot be pickled.
+    Plain pickle first (fast); cloudpickle when that fails or when the result
+    names `__main__`, whose functions and classes the worker cannot import."""
+    try:
+        b = pickle.dumps(obj, protocol=HIGHEST)
+        if b"__main__" not in b:
+            return b
+    except Exception:
+        pass
+    try:
+        return cloudpickle.dumps(obj, protocol=HIGHEST)
+    except Exception as e:
+        raise TypeError(f"could not serialize task: {type(e).__name__}: {e}") from e
+
+
+_function_cache: dict = {}
+
+
+def dumps_function(func) -> bytes:
+    """cloudpickle of a function, cached (client.map pickles it once)."""
+    try:
+        return _function_cache[func]
+    except (KeyError, TypeError):
+        pass
+    try:
+        b = cloudpickle.dumps(func, protocol=HIGHEST)
+    except Exception as e:
+        raise TypeError(f"could not serialize function {func!r}: {type(e).__name__}: {e}") from e
+    try:
+        if len(_function_cache) > 1000:
+            _function_cache.clear()
+        _function_cache[func] = b
+    except TypeError:  # unhashable callable
+        pass
+    return b
+
+
+_loaded_functions: dict = {}
+
+
+def loads_function(b: bytes):
+    f = _loaded_functions.get(b)
+    if f is None:
+        f = pickle.loads(b)
+        if len(_loaded_functions) > 1000:
+            _loaded_functions.clear()
+        _loaded_functions[b] = f
+    return f
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """The exception and its traceback text; a stand-in if it won't pickle."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for dump in (pickle.dumps, cloudpickle.dumps):
+        try:
+            b = dump((exc, tb), protocol=HIGHEST)
+            pickle.loads(b)  # some exceptions pickle but cannot be rebuilt
+            return b
+        except Exception:
+            continue
+    return pickle.dumps((RuntimeError(f"{type(exc).__name__}: {exc}"), tb), protocol=HIGHEST)
+
+
+def loads_error(payload, message: str) -> tuple[BaseException, str]:
+    """(exception, remote traceback text) from an error payload."""
+    if payload is not None and len(payload):
+        try:
+            exc, tb = pickle.loads(payload)
+            return exc, tb
+        except Exception:
+            pass
+    return RuntimeError(message), ""

@@ -1,0 +1,159 @@
+"""The Python side of a worker process: the executor the Rust runtime calls
+on its threads, and `python -m rdask.worker` (one worker process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import sys
+import threading
+
+from . import _rdask
+from .packing import unpack_deps
+from .serialize import dumps, dumps_error, loads, loads_function, nbytes
+
+CALL, NODE, DATA = 1, 2, 3
+
+logger = logging.getLogger("rdask.worker")
+
+
+class WorkerInfo:
+    """What `get_worker()` returns inside a task."""
+
+    def __init__(self, name: str, scheduler_address: str, nthreads: int, local_directory: str | None, token):
+        self.name = name
+        self.scheduler_address = scheduler_address
+        self.nthreads = nthreads
+        self.local_directory = local_directory
+        self.token = token
+        self._local = threading.local()
+        self._client = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def current_key(self):
+        return getattr(self._local, "key", None)
+
+    def __repr__(self):
+        return f"<rdask Worker {self.name!r} of {self.scheduler_address}>"
+
+
+_worker: WorkerInfo | None = None
+
+
+def get_worker() -> WorkerInfo:
+    if _worker is None:
+        raise ValueError("get_worker() called outside an rdask worker")
+    return _worker
+
+
+def worker_client():
+    """A client connected to this worker's scheduler (one per process)."""
+    w = get_worker()
+    with w._client_lock:
+        if w._client is None or w._client.status != "running":
+            from .client import Client
+
+            w._client = Client(w.scheduler_address, token=w.token, set_as_default=False)
+        return w._client
+
+
+def execute(key: str, payload, inputs: list):
+    """Runs one task. Returns (True, value, nbytes) or (False, message, error payload)."""
+    w = _worker
+    if w is not None:
+        w._local.key = key
+    try:
+        msg = pickle.loads(payload)
+        kind = msg[0]
+        if kind == CALL:
+            _, fb, args, kwargs = msg
+            func = loads_function(fb)
+            if inputs:
+                args, kwargs = unpack_deps((args, kwargs), inputs)
+            result = func(*args, **kwargs)
+        elif kind == NODE:
+            _, node, deps = msg
+            result = node(dict(zip(deps, inputs)))
+        elif kind == DATA:
+            result = msg[1]
+        else:
+            raise ValueError(f"unknown task kind {kind!r}")
+        return (True, result, nbytes(result))
+    except Exception as e:
+        return (False, f"{type(e).__name__}: {e}", dumps_error(e))
+    finally:
+        if w is not None:
+            w._local.key = None
+
+
+def run(
+    scheduler: str,
+    name: str,
+    nthreads: int = 1,
+    memory_limit: int = 0,
+    resources: dict | None = None,
+    token: str | None = None,
+    local_directory: str | None = None,
+    listen_host: str = "127.0.0.1",
+    connect_timeout: float = 30.0,
+):
+    """Runs this process as a worker until the scheduler goes away."""
+    global _worker
+    _rdask.init_logging()
+    if local_directory:
+        os.makedirs(local_directory, exist_ok=True)
+    _worker = WorkerInfo(name, scheduler, nthreads, local_directory, token)
+    _rdask.run_worker(
+        scheduler,
+        execute,
+        dumps,
+        loads,
+        name,
+        nthreads=nthreads,
+        memory_limit=memory_limit,
+        resources=resources,
+        listen=f"tcp://{listen_host}:0",
+        token=token,
+        connect_timeout=connect_timeout,
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m rdask.worker", description="one rdask worker process")
+    p.add_argument("scheduler")
+    p.add_argument("--name", required=True)
+    p.add_argument("--nthreads", type=int, default=1)
+    p.add_argument("--memory-limit", type=int, default=0)
+    p.add_argument("--resources", default="")
+    p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
+    p.add_argument("--local-directory", default=None)
+    p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    a = p.parse_args(argv)
+    from .config import parse_resources
+
+    try:
+        run(
+            a.scheduler,
+            a.name,
+            a.nthreads,
+            a.memory_limit,
+            parse_resources(a.resources),
+            a.token,
+            a.local_directory,
+            a.listen_host,
+            a.connect_timeout,
+        )
+    except KeyboardInterrupt:
+        return 0
+    except _rdask.RdaskError as e:
+        print(f"rdask worker {a.name}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+//! The Rust client as a Python object. Every call that waits on the network
+//! runs with the GIL released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyKeyError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use rdask_client::{Client as RustClient, ClientError, KeyStatus, TaskDef};
+
+use crate::frames::{frames_to_py, py_to_bytes, Frame};
+use crate::{runtime, CommClosedError, RdaskError};
+
+#[pyclass(module = "rdask._rdask", frozen)]
+pub struct Client {
+    // A mutex, not `&mut self`: `close` runs while another thread waits in
+    // `next_events` on the same object.
+    inner: std::sync::Mutex<Option<Arc<RustClient>>>,
+    address: String,
+}
+
+fn to_py_err(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Disconnected => CommClosedError::new_err("the connection to the scheduler is closed"),
+        ClientError::MissingKey(k) => PyKeyError::new_err(k),
+        ClientError::Connect { address, reason } => {
+            PyTimeoutError::new_err(format!("cannot connect to scheduler at {address}: {reason}"))
+        }
+        other => RdaskError::new_err(other.to_string()),
+    }
+}
+
+impl Client {
+    fn inner(&self) -> PyResult<Arc<RustClient>> {
+        self.inner.lock().unwrap().clone().ok_or_else(|| CommClosedError::new_err("this client is closed"))
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// Connects to a scheduler (`tcp://host:port`), failing after `timeout` seconds.
+    #[staticmethod]
+    #[pyo3(signature = (address, token=None, timeout=10.0))]
+    fn connect(py: Python<'_>, address: String, token: Option<String>, timeout: f64) -> PyResult<Client> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let addr = address.clone();
+        let client = py
+            .detach(move || runtime().block_on(RustClient::connect(&addr, token.as_deref(), timeout)))
+            .map_err(to_py_err)?;
+        client.enable_events();
+        Ok(Client { inner: std::sync::Mutex::new(Some(Arc::new(client))), address })
+    }
+
+    #[getter]
+    fn id(&self) -> PyResult<u32> {
+        Ok(self.inner()?.id.0)
+    }
+
+    #[getter]
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Submits tasks: a list of `(key, deps, payload, priority, order, want, retries)`.
+    fn submit(&self, py: Python<'_>, tasks: &Bound<'_, PyList>) -> PyResult<()> {
+        let client = self.inner()?;
+        let mut defs = Vec::with_capacity(tasks.len());
+        for item in tasks.iter() {
+            let t = item.cast::<PyTuple>().map_err(|_| PyValueError::new_err("each task must be a tuple"))?;
+            if t.len() != 7 {
+                return Err(PyValueError::new_err("a task is (key, deps, payload, priority, order, want, retries)"));
+            }
+            defs.push(TaskDef {
+                key: t.get_item(0)?.extract()?,
+                deps: t.get_item(1)?.extract()?,
+                payload: py_to_bytes(&t.get_item(2)?)?,
+                priority: t.get_item(3)?.extract()?,
+                order: t.get_item(4)?.extract()?,
+                want: t.get_item(5)?.extract()?,
+                retries: t.get_item(6)?.extract()?,
+            });
+        }
+        py.detach(move || client.submit(defs)).map_err(to_py_err)
+    }
+
+    /// Status changes since the last call, waiting up to `timeout` seconds
+    /// for the first: a list of `(key, state, detail)` where state is
+    /// "finished" (detail: size), "erred" (detail: (failed_key, message,
+    /// payload frame)), "cancelled", "lost" or "rejected" (detail: message).
+    fn next_events<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {
+        let client = self.inner()?;
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let events = py.detach(move || runtime().block_on(client.next_events(timeout))).map_err(to_py_err)?;
+        let out = PyList::empty(py);
+        for (key, status) in events {
+            let item = match status {
+                KeyStatus::Done { size } => (key, "finished", size.into_pyobject(py)?.into_any()),
+                KeyStatus::Erred { failed_key, message, payload } => {
+                    let frame = Py::new(py, Frame { data: payload })?;
+                    (key, "erred", (failed_key, message, frame).into_pyobject(py)?.into_any())
+                }
+                KeyStatus::Cancelled => (key, "cancelled", py.None().into_bound(py)),
+                KeyStatus::Pending => (key, "lost", py.None().into_bound(py)),
+                KeyStatus::Rejected(m) => (key, "rejected", m.into_pyobject(py)?.into_any()),
+            };
+            out.append(item)?;
+        }
+        Ok(out)
+    }
+
+    /// Values of finished keys, fetched straight from the workers: one list
+    /// of frames per key.
+    fn gather<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Vec<Vec<Py<Frame>>>> {
+        let client = self.inner()?;
+        let values = py.detach(move || runtime().block_on(client.gather(&keys))).map_err(to_py_err)?;
+        values.into_iter().map(|frames| frames_to_py(py, frames)).collect()
+    }
+
+    fn release(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
+        let client = self.inner()?;
+        py.detach(move || client.release(&keys)).map_err(to_py_err)
+    }
+
+    fn cancel(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
+        let client = self.inner()?;
+        py.detach(move || client.cancel(&keys)).map_err(to_py_err)
+    }
+
+    /// The scheduler's view: `{"scheduler_id", "workers": [...], "tasks", ...}`.
+    fn cluster_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.inner()?;
+        let info = py.detach(move || runtime().block_on(client.cluster_info())).map_err(to_py_err)?;
+        info_to_dict(py, &info)
+    }
+
+    /// Waits until `n` workers are connected, or raises after `timeout` seconds.
+    fn wait_for_workers<'py>(&self, py: Python<'py>, n: usize, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.inner()?;
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let info = py
+            .detach(move || runtime().block_on(client.wait_for_workers(n, timeout)))
+            .map_err(|e| match e {
+                ClientError::Scheduler(m) => PyTimeoutError::new_err(m),
+                other => to_py_err(other),
+            })?;
+        info_to_dict(py, &info)
+    }
+
+    /// Says goodbye to the scheduler (which releases this client's keys).
+    fn close(&self, py: Python<'_>) {
+        let client = self.inner.lock().unwrap().take();
+        if let Some(client) = client {
+            py.detach(move || runtime().block_on(client.close()));
+        }
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().unwrap().is_none()
+    }
+}
+
+fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("scheduler_id", &info.scheduler_id)?;
+    d.set_item("tasks", info.tasks)?;
+    d.set_item("ready", info.ready)?;
+    d.set_item("submitted", info.submitted)?;
+    d.set_item("finished", info.finished)?;
+    d.set_item("failed", info.failed)?;
+    let workers = PyList::empty(py);
+    for w in &info.workers {
+        let wd = PyDict::new(py);
+        wd.set_item("id", w.id.0)?;
+        wd.set_item("name", &w.name)?;
+        wd.set_item("address", &w.address)?;
+        wd.set_item("nthreads", w.nthreads)?;
+        wd.set_item("memory_limit", w.memory_limit)?;
+        wd.set_item("processing", w.processing)?;
+        wd.set_item("stored_values", w.stored_values)?;
+        wd.set_item("stored_bytes", w.stored_bytes)?;
+        workers.append(wd)?;
+    }
+    d.set_item("workers", workers)?;
+    Ok(d)
+}

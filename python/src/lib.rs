@@ -1,0 +1,62 @@
+//! `rdask._rdask`: the Rust side of the Python package. It is thin on
+//! purpose: the scheduler, worker runtime and client are the Rust crates;
+//! this module hands them Python objects and releases the GIL around every
+//! call that waits.
+
+mod client;
+mod frames;
+mod scheduler;
+mod worker;
+
+use std::sync::OnceLock;
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+
+pyo3::create_exception!(_rdask, RdaskError, pyo3::exceptions::PyException, "An error from the rdask runtime.");
+pyo3::create_exception!(_rdask, CommClosedError, RdaskError, "The connection to the scheduler is gone.");
+
+/// One tokio runtime per process for clients and workers: its threads do
+/// the network I/O while Python threads run user code.
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("rdask-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the rdask I/O runtime")
+    })
+}
+
+pub(crate) fn os_error(e: impl std::fmt::Display) -> PyErr {
+    PyOSError::new_err(e.to_string())
+}
+
+/// Sets up `tracing` output once (level from RDASK_LOG, default warn).
+#[pyfunction]
+#[pyo3(signature = (level=None))]
+fn init_logging(level: Option<String>) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = level.or_else(|| std::env::var("RDASK_LOG").ok()).unwrap_or_else(|| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
+}
+
+#[pymodule]
+fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("RdaskError", m.py().get_type::<RdaskError>())?;
+    m.add("CommClosedError", m.py().get_type::<CommClosedError>())?;
+    m.add("PROTOCOL_VERSION", rdask_transport::protocol::PROTOCOL_VERSION)?;
+    m.add_class::<frames::Frame>()?;
+    m.add_class::<scheduler::Scheduler>()?;
+    m.add_class::<client::Client>()?;
+    m.add_function(wrap_pyfunction!(worker::run_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! An in-process scheduler (its own thread, no GIL needed), used by
+//! `LocalCluster` and the `rdask-scheduler` command.
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use rdask_sched::reactor::{SchedulerConfig, SchedulerHandle};
+
+#[pyclass(module = "rdask._rdask")]
+pub struct Scheduler {
+    handle: Option<SchedulerHandle>,
+    address: String,
+}
+
+#[pymethods]
+impl Scheduler {
+    /// Starts listening at once; `port=0` picks a free port.
+    #[new]
+    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256))]
+    fn new(
+        py: Python<'_>,
+        host: &str,
+        port: u16,
+        token: Option<String>,
+        worker_timeout: f64,
+        tasks_per_thread: u32,
+    ) -> PyResult<Self> {
+        let mut config = SchedulerConfig::default();
+        config.token = token;
+        config.worker_timeout = Duration::from_secs_f64(worker_timeout.max(0.1));
+        config.core.tasks_per_thread = tasks_per_thread.max(1);
+        let addr = format!("tcp://{host}:{port}");
+        let handle = py.detach(|| SchedulerHandle::start(&addr, config)).map_err(crate::os_error)?;
+        let address = handle.address.clone();
+        Ok(Scheduler { handle: Some(handle), address })
+    }
+
+    #[getter]
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.handle.is_some()
+    }
+
+    /// Seconds of CPU the scheduler thread has used.
+    fn cpu_time(&self) -> f64 {
+        self.handle.as_ref().map(|h| h.cpu_time().as_secs_f64()).unwrap_or(0.0)
+    }
+
+    /// Stops serving: workers and clients see the connection close.
+    fn stop(&mut self, py: Python<'_>) {
+        if let Some(h) = self.handle.take() {
+            py.detach(move || h.stop());
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<rdask Scheduler {} ({})>", self.address, if self.handle.is_some() { "running" } else { "stopped" })
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}

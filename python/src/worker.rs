@@ -1,0 +1,160 @@
+//! A worker process's Rust runtime with a Python executor: tasks run on the
+//! runtime's threads, which take the GIL only while Python code runs;
+//! results stay Python objects until a peer or client asks for them.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+use rdask_transport::bytes::Bytes;
+use rdask_transport::protocol::Resource;
+use rdask_worker::executor::{Frames, ObjectValue};
+use rdask_worker::{Executor, TaskFailure, TaskRun, Value, WorkerConfig};
+
+use crate::frames::{frames_to_py, py_to_bytes, Frame};
+use crate::{runtime, RdaskError};
+
+/// The Python callables the executor calls (from `rdask.worker`):
+/// `execute(key, payload, inputs) -> (True, value, nbytes) | (False, message, error_payload)`,
+/// `dumps(value) -> [frames]`, `loads([frames]) -> (value, nbytes)`.
+struct PyExecutor {
+    execute: Py<PyAny>,
+    codec: Arc<Codec>,
+}
+
+struct Codec {
+    dumps: Py<PyAny>,
+    loads: Py<PyAny>,
+}
+
+struct PyValue {
+    obj: Py<PyAny>,
+    size: u64,
+    codec: Arc<Codec>,
+}
+
+impl ObjectValue for PyValue {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn serialize(&self) -> Result<Vec<Bytes>, String> {
+        Python::attach(|py| {
+            let frames = self.codec.dumps.call1(py, (self.obj.clone_ref(py),)).map_err(|e| e.to_string())?;
+            let frames = frames.bind(py).cast::<PyList>().map_err(|e| e.to_string())?.clone();
+            frames.iter().map(|f| py_to_bytes(&f).map_err(|e| e.to_string())).collect()
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Codec {
+    fn load(&self, py: Python<'_>, frames: impl IntoIterator<Item = Bytes>) -> PyResult<(Py<PyAny>, u64)> {
+        let frames = frames_to_py(py, frames)?;
+        self.loads.call1(py, (frames,))?.extract(py)
+    }
+
+    fn to_py(&self, py: Python<'_>, value: &Value) -> PyResult<Py<PyAny>> {
+        match value {
+            Value::Object(o) => match o.as_any().downcast_ref::<PyValue>() {
+                Some(v) => Ok(v.obj.clone_ref(py)),
+                None => self.load(py, o.serialize().map_err(RdaskError::new_err)?).map(|(v, _)| v),
+            },
+            Value::Bytes(b) => self.load(py, [b.clone()]).map(|(v, _)| v),
+        }
+    }
+}
+
+impl Executor for PyExecutor {
+    fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
+        Python::attach(|py| {
+            let run = || -> PyResult<Result<Value, TaskFailure>> {
+                let inputs = PyList::empty(py);
+                for (_, value) in &task.inputs {
+                    inputs.append(self.codec.to_py(py, value)?)?;
+                }
+                let payload = Py::new(py, Frame { data: task.payload.clone() })?;
+                let out = self.execute.call1(py, (task.key.as_str(), payload, inputs))?;
+                let out = out.bind(py).cast::<PyTuple>()?.clone();
+                if out.get_item(0)?.extract::<bool>()? {
+                    let value = PyValue { obj: out.get_item(1)?.unbind(), size: out.get_item(2)?.extract()?, codec: self.codec.clone() };
+                    Ok(Ok(Value::Object(Arc::new(value))))
+                } else {
+                    let message: String = out.get_item(1)?.extract()?;
+                    let payload = py_to_bytes(&out.get_item(2)?)?;
+                    Ok(Err(TaskFailure { message, payload }))
+                }
+            };
+            // The Python side catches user errors itself; anything reaching
+            // here is a bug in rdask's own glue, reported as the task's error.
+            run().unwrap_or_else(|e| Err(TaskFailure::message(format!("rdask executor error: {e}"))))
+        })
+    }
+
+    fn deserialize(&self, frames: Frames) -> Result<Value, String> {
+        Python::attach(|py| {
+            let (obj, size) = self.codec.load(py, frames).map_err(|e| e.to_string())?;
+            Ok(Value::Object(Arc::new(PyValue { obj, size, codec: self.codec.clone() })))
+        })
+    }
+}
+
+/// Runs a worker until the scheduler goes away (returns) or the connection
+/// cannot be made (raises). Blocks with the GIL released; Ctrl-C and other
+/// signals are still seen every 200 ms.
+#[pyfunction]
+#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn run_worker(
+    py: Python<'_>,
+    scheduler: String,
+    execute: Py<PyAny>,
+    dumps: Py<PyAny>,
+    loads: Py<PyAny>,
+    name: String,
+    nthreads: u32,
+    memory_limit: u64,
+    resources: Option<HashMap<String, f64>>,
+    listen: &str,
+    token: Option<String>,
+    connect_timeout: f64,
+    on_start: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let config = WorkerConfig {
+        scheduler,
+        name,
+        nthreads: nthreads.max(1),
+        memory_limit,
+        resources: resources.unwrap_or_default().into_iter().map(|(name, amount)| Resource { name, amount }).collect(),
+        listen: listen.to_string(),
+        token,
+        connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
+        ..WorkerConfig::default()
+    };
+    let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads }) });
+    let (tx, rx) = std::sync::mpsc::channel();
+    // `detach` wants `Sync` captures; the mutex is only ever taken here.
+    let rx = std::sync::Mutex::new(rx);
+    runtime().spawn(async move {
+        let _ = tx.send(rdask_worker::run_worker(config, executor).await);
+    });
+    if let Some(cb) = on_start {
+        cb.call0(py)?;
+    }
+    loop {
+        match py.detach(|| rx.lock().unwrap().recv_timeout(Duration::from_millis(200))) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => return Err(RdaskError::new_err(e.to_string())),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(RdaskError::new_err("the worker runtime stopped unexpectedly"))
+            }
+        }
+    }
+}
