@@ -30,7 +30,7 @@ def wait(fs, timeout: float | None = None, return_when: str = "ALL_COMPLETED"):
     else:
         for f in futures:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not f._state.event.wait(left):
+            if not f.client._wait_done([f._state], left):
                 raise TimeoutError(f"futures not done after {timeout} s")
     done = {f for f in futures if f.done()}
     return DoneAndNotDoneFutures(done, set(futures) - done)

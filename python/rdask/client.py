@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
+import pickle
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,8 +20,8 @@ import dask
 from . import _rdask
 from .future import Future, FutureCancelledError, FutureState
 from .graph import graph_to_tasks
-from .keys import call_key, funcname, key_str
-from .serialize import dumps_function, dumps_payload, loads, loads_error
+from .keys import funcname, key_str
+from .serialize import dumps_function, dumps_payload, loads_error, loads_value
 from .packing import pack_futures, unpack_structure, flatten_futures
 
 logger = logging.getLogger("rdask.client")
@@ -79,6 +82,7 @@ class Client:
         self.id = name or f"Client-{os.getpid()}-{id(self):x}"
         self._rc = _rdask.Client.connect(address, token, float(timeout))
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # notified when keys finish
         self._states: dict[str, FutureState] = {}
         self._releasing: dict[str, FutureState] = {}
         self._forever: set[Future] = set()  # fire_and_forget
@@ -118,16 +122,26 @@ class Client:
 
     # ------------------------------------------------------------ key bookkeeping
     def _hold(self, key) -> FutureState:
-        skey = key_str(key)
         with self._lock:
-            st = self._states.get(skey)
+            return self._hold_locked(key, key_str(key))
+
+    def _hold_locked(self, key, skey: str) -> FutureState:
+        st = self._states.get(skey)
+        if st is None:
+            st = self._releasing.pop(skey, None)
             if st is None:
-                st = self._releasing.pop(skey, None)
-                if st is None:
-                    st = FutureState(key, skey)
-                self._states[skey] = st
-            st.refs += 1
-            return st
+                st = FutureState(key, skey)
+            self._states[skey] = st
+        st.refs += 1
+        return st
+
+    def _futures(self, keys: list) -> list[Future]:
+        """Futures for many keys under one lock acquisition."""
+        hold = self._hold_locked
+        with self._lock:
+            states = [hold(k, k if type(k) is str else key_str(k)) for k in keys]
+        make = Future._from_state
+        return [make(k, self, st) for k, st in zip(keys, states)]
 
     def _drop(self, st: FutureState):
         with self._lock:
@@ -179,15 +193,31 @@ class Client:
                     st.status, st.exception, st.traceback = "error", _rdask.RdaskError(detail), None
                 elif state == "lost":
                     st.status = "pending"
-                    st.event.clear()
+                    st.finished = False
                     continue
-                st.event.set()
+                st.finished = True
                 if st.callbacks:
                     done.append(st.callbacks)
                     st.callbacks = []
+            self._cond.notify_all()
         for callbacks in done:
             for fn, fut in callbacks:
                 self._run_callback(fn, fut)
+
+    def _wait_done(self, states: list, timeout: float | None) -> bool:
+        """Waits until every state is finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        i = 0
+        with self._cond:
+            while i < len(states):
+                if states[i].finished:
+                    i += 1
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     def _run_callback(self, fn, fut):
         try:
@@ -204,9 +234,10 @@ class Client:
                     st.exception = _rdask.CommClosedError(
                         "lost the connection to the scheduler before this key finished"
                     )
-                    st.event.set()
+                    st.finished = True
                     callbacks.extend(st.callbacks)
                     st.callbacks = []
+            self._cond.notify_all()
             if not self._closing:
                 self.status = "closed"
         for fn, fut in callbacks:
@@ -219,14 +250,14 @@ class Client:
 
     def _send(self, tasks: list, keys: list) -> list[Future]:
         """Holds `keys` (creating their futures) and submits `tasks`."""
-        futures = [Future(k, self) for k in keys]
+        futures = self._futures(keys)
         if tasks:
             with self._lock:
                 for t in tasks:
                     st = self._states.get(t[0])
                     if st is not None and st.status in ("error", "cancelled"):
                         st.status, st.exception, st.traceback = "pending", None, None
-                        st.event.clear()
+                        st.finished = False
             self._rc.submit(tasks)
         return futures
 
@@ -254,17 +285,12 @@ class Client:
         if actor or actors:
             raise NotImplementedError("actors are not supported by rdask")
         _check_restrictions(workers, resources)
-        if key is None:
-            key = call_key(func, args, kwargs, pure)
-        skey = key_str(key)
-        with self._lock:
-            st = self._states.get(skey)
-            if st is not None and pure and st.status not in ("error", "cancelled"):
-                return Future(key, self)  # same pure call: share the result
         (args2, kwargs2), deps = pack_futures((args, kwargs), self)
         payload = dumps_payload((CALL, dumps_function(func), args2, kwargs2))
-        task = (skey, deps, payload, int(priority), None, True, int(retries or 0))
-        return self._send([task], [key])[0]
+        if key is None:
+            key = _call_key(funcname(func), payload, deps, pure)
+        task = (key_str(key), deps, payload, int(priority), None, True, int(retries or 0))
+        return self._send(self._new_only([task], pure), [key])[0]
 
     def map(
         self,
@@ -276,55 +302,56 @@ class Client:
         retries: int | None = None,
         priority: int = 0,
         pure: bool = True,
-        batch_size=None,
+        batch_size: int | None = None,
         **kwargs,
     ) -> list[Future]:
-        """`submit` for each element of the iterables (zipped)."""
+        """`submit` for each element of the iterables (zipped). Tasks go to
+        the scheduler in batches while later ones are still being prepared."""
         self._check()
         if not callable(func):
             raise TypeError("first argument to map must be callable")
         _check_restrictions(workers, resources)
-        iterables = [list(it) if not isinstance(it, (list, tuple)) else it for it in iterables]
+        iterables = [it if isinstance(it, (list, tuple, range)) else list(it) for it in iterables]
         fb = dumps_function(func)
-        name = funcname(func) if not isinstance(key, str) else key
-        import hashlib
-        import pickle
-        import uuid
-
-        from dask.base import tokenize
-
-        from .keys import fast_token
-
-        if isinstance(key, (list, tuple)):
-            keys = list(key)
-        elif pure:
-            base = tokenize(func, kwargs)
-            keys = [f"{name}-{fast_token(base, args)}" for args in zip(*iterables)]
-        else:
-            keys = [f"{name}-{uuid.uuid4().hex}" for _ in zip(*iterables)]
-        kw = kwargs or {}
+        name = key if isinstance(key, str) else funcname(func)
+        explicit = list(key) if isinstance(key, (list, tuple)) else None
         retries = int(retries or 0)
         priority = int(priority)
-        tasks = []
-        seen = set()
+        batch = int(batch_size or 8192)
+        futures: list[Future] = []
+        seen: set = set()
+        tasks: list = []
+        keys: list = []
         dumps = pickle.dumps
-        with self._lock:
-            existing = {k for k in keys if k in self._states and self._states[k].status not in ("error", "cancelled")}
-        for k, args in zip(keys, zip(*iterables)):
-            if k in seen or (pure and k in existing):
-                continue
-            seen.add(k)
-            if any(isinstance(a, (Future, list, tuple, dict, set)) for a in args) or kw:
-                (a2, kw2), deps = pack_futures((args, kw), self)
+        for i, args in enumerate(zip(*iterables)):
+            if kwargs or any(type(a) not in _SIMPLE for a in args):
+                (a2, kw2), deps = pack_futures((args, kwargs), self)
                 payload = dumps_payload((CALL, fb, a2, kw2))
-            else:
+            else:  # plain scalars: always picklable, no futures inside
                 deps = []
-                try:
-                    payload = dumps((CALL, fb, args, kw), protocol=5)
-                except Exception:
-                    payload = dumps_payload((CALL, fb, args, kw))
-            tasks.append((k, deps, payload, priority, None, True, retries))
-        return self._send(tasks, keys)
+                payload = dumps((CALL, fb, args, kwargs), protocol=5)
+            if explicit is not None:
+                k = explicit[i]
+            else:
+                k = _call_key(name, payload, deps, pure)
+            keys.append(k)
+            if k not in seen:
+                seen.add(k)
+                tasks.append((key_str(k), deps, payload, priority, None, True, retries))
+            if len(tasks) >= batch:
+                futures.extend(self._send(self._new_only(tasks, pure), keys))
+                tasks, keys = [], []
+        futures.extend(self._send(self._new_only(tasks, pure), keys))
+        return futures
+
+    def _new_only(self, tasks: list, pure: bool) -> list:
+        """Drops pure tasks whose key this client already holds (their
+        result is shared, as in dask)."""
+        if not pure:
+            return tasks
+        with self._lock:
+            states = self._states
+            return [t for t in tasks if (st := states.get(t[0])) is None or st.status in ("error", "cancelled")]
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash: bool = True, timeout=None):
         """Puts local data on the cluster; returns futures of the same shape."""
@@ -416,8 +443,7 @@ class Client:
         flat = flatten_futures(futures)
         if not flat:
             return futures
-        for f in flat:
-            f._state.event.wait()
+        self._wait_done([f._state for f in flat], None)
         good = []
         for f in flat:
             st = f._state
@@ -441,7 +467,7 @@ class Client:
             frames = self._rc.gather(unique)
         except KeyError as e:
             raise KeyError(f"key {e.args[0]!r} is not held by the cluster (released, cancelled or never submitted)") from None
-        values = {k: loads(fr)[0] for k, fr in zip(unique, frames)}
+        values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
         return [values[k] for k in keys]
 
     def cancel(self, futures, asynchronous=None, force: bool = False, reason=None, msg=None):
@@ -531,6 +557,20 @@ class Client:
 
     def _repr_html_(self):
         return f"<div><b>rdask Client</b> {self.scheduler_address} — {self.status}</div>"
+
+
+_SIMPLE = frozenset((int, float, str, bytes, bool, type(None)))
+
+
+def _call_key(name: str, payload: bytes, deps: list, pure: bool) -> str:
+    """`name-token`: for pure calls a digest of the pickled call (function,
+    arguments, dependency keys), so equal calls share a key; else random."""
+    if not pure:
+        return f"{name}-{uuid.uuid4().hex}"
+    h = hashlib.md5(payload, usedforsecurity=False)
+    for d in deps:
+        h.update(d.encode())
+    return f"{name}-{h.hexdigest()}"
 
 
 def _check_restrictions(workers, resources):

@@ -46,6 +46,10 @@ def loads(frames: list) -> tuple[Any, int]:
     return obj, nbytes(obj)
 
 
+def loads_value(frames: list) -> Any:
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
 def nbytes(obj: Any) -> int:
     try:
         return int(sizeof(obj))

@@ -15,6 +15,7 @@ from .packing import unpack_deps
 from .serialize import dumps, dumps_error, loads, loads_function, nbytes
 
 CALL, NODE, DATA = 1, 2, 3
+EAGER_BYTES = 16 << 10
 
 logger = logging.getLogger("rdask.worker")
 
@@ -81,7 +82,10 @@ def execute(key: str, payload, inputs: list):
             result = msg[1]
         else:
             raise ValueError(f"unknown task kind {kind!r}")
-        return (True, result, nbytes(result))
+        size = nbytes(result)
+        # Small results are pickled now, while this thread holds the GIL
+        # anyway: serving them to a peer or client later then needs no GIL.
+        return (True, result, size, dumps(result) if size <= EAGER_BYTES else None)
     except Exception as e:
         return (False, f"{type(e).__name__}: {e}", dumps_error(e))
     finally:

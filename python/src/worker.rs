@@ -18,7 +18,7 @@ use crate::frames::{frames_to_py, py_to_bytes, Frame};
 use crate::{runtime, RdaskError};
 
 /// The Python callables the executor calls (from `rdask.worker`):
-/// `execute(key, payload, inputs) -> (True, value, nbytes) | (False, message, error_payload)`,
+/// `execute(key, payload, inputs) -> (True, value, nbytes, frames|None) | (False, message, error_payload)`,
 /// `dumps(value) -> [frames]`, `loads([frames]) -> (value, nbytes)`.
 struct PyExecutor {
     execute: Py<PyAny>,
@@ -33,6 +33,8 @@ struct Codec {
 struct PyValue {
     obj: Py<PyAny>,
     size: u64,
+    /// Frames pickled when the task finished (small values only).
+    frames: Option<Vec<Bytes>>,
     codec: Arc<Codec>,
 }
 
@@ -42,6 +44,10 @@ impl ObjectValue for PyValue {
     }
 
     fn serialize(&self) -> Result<Vec<Bytes>, String> {
+        if let Some(frames) = &self.frames {
+            return Ok(frames.clone());
+        }
+        keep_thread_state();
         Python::attach(|py| {
             let frames = self.codec.dumps.call1(py, (self.obj.clone_ref(py),)).map_err(|e| e.to_string())?;
             let frames = frames.bind(py).cast::<PyList>().map_err(|e| e.to_string())?.clone();
@@ -71,8 +77,32 @@ impl Codec {
     }
 }
 
+/// Gives this (non-Python) thread a Python thread state that lives as long
+/// as the thread. Without it every `Python::attach` on a runtime thread
+/// creates and destroys a thread state, which costs more than running a
+/// small task.
+fn keep_thread_state() {
+    thread_local! {
+        static KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    KEPT.with(|kept| {
+        if !kept.get() {
+            kept.set(true);
+            // SAFETY: the interpreter is initialised (this module was
+            // imported). Ensure creates the thread state and takes the GIL;
+            // SaveThread gives the GIL back but leaves the state (and its
+            // Ensure count of one) in place, so later attaches reuse it.
+            unsafe {
+                let _ = pyo3::ffi::PyGILState_Ensure();
+                pyo3::ffi::PyEval_SaveThread();
+            }
+        }
+    });
+}
+
 impl Executor for PyExecutor {
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
+        keep_thread_state();
         Python::attach(|py| {
             let run = || -> PyResult<Result<Value, TaskFailure>> {
                 let inputs = PyList::empty(py);
@@ -83,7 +113,18 @@ impl Executor for PyExecutor {
                 let out = self.execute.call1(py, (task.key.as_str(), payload, inputs))?;
                 let out = out.bind(py).cast::<PyTuple>()?.clone();
                 if out.get_item(0)?.extract::<bool>()? {
-                    let value = PyValue { obj: out.get_item(1)?.unbind(), size: out.get_item(2)?.extract()?, codec: self.codec.clone() };
+                    let eager = out.get_item(3)?;
+                    let frames = if eager.is_none() {
+                        None
+                    } else {
+                        Some(eager.try_iter()?.map(|f| py_to_bytes(&f?)).collect::<PyResult<Vec<_>>>()?)
+                    };
+                    let value = PyValue {
+                        obj: out.get_item(1)?.unbind(),
+                        size: out.get_item(2)?.extract()?,
+                        frames,
+                        codec: self.codec.clone(),
+                    };
                     Ok(Ok(Value::Object(Arc::new(value))))
                 } else {
                     let message: String = out.get_item(1)?.extract()?;
@@ -98,9 +139,10 @@ impl Executor for PyExecutor {
     }
 
     fn deserialize(&self, frames: Frames) -> Result<Value, String> {
+        keep_thread_state();
         Python::attach(|py| {
             let (obj, size) = self.codec.load(py, frames).map_err(|e| e.to_string())?;
-            Ok(Value::Object(Arc::new(PyValue { obj, size, codec: self.codec.clone() })))
+            Ok(Value::Object(Arc::new(PyValue { obj, size, frames: None, codec: self.codec.clone() })))
         })
     }
 }
