@@ -1,7 +1,9 @@
 //! Turning a list of task definitions into submit batches.
 
 use rdask_transport::bytes::Bytes;
-use rdask_transport::protocol::{SubmitGraph, TaskSpec, NO_FRAME};
+use std::sync::Arc;
+
+use rdask_transport::protocol::{Restriction, SubmitGraph, TaskSpec, NO_FRAME};
 use rustc_hash::FxHashMap;
 
 /// One task as the user describes it.
@@ -17,6 +19,8 @@ pub struct TaskDef {
     /// The client holds this key (can wait on and gather it).
     pub want: bool,
     pub retries: u32,
+    /// Where the task may run; shared by the tasks of one `map`.
+    pub restriction: Option<Arc<Restriction>>,
 }
 
 impl TaskDef {
@@ -82,7 +86,16 @@ fn emit<E>(
         let mut data = Vec::new();
         let mut specs = Vec::with_capacity(chunk.len());
         let mut wanted = Vec::new();
+        let mut restrictions: Vec<Restriction> = Vec::new();
+        let mut restriction_index: FxHashMap<*const Restriction, u32> = FxHashMap::default();
         for t in chunk {
+            let restriction = match &t.restriction {
+                None => NO_FRAME,
+                Some(r) => *restriction_index.entry(Arc::as_ptr(r)).or_insert_with(|| {
+                    restrictions.push((**r).clone());
+                    (restrictions.len() - 1) as u32
+                }),
+            };
             let deps = t
                 .deps
                 .iter()
@@ -110,11 +123,12 @@ fn emit<E>(
                 payload,
                 want: t.want,
                 retries: t.retries,
+                restriction,
             });
         }
         let more = end < ordered.len();
         let graph_tasks = ordered.len() as u64;
-        send(SubmitGraph { submit_id: 0, graph_id: 0, more, graph_tasks, keys, tasks: specs }, data, wanted)?;
+        send(SubmitGraph { submit_id: 0, graph_id: 0, more, graph_tasks, keys, tasks: specs, restrictions }, data, wanted)?;
         if !more {
             break;
         }

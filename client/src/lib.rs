@@ -181,6 +181,7 @@ impl Client {
                     graph_tasks: 0,
                     keys: vec![],
                     tasks: vec![],
+                    restrictions: vec![],
                 };
                 let _ = self.sender.send(Frame::from_message(&FromClientMessage::Submit(close)));
                 return Err(send_error(e));

@@ -192,12 +192,12 @@ async fn next_message(conn: &mut Connection) -> Option<ToClientMessage> {
 }
 
 fn spec(deps: &[u32], payload: u32, want: bool) -> TaskSpec {
-    TaskSpec { deps: deps.to_vec(), user_priority: 0, order: None, payload, want, retries: 0 }
+    TaskSpec { deps: deps.to_vec(), user_priority: 0, order: None, payload, want, retries: 0, restriction: NO_FRAME }
 }
 
 fn submit_frame(submit_id: u64, graph_id: u64, more: bool, keys: &[&str], tasks: Vec<TaskSpec>, data: Vec<Bytes>) -> Frame {
     let keys = keys.iter().map(|k| k.to_string()).collect();
-    Frame::with_data(&FromClientMessage::Submit(SubmitGraph { submit_id, graph_id, more, graph_tasks: 0, keys, tasks }), data)
+    Frame::with_data(&FromClientMessage::Submit(SubmitGraph { submit_id, graph_id, more, graph_tasks: 0, keys, tasks, restrictions: vec![] }), data)
 }
 
 /// Reads one whole frame from a raw socket; `None` on EOF between frames.

@@ -248,7 +248,7 @@ class Client:
         if self.status != "running":
             raise _rdask.CommClosedError(f"client is {self.status}")
 
-    def _send(self, tasks: list, keys: list) -> list[Future]:
+    def _send(self, tasks: list, keys: list, restrictions: list | None = None) -> list[Future]:
         """Holds `keys` (creating their futures) and submits `tasks`."""
         futures = self._futures(keys)
         if tasks:
@@ -258,7 +258,7 @@ class Client:
                     if st is not None and st.status in ("error", "cancelled"):
                         st.status, st.exception, st.traceback = "pending", None, None
                         st.finished = False
-            self._rc.submit(tasks)
+            self._rc.submit(tasks, restrictions)
         return futures
 
     def submit(
@@ -284,13 +284,13 @@ class Client:
             raise TypeError("first argument to submit must be callable")
         if actor or actors:
             raise NotImplementedError("actors are not supported by rdask")
-        _check_restrictions(workers, resources)
+        restrictions = _restrictions(workers, resources, allow_other_workers)
         (args2, kwargs2), deps = pack_futures((args, kwargs), self)
         payload = dumps_payload((CALL, dumps_function(func), args2, kwargs2))
         if key is None:
             key = _call_key(funcname(func), payload, deps, pure)
-        task = (key_str(key), deps, payload, int(priority), None, True, int(retries or 0))
-        return self._send(self._new_only([task], pure), [key])[0]
+        task = (key_str(key), deps, payload, int(priority), None, True, int(retries or 0), 0 if restrictions else None)
+        return self._send(self._new_only([task], pure), [key], restrictions)[0]
 
     def map(
         self,
@@ -301,6 +301,7 @@ class Client:
         resources=None,
         retries: int | None = None,
         priority: int = 0,
+        allow_other_workers: bool = False,
         pure: bool = True,
         batch_size: int | None = None,
         **kwargs,
@@ -310,7 +311,8 @@ class Client:
         self._check()
         if not callable(func):
             raise TypeError("first argument to map must be callable")
-        _check_restrictions(workers, resources)
+        restrictions = _restrictions(workers, resources, allow_other_workers)
+        restriction = 0 if restrictions else None
         iterables = [it if isinstance(it, (list, tuple, range)) else list(it) for it in iterables]
         fb = dumps_function(func)
         name = key if isinstance(key, str) else funcname(func)
@@ -337,11 +339,11 @@ class Client:
             keys.append(k)
             if k not in seen:
                 seen.add(k)
-                tasks.append((key_str(k), deps, payload, priority, None, True, retries))
+                tasks.append((key_str(k), deps, payload, priority, None, True, retries, restriction))
             if len(tasks) >= batch:
-                futures.extend(self._send(self._new_only(tasks, pure), keys))
+                futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
                 tasks, keys = [], []
-        futures.extend(self._send(self._new_only(tasks, pure), keys))
+        futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
         return futures
 
     def _new_only(self, tasks: list, pure: bool) -> list:
@@ -573,12 +575,16 @@ def _call_key(name: str, payload: bytes, deps: list, pure: bool) -> str:
     return f"{name}-{h.hexdigest()}"
 
 
-def _check_restrictions(workers, resources):
-    if workers is not None or resources is not None:
-        raise NotImplementedError(
-            "rdask does not place tasks by worker or resource restrictions yet; "
-            "submit without workers=/resources="
-        )
+def _restrictions(workers, resources, loose: bool) -> list | None:
+    """`workers=` (a name, address or host, or a list of them) and
+    `resources=` ({"GPU": 1}) as the scheduler's restriction list."""
+    if workers is None and not resources:
+        return None
+    if isinstance(workers, str):
+        workers = [workers]
+    workers = [str(w) for w in (workers or [])]
+    resources = {str(k): float(v) for k, v in (resources or {}).items()}
+    return [(workers, resources, bool(loose))]
 
 
 def _with_remote_note(exc: BaseException, tb: str | None) -> BaseException:

@@ -1,6 +1,7 @@
 //! The Rust client as a Python object. Every call that waits on the network
 //! runs with the GIL released.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use pyo3::exceptions::{PyKeyError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use rdask_client::{Client as RustClient, ClientError, KeyStatus, TaskDef};
+use rdask_transport::protocol::{Resource, Restriction};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
 use crate::{runtime, CommClosedError, RdaskError};
@@ -62,15 +64,45 @@ impl Client {
         &self.address
     }
 
-    /// Submits tasks: a list of `(key, deps, payload, priority, order, want, retries)`.
-    fn submit(&self, py: Python<'_>, tasks: &Bound<'_, PyList>) -> PyResult<()> {
+    /// Submits tasks: a list of `(key, deps, payload, priority, order, want,
+    /// retries[, restriction])`, where restriction indexes `restrictions`, a
+    /// list of `(workers, resources, allow_other_workers)`.
+    #[pyo3(signature = (tasks, restrictions=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        tasks: &Bound<'_, PyList>,
+        restrictions: Option<Vec<(Vec<String>, HashMap<String, f64>, bool)>>,
+    ) -> PyResult<()> {
         let client = self.inner()?;
+        let restrictions: Vec<Arc<Restriction>> = restrictions
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(workers, resources, loose)| {
+                let resources = resources.into_iter().map(|(name, amount)| Resource { name, amount }).collect();
+                Arc::new(Restriction { workers, resources, loose })
+            })
+            .collect();
         let mut defs = Vec::with_capacity(tasks.len());
         for item in tasks.iter() {
             let t = item.cast::<PyTuple>().map_err(|_| PyValueError::new_err("each task must be a tuple"))?;
-            if t.len() != 7 {
-                return Err(PyValueError::new_err("a task is (key, deps, payload, priority, order, want, retries)"));
+            if t.len() != 7 && t.len() != 8 {
+                return Err(PyValueError::new_err(
+                    "a task is (key, deps, payload, priority, order, want, retries[, restriction])",
+                ));
             }
+            let restriction = match t.len() {
+                8 => match t.get_item(7)?.extract::<Option<usize>>()? {
+                    None => None,
+                    Some(i) => Some(
+                        restrictions
+                            .get(i)
+                            .ok_or_else(|| PyValueError::new_err(format!("restriction index {i} out of range")))?
+                            .clone(),
+                    ),
+                },
+                _ => None,
+            };
             defs.push(TaskDef {
                 key: t.get_item(0)?.extract()?,
                 deps: t.get_item(1)?.extract()?,
@@ -79,6 +111,7 @@ impl Client {
                 order: t.get_item(4)?.extract()?,
                 want: t.get_item(5)?.extract()?,
                 retries: t.get_item(6)?.extract()?,
+                restriction,
             });
         }
         py.detach(move || client.submit(defs)).map_err(to_py_err)

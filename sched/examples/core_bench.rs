@@ -109,6 +109,7 @@ fn main() {
                 payload: NO_FRAME,
                 want: end == total && deps.len() > 1 && chunk_start + batch >= total,
                 retries: 0,
+                restriction: NO_FRAME,
             })
             .collect();
         let msg = FromClientMessage::Submit(SubmitGraph {
@@ -118,6 +119,7 @@ fn main() {
             more: end < total,
             keys,
             tasks,
+            restrictions: vec![],
         });
         frames.push(Frame::from_message(&msg));
     }

@@ -63,7 +63,7 @@ fn expect_rejected(h: &mut Harness, c: ClientId, mut graph: SubmitGraph, data: V
 }
 
 fn spec(deps: Vec<u32>) -> TaskSpec {
-    TaskSpec { deps, user_priority: 0, order: None, payload: NO_FRAME, want: true, retries: 0 }
+    TaskSpec { deps, user_priority: 0, order: None, payload: NO_FRAME, want: true, retries: 0, restriction: NO_FRAME }
 }
 
 /// Deterministic pseudo-random bytes (xorshift).
@@ -338,7 +338,7 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
     let (g, d) = build_submit(0, &[t("dup", &[]), t("dup", &["base"])], false);
     expect_rejected(&mut h, c, g, d, "duplicate");
 
-    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec!["a".into()], tasks: vec![spec(vec![5])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec!["a".into()], tasks: vec![spec(vec![5])], restrictions: vec![] };
     expect_rejected(&mut h, c, g, vec![], "index 5");
 
     let g = SubmitGraph {
@@ -348,10 +348,11 @@ fn bad_submissions_are_rejected_whole_and_the_core_keeps_serving() {
         more: false,
         keys: vec!["a".into()],
         tasks: vec![TaskSpec { payload: 2, ..spec(vec![]) }],
+        restrictions: vec![],
     };
     expect_rejected(&mut h, c, g, vec![Bytes::from_static(b"only one")], "data frame 2");
 
-    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec![], tasks: vec![spec(vec![])] };
+    let g = SubmitGraph { submit_id: 0, graph_id: 0, more: false, graph_tasks: 0, keys: vec![], tasks: vec![spec(vec![])], restrictions: vec![] };
     expect_rejected(&mut h, c, g, vec![], "keys");
 
     // Still serving: a valid graph using the held key completes.
@@ -378,12 +379,25 @@ fn malformed_control_bytes_are_an_error_and_change_nothing() {
     }
     for bytes in &garbage {
         let frame = raw_frame(bytes);
-        assert!(h.client_frame(c, &frame).is_err(), "{} bytes of garbage were accepted from a client", bytes.len());
-        assert!(h.worker_frame(ws[0], &frame).is_err(), "{} bytes of garbage were accepted from a worker", bytes.len());
+        // Random bytes can happen to form a valid small message (any eight
+        // bytes are a valid request id); those are messages, not garbage.
+        let as_client = FromClientMessage::decode(&frame.control);
+        if as_client.is_err() {
+            assert!(h.client_frame(c, &frame).is_err(), "{} bytes of garbage were accepted from a client", bytes.len());
+        } else {
+            let _ = h.client_frame(c, &frame);
+        }
+        if FromWorkerMessage::decode(&frame.control).is_err() {
+            assert!(h.worker_frame(ws[0], &frame).is_err(), "{} bytes of garbage were accepted from a worker", bytes.len());
+        }
         h.step();
     }
     assert_eq!(h.core.tasks.len(), tasks_before);
     assert!(h.core.clients.contains_key(&c) && h.core.workers.len() == 1);
+    // The truncated copies of a real message are never accepted.
+    for bytes in &garbage[..3] {
+        assert!(FromClientMessage::decode(&raw_frame(bytes).control).is_err());
+    }
 
     h.submit(c, &[t("fine", &["held"]).want()], false);
     h.run_all();
@@ -664,6 +678,7 @@ fn a_dependency_listed_twice_is_handled() {
         more: false,
         keys: vec!["d".into(), "twice".into()],
         tasks: vec![TaskSpec { want: false, ..spec(vec![]) }, spec(vec![0, 0])],
+        restrictions: vec![],
     };
     h.submit_graph(c, g, vec![]).unwrap();
     h.run_all();
@@ -844,4 +859,76 @@ fn cluster_info_reports_workers_and_counters() {
     assert_eq!((info.submitted, info.finished, info.failed, info.tasks), (4, 4, 0, 4));
     let stored: u64 = info.workers.iter().map(|w| w.stored_values).sum();
     assert_eq!(stored, 1, "only the wanted sink's value is kept");
+}
+
+// ------------------------------------------------------------------ restrictions
+
+#[test]
+fn restricted_tasks_run_only_on_named_workers_and_do_not_block_others() {
+    let (mut h, ws) = Harness::with_workers(3);
+    let c = h.add_client();
+    let mut tasks: Vec<T> = (0..6).map(|i| t(&format!("only-b-{i}"), &[]).want().restrict(&["sim-1"], &[], false)).collect();
+    tasks.extend((0..6).map(|i| t(&format!("free-{i}"), &[]).want()));
+    h.submit(c, &tasks, false);
+    h.step();
+    for i in 0..6 {
+        assert_eq!(h.assigned_to(&format!("only-b-{i}")), Some(ws[1]), "only-b-{i} must go to sim-1");
+    }
+    h.run_all();
+    assert_eq!(h.in_memory(c).len(), 12);
+}
+
+#[test]
+fn task_needing_a_resource_waits_for_a_worker_that_offers_it() {
+    let (mut h, _ws) = Harness::with_workers(2);
+    let c = h.add_client();
+    h.submit(c, &[t("gpu-task", &[]).want().restrict(&[], &[("GPU", 1.0)], false), t("cpu-task", &[]).want()], false);
+    h.run_all();
+    assert_eq!(h.in_memory(c), vec!["cpu-task"], "no worker has a GPU yet");
+    assert_eq!(h.state("gpu-task"), Some(TaskState::Ready));
+    let too_small = h.add_worker_with(1, &[("GPU", 0.5)]);
+    h.run_all();
+    assert_eq!(h.state("gpu-task"), Some(TaskState::Ready), "0.5 GPU is not enough");
+    let gpu = h.add_worker_with(1, &[("GPU", 1.0)]);
+    assert_eq!(h.assigned_to("gpu-task"), Some(gpu));
+    assert_ne!(gpu, too_small);
+    h.run_all();
+    assert_eq!(h.in_memory(c).len(), 2);
+}
+
+#[test]
+fn loose_restriction_falls_back_to_any_worker_and_strict_one_waits() {
+    let (mut h, _ws) = Harness::with_workers(2);
+    let c = h.add_client();
+    h.submit(
+        c,
+        &[
+            t("loose", &[]).want().restrict(&["no-such-worker"], &[], true),
+            t("strict", &[]).want().restrict(&["no-such-worker"], &[], false),
+        ],
+        false,
+    );
+    h.run_all();
+    assert_eq!(h.in_memory(c), vec!["loose"]);
+    assert_eq!(h.state("strict"), Some(TaskState::Ready));
+    // Releasing the waiting task forgets it and its restriction.
+    h.release(c, &["strict"]);
+    h.run_all();
+    assert_eq!(h.state("strict"), None);
+}
+
+#[test]
+fn restriction_index_out_of_range_is_rejected() {
+    let mut h = Harness::default();
+    let c = h.add_client();
+    let g = SubmitGraph {
+        submit_id: 0,
+        graph_id: 0,
+        more: false,
+        graph_tasks: 0,
+        keys: vec!["a".into()],
+        tasks: vec![TaskSpec { restriction: 3, ..spec(vec![]) }],
+        restrictions: vec![],
+    };
+    expect_rejected(&mut h, c, g, vec![], "restriction 3");
 }

@@ -16,13 +16,13 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
 
 /// A named amount of an abstract resource ("GPU" = 1, "MEM" = 4e9).
-#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Archive, Serialize, Deserialize)]
 pub struct Resource {
     pub name: String,
     pub amount: f64,
@@ -66,6 +66,20 @@ pub struct SubmitGraph {
     /// are existing keys that new tasks depend on.
     pub keys: Vec<String>,
     pub tasks: Vec<TaskSpec>,
+    /// Placement restrictions the tasks of this batch refer to by index.
+    pub restrictions: Vec<Restriction>,
+}
+
+/// Where a task may run (Dask's `workers=`, `resources=`,
+/// `allow_other_workers=`).
+#[derive(Debug, Clone, Default, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Restriction {
+    /// Worker names, addresses or hosts; empty = any worker.
+    pub workers: Vec<String>,
+    /// Each must be offered (at least this amount) by the worker.
+    pub resources: Vec<Resource>,
+    /// Run elsewhere when no worker matching `workers` is connected.
+    pub loose: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -83,6 +97,8 @@ pub struct TaskSpec {
     pub want: bool,
     /// How many times to re-run the task after it raised.
     pub retries: u32,
+    /// Index into [`SubmitGraph::restrictions`], or [`NO_FRAME`] for none.
+    pub restriction: u32,
 }
 
 // ---------------------------------------------------------------- scheduler -> client

@@ -506,9 +506,14 @@ fn samples_from_client() -> Vec<FromClientMessage> {
             more: true,
             keys: vec!["a".into(), "a-key-longer-than-eight-bytes".into(), "existing".into()],
             tasks: vec![
-                TaskSpec { deps: vec![], user_priority: -1, order: Some(5), payload: 0, want: false, retries: 2 },
-                TaskSpec { deps: vec![0, 2], user_priority: 3, order: None, payload: NO_FRAME, want: true, retries: 0 },
+                TaskSpec { deps: vec![], user_priority: -1, order: Some(5), payload: 0, want: false, retries: 2, restriction: 0 },
+                TaskSpec { deps: vec![0, 2], user_priority: 3, order: None, payload: NO_FRAME, want: true, retries: 0, restriction: NO_FRAME },
             ],
+            restrictions: vec![Restriction {
+                workers: vec!["w-1".into()],
+                resources: vec![Resource { name: "GPU".into(), amount: 1.0 }],
+                loose: true,
+            }],
         }),
         FromClientMessage::Release { keys: vec!["some-released-key".into()] },
         FromClientMessage::WhoHas { request_id: 1, keys: vec!["x".into(), "y-is-long-enough".into()] },

@@ -181,6 +181,9 @@ impl Core {
             }
         }
         let t = self.tasks.remove(id).expect("forgetting a live task");
+        if !self.restrictions.is_empty() {
+            self.restrictions.remove(&id);
+        }
         self.unindex_key(id, &t.key);
         self.stats.forgotten += 1;
         for h in &t.holders {

@@ -11,7 +11,8 @@ pub mod task;
 
 use hashbrown::HashTable;
 use rdask_transport::protocol::{
-    ArchivedFromClientMessage, ArchivedFromWorkerMessage, ClusterInfo, Resource, ToClientMessage, WorkerSummary,
+    ArchivedFromClientMessage, ArchivedFromWorkerMessage, ClusterInfo, Resource, Restriction, ToClientMessage,
+    WorkerSummary,
 };
 use rdask_transport::{ClientId, Frame, TaskId, WorkerId};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -108,6 +109,12 @@ pub struct Core {
     idle_hint: bool,
     /// Stolen tasks to hand to the worker they were stolen for.
     pending_assign: Vec<(TaskId, WorkerId)>,
+    /// Placement restrictions, for the few tasks that have them (a side
+    /// table, so unrestricted tasks pay nothing).
+    restrictions: FxHashMap<TaskId, Box<Restriction>>,
+    /// Ready restricted tasks no allowed worker has room for; retried on
+    /// every scheduling round.
+    parked: Vec<TaskId>,
     pub stats: Stats,
     pub scheduler_id: String,
 }
@@ -131,6 +138,8 @@ impl Core {
             worker_order: Vec::new(),
             idle_hint: false,
             pending_assign: Vec::new(),
+            restrictions: Default::default(),
+            parked: Vec::new(),
             stats: Stats::default(),
             scheduler_id: format!("rdask-scheduler-{}", std::process::id()),
         }

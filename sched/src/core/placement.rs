@@ -33,10 +33,25 @@ impl Core {
                 self.make_ready(id);
             }
         }
+        for id in std::mem::take(&mut self.parked) {
+            if self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) {
+                self.make_ready(id);
+            }
+        }
         while let Some((prio, id)) = self.ready.peek() {
             let live = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready && t.priority == prio);
             if !live {
                 self.ready.pop();
+                continue;
+            }
+            if !self.restrictions.is_empty() && self.restrictions.contains_key(&id) {
+                // A restricted task that cannot go anywhere now must not
+                // hold up the tasks behind it.
+                self.ready.pop();
+                match self.choose_restricted(id) {
+                    Some(w) => self.assign(comm, id, w),
+                    None => self.parked.push(id),
+                }
                 continue;
             }
             let Some(w) = self.choose_worker(id) else { break };
@@ -77,6 +92,33 @@ impl Core {
             self.rr_filled = 0;
         }
         None
+    }
+
+    /// The allowed worker with room holding most input bytes (then the least
+    /// loaded); None while every allowed worker is full or none is connected.
+    fn choose_restricted(&self, id: TaskId) -> Option<WorkerId> {
+        let r = &self.restrictions[&id];
+        let named = |w: &super::Worker| r.workers.is_empty() || r.workers.iter().any(|s| worker_matches(w, s));
+        let equipped = |w: &super::Worker| {
+            r.resources.iter().all(|need| w.resources.iter().any(|have| have.name == need.name && have.amount >= need.amount))
+        };
+        let any_named = self.workers.values().any(|w| named(w) && equipped(w));
+        let allowed = |w: &super::Worker| equipped(w) && (named(w) || (r.loose && !any_named));
+        let deps = &self.tasks[id].deps;
+        self.worker_order
+            .iter()
+            .filter_map(|id| self.workers.get(id).map(|w| (*id, w)))
+            .filter(|(wid, w)| allowed(w) && w.load() < self.capacity(*wid))
+            .max_by_key(|(wid, w)| {
+                let local: u64 = deps
+                    .iter()
+                    .map(|d| &self.tasks[*d])
+                    .filter(|dt| dt.holders.contains(wid))
+                    .map(|dt| dt.size.max(1))
+                    .sum();
+                (local, std::cmp::Reverse(w.load()))
+            })
+            .map(|(wid, _)| wid)
     }
 
     /// The worker with room that holds the most input bytes (each input
@@ -165,7 +207,7 @@ impl Core {
                 .processing
                 .iter()
                 .copied()
-                .filter(|t| self.tasks[*t].steal_to.is_none())
+                .filter(|t| self.tasks[*t].steal_to.is_none() && !self.restrictions.contains_key(t))
                 .take(take)
                 .collect();
             let mut sent = 0u32;
@@ -187,4 +229,12 @@ impl Core {
             remaining -= picked.len();
         }
     }
+}
+
+/// `workers=` entries name a worker by name, address (with or without the
+/// scheme) or host.
+fn worker_matches(w: &super::Worker, s: &str) -> bool {
+    let bare = w.address.split_once("://").map_or(w.address.as_str(), |(_, rest)| rest);
+    let host = bare.rsplit_once(':').map_or(bare, |(h, _)| h);
+    w.name == s || w.address == s || bare == s || host == s
 }

@@ -1,7 +1,9 @@
 //! Graph submission: validation (all or nothing), b-level priorities, insertion.
 
 use rdask_transport::bytes::Bytes;
-use rdask_transport::protocol::{ArchivedSubmitGraph, KeyDone, ToClientMessage, NO_FRAME};
+use rdask_transport::protocol::{
+    ArchivedRestriction, ArchivedSubmitGraph, KeyDone, Resource, Restriction, ToClientMessage, NO_FRAME,
+};
 use rdask_transport::{ClientId, TaskId};
 use hashbrown::HashTable;
 use smallvec::SmallVec;
@@ -105,6 +107,11 @@ impl Core {
             let payload = spec.payload.to_native();
             if payload != NO_FRAME && payload as usize >= data.len() {
                 return reject(format!("task {:?} names data frame {payload}, but {} were sent", graph.keys[i].as_str(), data.len()));
+            }
+            let r = spec.restriction.to_native();
+            if r != NO_FRAME && r as usize >= graph.restrictions.len() {
+                let have = graph.restrictions.len();
+                return reject(format!("task {:?} names restriction {r}, but {have} were sent", graph.keys[i].as_str()));
             }
             if !matches!(slots[i], Slot::New) {
                 continue;
@@ -216,6 +223,10 @@ impl Core {
             };
             let id = self.tasks.insert(task);
             self.index_key(id, hashes[i as usize]);
+            let r = spec.restriction.to_native();
+            if r != NO_FRAME {
+                self.restrictions.insert(id, Box::new(owned_restriction(&graph.restrictions[r as usize])));
+            }
             slots[i as usize] = Slot::Existing(id);
             new_ids.push((i, id));
             self.stats.submitted += 1;
@@ -345,4 +356,12 @@ struct Plan {
     order: Vec<u32>,
     blevel: Vec<i64>,
     hashes: Vec<u64>,
+}
+
+fn owned_restriction(r: &ArchivedRestriction) -> Restriction {
+    Restriction {
+        workers: r.workers.iter().map(|w| w.to_string()).collect(),
+        resources: r.resources.iter().map(|x| Resource { name: x.name.to_string(), amount: x.amount.to_native() }).collect(),
+        loose: r.loose,
+    }
 }

@@ -26,6 +26,7 @@ pub struct T {
     pub order: Option<i64>,
     pub retries: u32,
     pub payload: Bytes,
+    pub restriction: Option<Restriction>,
 }
 
 /// A task with the given dependency keys.
@@ -48,6 +49,15 @@ impl T {
     }
     pub fn retries(mut self, r: u32) -> Self {
         self.retries = r;
+        self
+    }
+    /// Only on these workers (names), needing these resources.
+    pub fn restrict(mut self, workers: &[&str], resources: &[(&str, f64)], loose: bool) -> Self {
+        self.restriction = Some(Restriction {
+            workers: workers.iter().map(|w| w.to_string()).collect(),
+            resources: resources.iter().map(|(n, a)| Resource { name: n.to_string(), amount: *a }).collect(),
+            loose,
+        });
         self
     }
     pub fn payload(mut self, p: &'static [u8]) -> Self {
@@ -106,7 +116,15 @@ pub fn build_submit(submit_id: u64, tasks: &[T], more: bool) -> (SubmitGraph, Ve
     }
     let mut data = Vec::new();
     let mut specs = Vec::new();
+    let mut restrictions = Vec::new();
     for t in tasks {
+        let restriction = match &t.restriction {
+            None => NO_FRAME,
+            Some(r) => {
+                restrictions.push(r.clone());
+                (restrictions.len() - 1) as u32
+            }
+        };
         let deps = t
             .deps
             .iter()
@@ -130,9 +148,10 @@ pub fn build_submit(submit_id: u64, tasks: &[T], more: bool) -> (SubmitGraph, Ve
             payload,
             want: t.want,
             retries: t.retries,
+            restriction,
         });
     }
-    (SubmitGraph { submit_id, graph_id: 0, more, graph_tasks: 0, keys, tasks: specs }, data)
+    (SubmitGraph { submit_id, graph_id: 0, more, graph_tasks: 0, keys, tasks: specs, restrictions }, data)
 }
 
 // ------------------------------------------------------------------ recorder
@@ -252,6 +271,11 @@ impl Harness {
     // ---- membership
 
     pub fn add_worker(&mut self, nthreads: u32) -> WorkerId {
+        self.add_worker_with(nthreads, &[])
+    }
+
+    /// A worker named `sim-{n}` (n counts added workers) offering resources.
+    pub fn add_worker_with(&mut self, nthreads: u32, resources: &[(&str, f64)]) -> WorkerId {
         let n = self.added_workers;
         self.added_workers += 1;
         let spec = WorkerSpec {
@@ -259,7 +283,7 @@ impl Harness {
             address: format!("tcp://w{n}"),
             nthreads,
             memory_limit: 0,
-            resources: vec![],
+            resources: resources.iter().map(|(n, a)| Resource { name: n.to_string(), amount: *a }).collect(),
         };
         let w = self.core.add_worker(&mut self.comm, spec, self.now_ms);
         self.sims.insert(w, SimWorker::default());
