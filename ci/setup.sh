@@ -17,3 +17,21 @@ if ! command -v python3 >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# The Python side: a project venv (.venv) with the pinned requirements and the
+# rdask package built in place from this checkout (maturin, release profile,
+# sharing cargo's target/ with the Rust build). Call after sourcing.
+setup_python() {
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        else
+            echo "python3 venv support missing (apt-get install python3-venv)" >&2
+            exit 1
+        fi
+    fi
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r "${1:-ci/requirements.txt}"
+    VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release -q
+}

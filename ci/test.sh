@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: core unit tests, loopback integration tests, process
-# tests, and the small form of the scaling benchmark (correctness only).
+# tests, the small form of the scaling benchmark (correctness only), then the
+# Python package's end-to-end tests (real scheduler and worker processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/setup.sh
@@ -13,3 +14,7 @@ cargo test --release --workspace
 # and a 200k-task pending-memory check: fails on any wrong result or leaked
 # task, never on timing.
 ./target/release/rdask-bench --ci --out bench-results/ci.json
+
+# Python: venv, pinned requirements, the extension built in release mode.
+setup_python
+.venv/bin/python -m pytest python/tests -q -x -p no:cacheprovider
