@@ -10,8 +10,10 @@ formatted traceback.
 
 from __future__ import annotations
 
+import io
 import pickle
 import traceback
+import types
 from typing import Any
 
 import cloudpickle
@@ -57,14 +59,30 @@ def nbytes(obj: Any) -> int:
         return 64
 
 
+class _MainPickler(pickle.Pickler):
+    """Plain pickle, except that functions and classes of `__main__` (which a
+    worker cannot import) travel by value, cloudpickled once per object and
+    cached: a graph of 10k tasks calling one script-defined function pickles
+    that function once, not 10k times."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
+            return loads_function, (dumps_function(obj),)
+        return NotImplemented
+
+
 def dumps_payload(obj: Any) -> bytes:
     """A task payload; raises TypeError naming the culprit if it cannot be pickled.
-    Plain pickle first (fast); cloudpickle when that fails or when the result
-    names `__main__`, whose functions and classes the worker cannot import."""
+    Plain pickle first (fast); when that fails or names `__main__`, the
+    caching pickler above; cloudpickle for whatever else plain pickle refuses
+    (lambdas and closures defined in modules)."""
     try:
         b = pickle.dumps(obj, protocol=HIGHEST)
         if b"__main__" not in b:
             return b
+        f = io.BytesIO()
+        _MainPickler(f, protocol=HIGHEST).dump(obj)
+        return f.getvalue()
     except Exception:
         pass
     try:
