@@ -134,14 +134,25 @@ def workloads(client, system, sz):
         nbytes = sz["move_mib"] << 20
 
         def do_move():
-            src = client.submit(make_array, nbytes, workers=[workers[0]], pure=False)
-            from rdask import wait as _unused  # noqa: F401  (keeps imports uniform)
-            src.result() if system != "rdask" else _wait_done(src)
-            t0 = time.perf_counter()
-            got = client.submit(array_nbytes, src, workers=[workers[1]], pure=False).result()
-            dt = time.perf_counter() - t0
-            out["move"] = {"seconds": dt, "ok": got == nbytes, "mib": sz["move_mib"], "mib_per_s": sz["move_mib"] / dt}
-            return got == nbytes
+            # Three transfers; the first lands in memory the receiving process
+            # never touched, later ones in memory it freed and the VM may have
+            # reclaimed meanwhile: all three are reported, the best is shown.
+            times = []
+            for _ in range(3):
+                src = client.submit(make_array, nbytes, workers=[workers[0]], pure=False)
+                _wait(src)
+                t0 = time.perf_counter()
+                got = client.submit(array_nbytes, src, workers=[workers[1]], pure=False).result()
+                times.append(time.perf_counter() - t0)
+                del src
+                if got != nbytes:
+                    out["move"] = {"ok": False, "error": f"moved {got} bytes, expected {nbytes}"}
+                    return False
+                time.sleep(0.5)
+            best = min(times)
+            out["move"] = {"seconds": best, "all_seconds": times, "ok": True, "mib": sz["move_mib"],
+                           "mib_per_s": sz["move_mib"] / best}
+            return True
 
         t0 = time.perf_counter()
         try:
@@ -152,11 +163,21 @@ def workloads(client, system, sz):
     return out
 
 
-def _wait_done(future):
-    """Waits without fetching the value to the client (rdask)."""
-    import rdask
+def _wait(future):
+    """Waits for a future without fetching its value to the client."""
+    mod = type(future).__module__.split(".")[0]
+    if mod == "rdask":
+        import rdask
 
-    rdask.wait([future])
+        rdask.wait([future])
+    elif mod == "frisky":
+        import frisky
+
+        frisky.wait([future])
+    else:
+        from dask.distributed import wait
+
+        wait([future])
 
 
 def run_system(system, args):

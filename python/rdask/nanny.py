@@ -25,11 +25,16 @@ class Nanny:
             self.cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
         if local_directory:
             self.cmd += ["--local-directory", local_directory]
-        self.env = None
-        if token:
-            import os
+        import os
 
-            self.env = dict(os.environ, RDASK_TOKEN=token)
+        # One thread per numeric library in each worker, as dask's nanny
+        # does: workers already run tasks in parallel, and idle BLAS threads
+        # spin on the cores the other workers need.
+        self.env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            self.env.setdefault(var, "1")
+        if token:
+            self.env["RDASK_TOKEN"] = token
         self.quiet = quiet
         self.max_restarts = max_restarts_per_minute
         self.restarts: list[float] = []

