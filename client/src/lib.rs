@@ -297,16 +297,27 @@ impl Client {
         self.shared.lock().unwrap().keys.get(key).cloned()
     }
 
+    /// Where the scheduler holds these keys in memory: (found, missing).
+    pub async fn who_has(&self, keys: &[String]) -> Result<(Vec<KeyLocation>, Vec<String>), ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let msg = FromClientMessage::WhoHas { request_id, keys: keys.to_vec() };
+        self.request(msg, |sh| &mut sh.who_has, request_id).await
+    }
+
     /// Fetches the values of finished keys directly from the workers.
     pub async fn gather(&self, keys: &[String]) -> Result<Vec<Vec<Bytes>>, ClientError> {
         // A value can be lost with its worker between "done" and the fetch;
         // the scheduler then says so (the key is pending again) and we wait
         // for the recomputation.
+        // Keys this client never submitted (another client's, say) are not
+        // waited for: the scheduler says whether they are in memory.
+        let held: Vec<String> = {
+            let sh = self.shared.lock().unwrap();
+            keys.iter().filter(|k| sh.keys.contains_key(k.as_str())).cloned().collect()
+        };
         let (found, missing) = loop {
-            self.wait(keys).await?;
-            let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let msg = FromClientMessage::WhoHas { request_id, keys: keys.to_vec() };
-            let (found, missing) = self.request(msg, |sh| &mut sh.who_has, request_id).await?;
+            self.wait(&held).await?;
+            let (found, missing) = self.who_has(keys).await?;
             if missing.is_empty() {
                 break (found, missing);
             }

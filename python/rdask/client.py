@@ -135,6 +135,24 @@ class Client:
         st.refs += 1
         return st
 
+    def _adopt(self, st: FutureState):
+        """A future made by hand for a key this client never submitted: it is
+        finished if the cluster holds the value, else it fails with KeyError."""
+        with self._lock:
+            if st.refs != 1 or st.status != "pending" or st.finished:
+                return
+        where = self._rc.who_has([st.skey])
+        with self._lock:
+            if st.finished:
+                return
+            if st.skey in where:
+                st.status = "finished"
+            else:
+                st.status = "error"
+                st.exception = KeyError(f"{st.key!r} is not in memory on the cluster (unknown, released or not finished)")
+            st.finished = True
+            self._cond.notify_all()
+
     def _futures(self, keys: list) -> list[Future]:
         """Futures for many keys under one lock acquisition."""
         hold = self._hold_locked
@@ -481,8 +499,15 @@ class Client:
         for f in flatten_futures(futures):
             f.release()
 
-    def who_has(self, futures=None):
-        raise NotImplementedError("who_has is not exposed by rdask yet")
+    def who_has(self, futures=None) -> dict:
+        """{key: [worker addresses]} for the given futures (default: all this
+        client holds) whose values are in memory."""
+        if futures is None:
+            with self._lock:
+                keys = list(self._states)
+        else:
+            keys = [f._state.skey for f in flatten_futures(futures)]
+        return dict(self._rc.who_has(keys)) if keys else {}
 
     def scheduler_info(self) -> dict:
         info = self._rc.cluster_info()

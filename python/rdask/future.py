@@ -41,11 +41,19 @@ class Future(TaskRef):
     __dask_future__ = True
     __slots__ = ("client", "_held", "_state", "__weakref__")
 
-    def __init__(self, key, client):
+    def __init__(self, key, client=None):
+        """A future for an existing key (e.g. one another client computed).
+        A key the cluster does not hold in memory gives a future whose
+        result() raises KeyError at once, instead of waiting forever."""
+        if client is None:
+            from .client import Client
+
+            client = Client.current()
         self.key = key
         self.client = client
         self._held = True
         self._state = client._hold(key)
+        client._adopt(self._state)
 
     @classmethod
     def _from_state(cls, key, client, state: FutureState) -> "Future":

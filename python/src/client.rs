@@ -150,6 +150,18 @@ impl Client {
         values.into_iter().map(|frames| frames_to_py(py, frames)).collect()
     }
 
+    /// Where the values of these keys live: `{key: [worker addresses]}` for
+    /// keys in memory; keys the scheduler does not hold in memory are absent.
+    fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.inner()?;
+        let (found, _missing) = py.detach(move || runtime().block_on(client.who_has(&keys))).map_err(to_py_err)?;
+        let d = PyDict::new(py);
+        for loc in found {
+            d.set_item(loc.key, loc.addresses)?;
+        }
+        Ok(d)
+    }
+
     fn release(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
         let client = self.inner()?;
         py.detach(move || client.release(&keys)).map_err(to_py_err)
