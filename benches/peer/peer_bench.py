@@ -52,7 +52,10 @@ def tree_graph(depth):
     return level[0], sum(range(1, (1 << depth) + 1))
 
 
-def workloads(client, system, sz):
+ALL = ["map", "merge", "tree", "numpy", "df-groupby", "df-join", "bag", "move"]
+
+
+def workloads(client, system, sz, only=ALL):
     import dask
     import dask.array as da
     import dask.bag as db
@@ -63,6 +66,8 @@ def workloads(client, system, sz):
     out = {}
 
     def run(name, fn, tasks=None):
+        if name not in only:
+            return
         t0 = time.perf_counter()
         try:
             ok = fn()
@@ -90,9 +95,10 @@ def workloads(client, system, sz):
 
     run("merge", do_merge, sz["merge"] + 1)
 
-    root, expect = tree_graph(sz["tree"])
-    run("tree", lambda: dask.compute(root)[0] == expect, (2 << sz["tree"]) - 1)
-    del root
+    if "tree" in only:
+        root, expect = tree_graph(sz["tree"])
+        run("tree", lambda: dask.compute(root)[0] == expect, (2 << sz["tree"]) - 1)
+        del root
 
     def do_numpy():
         n, c = sz["numpy"], sz["chunk"]
@@ -129,8 +135,12 @@ def workloads(client, system, sz):
     run("bag", do_bag)
 
     # worker -> worker: an array made on one worker, read by a task on the other
-    workers = sorted(client.scheduler_info()["workers"])
-    if len(workers) >= 2:
+    # Frisky's client lists no worker addresses, so it cannot pin the two ends.
+    info = getattr(client, "scheduler_info", None)
+    workers = sorted(info()["workers"]) if info else []
+    if "move" in only and len(workers) < 2:
+        out["move"] = {"skipped": "the client cannot name two workers"}
+    if len(workers) >= 2 and "move" in only:
         nbytes = sz["move_mib"] << 20
 
         def do_move():
@@ -195,12 +205,15 @@ def run_system(system, args):
     if system == "dask":
         kwargs["dashboard_address"] = None
     cluster = LocalCluster(**kwargs)
-    client = Client(cluster)
-    startup = time.perf_counter() - t0
     try:
-        results = workloads(client, system, sz)
+        # Frisky's Client does not take a cluster object; all three have this.
+        client = cluster.get_client()
+        startup = time.perf_counter() - t0
+        try:
+            results = workloads(client, system, sz, args.workloads.split(","))
+        finally:
+            client.close()
     finally:
-        client.close()
         cluster.close()
     return {"system": system, "startup_s": startup, "results": results}
 
@@ -209,6 +222,8 @@ def run_sync_baseline(args):
     """dask's single-process sync scheduler on the tree graph (the target)."""
     import dask
 
+    if "tree" not in args.workloads.split(","):
+        return {"system": "dask-sync", "results": {}}
     sz = SIZES["quick" if args.quick else "full"]
     root, expect = tree_graph(sz["tree"])
     t0 = time.perf_counter()
@@ -235,7 +250,7 @@ def iperf_loopback():
 
 
 def table(reports, iperf):
-    names = ["map", "merge", "tree", "numpy", "df-groupby", "df-join", "bag", "move"]
+    names = ALL
     systems = [r["system"] for r in reports]
     lines = [f"{'workload':<12}" + "".join(f"{s:>22}" for s in systems)]
     for n in names:
@@ -244,6 +259,8 @@ def table(reports, iperf):
             v = r["results"].get(n)
             if v is None:
                 cell = "-"
+            elif "skipped" in v:
+                cell = "n/a"
             elif "error" in v:
                 cell = "error"
             elif not v.get("ok", False):
@@ -267,7 +284,9 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    p.add_argument("--workloads", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     p.add_argument("--out", default="bench-results/peer.json")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per system")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: run one system, print JSON
     args = p.parse_args()
     if args.one:
@@ -278,10 +297,16 @@ def main():
     failed = False
     for system in args.systems.split(",") + ["dask-sync"]:
         print(f"== {system}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--one", system, "--workers", str(args.workers), "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--one", system, "--workers", str(args.workers), "--threads", str(args.threads),
+               "--workloads", args.workloads]
         if args.quick:
             cmd.append("--quick")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{system} did not finish within {args.timeout} s", file=sys.stderr)
+            failed = True
+            continue
         sys.stderr.write(proc.stderr[-4000:])
         if proc.returncode != 0:
             print(f"{system} failed (exit {proc.returncode})", file=sys.stderr)
@@ -289,7 +314,8 @@ def main():
             continue
         reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     iperf = None if args.quick else iperf_loopback()
-    bad = [(r["system"], n) for r in reports for n, v in r["results"].items() if "error" in v or not v.get("ok")]
+    bad = [(r["system"], n) for r in reports for n, v in r["results"].items()
+           if "skipped" not in v and ("error" in v or not v.get("ok"))]
     print(table(reports, iperf))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

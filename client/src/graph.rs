@@ -42,21 +42,40 @@ impl TaskDef {
 /// hands each to `send` as soon as it is built. The first batches are small
 /// and later ones grow to `batch_size`, so the scheduler starts work while the
 /// rest of a large graph is still being encoded.
+#[cfg(test)]
 pub(crate) fn for_each_batch<E>(
     tasks: Vec<TaskDef>,
     batch_size: usize,
+    send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
+) -> Result<(), E> {
+    for_each_batch_of_part(tasks, batch_size, Part { open: false, graph_tasks: 0 }, send)
+}
+
+/// Where a list of tasks sits in a graph submitted in several parts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Part {
+    /// More parts of the same graph follow (its batches stay pinned).
+    pub open: bool,
+    /// Tasks in the whole graph, if known (0: this part's size).
+    pub graph_tasks: u64,
+}
+
+pub(crate) fn for_each_batch_of_part<E>(
+    tasks: Vec<TaskDef>,
+    batch_size: usize,
+    part: Part,
     send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
 ) -> Result<(), E> {
     // One index over the whole graph (key -> position). Graphs usually
     // arrive dependencies-first; only otherwise are they sorted and indexed again.
     let pos = index(&tasks);
     if is_ordered(&tasks, &pos) {
-        return emit(&tasks, &pos, batch_size, send);
+        return emit(&tasks, &pos, batch_size, part, send);
     }
     drop(pos);
     let ordered = topological(tasks);
     let pos = index(&ordered);
-    emit(&ordered, &pos, batch_size, send)
+    emit(&ordered, &pos, batch_size, part, send)
 }
 
 fn index(tasks: &[TaskDef]) -> FxHashMap<&str, usize> {
@@ -71,6 +90,7 @@ fn emit<E>(
     ordered: &[TaskDef],
     pos: &FxHashMap<&str, usize>,
     batch_size: usize,
+    part: Part,
     mut send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
 ) -> Result<(), E> {
     const FIRST_BATCH: usize = 2048;
@@ -126,10 +146,10 @@ fn emit<E>(
                 restriction,
             });
         }
-        let more = end < ordered.len();
-        let graph_tasks = ordered.len() as u64;
+        let more = end < ordered.len() || part.open;
+        let graph_tasks = if part.graph_tasks > 0 { part.graph_tasks } else { ordered.len() as u64 };
         send(SubmitGraph { submit_id: 0, graph_id: 0, more, graph_tasks, keys, tasks: specs, restrictions }, data, wanted)?;
-        if !more {
+        if end >= ordered.len() {
             break;
         }
         start = end;

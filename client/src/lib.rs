@@ -149,9 +149,25 @@ impl Client {
     /// Submits tasks (any order; they are sorted so each batch depends only
     /// on itself and earlier batches). Keys marked `want` can be waited on.
     pub fn submit(&self, tasks: Vec<TaskDef>) -> Result<(), ClientError> {
+        let graph_id = self.new_graph();
+        self.submit_part(graph_id, tasks, false, 0)
+    }
+
+    /// An id for a graph submitted in parts ([`Client::submit_part`]).
+    pub fn new_graph(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Submits one part of a graph sent in several calls, so the cluster
+    /// starts on the first part while the caller prepares the next. Each
+    /// part may depend on earlier parts; while `more` parts follow, the
+    /// scheduler keeps every task of the graph. The last part has `more ==
+    /// false` (it may be empty). `graph_tasks`: size of the whole graph, a
+    /// placement hint (0 if unknown).
+    pub fn submit_part(&self, graph_id: u64, tasks: Vec<TaskDef>, more: bool, graph_tasks: u64) -> Result<(), ClientError> {
         self.check_connected()?;
-        let graph_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        graph::for_each_batch(tasks, self.batch_size, |graph, data, wanted| {
+        let part = graph::Part { open: more, graph_tasks };
+        graph::for_each_batch_of_part(tasks, self.batch_size, part, |graph, data, wanted| {
             let submit_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             {
                 let mut sh = self.shared.lock().unwrap();

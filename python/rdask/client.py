@@ -80,7 +80,12 @@ class Client:
         token = token if token is not None else getattr(self.cluster, "token", None) or os.environ.get("RDASK_TOKEN")
         self.scheduler_address = address
         self.id = name or f"Client-{os.getpid()}-{id(self):x}"
-        self._rc = _rdask.Client.connect(address, token, float(timeout))
+        try:
+            self._rc = _rdask.Client.connect(address, token, float(timeout))
+        except BaseException:
+            if self._owns_cluster:
+                self.cluster.close()
+            raise
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # notified when keys finish
         self._states: dict[str, FutureState] = {}
@@ -270,14 +275,19 @@ class Client:
         """Holds `keys` (creating their futures) and submits `tasks`."""
         futures = self._futures(keys)
         if tasks:
-            with self._lock:
-                for t in tasks:
-                    st = self._states.get(t[0])
-                    if st is not None and st.status in ("error", "cancelled"):
-                        st.status, st.exception, st.traceback = "pending", None, None
-                        st.finished = False
+            self._reset_failed(tasks)
             self._rc.submit(tasks, restrictions)
         return futures
+
+    def _reset_failed(self, tasks: list):
+        """Keys that failed or were cancelled run again when resubmitted."""
+        with self._lock:
+            states = self._states
+            for t in tasks:
+                st = states.get(t[0])
+                if st is not None and st.status in ("error", "cancelled"):
+                    st.status, st.exception, st.traceback = "pending", None, None
+                    st.finished = False
 
     def submit(
         self,
@@ -343,6 +353,22 @@ class Client:
         tasks: list = []
         keys: list = []
         dumps = pickle.dumps
+        try:
+            self._map_batches(fb, name, explicit, iterables, kwargs, pure, priority, retries, restrictions,
+                              restriction, batch, futures, seen, tasks, keys, dumps)
+        except BaseException:
+            # An argument that cannot be pickled: nothing of this map stays behind.
+            # (Keys other futures also hold are left alone.)
+            ours = [f for f in futures if f._state.refs == 1]
+            if ours:
+                self.cancel(ours)
+            for f in futures:
+                f.release()
+            raise
+        return futures
+
+    def _map_batches(self, fb, name, explicit, iterables, kwargs, pure, priority, retries, restrictions,
+                     restriction, batch, futures, seen, tasks, keys, dumps):
         for i, args in enumerate(zip(*iterables)):
             if kwargs or any(type(a) not in _SIMPLE for a in args):
                 (a2, kw2), deps = pack_futures((args, kwargs), self)
@@ -362,7 +388,6 @@ class Client:
                 futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
                 tasks, keys = [], []
         futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
-        return futures
 
     def _new_only(self, tasks: list, pure: bool) -> list:
         """Drops pure tasks whose key this client already holds (their
@@ -406,8 +431,17 @@ class Client:
         flat = list(_flatten(keys))
         with self._lock:
             held = set(self._states)
-        tasks = graph_to_tasks(dsk, flat, held, priority, retries)
-        futures = self._send(tasks, flat)
+        n, batches = graph_to_tasks(dsk, flat, held, priority, retries)
+        futures = self._futures(flat)
+        graph = self._rc.new_graph()
+        try:
+            # Submitted part by part: workers start on the first part while
+            # the later ones are being pickled here.
+            for tasks in batches:
+                self._reset_failed(tasks)
+                self._rc.submit(tasks, None, graph, True, n)
+        finally:
+            self._rc.submit([], None, graph, False, n)  # closes the graph
         return dict(zip(flat, futures))
 
     def get(self, dsk, keys, *, sync: bool = True, priority: int = 0, retries: int = 0, **kwargs):

@@ -71,6 +71,31 @@ class _MainPickler(pickle.Pickler):
         return NotImplemented
 
 
+class PayloadPickler:
+    """`dumps_payload` for many payloads in a row (a graph's tasks): once one
+    of them needed the `__main__` pickler, the rest go straight to it instead
+    of being pickled twice each."""
+
+    def __init__(self):
+        self.main = False
+
+    def __call__(self, obj: Any) -> bytes:
+        if not self.main:
+            try:
+                b = pickle.dumps(obj, protocol=HIGHEST)
+                if b"__main__" not in b:
+                    return b
+                self.main = True
+            except Exception:
+                return dumps_payload(obj)
+        try:
+            f = io.BytesIO()
+            _MainPickler(f, protocol=HIGHEST).dump(obj)
+            return f.getvalue()
+        except Exception:
+            return dumps_payload(obj)
+
+
 def dumps_payload(obj: Any) -> bytes:
     """A task payload; raises TypeError naming the culprit if it cannot be pickled.
     Plain pickle first (fast); when that fails or names `__main__`, the

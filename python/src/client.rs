@@ -67,12 +67,18 @@ impl Client {
     /// Submits tasks: a list of `(key, deps, payload, priority, order, want,
     /// retries[, restriction])`, where restriction indexes `restrictions`, a
     /// list of `(workers, resources, allow_other_workers)`.
-    #[pyo3(signature = (tasks, restrictions=None))]
+    ///
+    /// A graph sent in parts: `graph` from `new_graph()`, `more=True` on all
+    /// parts but the last (which may be empty), `graph_tasks` its total size.
+    #[pyo3(signature = (tasks, restrictions=None, graph=None, more=false, graph_tasks=0))]
     fn submit(
         &self,
         py: Python<'_>,
         tasks: &Bound<'_, PyList>,
         restrictions: Option<Vec<(Vec<String>, HashMap<String, f64>, bool)>>,
+        graph: Option<u64>,
+        more: bool,
+        graph_tasks: u64,
     ) -> PyResult<()> {
         let client = self.inner()?;
         let restrictions: Vec<Arc<Restriction>> = restrictions
@@ -114,7 +120,16 @@ impl Client {
                 restriction,
             });
         }
-        py.detach(move || client.submit(defs)).map_err(to_py_err)
+        py.detach(move || {
+            let graph = graph.unwrap_or_else(|| client.new_graph());
+            client.submit_part(graph, defs, more, graph_tasks)
+        })
+        .map_err(to_py_err)
+    }
+
+    /// An id for a graph submitted in parts.
+    fn new_graph(&self) -> PyResult<u64> {
+        Ok(self.inner()?.new_graph())
     }
 
     /// Status changes since the last call, waiting up to `timeout` seconds

@@ -1,0 +1,272 @@
+"""The `rdask-scheduler` and `rdask-worker` commands, run as a user runs
+them, and the parsing of the values given on their command lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from rdask import Client, get_worker
+from rdask.config import parse_memory_limit, parse_resources, total_memory
+
+BIN = os.path.dirname(sys.executable)
+SCHEDULER = os.path.join(BIN, "rdask-scheduler")
+WORKER = os.path.join(BIN, "rdask-worker")
+GiB = 2**30
+
+
+def inc(x):
+    return x + 1
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def worker_facts(_=None):
+    w = get_worker()
+    return w.name, w.local_directory, os.getpid()
+
+
+class Command:
+    """A console script running in the background, its output in a file."""
+
+    def __init__(self, args: list, log_path):
+        self.args = args
+        self.log_path = str(log_path)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-3000:]
+
+    def children(self) -> list:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Sends `sig` and waits; kills it (and its children) if it hangs."""
+        if self.proc.poll() is None:
+            kids = self.children()
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for k in kids:
+                    try:
+                        k.kill()
+                    except psutil.Error:
+                        pass
+                self.proc.kill()
+                self.proc.wait()
+                self.log.close()
+                return None
+        self.log.close()
+        return self.proc.returncode
+
+
+def start_scheduler(tmp_path, name="scheduler") -> tuple[Command, str]:
+    sched_file = str(tmp_path / f"{name}.json")
+    cmd = Command([SCHEDULER, "--port", "0", "--scheduler-file", sched_file], tmp_path / f"{name}.log")
+    return cmd, sched_file
+
+
+def start_workers(tmp_path, *args, name="workers") -> Command:
+    return Command([WORKER, *args], tmp_path / f"{name}.log")
+
+
+def wait_for(predicate, timeout: float, what: str, *commands: Command):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {c.args[0]}:\n{c.output()}" for c in commands)
+            pytest.fail(f"{what} not reached within {timeout} s\n{logs}")
+        time.sleep(0.1)
+
+
+def workers_of(client) -> dict:
+    return client.scheduler_info()["workers"]
+
+
+@pytest.fixture(scope="module")
+def cli_cluster(tmp_path_factory):
+    """rdask-scheduler plus `rdask-worker --nworkers 2`, and a client."""
+    tmp = tmp_path_factory.mktemp("cli")
+    sched, sched_file = start_scheduler(tmp)
+    workers = start_workers(tmp, "--scheduler-file", sched_file, "--nworkers", "2", "--nthreads", "1",
+                            "--memory-limit", "1GiB")
+    client = None
+    try:
+        client = Client(scheduler_file=sched_file, set_as_default=False, timeout=30)
+        wait_for(lambda: len(workers_of(client)) == 2, 30, "2 workers registered", sched, workers)
+        yield sched, workers, sched_file, client
+    finally:
+        if client is not None:
+            client.close()
+        workers.stop()
+        sched.stop()
+
+
+# ---------------------------------------------------------------- commands
+def test_cli_workers_register_with_their_settings(cli_cluster):
+    sched, workers, sched_file, client = cli_cluster
+    info = workers_of(client)
+    assert len(info) == 2
+    assert [w["nthreads"] for w in info.values()] == [1, 1]
+    assert [w["memory_limit"] for w in info.values()] == [GiB, GiB]
+    names = sorted(w["name"] for w in info.values())
+    assert names[0].endswith("-0") and names[1].endswith("-1")
+    assert names[0][:-2] == names[1][:-2]
+    # the work runs in the worker command's child processes
+    pids = set(client.gather(client.map(getpid, range(20), pure=False)))
+    assert pids <= {p.pid for p in workers.children()}
+    assert client.gather(client.map(inc, range(10))) == list(range(1, 11))
+
+
+def test_cli_nanny_restarts_a_killed_worker(cli_cluster):
+    sched, workers, sched_file, client = cli_cluster
+    before = workers_of(client)
+    names = sorted(w["name"] for w in before.values())
+    victim = client.submit(getpid, pure=False).result(timeout=30)
+    assert victim in {p.pid for p in workers.children()}
+    os.kill(victim, signal.SIGKILL)
+    # a new worker process registers (new address) in place of the dead one
+    wait_for(lambda: len(after := workers_of(client)) == 2 and set(after) != set(before), 15,
+             "the killed worker's replacement registering", workers)
+    after = workers_of(client)
+    assert sorted(w["name"] for w in after.values()) == names
+    assert workers.proc.poll() is None, "the worker command exited"
+    pids = set(client.gather(client.map(getpid, range(20), pure=False), errors="raise"))
+    assert victim not in pids
+    assert client.gather(client.map(inc, range(100, 110))) == list(range(101, 111))
+
+
+def test_cli_worker_address_name_resources_and_directory(cli_cluster, tmp_path):
+    sched, workers, sched_file, client = cli_cluster
+    address = client.scheduler_address
+    local = tmp_path / "scratch"
+    extra = start_workers(tmp_path, address, "--name", "gpu-box", "--nthreads", "1", "--resources", "GPU=1",
+                          "--memory-limit", "0", "--local-directory", str(local), name="gpu-worker")
+    try:
+        wait_for(lambda: any(w["name"] == "gpu-box" for w in workers_of(client).values()), 30,
+                 "the named worker registering", extra)
+        gpu = [w for w in workers_of(client).values() if w["name"] == "gpu-box"][0]
+        assert gpu["memory_limit"] == 0
+        # tasks that need a GPU only run on the worker that has one
+        facts = client.gather(client.map(worker_facts, range(6), resources={"GPU": 1}, pure=False))
+        assert {name for name, _, _ in facts} == {"gpu-box"}
+        directory = facts[0][1]
+        assert directory == os.path.join(str(local), "gpu-box")
+        assert os.path.isdir(directory)
+        by_name = client.submit(worker_facts, workers="gpu-box", pure=False).result(timeout=30)
+        assert by_name[0] == "gpu-box"
+    finally:
+        assert extra.stop() == 0, extra.output()
+    wait_for(lambda: len(workers_of(client)) == 2, 15, "the named worker leaving", extra)
+
+
+def test_sigterm_stops_worker_command_and_scheduler(tmp_path):
+    sched, sched_file = start_scheduler(tmp_path, "own-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--nworkers", "2", "--nthreads", "1",
+                            "--memory-limit", "auto", name="own-workers")
+    client = None
+    try:
+        client = Client(scheduler_file=sched_file, set_as_default=False, timeout=30)
+        wait_for(lambda: len(workers_of(client)) == 2, 30, "2 workers registered", sched, workers)
+        expected = parse_memory_limit("auto", 2)
+        assert [w["memory_limit"] for w in workers_of(client).values()] == [expected, expected]
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        children = workers.children()
+        assert len(children) >= 2
+
+        assert workers.stop(signal.SIGTERM, timeout=20) == 0, workers.output()
+        for child in children:
+            try:
+                child.wait(10)
+            except psutil.TimeoutExpired:
+                pytest.fail(f"worker process {child.pid} still running after SIGTERM of its command")
+        wait_for(lambda: len(workers_of(client)) == 0, 15, "the scheduler dropping the stopped workers", sched)
+        client.close()
+        client = None
+
+        assert os.path.exists(sched_file)
+        assert sched.stop(signal.SIGTERM, timeout=20) == 0, sched.output()
+        assert not os.path.exists(sched_file), "the scheduler left its scheduler file behind"
+        with pytest.raises((TimeoutError, OSError)):
+            Client(scheduler_file=sched_file, set_as_default=False, timeout=1)
+    finally:
+        if client is not None:
+            client.close()
+        workers.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+
+
+def test_worker_command_rejects_bad_values(tmp_path):
+    for bad in (["--memory-limit", "lots"], ["--resources", "GPU"]):
+        proc = subprocess.run([WORKER, "tcp://127.0.0.1:1", *bad], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert "error" in proc.stderr.lower()
+
+
+# ---------------------------------------------------------------- parsing
+@pytest.mark.parametrize(
+    "value, nworkers, expected",
+    [
+        ("4GiB", 1, 4 * GiB),
+        ("4 GiB", 3, 4 * GiB),
+        ("500MB", 1, 500_000_000),
+        ("2kib", 1, 2048),
+        ("1e9", 1, 10**9),
+        (4e9, 1, 4 * 10**9),
+        (0.5, 1, 4 * GiB),
+        ("0.25", 1, 2 * GiB),
+        ("auto", 1, 8 * GiB),
+        ("auto", 4, 2 * GiB),
+        ("AUTO", 3, 8 * GiB // 3),
+        (0, 1, 0),
+        ("0", 4, 0),
+        (None, 1, 0),
+    ],
+)
+def test_parse_memory_limit(value, nworkers, expected):
+    assert parse_memory_limit(value, nworkers, total=8 * GiB) == expected
+
+
+def test_parse_memory_limit_defaults_to_this_machine():
+    assert parse_memory_limit("auto", 2) == total_memory() // 2
+    assert parse_memory_limit(1.0) == total_memory()
+
+
+@pytest.mark.parametrize("bad", ["lots", "4XB", "GiB", "4 GiB please", -1, "-4GiB"])
+def test_parse_memory_limit_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        parse_memory_limit(bad, 1, total=8 * GiB)
+
+
+def test_parse_resources():
+    assert parse_resources("GPU=1 MEM=10e9") == {"GPU": 1.0, "MEM": 1e10}
+    assert parse_resources("GPU=2,FOO=0.5") == {"GPU": 2.0, "FOO": 0.5}
+    assert parse_resources("  GPU=1  ") == {"GPU": 1.0}
+    assert parse_resources("") == {}
+    assert parse_resources(None) == {}
+    assert parse_resources({"GPU": 1}) == {"GPU": 1.0}
+    for bad in ("GPU", "GPU=", "GPU=lots", "=1", "GPU=1 MEM"):
+        with pytest.raises(ValueError):
+            parse_resources(bad)

@@ -1,0 +1,3 @@
+import subprocess
+def test_leak():
+    subprocess.Popen(["sleep", "100"])
