@@ -1080,3 +1080,35 @@ async fn workers_joining_mid_run_take_queued_work() {
     assert!(newcomers_worked, "no worker that joined mid-run got any of the queued tasks");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_sent_in_parts_keeps_earlier_parts_until_the_last_arrives() {
+    let cluster = Cluster::tcp(2).await;
+    let client = cluster.client().await;
+    // tree-8 in three parts, each depending only on earlier ones. Nothing in
+    // the first parts is wanted, so without the graph staying open the
+    // scheduler would forget those values before their dependents arrive.
+    let graph = graphs::tree(8, "parts-");
+    let (root, expected) = (graph.root.clone(), graph.expected);
+    let mut tasks = graph.tasks;
+    let rest = tasks.split_off(300);
+    let (second, third) = {
+        let mut second = rest;
+        let third = second.split_off(150);
+        (second, third)
+    };
+    let id = client.new_graph();
+    let total = (tasks.len() + second.len() + third.len()) as u64;
+    client.submit_part(id, tasks, true, total).unwrap();
+    // Let the first part finish completely before the rest exists.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.submit_part(id, second, true, total).unwrap();
+    client.submit_part(id, third, true, total).unwrap();
+    client.submit_part(id, vec![], false, total).unwrap();
+    let values = within("gather the root of a graph sent in parts", client.gather(std::slice::from_ref(&root))).await.unwrap();
+    assert_eq!(count_of(&values[0]), expected);
+    client.release(&[root]).unwrap();
+    // Once the graph is closed and the root released, nothing stays pinned.
+    wait_for_tasks(&client, 0).await;
+    cluster.shutdown().await;
+}
