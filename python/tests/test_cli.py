@@ -218,6 +218,25 @@ def test_sigterm_stops_worker_command_and_scheduler(tmp_path):
         sched.stop(signal.SIGKILL)
 
 
+def test_worker_command_exits_when_the_scheduler_stops(tmp_path):
+    sched, sched_file = start_scheduler(tmp_path, "short-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--nworkers", "2", "--nthreads", "1",
+                            name="short-workers")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            wait_for(lambda: len(workers_of(client)) == 2, 30, "2 workers registered", sched, workers)
+            children = workers.children()
+        assert sched.stop(signal.SIGTERM, timeout=20) == 0, sched.output()
+        try:
+            assert workers.proc.wait(20) == 0, workers.output()
+        except subprocess.TimeoutExpired:
+            pytest.fail("rdask-worker kept running after its scheduler stopped\n" + workers.output())
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    finally:
+        workers.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+
+
 def test_worker_command_rejects_bad_values(tmp_path):
     for bad in (["--memory-limit", "lots"], ["--resources", "GPU"]):
         proc = subprocess.run([WORKER, "tcp://127.0.0.1:1", *bad], capture_output=True, text=True, timeout=30)

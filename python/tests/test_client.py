@@ -371,6 +371,21 @@ def test_progress_bar_reaches_100_percent(client, capsys):
     out = capsys.readouterr().out
     assert "100% Completed" in out
     assert re.search(r"\[#{40}\]", out), out
+    assert out.count("% Completed") >= 2, "the bar was drawn only once"
+    assert out.endswith("\n")
+
+
+def test_progress_bar_on_a_persisted_collection(client, capsys):
+    parts = [dask.delayed(slow_inc, pure=False)(i, 0.3) for i in range(4)]
+    persisted = client.persist(parts)
+    futures = [v for p in persisted for v in dict(p.__dask_graph__()).values() if isinstance(v, Future)]
+    assert len(futures) == 4
+    start = time.monotonic()
+    progress(*persisted, notebook=False)
+    assert all(f.done() for f in futures), "progress returned before the collection was computed"
+    assert time.monotonic() - start >= 0.25
+    assert "100% Completed" in capsys.readouterr().out
+    assert dask.compute(*persisted) == (1, 2, 3, 4)
 
 
 # ---------------------------------------------------------------- connecting and closing
@@ -461,8 +476,12 @@ def test_local_cluster_repr_and_scale():
             assert len(info) == 2
             assert {w["memory_limit"] for w in info.values()} == {2**30}
             assert "workers=2" in repr(cluster)
-            assert c.gather(c.map(inc, range(10))) == list(range(1, 11))
+            held = c.map(inc, range(10))
+            assert c.gather(held) == list(range(1, 11))
+            assert {n for a in c.who_has(held).values() for n in a} == set(info), "not spread over both workers"
             cluster.scale(1)
             assert len(c.scheduler_info()["workers"]) == 1
+            # values that lived on the removed worker are computed again
+            assert c.gather(held) == list(range(1, 11))
             assert c.submit(inc, 1, pure=False).result(timeout=30) == 2
     assert "status=closed" in repr(cluster)

@@ -62,6 +62,14 @@ def getpid(_=None):
     return os.getpid()
 
 
+def crash_the_worker():
+    os._exit(1)
+
+
+def call_sys_exit():
+    sys.exit(3)
+
+
 class LockHolder:
     def __init__(self):
         self.lock = threading.Lock()
@@ -153,6 +161,16 @@ def test_exception_that_cannot_be_pickled(client):
     assert client.submit(inc, 3).result(timeout=30) == 4
 
 
+def test_sys_exit_in_a_task_fails_only_that_task(client, worker_pids):
+    f = client.submit(call_sys_exit, pure=False)
+    with pytest.raises(Exception, match="SystemExit"):
+        f.result(timeout=30)
+    # the worker processes survived it
+    pids = set(client.gather(client.map(getpid, range(10), pure=False)))
+    assert pids <= worker_pids
+    assert client.submit(inc, 4).result(timeout=30) == 5
+
+
 # ---------------------------------------------------------------- dying workers
 def test_killed_worker_task_is_rerun(tmp_path, poll):
     with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, \
@@ -187,6 +205,18 @@ def test_value_lost_with_its_worker_is_recomputed(poll):
         b = client.submit(add, a, 10)
         assert b.result(timeout=60) == 12
         assert a.result(timeout=60) == 2
+
+
+def test_task_that_kills_every_worker_gives_up(poll):
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, \
+            Client(cluster, set_as_default=False, timeout=30) as client:
+        f = client.submit(crash_the_worker, pure=False)
+        with pytest.raises(Exception, match="KilledWorker") as info:
+            f.result(timeout=60)
+        assert "crash_the_worker" in str(info.value)
+        # the nannies bring the workers back and the cluster still computes
+        poll(lambda: len(client.scheduler_info()["workers"]) == 2, 30, what="2 workers again")
+        assert client.gather(client.map(inc, range(5))) == [1, 2, 3, 4, 5]
 
 
 def test_client_that_exits_without_closing_releases_its_data(poll):
@@ -247,6 +277,17 @@ def test_gather_missing_or_released_key_raises(client, no_hang):
             revived.release()
     else:
         pytest.fail("the released key could still be gathered")
+
+
+def test_wrong_or_missing_token_is_refused():
+    with LocalCluster(n_workers=1, threads_per_worker=1, token="s3cret") as cluster:
+        for token in (None, "wrong"):
+            start = time.monotonic()
+            with pytest.raises((OSError, TimeoutError), match="token"):
+                Client(cluster.scheduler_address, token=token, set_as_default=False, timeout=5)
+            assert time.monotonic() - start < 5
+        with Client(cluster.scheduler_address, token="s3cret", set_as_default=False, timeout=10) as c:
+            assert c.submit(inc, 1).result(timeout=30) == 2
 
 
 def test_connecting_to_nothing_fails_fast():
