@@ -7,17 +7,17 @@
 
 from . import _rdask
 from ._rdask import CommClosedError, RdaskError
-from .api import as_completed, fire_and_forget, get_client, wait
+from .api import as_completed, fire_and_forget, get_client, wait, worker_client
 from .client import Client, default_client
 from .cluster import LocalCluster
 from .future import Future, FutureCancelledError
 from .progress import progress
-from .worker import get_worker
+from .worker import get_worker, rejoin, secede
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
-    "fire_and_forget", "get_client", "get_worker", "progress", "default_client",
+    "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
     "RdaskError", "CommClosedError",
 ]

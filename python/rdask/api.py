@@ -3,6 +3,7 @@ fire_and_forget, get_client."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -129,10 +130,27 @@ def get_client(address=None, timeout=None):
     from .client import Client, default_client
 
     if worker._worker is not None:
-        return worker.worker_client()
+        return worker.shared_client()
     c = default_client()
     if c is not None and (address is None or c.scheduler_address == address):
         return c
     if address is not None:
         return Client(address, timeout=timeout or 10.0)
     raise ValueError("No clients found; start one with rdask.Client()")
+
+
+@contextlib.contextmanager
+def worker_client(timeout=None, separate_thread: bool = True):
+    """Inside a task: `with worker_client() as client:` as in Dask. The task
+    secedes from the worker's thread pool while it waits on the cluster; the
+    client is the worker's shared one and stays open afterwards."""
+    from . import worker
+
+    if worker._worker is None:
+        raise ValueError("worker_client() called outside an rdask worker task")
+    if separate_thread:
+        worker.secede()
+    try:
+        yield worker.shared_client()
+    finally:
+        worker.rejoin()

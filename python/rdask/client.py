@@ -18,6 +18,7 @@ from typing import Any
 import dask
 
 from . import _rdask
+from . import worker as worker_module
 from .future import Future, FutureCancelledError, FutureState
 from .graph import graph_to_tasks
 from .keys import funcname, key_str
@@ -230,6 +231,10 @@ class Client:
     def _wait_done(self, states: list, timeout: float | None) -> bool:
         """Waits until every state is finished; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if worker_module.in_task() and not all(st.finished for st in states):
+            # A task waiting on the cluster leaves its thread pool, so what
+            # it waits for can run on this worker too (Dask's secede).
+            worker_module.secede()
         i = 0
         with self._cond:
             while i < len(states):

@@ -50,7 +50,27 @@ def get_worker() -> WorkerInfo:
     return _worker
 
 
-def worker_client():
+def in_task() -> bool:
+    """True on a worker thread while it runs a task."""
+    return _worker is not None and _worker.current_key is not None
+
+
+def secede():
+    """Takes this task's thread out of the worker's thread pool, as Dask's
+    `secede`: a new thread takes its place, so a task that waits for other
+    tasks cannot starve them, even on a single-thread worker. rdask calls it
+    by itself when a task blocks on futures; calling it twice is harmless.
+    Outside a task it does nothing."""
+    if in_task():
+        _rdask.secede()
+
+
+def rejoin():
+    """Accepted for Dask code. In rdask a seceded thread stays out of the
+    pool until its task ends (the pool then shrinks back to its size)."""
+
+
+def shared_client():
     """A client connected to this worker's scheduler (one per process)."""
     w = get_worker()
     with w._client_lock:

@@ -147,6 +147,14 @@ impl Executor for PyExecutor {
     }
 }
 
+/// Takes the calling task's thread out of its worker's pool and starts a
+/// replacement, so tasks this one waits for can run (Dask's `secede`).
+/// False outside a worker task or when the task seceded already.
+#[pyfunction]
+pub fn secede() -> bool {
+    rdask_worker::runqueue::secede_current_thread()
+}
+
 /// Runs a worker until the scheduler goes away (returns) or the connection
 /// cannot be made (raises). Blocks with the GIL released; Ctrl-C and other
 /// signals are still seen every 200 ms.

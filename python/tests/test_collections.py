@@ -7,6 +7,7 @@ import operator
 import os
 
 import dask
+import rdask
 import dask.array as da
 import dask.bag as db
 import dask.dataframe as dd
@@ -221,18 +222,31 @@ def test_nested_compute_from_tasks():
         assert outer.compute(scheduler=client.get) == sum(range(40))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rdask scheduler bug: tasks without inputs are dealt round-robin to every worker, also to one "
-    "whose only thread runs the task that waits for them, and stealing (only above 2 queued per thread, "
-    "sched/src/core/placement.rs balance) keeps picking the running task, so the graph never finishes",
-)
 def test_nested_compute_on_single_thread_workers():
     # dask.distributed finishes this: the idle second worker gets the inner tasks.
     with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, \
             Client(cluster, set_as_default=False, timeout=30) as client:
         value, _ = client.submit(compute_inside_with_client_compute, 2, 5, pure=False).result(timeout=30)
         assert value == 3
+
+
+def compute_inside_worker_client(n):
+    with rdask.worker_client() as c:
+        futures = c.map(inc, range(n))
+        return sum(c.gather(futures))
+
+
+def test_tasks_waiting_on_tasks_on_one_single_thread_worker():
+    # Every task that waits holds the only thread; each secedes, so the
+    # tasks it waits for still run, here on the same worker.
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster, \
+            Client(cluster, set_as_default=False, timeout=30) as client:
+        outer = client.map(compute_inside_with_client_compute, [3, 4, 5], pure=False)
+        assert [v for v, _ in client.gather(outer)] == [6, 10, 15]
+        assert client.submit(compute_inside_worker_client, 10, pure=False).result(timeout=30) == 55
+        assert client.submit(compute_inside_with_dask_compute, 12, pure=False).result(timeout=30) == sum(range(12))
+        # the pool is back to one thread: plain tasks still run
+        assert client.gather(client.map(inc, range(5))) == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- persist

@@ -4,7 +4,9 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rdask_transport::TaskId;
@@ -70,6 +72,44 @@ pub type Completion = (TaskId, Result<Value, TaskFailure>);
 pub struct RunQueue {
     inner: Mutex<Inner>,
     cv: Condvar,
+    executor: Arc<dyn Executor>,
+    done: mpsc::UnboundedSender<Vec<Completion>>,
+    name: String,
+    /// Threads started so far (names them), including replacements for
+    /// threads that seceded.
+    started: AtomicUsize,
+}
+
+thread_local! {
+    /// The queue this executor thread serves; None on other threads.
+    static CURRENT: RefCell<Option<Arc<RunQueue>>> = const { RefCell::new(None) };
+    /// Set when the task running on this thread seceded: a replacement
+    /// thread serves the queue, and this one ends with its task.
+    static SECEDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a task that is about to block on the cluster (a task that
+/// waits for other tasks, as `secede()` in Dask): its thread leaves the
+/// pool and a new thread takes its place, so the tasks it waits for can run
+/// on this worker even when it has a single thread. The seceded thread ends
+/// when its task does. False when not called from an executor thread, or
+/// when the task has seceded already.
+pub fn secede_current_thread() -> bool {
+    if SECEDED.with(|s| s.get()) {
+        return false;
+    }
+    let Some(q) = CURRENT.with(|c| c.borrow().clone()) else { return false };
+    match q.spawn_thread() {
+        Ok(()) => {
+            SECEDED.with(|s| s.set(true));
+            tracing::debug!(queue = %q.name, "a task seceded from the executor pool; started a replacement thread");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(queue = %q.name, "cannot start a thread for a seceding task: {e}");
+            false
+        }
+    }
 }
 
 impl RunQueue {
@@ -80,17 +120,29 @@ impl RunQueue {
         executor: Arc<dyn Executor>,
         done: mpsc::UnboundedSender<Vec<Completion>>,
     ) -> std::io::Result<Arc<RunQueue>> {
-        let q = Arc::new(RunQueue { inner: Mutex::new(Inner::default()), cv: Condvar::new() });
-        for i in 0..nthreads.max(1) {
-            let q = q.clone();
-            let executor = executor.clone();
-            let done = done.clone();
-            std::thread::Builder::new()
-                .name(format!("{name}-exec-{i}"))
-                .stack_size(4 << 20)
-                .spawn(move || q.thread_loop(&*executor, &done))?;
+        let q = Arc::new(RunQueue {
+            inner: Mutex::new(Inner::default()),
+            cv: Condvar::new(),
+            executor,
+            done,
+            name: name.to_string(),
+            started: AtomicUsize::new(0),
+        });
+        for _ in 0..nthreads.max(1) {
+            q.spawn_thread()?;
         }
         Ok(q)
+    }
+
+    fn spawn_thread(self: &Arc<Self>) -> std::io::Result<()> {
+        let i = self.started.fetch_add(1, AtomicOrdering::Relaxed);
+        let q = self.clone();
+        std::thread::Builder::new().name(format!("{}-exec-{i}", self.name)).stack_size(4 << 20).spawn(move || {
+            CURRENT.with(|c| *c.borrow_mut() = Some(q.clone()));
+            q.thread_loop();
+            CURRENT.with(|c| c.borrow_mut().take());
+        })?;
+        Ok(())
     }
 
     /// Queues jobs under one lock and wakes as many threads as there are jobs.
@@ -134,7 +186,8 @@ impl RunQueue {
     /// handed to the worker loop in batches: a thread reports when the queue
     /// runs dry (or after `REPORT_EVERY` jobs), so a burst of micro-tasks
     /// costs one wake-up of the worker loop, not one per task.
-    fn thread_loop(&self, executor: &dyn Executor, done: &mpsc::UnboundedSender<Vec<Completion>>) {
+    fn thread_loop(&self) {
+        let (executor, done) = (&*self.executor, &self.done);
         const REPORT_EVERY: usize = 256;
         /// Results older than this go out even while the queue is busy, so a
         /// long queue of real tasks does not hold finished results back.
@@ -178,6 +231,12 @@ impl RunQueue {
                 oldest = std::time::Instant::now();
             }
             finished.push((id, result));
+            if SECEDED.with(|s| s.replace(false)) {
+                // A replacement serves the queue already: report and end.
+                let _ = done.send(std::mem::take(&mut finished));
+                self.inner.lock().unwrap().running -= 1;
+                return;
+            }
             let due = finished.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
             if due && done.send(std::mem::take(&mut finished)).is_err() {
                 return;
@@ -185,5 +244,83 @@ impl RunQueue {
             g = self.inner.lock().unwrap();
             g.running -= 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdask_transport::bytes::Bytes;
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    /// "outer" secedes and then waits until "inner" has run; with one
+    /// thread that only works if seceding brought a second thread.
+    struct WaitsForInner {
+        inner_ran: Mutex<Option<std_mpsc::Receiver<()>>>,
+        signal: Mutex<std_mpsc::Sender<()>>,
+        secede: bool,
+    }
+
+    impl Executor for WaitsForInner {
+        fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
+            if task.key == "outer" {
+                let seceded = self.secede && secede_current_thread();
+                let again = self.secede && secede_current_thread();
+                let rx = self.inner_ran.lock().unwrap().take().unwrap();
+                let ran = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+                Ok(Value::Bytes(Bytes::from(format!("{seceded} {again} {ran}"))))
+            } else {
+                let _ = self.signal.lock().unwrap().send(());
+                Ok(Value::Bytes(Bytes::from_static(b"inner")))
+            }
+        }
+    }
+
+    fn run_outer_then_inner(secede: bool) -> String {
+        let (sig_tx, sig_rx) = std_mpsc::channel();
+        let exec = Arc::new(WaitsForInner {
+            inner_ran: Mutex::new(Some(sig_rx)),
+            signal: Mutex::new(sig_tx),
+            secede,
+        });
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let q = RunQueue::start(1, "t", exec, done_tx).unwrap();
+        let job = |id: u64, key: &str, order: i64| {
+            let run = TaskRun { id: TaskId::new(id), key: key.into(), payload: Bytes::new(), inputs: vec![] };
+            (JobPriority { user: 0, order, seq: id }, run)
+        };
+        q.push_many([job(1, "outer", 0)]);
+        std::thread::sleep(Duration::from_millis(50));
+        q.push_many([job(2, "inner", 1)]);
+        let mut outer = None;
+        let mut seen = 0;
+        while seen < 2 {
+            for (id, r) in done_rx.blocking_recv().unwrap() {
+                seen += 1;
+                if id == TaskId::new(1) {
+                    let Value::Bytes(b) = r.unwrap() else { panic!("bytes expected") };
+                    outer = Some(String::from_utf8(b.to_vec()).unwrap());
+                }
+            }
+        }
+        q.shutdown();
+        outer.unwrap()
+    }
+
+    #[test]
+    fn a_seceded_task_lets_the_tasks_it_waits_for_run_on_a_single_thread() {
+        assert_eq!(run_outer_then_inner(true), "true false true");
+    }
+
+    #[test]
+    fn without_seceding_a_single_thread_is_held_by_the_waiting_task() {
+        // The control: the same tasks starve until the wait times out.
+        assert_eq!(run_outer_then_inner(false), "false false false");
+    }
+
+    #[test]
+    fn secede_outside_an_executor_thread_does_nothing() {
+        assert!(!secede_current_thread());
     }
 }
