@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, Role};
-use rdask_transport::peer::PeerPool;
+use rdask_transport::peer::{FetchedValue, PeerPool};
 pub use rdask_transport::protocol::ClusterInfo;
 use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, Frame, FrameSender, Limits, TransportError, WireMessage};
@@ -35,6 +35,8 @@ pub enum ClientError {
     Cancelled(String),
     #[error("key {0} is not in memory on any worker (unknown, released or not finished)")]
     MissingKey(String),
+    #[error("the value of {key} exists but its worker cannot send it: {message}")]
+    Unserializable { key: String, message: String, payload: Bytes },
     #[error("scheduler error: {0}")]
     Scheduler(String),
     #[error("connection to the scheduler was lost")]
@@ -358,8 +360,15 @@ impl Client {
         for (addr, items) in by_worker {
             let ids = items.iter().map(|(_, t)| *t).collect();
             let fetched = self.pool.fetch(&addr, ids).await?;
-            for ((slot, _), (_, frames)) in items.iter().zip(fetched) {
-                out[*slot] = Some(frames.ok_or_else(|| ClientError::MissingKey(keys[*slot].clone()))?.into_vec());
+            for ((slot, _), (_, fetched)) in items.iter().zip(fetched) {
+                let key = || keys[*slot].clone();
+                out[*slot] = Some(match fetched {
+                    FetchedValue::Value(frames) => frames.into_vec(),
+                    FetchedValue::Missing => return Err(ClientError::MissingKey(key())),
+                    FetchedValue::Unserializable { message, payload } => {
+                        return Err(ClientError::Unserializable { key: key(), message, payload })
+                    }
+                });
             }
         }
         out.into_iter().enumerate().map(|(i, v)| v.ok_or_else(|| ClientError::MissingKey(keys[i].clone()))).collect()

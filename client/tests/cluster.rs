@@ -15,6 +15,7 @@ use rdask_client::{Client, ClientError, ClusterInfo, TaskDef};
 use rdask_sched::reactor::{SchedulerConfig, SchedulerHandle};
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, handshake_connect_as, Role, MAGIC};
+use rdask_transport::peer::FetchedValue;
 use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, SubmitGraph, TaskSpec, ToClientMessage, NO_FRAME, PROTOCOL_VERSION};
 use rdask_transport::rkyv::util::AlignedVec;
 use rdask_transport::{Connection, Frame, Limits, TransportError, WireMessage};
@@ -1011,11 +1012,11 @@ async fn a_stopped_worker_stops_serving_its_values() {
     };
     let peer = rdask_transport::peer::PeerConnection::connect(&address, None, Limits::default()).await.unwrap();
     let before = within("fetch", peer.fetch(vec![task])).await.unwrap();
-    assert!(before[0].1.is_some(), "the live worker serves the value");
+    assert!(matches!(before[0].1, FetchedValue::Value(_)), "the live worker serves the value");
     cluster.shutdown().await; // every worker returned Ok(())
     match tokio::time::timeout(Duration::from_secs(2), peer.fetch(vec![task])).await {
         Ok(Err(_)) => {}
-        Ok(Ok(items)) => panic!("a stopped worker still served {:?}", items.iter().map(|(t, v)| (*t, v.is_some())).collect::<Vec<_>>()),
+        Ok(Ok(items)) => panic!("a stopped worker still served {:?}", items.iter().map(|(t, v)| (*t, matches!(v, FetchedValue::Value(_)))).collect::<Vec<_>>()),
         Err(_) => panic!("fetch from a stopped worker hung"),
     }
 }

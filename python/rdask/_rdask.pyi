@@ -6,6 +6,8 @@ PROTOCOL_VERSION: int
 
 class RdaskError(Exception): ...
 class CommClosedError(RdaskError): ...
+class UnserializableValue(RdaskError):
+    """args: (key, message, error payload as a Frame)"""
 
 class Frame:
     """A received data frame; read-only buffer protocol, no copy."""

@@ -526,6 +526,12 @@ class Client:
             frames = self._rc.gather(unique)
         except KeyError as e:
             raise KeyError(f"key {e.args[0]!r} is not held by the cluster (released, cancelled or never submitted)") from None
+        except _rdask.UnserializableValue as e:
+            # The original exception (e.g. pickle's TypeError), as if the
+            # task itself had raised it.
+            key, message, payload = e.args
+            exc, tb = loads_error(payload, message)
+            raise _with_remote_note(exc, tb) from None
         values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
         return [values[k] for k in keys]
 

@@ -12,7 +12,7 @@ use rdask_client::{Client as RustClient, ClientError, KeyStatus, TaskDef};
 use rdask_transport::protocol::{Resource, Restriction};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
-use crate::{runtime, CommClosedError, RdaskError};
+use crate::{runtime, CommClosedError, RdaskError, UnserializableValue};
 
 #[pyclass(module = "rdask._rdask", frozen)]
 pub struct Client {
@@ -26,6 +26,9 @@ fn to_py_err(e: ClientError) -> PyErr {
     match e {
         ClientError::Disconnected => CommClosedError::new_err("the connection to the scheduler is closed"),
         ClientError::MissingKey(k) => PyKeyError::new_err(k),
+        ClientError::Unserializable { key, message, payload } => {
+            UnserializableValue::new_err((key, message, Frame { data: payload }))
+        }
         ClientError::Connect { address, reason } => {
             PyTimeoutError::new_err(format!("cannot connect to scheduler at {address}: {reason}"))
         }

@@ -15,6 +15,12 @@ use pyo3::prelude::*;
 
 pyo3::create_exception!(_rdask, RdaskError, pyo3::exceptions::PyException, "An error from the rdask runtime.");
 pyo3::create_exception!(_rdask, CommClosedError, RdaskError, "The connection to the scheduler is gone.");
+pyo3::create_exception!(
+    _rdask,
+    UnserializableValue,
+    RdaskError,
+    "A worker holds the value but cannot serialise it; args: (key, message, error payload)."
+);
 
 /// One tokio runtime per process for clients and workers: its threads do
 /// the network I/O while Python threads run user code.
@@ -53,6 +59,7 @@ fn init_logging(level: Option<String>) {
 fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RdaskError", m.py().get_type::<RdaskError>())?;
     m.add("CommClosedError", m.py().get_type::<CommClosedError>())?;
+    m.add("UnserializableValue", m.py().get_type::<UnserializableValue>())?;
     m.add("PROTOCOL_VERSION", rdask_transport::protocol::PROTOCOL_VERSION)?;
     m.add_class::<frames::Frame>()?;
     m.add_class::<scheduler::Scheduler>()?;

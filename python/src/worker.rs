@@ -43,15 +43,18 @@ impl ObjectValue for PyValue {
         self.size
     }
 
-    fn serialize(&self) -> Result<Vec<Bytes>, String> {
+    fn serialize(&self) -> Result<Vec<Bytes>, TaskFailure> {
         if let Some(frames) = &self.frames {
             return Ok(frames.clone());
         }
         keep_thread_state();
         Python::attach(|py| {
-            let frames = self.codec.dumps.call1(py, (self.obj.clone_ref(py),)).map_err(|e| e.to_string())?;
-            let frames = frames.bind(py).cast::<PyList>().map_err(|e| e.to_string())?.clone();
-            frames.iter().map(|f| py_to_bytes(&f).map_err(|e| e.to_string())).collect()
+            let run = || -> PyResult<Vec<Bytes>> {
+                let frames = self.codec.dumps.call1(py, (self.obj.clone_ref(py),))?;
+                let frames = frames.bind(py).cast::<PyList>()?.clone();
+                frames.iter().map(|f| py_to_bytes(&f)).collect()
+            };
+            run().map_err(|e| failure_from(py, e))
         })
     }
 
@@ -70,11 +73,28 @@ impl Codec {
         match value {
             Value::Object(o) => match o.as_any().downcast_ref::<PyValue>() {
                 Some(v) => Ok(v.obj.clone_ref(py)),
-                None => self.load(py, o.serialize().map_err(RdaskError::new_err)?).map(|(v, _)| v),
+                None => self.load(py, o.serialize().map_err(|f| RdaskError::new_err(f.message))?).map(|(v, _)| v),
             },
             Value::Bytes(b) => self.load(py, [b.clone()]).map(|(v, _)| v),
         }
     }
+}
+
+/// A Python exception as a task failure: "Type: message" and the pickled
+/// exception with its traceback (`rdask.serialize.dumps_error`), so the
+/// client can raise the original.
+fn failure_from(py: Python<'_>, e: PyErr) -> TaskFailure {
+    let message = match e.get_type(py).qualname() {
+        Ok(name) => format!("{name}: {}", e.value(py)),
+        Err(_) => e.to_string(),
+    };
+    let payload = py
+        .import("rdask.serialize")
+        .and_then(|m| m.getattr("dumps_error"))
+        .and_then(|f| f.call1((e.value(py),)))
+        .and_then(|b| py_to_bytes(&b))
+        .unwrap_or_default();
+    TaskFailure { message, payload }
 }
 
 /// Gives this (non-Python) thread a Python thread state that lives as long
@@ -138,10 +158,10 @@ impl Executor for PyExecutor {
         })
     }
 
-    fn deserialize(&self, frames: Frames) -> Result<Value, String> {
+    fn deserialize(&self, frames: Frames) -> Result<Value, TaskFailure> {
         keep_thread_state();
         Python::attach(|py| {
-            let (obj, size) = self.codec.load(py, frames).map_err(|e| e.to_string())?;
+            let (obj, size) = self.codec.load(py, frames).map_err(|e| failure_from(py, e))?;
             Ok(Value::Object(Arc::new(PyValue { obj, size, frames: None, codec: self.codec.clone() })))
         })
     }

@@ -114,16 +114,21 @@ def test_unpicklable_small_result_gives_an_error(client):
     assert client.submit(inc, 2).result(timeout=30) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rdask bug: a result over 16 KiB that cannot be pickled shows as 'finished' and result() "
-    "raises KeyError 'not held by the cluster (released, cancelled or never submitted)' instead of "
-    "the pickling error (the worker only logs 'cannot serialise value for a peer')",
-)
 def test_unpicklable_big_result_gives_the_pickling_error(client, no_hang):
     f = client.submit(return_big_unpicklable, pure=False)
     with pytest.raises(TypeError, match="pickle"):
         no_hang(f.result, 30, timeout=20)
+    # a task on another worker that needs the value fails with the same error
+    holder = next(iter(client.who_has([f])[f.key]))
+    other = [w for w in client.scheduler_info()["workers"] if w != holder]
+    assert other, "the test cluster has two workers"
+    dependent = client.submit(len, f, workers=other, pure=False)
+    with pytest.raises(TypeError, match="pickle"):
+        no_hang(dependent.result, 30, timeout=20)
+    # one on the same worker reads the object itself and succeeds
+    same = client.submit(len, f, workers=[holder], pure=False)
+    assert no_hang(same.result, 30, timeout=20) == 2
+    assert client.submit(inc, 5).result(timeout=30) == 6
 
 
 # ---------------------------------------------------------------- task errors

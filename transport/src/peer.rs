@@ -19,8 +19,27 @@ use crate::TaskId;
 /// The frames of one value; most values are one frame, kept inline.
 pub type Frames = smallvec::SmallVec<[Bytes; 1]>;
 
-/// A fetched value: its frames, or `None` when the peer does not hold it.
-pub type Fetched = (TaskId, Option<Frames>);
+/// What a peer answered for one requested task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FetchedValue {
+    Value(Frames),
+    /// The peer does not (or no longer) hold it.
+    Missing,
+    /// The peer holds it but cannot serialise it: a message and the
+    /// executor's error payload (may be empty).
+    Unserializable { message: String, payload: Bytes },
+}
+
+impl FetchedValue {
+    pub fn into_frames(self) -> Option<Frames> {
+        match self {
+            FetchedValue::Value(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+pub type Fetched = (TaskId, FetchedValue);
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Vec<Fetched>>>>>>>;
 
@@ -85,16 +104,23 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let mut out = Vec::with_capacity(items.len());
     for item in items.iter() {
         if !item.found {
-            out.push((item.id.get(), None));
+            out.push((item.id.get(), FetchedValue::Missing));
             continue;
         }
         let first = item.first.to_native() as usize;
         let count = item.count.to_native() as usize;
-        let frames = frame
-            .data
-            .get(first..first + count)
-            .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..{} of {}", first + count, frame.data.len())))?;
-        out.push((item.id.get(), Some(frames.iter().cloned().collect())));
+        let frames = first
+            .checked_add(count)
+            .and_then(|end| frame.data.get(first..end))
+            .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..+{count} of {}", frame.data.len())))?;
+        let value = match item.error.as_ref() {
+            None => FetchedValue::Value(frames.iter().cloned().collect()),
+            Some(message) => FetchedValue::Unserializable {
+                message: message.to_string(),
+                payload: frames.first().cloned().unwrap_or_default(),
+            },
+        };
+        out.push((item.id.get(), value));
     }
     let tx = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&request_id.to_native()));
     if let Some(tx) = tx {

@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -298,13 +298,18 @@ pub enum FromPeerMessage {
 
 /// A value sent as `count` consecutive data frames starting at `first`
 /// (a serialiser may split one value into several buffers, e.g. pickle 5).
-#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct DataItem {
     pub id: TaskId,
     /// False when the value is not (or no longer) stored here.
     pub found: bool,
     pub first: u32,
     pub count: u32,
+    /// Set when the holder has the value but cannot serialise it (a Python
+    /// object that cannot be pickled): the reason, and then `count` is 0 or
+    /// 1 and that frame, if any, is the executor's error payload (the
+    /// pickled exception).
+    pub error: Option<String>,
 }
 
 // ---------------------------------------------------------------- encode / access

@@ -27,7 +27,7 @@ impl Value {
     }
 
     /// Frames to send to a peer.
-    pub fn to_frames(&self) -> Result<Frames, String> {
+    pub fn to_frames(&self) -> Result<Frames, TaskFailure> {
         match self {
             Value::Bytes(b) => Ok(smallvec::smallvec![b.clone()]),
             Value::Object(o) => o.serialize().map(Frames::from_vec),
@@ -48,7 +48,9 @@ impl std::fmt::Debug for Value {
 pub trait ObjectValue: Send + Sync + 'static {
     /// Estimated memory footprint, reported to the scheduler for placement.
     fn size(&self) -> u64;
-    fn serialize(&self) -> Result<Vec<Bytes>, String>;
+    /// The value as frames; an error (with the executor's payload, e.g. the
+    /// pickling exception) when this object cannot be serialised.
+    fn serialize(&self) -> Result<Vec<Bytes>, TaskFailure>;
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -90,11 +92,11 @@ pub trait Executor: Send + Sync + 'static {
     }
 
     /// Turns frames received from a peer back into a value.
-    fn deserialize(&self, frames: Frames) -> Result<Value, String> {
+    fn deserialize(&self, frames: Frames) -> Result<Value, TaskFailure> {
         match frames.len() {
             1 => Ok(Value::Bytes(frames.into_iter().next().unwrap())),
             0 => Ok(Value::Bytes(Bytes::new())),
-            n => Err(format!("value arrived as {n} frames; this executor expects one")),
+            n => Err(TaskFailure::message(format!("value arrived as {n} frames; this executor expects one"))),
         }
     }
 }

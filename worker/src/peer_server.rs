@@ -38,19 +38,27 @@ async fn serve_one(mut conn: Connection, store: Arc<Store>, token: Option<&str>)
         let mut data: Vec<Bytes> = Vec::with_capacity(values.len());
         for (t, v) in tasks.iter().zip(values) {
             let id = t.get();
+            let first = data.len() as u32;
             let frames = match v.map(|v| v.to_frames()) {
                 Some(Ok(frames)) => frames,
                 Some(Err(e)) => {
-                    tracing::error!(task = %id, "cannot serialise value for a peer: {e}");
-                    items.push(DataItem { id, found: false, first: 0, count: 0 });
+                    // The requester fails the tasks that needed it with this
+                    // error; the value itself stays (another reader may be a
+                    // task on this worker, which needs no serialising).
+                    tracing::warn!(task = %id, "cannot serialise value for a peer: {}", e.message);
+                    let count = u32::from(!e.payload.is_empty());
+                    if count == 1 {
+                        data.push(e.payload);
+                    }
+                    items.push(DataItem { id, found: true, first, count, error: Some(e.message) });
                     continue;
                 }
                 None => {
-                    items.push(DataItem { id, found: false, first: 0, count: 0 });
+                    items.push(DataItem { id, found: false, first: 0, count: 0, error: None });
                     continue;
                 }
             };
-            items.push(DataItem { id, found: true, first: data.len() as u32, count: frames.len() as u32 });
+            items.push(DataItem { id, found: true, first, count: frames.len() as u32, error: None });
             data.extend(frames);
         }
         let reply = FromPeerMessage::Data { request_id: request_id.to_native(), items };

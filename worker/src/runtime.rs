@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, Role};
-use rdask_transport::peer::{Fetched, PeerPool};
+use rdask_transport::peer::{Fetched, FetchedValue, PeerPool};
 use rdask_transport::protocol::{
     ArchivedComputeTask, ArchivedToWorkerMessage, FailedTask, FetchFailure, FinishedTask, FromWorkerMessage, Resource,
     StealOutcome, ToWorkerMessage, WorkerInfo, WorkerLoad, NO_FRAME,
@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::error::WorkerError;
-use crate::executor::{Executor, TaskRun};
+use crate::executor::{Executor, TaskFailure, TaskRun};
 use crate::peer_server::serve_peers;
 use crate::runqueue::{Completion, JobPriority, RunQueue};
 use crate::store::Store;
@@ -457,22 +457,26 @@ impl State {
             Ok(items) => items,
             Err(e) => {
                 tracing::warn!(worker = %self.id, holder = %done.holder, "fetch failed: {e}");
-                done.ids.iter().map(|id| (*id, None)).collect()
+                done.ids.iter().map(|id| (*id, FetchedValue::Missing)).collect()
             }
         };
         // Store everything that arrived under one lock, then wake waiters.
         let mut arrived = Vec::with_capacity(items.len());
-        for (dep, frames) in items {
+        for (dep, fetched) in items {
             if !self.fetches.contains_key(&dep) {
                 continue;
             }
-            match frames.map(|f| self.executor.deserialize(f)) {
-                Some(Ok(v)) => arrived.push((dep, v)),
-                Some(Err(e)) => {
-                    tracing::warn!(%dep, "cannot deserialise fetched value: {e}");
-                    self.request_next(dep);
+            match fetched {
+                FetchedValue::Value(frames) => match self.executor.deserialize(frames) {
+                    Ok(v) => arrived.push((dep, v)),
+                    // Another holder would send the same bytes: the tasks
+                    // that need this value fail with the reason.
+                    Err(e) => self.fail_waiters(dep, "cannot deserialise", e),
+                },
+                FetchedValue::Unserializable { message, payload } => {
+                    self.fail_waiters(dep, "cannot serialise", TaskFailure { message, payload })
                 }
-                None => self.request_next(dep),
+                FetchedValue::Missing => self.request_next(dep),
             }
         }
         let deps: Vec<TaskId> = arrived.iter().map(|(d, _)| *d).collect();
@@ -489,6 +493,22 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The value of `dep` exists but cannot reach this worker: every task
+    /// waiting for it fails with `why` (the executor's payload kept, so a
+    /// Python client re-raises the original exception).
+    fn fail_waiters(&mut self, dep: TaskId, what: &str, why: TaskFailure) {
+        let Some(f) = self.fetches.remove(&dep) else { return };
+        let mut failures = Vec::new();
+        for w in f.waiters {
+            let Some(t) = self.tasks.remove(&w) else { continue };
+            let key = t.deps.iter().find(|(d, _)| *d == dep).map_or_else(|| dep.to_string(), |(_, k)| k.clone());
+            tracing::warn!(task = %w, input = %key, "{what} input: {}", why.message);
+            let message = format!("{what} input {key} of task {}: {}", t.key, why.message);
+            failures.push((w, Err(TaskFailure { message, payload: why.payload.clone() })));
+        }
+        self.record(failures);
     }
 
     fn start(&mut self, id: TaskId) {
