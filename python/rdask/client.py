@@ -374,21 +374,30 @@ class Client:
 
     def _map_batches(self, fb, name, explicit, iterables, kwargs, pure, priority, retries, restrictions,
                      restriction, batch, futures, seen, tasks, keys, dumps):
+        # The loop body runs once per task (100k times for a big map): the
+        # common case (one plain scalar argument, pure) avoids generator,
+        # call and lookup overheads.
+        simple = _SIMPLE
+        md5 = hashlib.md5
+        prefix = name + "-"
         for i, args in enumerate(zip(*iterables)):
-            if kwargs or any(type(a) not in _SIMPLE for a in args):
-                (a2, kw2), deps = pack_futures((args, kwargs), self)
-                payload = dumps_payload((CALL, fb, a2, kw2))
-            else:  # plain scalars: always picklable, no futures inside
+            if not kwargs and (type(args[0]) in simple if len(args) == 1 else all(type(a) in simple for a in args)):
+                # plain scalars: always picklable, no futures inside
                 deps = []
                 payload = dumps((CALL, fb, args, kwargs), protocol=5)
+            else:
+                (a2, kw2), deps = pack_futures((args, kwargs), self)
+                payload = dumps_payload((CALL, fb, a2, kw2))
             if explicit is not None:
                 k = explicit[i]
+            elif pure and not deps:
+                k = prefix + md5(payload, usedforsecurity=False).hexdigest()
             else:
                 k = _call_key(name, payload, deps, pure)
             keys.append(k)
             if k not in seen:
                 seen.add(k)
-                tasks.append((key_str(k), deps, payload, priority, None, True, retries, restriction))
+                tasks.append((k if type(k) is str else key_str(k), deps, payload, priority, None, True, retries, restriction))
             if len(tasks) >= batch:
                 futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
                 tasks, keys = [], []
