@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -19,7 +21,7 @@ import dask
 
 from . import _rdask
 from . import worker as worker_module
-from .future import Future, FutureCancelledError, FutureState
+from .future import Future, FutureCancelledError, FutureState, raisable
 from .graph import graph_to_tasks
 from .keys import funcname, key_str
 from .serialize import dumps_function, dumps_payload, loads_error, loads_value
@@ -162,10 +164,10 @@ class Client:
     def _futures(self, keys: list) -> list[Future]:
         """Futures for many keys under one lock acquisition."""
         hold = self._hold_locked
-        with self._lock:
-            states = [hold(k, k if type(k) is str else key_str(k)) for k in keys]
         make = Future._from_state
-        return [make(k, self, st) for k, st in zip(keys, states)]
+        with _no_gc(len(keys)), self._lock:
+            states = [hold(k, k if type(k) is str else key_str(k)) for k in keys]
+            return [make(k, self, st) for k, st in zip(keys, states)]
 
     def _drop(self, st: FutureState):
         with self._lock:
@@ -173,6 +175,21 @@ class Client:
             if st.refs <= 0 and self._states.get(st.skey) is st:
                 del self._states[st.skey]
                 self._releasing[st.skey] = st
+
+    def _forget_failed_releases(self, keys) -> None:
+        """Keys about to be submitted again whose last futures were dropped
+        after they erred or were cancelled: their release goes out now,
+        before the submission, so the scheduler runs them afresh instead of
+        answering with the old outcome (and the client makes new states
+        instead of reviving the failed ones). Call with the lock held."""
+        rel = self._releasing
+        if not rel:
+            return
+        stale = [k for k in keys if (st := rel.get(k)) is not None and st.status in ("error", "cancelled")]
+        for k in stale:
+            del rel[k]
+        if stale:
+            self._rc.release(stale)
 
     def _flush_releases(self):
         with self._lock:
@@ -278,6 +295,9 @@ class Client:
 
     def _send(self, tasks: list, keys: list, restrictions: list | None = None) -> list[Future]:
         """Holds `keys` (creating their futures) and submits `tasks`."""
+        if tasks:
+            with self._lock:
+                self._forget_failed_releases([t[0] for t in tasks])
         futures = self._futures(keys)
         if tasks:
             self._reset_failed(tasks)
@@ -285,12 +305,15 @@ class Client:
         return futures
 
     def _reset_failed(self, tasks: list):
-        """Keys that failed or were cancelled run again when resubmitted."""
+        """Cancelled keys run again when resubmitted. A key that erred and is
+        still held keeps its error, as in distributed: the same call gives
+        the same erred future (release it, or use another key, to run it
+        again)."""
         with self._lock:
             states = self._states
             for t in tasks:
                 st = states.get(t[0])
-                if st is not None and st.status in ("error", "cancelled"):
+                if st is not None and st.status == "cancelled":
                     st.status, st.exception, st.traceback = "pending", None, None
                     st.finished = False
 
@@ -318,10 +341,21 @@ class Client:
         if actor or actors:
             raise NotImplementedError("actors are not supported by rdask")
         restrictions = _restrictions(workers, resources, allow_other_workers)
-        (args2, kwargs2), deps = pack_futures((args, kwargs), self)
-        payload = dumps_payload((CALL, dumps_function(func), args2, kwargs2))
-        if key is None:
-            key = _call_key(funcname(func), payload, deps, pure)
+        fb = dumps_function(func)
+        fast = None
+        if not kwargs and all(type(a) in _SIMPLE for a in args):
+            # the same payload and key as client.map makes for this call
+            fast = _rdask.scalar_call(fb, funcname(func), args)
+        if fast is not None:
+            payload, digest_key = fast
+            deps = []
+            if key is None:
+                key = digest_key if pure else _call_key(funcname(func), payload, deps, False)
+        else:
+            (args2, kwargs2), deps = pack_futures((args, kwargs), self)
+            payload = dumps_payload((CALL, fb, args2, kwargs2))
+            if key is None:
+                key = _call_key(funcname(func), payload, deps, pure)
         task = (key_str(key), deps, payload, int(priority), None, True, int(retries or 0), 0 if restrictions else None)
         return self._send(self._new_only([task], pure), [key], restrictions)[0]
 
@@ -353,6 +387,10 @@ class Client:
         retries = int(retries or 0)
         priority = int(priority)
         batch = int(batch_size or 8192)
+        if pure and explicit is None and not kwargs and iterables:
+            futures = self._map_scalars(fb, name, iterables, priority, retries, restrictions)
+            if futures is not None:
+                return futures
         futures: list[Future] = []
         seen: set = set()
         tasks: list = []
@@ -370,6 +408,26 @@ class Client:
             for f in futures:
                 f.release()
             raise
+        return futures
+
+    def _map_scalars(self, fb, name, iterables, priority, retries, restrictions):
+        """The fast path of a pure map over plain scalars: payloads, keys and
+        the submission are made in Rust. None (nothing sent) when some
+        argument is not a plain scalar."""
+        single = len(iterables) == 1
+        calls = iterables[0] if single else list(zip(*iterables))
+        with self._lock:  # no news of these keys is applied before their futures exist
+            done = self._rc.map_scalars(fb, name, calls, single, self._states, self._releasing, priority, retries,
+                                        restrictions[0] if restrictions else None)
+            if done is None:
+                return None
+            keys, again = done
+            futures = self._futures(keys)
+            states = self._states
+            for k in again:
+                st = states[k]
+                st.status, st.exception, st.traceback = "pending", None, None
+                st.finished = False
         return futures
 
     def _map_batches(self, fb, name, explicit, iterables, kwargs, pure, priority, retries, restrictions,
@@ -405,12 +463,12 @@ class Client:
 
     def _new_only(self, tasks: list, pure: bool) -> list:
         """Drops pure tasks whose key this client already holds (their
-        result is shared, as in dask)."""
+        result, or error, is shared, as in dask); cancelled ones go again."""
         if not pure:
             return tasks
         with self._lock:
             states = self._states
-            return [t for t in tasks if (st := states.get(t[0])) is None or st.status in ("error", "cancelled")]
+            return [t for t in tasks if (st := states.get(t[0])) is None or st.status == "cancelled"]
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash: bool = True, timeout=None):
         """Puts local data on the cluster; returns futures of the same shape."""
@@ -444,6 +502,7 @@ class Client:
         self._check()
         flat = list(_flatten(keys))
         with self._lock:
+            self._forget_failed_releases([key_str(k) for k in flat])
             held = set(self._states)
         n, batches = graph_to_tasks(dsk, flat, held, priority, retries)
         futures = self._futures(flat)
@@ -517,7 +576,7 @@ class Client:
             st = f._state
             if st.status == "error":
                 if errors == "raise":
-                    raise _with_remote_note(st.exception, st.traceback)
+                    raise raisable(_with_remote_note(st.exception, st.traceback))
             elif st.status == "cancelled":
                 if errors == "raise":
                     raise FutureCancelledError(f.key)
@@ -541,8 +600,9 @@ class Client:
             key, message, payload = e.args
             exc, tb = loads_error(payload, message)
             raise _with_remote_note(exc, tb) from None
-        values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
-        return [values[k] for k in keys]
+        with _no_gc(len(unique)):
+            values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
+            return [values[k] for k in keys]
 
     def cancel(self, futures, asynchronous=None, force: bool = False, reason=None, msg=None):
         flat = flatten_futures(futures)
@@ -641,6 +701,22 @@ class Client:
 
 
 _SIMPLE = frozenset((int, float, str, bytes, bool, type(None)))
+
+
+@contextlib.contextmanager
+def _no_gc(n: int):
+    """Pauses the cyclic garbage collector while `n` objects are made in
+    bulk (futures, gathered values): none of them can be garbage yet, and
+    with 100k of them the collections it would run cost more than making
+    them. Small batches are left alone."""
+    if n < 10_000 or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _call_key(name: str, payload: bytes, deps: list, pure: bool) -> str:

@@ -4,6 +4,7 @@ client releases the key on the scheduler."""
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import CancelledError
 
 from dask._task_spec import TaskRef
@@ -13,6 +14,20 @@ class FutureCancelledError(CancelledError):
     def __init__(self, key, reason: str = "cancelled"):
         self.key = key
         super().__init__(f"{key!r} {reason}")
+
+
+def raisable(exc: BaseException) -> BaseException:
+    """A copy of a stored exception to raise. Raising the stored object
+    itself would hang the raising frames (and the Future in them) on its
+    traceback, and the state keeps the exception: an erred future could then
+    never be released."""
+    try:
+        new = copy.copy(exc)
+    except Exception:  # an exception that cannot be rebuilt from its args
+        return exc.with_traceback(None)
+    if type(new) is not type(exc):
+        return exc.with_traceback(None)
+    return new.with_traceback(None)
 
 
 class FutureState:
@@ -82,7 +97,7 @@ class Future(TaskRef):
         self._wait(timeout)
         st = self._state
         if st.status == "error":
-            raise st.exception.with_traceback(None) if st.exception else RuntimeError(f"{self.key!r} failed")
+            raise raisable(st.exception) if st.exception else RuntimeError(f"{self.key!r} failed")
         if st.status == "cancelled":
             raise FutureCancelledError(self.key, st.traceback or "cancelled")
         return self.client._gather_values([self])[0]

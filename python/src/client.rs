@@ -12,6 +12,7 @@ use rdask_client::{Client as RustClient, ClientError, KeyStatus, TaskDef};
 use rdask_transport::protocol::{Resource, Restriction};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
+use crate::payload::ScalarCalls;
 use crate::{runtime, CommClosedError, RdaskError, UnserializableValue};
 
 #[pyclass(module = "rdask._rdask", frozen)]
@@ -128,6 +129,102 @@ impl Client {
             client.submit_part(graph, defs, more, graph_tasks)
         })
         .map_err(to_py_err)
+    }
+
+    /// `client.map`'s fast path for calls whose arguments are plain scalars:
+    /// payloads and keys are made here (see `payload.rs`) and submitted in one
+    /// go. `calls` holds one argument per call (`single`) or a tuple of them.
+    /// Keys already held in `states` (the Python client's `{key: state}`)
+    /// are not sent again unless their state is "cancelled".
+    /// Keys in `releasing` (dropped, release not yet sent) that erred or were
+    /// cancelled are released now, before the submission, and removed from
+    /// it, so they run afresh.
+    /// Returns (every call's key, the cancelled keys sent again), or None with
+    /// nothing sent when some argument is not a plain scalar. The caller holds
+    /// its lock around this call, so no news about these keys is applied
+    /// before their futures exist.
+    #[pyo3(signature = (function, prefix, calls, single, states, releasing, priority=0, retries=0, restriction=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn map_scalars(
+        &self,
+        py: Python<'_>,
+        function: &[u8],
+        prefix: &str,
+        calls: &Bound<'_, PyAny>,
+        single: bool,
+        states: &Bound<'_, PyDict>,
+        releasing: &Bound<'_, PyDict>,
+        priority: i32,
+        retries: u32,
+        restriction: Option<(Vec<String>, HashMap<String, f64>, bool)>,
+    ) -> PyResult<Option<(Vec<String>, Vec<String>)>> {
+        let client = self.inner()?;
+        let Some(mut encoder) = ScalarCalls::new(function, prefix) else { return Ok(None) };
+        let restriction = restriction.map(|(workers, resources, loose)| {
+            let resources = resources.into_iter().map(|(name, amount)| Resource { name, amount }).collect();
+            Arc::new(Restriction { workers, resources, loose })
+        });
+        let mut keys = Vec::new();
+        let mut again = Vec::new();
+        let mut stale = Vec::new();
+        let mut defs = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut args = Vec::with_capacity(4);
+        for call in calls.try_iter()? {
+            let call = call?;
+            args.clear();
+            if single {
+                args.push(call);
+            } else {
+                let Ok(t) = call.cast::<PyTuple>() else { return Ok(None) };
+                args.extend(t.iter());
+            }
+            let Some((payload, key)) = encoder.call(&args) else { return Ok(None) };
+            if !seen.insert(key.clone()) {
+                keys.push(key);
+                continue;
+            }
+            if let Some(st) = states.get_item(&key)? {
+                let status = st.getattr("status")?;
+                let status = status.cast::<pyo3::types::PyString>()?.to_str()?;
+                if status != "cancelled" {
+                    keys.push(key);
+                    continue;
+                }
+                again.push(key.clone());
+            } else if !releasing.is_empty() {
+                if let Some(st) = releasing.get_item(&key)? {
+                    let status = st.getattr("status")?;
+                    let status = status.cast::<pyo3::types::PyString>()?.to_str()?;
+                    if status == "error" || status == "cancelled" {
+                        releasing.del_item(&key)?;
+                        stale.push(key.clone());
+                    }
+                }
+            }
+            defs.push(TaskDef {
+                key: key.clone(),
+                deps: Vec::new(),
+                payload: payload.into(),
+                priority,
+                order: None,
+                want: true,
+                retries,
+                restriction: restriction.clone(),
+            });
+            keys.push(key);
+        }
+        if !defs.is_empty() {
+            py.detach(move || {
+                if !stale.is_empty() {
+                    client.release(&stale)?;
+                }
+                let graph = client.new_graph();
+                client.submit_part(graph, defs, false, 0)
+            })
+            .map_err(to_py_err)?;
+        }
+        Ok(Some((keys, again)))
     }
 
     /// An id for a graph submitted in parts.

@@ -5,6 +5,7 @@
 
 mod client;
 mod frames;
+mod payload;
 mod scheduler;
 mod worker;
 
@@ -66,6 +67,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_function(wrap_pyfunction!(worker::run_worker, m)?)?;
     m.add_function(wrap_pyfunction!(worker::secede, m)?)?;
+    m.add_function(wrap_pyfunction!(payload::scalar_call, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     Ok(())
 }

@@ -100,6 +100,79 @@ def test_map_and_gather(client):
     assert client.gather({"a": futures[0], "b": (futures[1], 5)}) == {"a": 1, "b": (2, 5)}
 
 
+def echo(*args):
+    return args
+
+
+class Tagged(int):
+    pass
+
+
+def test_map_over_every_kind_of_scalar_and_mixed_arguments(client):
+    # plain scalars take the fast path (payloads made in Rust); the rest,
+    # ints past 64 bits and subclasses included, go through pickle
+    values = [0, 255, 256, 65536, -1, 2**31, -2**31 - 1, 2**63 - 1, -2**63, 2**64, 1.5, float("inf"), -0.0,
+              "", "héllo", "x" * 300, b"", b"\x00" * 300, True, False, None, Tagged(7), [1, 2], {"a": 1}]
+    got = client.gather(client.map(echo, values))
+    assert got == [(v,) for v in values]
+    assert [type(g[0]) for g in got] == [type(v) for v in values]
+    only_scalars = values[:21]
+    assert client.gather(client.map(echo, only_scalars)) == [(v,) for v in only_scalars]
+    assert client.gather(client.map(echo, [1, 2], ["a", "b"], [None, 2.5], [b"x", True])) == [
+        (1, "a", None, b"x"), (2, "b", 2.5, True)]
+
+
+def test_pure_map_and_submit_of_one_call_share_its_key(client):
+    assert client.map(inc, [5])[0].key == client.submit(inc, 5).key
+    assert client.map(inc, [5])[0].key != client.map(inc, [6])[0].key
+    assert client.map(inc, [1])[0].key != client.map(inc, [True])[0].key
+    dup = client.map(inc, [3, 3, 4])
+    assert dup[0].key == dup[1].key != dup[2].key
+    assert client.gather(dup) == [4, 4, 5]
+
+
+def fail_unless_exists(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    return path
+
+
+def test_an_erred_pure_call_made_again_gives_the_same_error(client, tmp_path):
+    # as in distributed: the key is held, so the same erred future comes back
+    path = str(tmp_path / "flag")
+    first = client.map(fail_unless_exists, [path])
+    with pytest.raises(FileNotFoundError):
+        first[0].result(timeout=30)
+    open(path, "w").close()
+    for again in (client.map(fail_unless_exists, [path])[0], client.submit(fail_unless_exists, path)):
+        assert again.key == first[0].key
+        with pytest.raises(FileNotFoundError):
+            again.result(timeout=5)
+    # released, it runs again
+    del first, again
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while True:
+        f = client.submit(fail_unless_exists, path)
+        try:
+            assert f.result(timeout=10) == path
+            break
+        except FileNotFoundError:
+            assert time.monotonic() < deadline, "the released key never ran again"
+            del f
+            gc.collect()
+            time.sleep(0.1)
+
+
+def test_a_cancelled_pure_map_runs_again(client):
+    first = client.map(slow_inc, [123], delay=1.0)
+    client.cancel(first)
+    with pytest.raises(CancelledError):
+        first[0].result(timeout=10)
+    again = client.map(slow_inc, [123], delay=0.01)
+    assert again[0].result(timeout=30) == 124
+
+
 def test_futures_as_arguments_of_other_tasks(client):
     a = client.submit(inc, 1)  # 2
     b = client.submit(inc, 10)  # 11
