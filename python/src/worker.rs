@@ -63,6 +63,22 @@ impl ObjectValue for PyValue {
     }
 }
 
+impl Drop for PyValue {
+    fn drop(&mut self) {
+        // Dropped without the GIL, PyO3 defers the decref until some thread
+        // next takes it; a worker that is idle would then keep a released
+        // array (and its receive buffer, which the next large transfer could
+        // reuse) alive. Large values are let go of at once.
+        if self.size >= rdask_transport::bufpool::POOL_MIN as u64 {
+            keep_thread_state();
+            Python::attach(|py| {
+                let obj = std::mem::replace(&mut self.obj, py.None());
+                drop(obj);
+            });
+        }
+    }
+}
+
 impl Codec {
     fn load(&self, py: Python<'_>, frames: impl IntoIterator<Item = Bytes>) -> PyResult<(Py<PyAny>, u64)> {
         let frames = frames_to_py(py, frames)?;

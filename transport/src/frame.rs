@@ -140,7 +140,11 @@ pub fn check_lengths(header: &FixedHeader, lengths: &[u64], limits: &Limits) -> 
 
 /// Splits one contiguous buffer holding all data frames into frames, without copying.
 pub fn split_data(buf: BytesMut, lengths: &[u64]) -> Vec<Bytes> {
-    let mut buf = buf.freeze();
+    split_bytes(buf.freeze(), lengths)
+}
+
+/// The data frames of one buffer, each a view into it (no copies).
+pub fn split_bytes(mut buf: Bytes, lengths: &[u64]) -> Vec<Bytes> {
     let mut out = Vec::with_capacity(lengths.len());
     for &l in lengths {
         out.push(buf.split_to(l as usize));

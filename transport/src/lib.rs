@@ -3,6 +3,7 @@
 //! cargo features in later work).
 
 pub mod backend;
+pub mod bufpool;
 pub mod error;
 pub mod frame;
 pub mod handshake;

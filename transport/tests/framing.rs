@@ -274,6 +274,25 @@ async fn data_frames_read_over_tcp_are_the_same_bytes() {
 }
 
 #[tokio::test]
+async fn large_values_arrive_intact_and_their_memory_is_reused_by_the_next_one() {
+    // Above bufpool::POOL_MIN: received into pooled memory.
+    let (client, mut server) = tcp_pair().await;
+    let part = |n: usize, seed: u8| Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>());
+    let a = Frame { control: control(), data: vec![part(3, 1), part(40 << 20, 2), part(5, 3)] };
+    client.sender.send(a.clone()).unwrap();
+    let got = recv(&mut server).await.unwrap().unwrap();
+    assert_same_frame(&got, &a);
+    let first = got.data[1].as_ptr() as usize - 3;
+    drop(got);
+    assert!(rdask_transport::bufpool::pooled_bytes() >= 40 << 20, "the freed buffer went back to the pool");
+    let b = Frame { control: control(), data: vec![part(3, 4), part(40 << 20, 5), part(5, 6)] };
+    client.sender.send(b.clone()).unwrap();
+    let got = recv(&mut server).await.unwrap().unwrap();
+    assert_same_frame(&got, &b);
+    assert_eq!(got.data[0].as_ptr() as usize, first, "the second value landed in the first one's memory");
+}
+
+#[tokio::test]
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable() {
     let limits = Limits { max_frame_size: 64 * 1024 };
     let (client, mut server) = tcp_pair_with(limits, Limits::default()).await;

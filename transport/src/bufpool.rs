@@ -1,0 +1,139 @@
+//! Reuse of large receive buffers. Memory the kernel has just handed out
+//! must be zeroed page by page on first touch, and on a VM that can cost
+//! more than the network copy itself (2.5 s per GiB measured here in slow
+//! phases, docs/benchmarks.md). A received value's memory that is freed
+//! again (the value was released) goes back to this pool, already mapped, and
+//! the next large receive of a similar size lands in it.
+//!
+//! Bounded on purpose: a few buffers, at most an eighth of the machine's
+//! memory (and 4 GiB), each dropped after a minute unused.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// Receives smaller than this allocate as usual.
+pub const POOL_MIN: usize = 32 << 20;
+const MAX_BUFFERS: usize = 4;
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+struct Pool {
+    free: Vec<(Vec<u8>, Instant)>,
+    limit: usize,
+}
+
+fn pool() -> &'static Mutex<Pool> {
+    static POOL: std::sync::OnceLock<Mutex<Pool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| Mutex::new(Pool { free: Vec::new(), limit: default_limit() }))
+}
+
+fn default_limit() -> usize {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let phys = if pages > 0 && size > 0 { pages as usize * size as usize } else { 0 };
+    (phys / 8).min(4 << 30)
+}
+
+impl Pool {
+    fn expire(&mut self, now: Instant) {
+        self.free.retain(|(_, since)| now.duration_since(*since) < MAX_IDLE);
+    }
+
+    fn held(&self) -> usize {
+        self.free.iter().map(|(b, _)| b.capacity()).sum()
+    }
+}
+
+/// An empty buffer with room for `len` bytes: a pooled one of at most twice
+/// that size if there is one, else a new allocation. `fresh` is told when
+/// the memory is new (for madvise and the like).
+pub fn take(len: usize, fresh: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    if len >= POOL_MIN {
+        let mut p = pool().lock().unwrap();
+        p.expire(Instant::now());
+        let best = p
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, _))| b.capacity() >= len && b.capacity() / 2 <= len)
+            .min_by_key(|(_, (b, _))| b.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let (mut b, _) = p.free.swap_remove(i);
+            b.clear();
+            return b;
+        }
+    }
+    let mut b = Vec::with_capacity(len);
+    fresh(&mut b);
+    b
+}
+
+/// Owns a received buffer; gives it back to the pool when the last `Bytes`
+/// pointing into it is dropped.
+struct Pooled(Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() < POOL_MIN {
+            return;
+        }
+        let mut p = pool().lock().unwrap();
+        let now = Instant::now();
+        p.expire(now);
+        if p.free.len() < MAX_BUFFERS && p.held() + buf.capacity() <= p.limit {
+            p.free.push((buf, now));
+        }
+    }
+}
+
+/// The filled buffer as `Bytes` that return it to the pool when dropped.
+pub fn into_bytes(buf: Vec<u8>) -> Bytes {
+    if buf.capacity() >= POOL_MIN {
+        Bytes::from_owner(Pooled(buf))
+    } else {
+        Bytes::from(buf)
+    }
+}
+
+/// Bytes the pool holds now (for tests and diagnostics).
+pub fn pooled_bytes() -> usize {
+    pool().lock().unwrap().held()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_large_buffer_is_reused_for_the_next_receive_of_its_size() {
+        let len = POOL_MIN + 4096;
+        let mut fresh = 0;
+        let mut b = take(len, |_| fresh += 1);
+        b.resize(len, 7);
+        let addr = b.as_ptr() as usize;
+        let bytes = into_bytes(b);
+        let part = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(&part[..], &[7u8; 10][..], "a slice keeps the buffer alive");
+        drop(part);
+        assert!(pooled_bytes() >= len);
+        let again = take(len - 100, |_| fresh += 1);
+        assert_eq!(fresh, 1, "the second receive needed no new memory");
+        assert_eq!(again.as_ptr() as usize, addr);
+        assert!(again.is_empty());
+        // Receives below the pool's size allocate as usual.
+        drop(into_bytes(again));
+        let small = take(len / 4, |_| fresh += 1);
+        assert_eq!(fresh, 2);
+        drop(small);
+    }
+}
