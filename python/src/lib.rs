@@ -56,6 +56,12 @@ fn init_logging(level: Option<String>) {
     });
 }
 
+/// Bytes of freed large receive buffers this process keeps for reuse.
+#[pyfunction]
+fn receive_pool_bytes() -> usize {
+    rdask_transport::bufpool::pooled_bytes()
+}
+
 #[pymodule]
 fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RdaskError", m.py().get_type::<RdaskError>())?;
@@ -69,5 +75,6 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::secede, m)?)?;
     m.add_function(wrap_pyfunction!(payload::scalar_call, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
     Ok(())
 }

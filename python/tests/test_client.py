@@ -10,6 +10,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 
 import dask
@@ -171,6 +172,36 @@ def test_a_cancelled_pure_map_runs_again(client):
         first[0].result(timeout=10)
     again = client.map(slow_inc, [123], delay=0.01)
     assert again[0].result(timeout=30) == 124
+
+
+def make_array(n):
+    import numpy as np
+
+    return np.arange(n)
+
+
+def test_waited_and_gathered_futures_and_values_are_freed_at_once(client):
+    # No reference cycle may keep futures or gathered values alive until
+    # the garbage collector runs: released keys and big results must go at
+    # once. (The collector is paused so that it cannot hide a cycle.)
+    gc.collect()
+    gc.disable()
+    try:
+        f = client.submit(make_array, 1000, pure=False)
+        rdask.wait([f])
+        rdask.wait(f)
+        arrays = client.gather([f, {"x": (f,)}])
+        dep = client.submit(len, f, pure=False)
+        assert dep.result(timeout=30) == 1000
+        fref = weakref.ref(f)
+        aref = weakref.ref(arrays[0])
+        key = f.key
+        del f, arrays, dep
+        assert fref() is None, "a future outlived its last reference"
+        assert aref() is None, "a gathered value outlived its last reference"
+        assert key not in client._states
+    finally:
+        gc.enable()
 
 
 def test_futures_as_arguments_of_other_tasks(client):
