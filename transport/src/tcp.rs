@@ -219,8 +219,22 @@ impl TcpFrameReader {
         }
         let data_len = (total - (HEADER_LEN + 8 * lengths.len()) as u64 - header.control_len as u64) as usize;
         if data_len >= bufpool::POOL_MIN {
-            // Large values land in reused memory when there is some.
+            // Large values land in reused memory when there is some. The
+            // first step arrives before the full size is taken, so a header
+            // alone commits no more than that.
+            let mut first = Vec::with_capacity(GROW_STEP);
+            while first.len() < GROW_STEP {
+                let want = GROW_STEP - first.len();
+                if (&mut self.reader).take(want as u64).read_buf(&mut first).await? == 0 {
+                    return Err(TransportError::Malformed(format!(
+                        "connection closed inside data frames ({} of {data_len} bytes)",
+                        first.len()
+                    )));
+                }
+            }
             let mut buf = bufpool::take(data_len, advise_huge_pages_vec);
+            buf.extend_from_slice(&first);
+            drop(first);
             while buf.len() < data_len {
                 let want = data_len - buf.len();
                 let n = (&mut self.reader).take(want as u64).read_buf(&mut buf).await?;
