@@ -91,6 +91,15 @@ pub trait Executor: Send + Sync + 'static {
         false
     }
 
+    /// Runs a task `is_trivial` accepted, on the worker's event loop. Key
+    /// and input names are borrowed from the received message, so a
+    /// micro-task costs no allocation for them; the default builds a
+    /// [`TaskRun`] and calls [`Executor::execute`].
+    fn execute_trivial(&self, id: TaskId, key: &str, payload: &Bytes, inputs: &[(&str, Value)]) -> Result<Value, TaskFailure> {
+        let inputs = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        self.execute(TaskRun { id, key: key.to_string(), payload: payload.clone(), inputs })
+    }
+
     /// Turns frames received from a peer back into a value.
     fn deserialize(&self, frames: Frames) -> Result<Value, TaskFailure> {
         match frames.len() {
@@ -172,24 +181,33 @@ impl Executor for NullExecutor {
     }
 
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
-        let spec = NullTask::decode(&task.payload).map_err(TaskFailure::message)?;
-        if spec.sleep_us > 0 {
-            std::thread::sleep(Duration::from_micros(spec.sleep_us as u64));
-        }
-        if spec.crash {
-            tracing::error!(key = %task.key, "null task asked to crash the worker process");
-            std::process::exit(17);
-        }
-        if spec.fail {
-            return Err(TaskFailure::message(format!("null task {} failed on purpose", task.key)));
-        }
-        let mut count = 1u64;
-        for (key, v) in &task.inputs {
-            count += null_count(v).ok_or_else(|| TaskFailure::message(format!("input {key} is not a null-task value")))?;
-        }
-        let len = (spec.output_bytes as usize).max(8);
-        let mut out = vec![0u8; len];
-        out[..8].copy_from_slice(&count.to_le_bytes());
-        Ok(Value::Bytes(Bytes::from(out)))
+        run_null(&task.key, &task.payload, task.inputs.iter().map(|(k, v)| (k.as_str(), v)))
     }
+
+    fn execute_trivial(&self, _id: TaskId, key: &str, payload: &Bytes, inputs: &[(&str, Value)]) -> Result<Value, TaskFailure> {
+        run_null(key, payload, inputs.iter().map(|(k, v)| (*k, v)))
+    }
+}
+
+/// What a null task does (see [`NullExecutor`]).
+fn run_null<'a>(key: &str, payload: &[u8], inputs: impl Iterator<Item = (&'a str, &'a Value)>) -> Result<Value, TaskFailure> {
+    let spec = NullTask::decode(payload).map_err(TaskFailure::message)?;
+    if spec.sleep_us > 0 {
+        std::thread::sleep(Duration::from_micros(spec.sleep_us as u64));
+    }
+    if spec.crash {
+        tracing::error!(key = %key, "null task asked to crash the worker process");
+        std::process::exit(17);
+    }
+    if spec.fail {
+        return Err(TaskFailure::message(format!("null task {key} failed on purpose")));
+    }
+    let mut count = 1u64;
+    for (name, v) in inputs {
+        count += null_count(v).ok_or_else(|| TaskFailure::message(format!("input {name} is not a null-task value")))?;
+    }
+    let len = (spec.output_bytes as usize).max(8);
+    let mut out = vec![0u8; len];
+    out[..8].copy_from_slice(&count.to_le_bytes());
+    Ok(Value::Bytes(Bytes::from(out)))
 }

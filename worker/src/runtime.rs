@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::error::WorkerError;
-use crate::executor::{Executor, TaskFailure, TaskRun};
+use crate::executor::{Executor, TaskFailure, TaskRun, Value};
 use crate::peer_server::serve_peers;
 use crate::runqueue::{Completion, JobPriority, RunQueue};
 use crate::store::Store;
@@ -78,13 +78,15 @@ struct LocalTask {
 }
 
 struct DepFetch {
-    holders: Vec<WorkerId>,
+    // Inline: a value usually has one or two holders and one waiter, and a
+    // task with 100k inputs makes 100k of these records.
+    holders: smallvec::SmallVec<[WorkerId; 2]>,
     /// Size the scheduler reported, for request byte limits.
     size: u64,
     tried: usize,
     /// The holder asked last (named in a FetchFailed report).
     last_asked: Option<WorkerId>,
-    waiters: Vec<TaskId>,
+    waiters: smallvec::SmallVec<[TaskId; 1]>,
 }
 
 struct FetchDone {
@@ -350,9 +352,9 @@ impl State {
         // One look into the store serves both the fast path and the fetch plan.
         let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
         if self.executor.is_trivial(&payload) && values.iter().all(Option::is_some) {
-            let inputs = t.deps.iter().zip(values).map(|(d, v)| (d.key.to_string(), v.unwrap())).collect();
-            let run = TaskRun { id, key: t.key.to_string(), payload, inputs };
-            let result = self.executor.execute(run);
+            let inputs: smallvec::SmallVec<[(&str, Value); 4]> =
+                t.deps.iter().zip(values).map(|(d, v)| (d.key.as_str(), v.unwrap())).collect();
+            let result = self.executor.execute_trivial(id, t.key.as_str(), &payload, &inputs);
             self.inline_done.push((id, result));
             return;
         }
@@ -369,8 +371,9 @@ impl State {
             match self.fetches.get_mut(&dep) {
                 Some(f) => f.waiters.push(id),
                 None => {
-                    let holders: Vec<WorkerId> = d.holders.iter().map(|h| h.get()).collect();
-                    self.fetches.insert(dep, DepFetch { holders, size: d.size.to_native(), tried: 0, last_asked: None, waiters: vec![id] });
+                    let holders = d.holders.iter().map(|h| h.get()).collect();
+                    let waiters = smallvec::smallvec![id];
+                    self.fetches.insert(dep, DepFetch { holders, size: d.size.to_native(), tried: 0, last_asked: None, waiters });
                     self.request_next(dep);
                 }
             }

@@ -26,6 +26,7 @@ impl Store {
             return;
         }
         let mut g = self.inner.lock().unwrap();
+        g.values.reserve(values.len());
         for (id, value) in values {
             g.bytes += value.size();
             if let Some(old) = g.values.insert(id, value) {
