@@ -40,9 +40,31 @@ pub trait CommSink {
 pub struct Comm {
     workers: FxHashMap<WorkerId, WorkerOut>,
     clients: FxHashMap<ClientId, ClientOut>,
+    /// Compute records of batches already encoded, kept for reuse: the next
+    /// assignments refill their key strings and input lists instead of
+    /// allocating new ones (a task with inputs costs one string per input).
+    spare: Vec<ComputeTask>,
 }
 
+/// Reuse at most this many records, and none whose input list grew past
+/// `SPARE_MAX_DEPS` (a 100k-input reduction must not pin its list).
+const SPARE_MAX: usize = 16 << 10;
+const SPARE_MAX_DEPS: usize = 64;
+
 impl Comm {
+    /// A record to fill and hand to [`Comm::compute`]: a spare one, whose
+    /// strings and lists keep their capacity, or a new one.
+    pub fn compute_record(&mut self) -> ComputeTask {
+        self.spare.pop().unwrap_or_else(|| ComputeTask {
+            id: rdask_transport::TaskId::new(0),
+            key: String::new(),
+            user_priority: 0,
+            order: 0,
+            payload: NO_FRAME,
+            deps: Vec::new(),
+        })
+    }
+
     pub fn compute(&mut self, worker: WorkerId, mut task: ComputeTask, payload: &Bytes) {
         let out = self.workers.entry(worker).or_default();
         for dep in &task.deps {
@@ -116,6 +138,7 @@ impl Comm {
     /// Encodes every pending batch into frames. `address` resolves the peer
     /// addresses that compute batches must carry.
     pub fn flush(&mut self, sink: &mut dyn CommSink, address: &dyn Fn(WorkerId) -> Option<String>) {
+        let spare = &mut self.spare;
         for (worker, out) in self.workers.drain() {
             // Control messages first: "Registered" must precede any work.
             for msg in out.other {
@@ -138,6 +161,10 @@ impl Comm {
                     .collect();
                 let msg = ToWorkerMessage::Compute(ComputeBatch { tasks: out.compute, peers });
                 sink.to_worker(worker, Frame::with_data(&msg, out.data));
+                if let ToWorkerMessage::Compute(batch) = msg {
+                    let room = SPARE_MAX.saturating_sub(spare.len());
+                    spare.extend(batch.tasks.into_iter().filter(|t| t.deps.capacity() <= SPARE_MAX_DEPS).take(room));
+                }
             }
         }
         for (client, out) in self.clients.drain() {

@@ -2,7 +2,7 @@
 //! that has room; tasks without inputs spread round-robin. When the ready
 //! queue is empty and a worker idles, queued work is stolen from the busiest.
 
-use rdask_transport::protocol::{ComputeTask, DepInfo};
+use rdask_transport::protocol::DepInfo;
 use rdask_transport::{TaskId, WorkerId};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -154,22 +154,28 @@ impl Core {
         t.state = TaskState::Assigned;
         t.assigned = Some(w);
         let t = &self.tasks[id];
-        let deps = t
-            .deps
-            .iter()
-            .map(|d| {
-                let dt = &self.tasks[*d];
-                DepInfo { id: *d, key: String::from(&*dt.key), size: dt.size, holders: dt.holders.clone() }
-            })
-            .collect();
-        let msg = ComputeTask {
-            id,
-            key: String::from(&*t.key),
-            user_priority: t.priority.user,
-            order: t.priority.order,
-            payload: 0,
-            deps,
-        };
+        // Filled in place: a reused record keeps the capacity of its strings.
+        let mut msg = comm.compute_record();
+        msg.id = id;
+        msg.key.clear();
+        msg.key.push_str(&t.key);
+        msg.user_priority = t.priority.user;
+        msg.order = t.priority.order;
+        msg.deps.truncate(t.deps.len());
+        for (i, d) in t.deps.iter().enumerate() {
+            let dt = &self.tasks[*d];
+            match msg.deps.get_mut(i) {
+                Some(info) => {
+                    info.id = *d;
+                    info.key.clear();
+                    info.key.push_str(&dt.key);
+                    info.size = dt.size;
+                    info.holders.clear();
+                    info.holders.extend_from_slice(&dt.holders);
+                }
+                None => msg.deps.push(DepInfo { id: *d, key: String::from(&*dt.key), size: dt.size, holders: dt.holders.clone() }),
+            }
+        }
         comm.compute(w, msg, &t.payload);
         self.workers.get_mut(&w).expect("assigning to a live worker").processing.insert(id);
     }
