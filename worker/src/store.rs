@@ -25,23 +25,34 @@ impl Store {
         if values.is_empty() {
             return;
         }
+        let mut replaced = Vec::new();
         let mut g = self.inner.lock().unwrap();
         g.values.reserve(values.len());
         for (id, value) in values {
             g.bytes += value.size();
             if let Some(old) = g.values.insert(id, value) {
                 g.bytes -= old.size();
+                replaced.push(old);
             }
         }
+        drop(g);
+        drop(replaced);
     }
 
     pub fn remove_many(&self, ids: impl Iterator<Item = TaskId>) {
+        let mut gone = Vec::new();
         let mut g = self.inner.lock().unwrap();
         for id in ids {
             if let Some(v) = g.values.remove(&id) {
                 g.bytes -= v.size();
+                gone.push(v);
             }
         }
+        // Values are dropped after the lock is released: dropping one may
+        // wait for an executor's interpreter lock (a large Python value),
+        // and nothing may wait for that while holding the store.
+        drop(g);
+        drop(gone);
     }
 
     /// Looks up many values under one lock.
