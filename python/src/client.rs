@@ -23,6 +23,11 @@ pub struct Client {
     address: String,
 }
 
+/// `state.status` of a Python `FutureState`.
+fn state_status(state: &Bound<'_, PyAny>) -> PyResult<String> {
+    state.getattr("status")?.extract()
+}
+
 fn to_py_err(e: ClientError) -> PyErr {
     match e {
         ClientError::Disconnected => CommClosedError::new_err("the connection to the scheduler is closed"),
@@ -185,19 +190,14 @@ impl Client {
                 continue;
             }
             if let Some(st) = states.get_item(&key)? {
-                let status = st.getattr("status")?;
-                let status = status.cast::<pyo3::types::PyString>()?.to_str()?;
-                if status != "cancelled" {
+                if state_status(&st)? != "cancelled" {
                     keys.push(key);
                     continue;
                 }
                 again.push(key.clone());
             } else if !releasing.is_empty() {
                 if let Some(st) = releasing.get_item(&key)? {
-                    let status = st.getattr("status")?;
-                    let status = status.cast::<pyo3::types::PyString>()?.to_str()?;
-                    if status == "error" || status == "cancelled" {
-                        releasing.del_item(&key)?;
+                    if matches!(state_status(&st)?.as_str(), "error" | "cancelled") {
                         stale.push(key.clone());
                     }
                 }
@@ -213,6 +213,10 @@ impl Client {
                 restriction: restriction.clone(),
             });
             keys.push(key);
+        }
+        // Every call was a scalar call: only now may state change.
+        for k in &stale {
+            releasing.del_item(k)?;
         }
         if !defs.is_empty() {
             py.detach(move || {
