@@ -142,7 +142,7 @@ impl Executor for PyExecutor {
         Python::attach(|py| {
             let run = || -> PyResult<Result<Value, TaskFailure>> {
                 let inputs = PyList::empty(py);
-                for (_, value) in &task.inputs {
+                for value in &task.inputs {
                     inputs.append(self.codec.to_py(py, value)?)?;
                 }
                 let payload = Py::new(py, Frame { data: task.payload.clone() })?;

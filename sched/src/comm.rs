@@ -42,7 +42,7 @@ pub struct Comm {
     clients: FxHashMap<ClientId, ClientOut>,
     /// Compute records of batches already encoded, kept for reuse: the next
     /// assignments refill their key strings and input lists instead of
-    /// allocating new ones (a task with inputs costs one string per input).
+    /// allocating new ones.
     spare: Vec<ComputeTask>,
 }
 
@@ -53,7 +53,7 @@ const SPARE_MAX_DEPS: usize = 64;
 
 impl Comm {
     /// A record to fill and hand to [`Comm::compute`]: a spare one, whose
-    /// strings and lists keep their capacity, or a new one.
+    /// key and input list keep their capacity, or a new one.
     pub fn compute_record(&mut self) -> ComputeTask {
         self.spare.pop().unwrap_or_else(|| ComputeTask {
             id: rdask_transport::TaskId::new(0),

@@ -270,8 +270,10 @@ pub struct ComputeTask {
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct DepInfo {
+    /// No key: executors get inputs in dependency order (a Python payload
+    /// names its own inputs), and a 100k-input reduction then costs no
+    /// 100k key strings to build, send and copy.
     pub id: TaskId,
-    pub key: String,
     pub size: u64,
     /// Inline for up to two holders: building a message must not allocate per input.
     pub holders: SmallVec<[WorkerId; 2]>,

@@ -579,7 +579,7 @@ fn samples_to_worker() -> Vec<ToWorkerMessage> {
                 user_priority: 0,
                 order: -3,
                 payload: 0,
-                deps: vec![DepInfo { id: TaskId(4), key: "input-key-4".into(), size: 8, holders: vec![WorkerId(1), WorkerId(2)].into() }],
+                deps: vec![DepInfo { id: TaskId(4), size: 8, holders: vec![WorkerId(1), WorkerId(2)].into() }],
             }],
             peers: vec![PeerAddress { id: WorkerId(1), address: "tcp://127.0.0.1:40001".into() }],
         }),

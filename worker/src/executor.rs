@@ -59,8 +59,8 @@ pub struct TaskRun {
     pub id: TaskId,
     pub key: String,
     pub payload: Bytes,
-    /// Inputs in the order of the task's dependencies: (key, value).
-    pub inputs: Vec<(String, Value)>,
+    /// Input values in the order of the task's dependencies.
+    pub inputs: Vec<Value>,
 }
 
 /// Why a task failed: a message for humans and an optional payload the client
@@ -91,13 +91,12 @@ pub trait Executor: Send + Sync + 'static {
         false
     }
 
-    /// Runs a task `is_trivial` accepted, on the worker's event loop. Key
-    /// and input names are borrowed from the received message, so a
-    /// micro-task costs no allocation for them; the default builds a
-    /// [`TaskRun`] and calls [`Executor::execute`].
-    fn execute_trivial(&self, id: TaskId, key: &str, payload: &Bytes, inputs: &[(&str, Value)]) -> Result<Value, TaskFailure> {
-        let inputs = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        self.execute(TaskRun { id, key: key.to_string(), payload: payload.clone(), inputs })
+    /// Runs a task `is_trivial` accepted, on the worker's event loop. The
+    /// key is borrowed from the received message, so a micro-task costs no
+    /// allocation for it; the default builds a [`TaskRun`] and calls
+    /// [`Executor::execute`].
+    fn execute_trivial(&self, id: TaskId, key: &str, payload: &Bytes, inputs: &[Value]) -> Result<Value, TaskFailure> {
+        self.execute(TaskRun { id, key: key.to_string(), payload: payload.clone(), inputs: inputs.to_vec() })
     }
 
     /// Turns frames received from a peer back into a value.
@@ -181,16 +180,16 @@ impl Executor for NullExecutor {
     }
 
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
-        run_null(&task.key, &task.payload, task.inputs.iter().map(|(k, v)| (k.as_str(), v)))
+        run_null(&task.key, &task.payload, &task.inputs)
     }
 
-    fn execute_trivial(&self, _id: TaskId, key: &str, payload: &Bytes, inputs: &[(&str, Value)]) -> Result<Value, TaskFailure> {
-        run_null(key, payload, inputs.iter().map(|(k, v)| (*k, v)))
+    fn execute_trivial(&self, _id: TaskId, key: &str, payload: &Bytes, inputs: &[Value]) -> Result<Value, TaskFailure> {
+        run_null(key, payload, inputs)
     }
 }
 
 /// What a null task does (see [`NullExecutor`]).
-fn run_null<'a>(key: &str, payload: &[u8], inputs: impl Iterator<Item = (&'a str, &'a Value)>) -> Result<Value, TaskFailure> {
+fn run_null(key: &str, payload: &[u8], inputs: &[Value]) -> Result<Value, TaskFailure> {
     let spec = NullTask::decode(payload).map_err(TaskFailure::message)?;
     if spec.sleep_us > 0 {
         std::thread::sleep(Duration::from_micros(spec.sleep_us as u64));
@@ -203,8 +202,8 @@ fn run_null<'a>(key: &str, payload: &[u8], inputs: impl Iterator<Item = (&'a str
         return Err(TaskFailure::message(format!("null task {key} failed on purpose")));
     }
     let mut count = 1u64;
-    for (name, v) in inputs {
-        count += null_count(v).ok_or_else(|| TaskFailure::message(format!("input {name} is not a null-task value")))?;
+    for (i, v) in inputs.iter().enumerate() {
+        count += null_count(v).ok_or_else(|| TaskFailure::message(format!("input {i} of {key} is not a null-task value")))?;
     }
     let len = (spec.output_bytes as usize).max(8);
     let mut out = vec![0u8; len];

@@ -71,7 +71,7 @@ enum Stage {
 struct LocalTask {
     key: String,
     payload: Bytes,
-    deps: Vec<(TaskId, String)>,
+    deps: Vec<TaskId>,
     missing: u32,
     priority: JobPriority,
     stage: Stage,
@@ -352,8 +352,7 @@ impl State {
         // One look into the store serves both the fast path and the fetch plan.
         let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
         if self.executor.is_trivial(&payload) && values.iter().all(Option::is_some) {
-            let inputs: smallvec::SmallVec<[(&str, Value); 4]> =
-                t.deps.iter().zip(values).map(|(d, v)| (d.key.as_str(), v.unwrap())).collect();
+            let inputs: smallvec::SmallVec<[Value; 4]> = values.into_iter().map(Option::unwrap).collect();
             let result = self.executor.execute_trivial(id, t.key.as_str(), &payload, &inputs);
             self.inline_done.push((id, result));
             return;
@@ -363,7 +362,7 @@ impl State {
         for (d, value) in t.deps.iter().zip(values) {
             let is_local = value.is_some();
             let dep = d.id.get();
-            deps.push((dep, d.key.to_string()));
+            deps.push(dep);
             if is_local {
                 continue;
             }
@@ -506,9 +505,8 @@ impl State {
         let mut failures = Vec::new();
         for w in f.waiters {
             let Some(t) = self.tasks.remove(&w) else { continue };
-            let key = t.deps.iter().find(|(d, _)| *d == dep).map_or_else(|| dep.to_string(), |(_, k)| k.clone());
-            tracing::warn!(task = %w, input = %key, "{what} input: {}", why.message);
-            let message = format!("{what} input {key} of task {}: {}", t.key, why.message);
+            tracing::warn!(task = %t.key, input = %dep, "{what} input: {}", why.message);
+            let message = format!("{what} an input of task {} (held elsewhere): {}", t.key, why.message);
             failures.push((w, Err(TaskFailure { message, payload: why.payload.clone() })));
         }
         self.record(failures);
@@ -516,12 +514,11 @@ impl State {
 
     fn start(&mut self, id: TaskId) {
         let t = self.tasks.get_mut(&id).unwrap();
-        let values = self.store.get_many(t.deps.iter().map(|(d, _)| *d));
+        let values = self.store.get_many(t.deps.iter().copied());
         let mut inputs = Vec::with_capacity(values.len());
-        // The keys move into the run: the task record no longer needs them.
-        for ((dep, key), v) in std::mem::take(&mut t.deps).into_iter().zip(values) {
+        for (dep, v) in std::mem::take(&mut t.deps).into_iter().zip(values) {
             match v {
-                Some(v) => inputs.push((key, v)),
+                Some(v) => inputs.push(v),
                 None => {
                     // Released under us; the scheduler will place the task again.
                     self.out.fetch_failed.push(FetchFailure { task: id, dep, holder: self.id });
@@ -550,7 +547,7 @@ impl State {
             Stage::Fetching => {
                 // Not a waiter any more: if the task comes back while the
                 // fetch runs, it must not be counted twice.
-                for (dep, _) in &t.deps {
+                for dep in &t.deps {
                     if let Some(f) = self.fetches.get_mut(dep) {
                         f.waiters.retain(|w| *w != id);
                     }

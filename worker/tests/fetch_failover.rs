@@ -84,7 +84,7 @@ async fn fetch_from_a_hung_peer_fails_over_to_the_next_holder() {
             user_priority: 0,
             order: 0,
             payload: NO_FRAME,
-            deps: vec![DepInfo { id: input, key: "input".into(), size: 8, holders: [hung_id, good_id].into_iter().collect() }],
+            deps: vec![DepInfo { id: input, size: 8, holders: [hung_id, good_id].into_iter().collect() }],
         }],
         peers: vec![PeerAddress { id: hung_id, address: hung }, PeerAddress { id: good_id, address: good }],
     };

@@ -154,7 +154,7 @@ impl Core {
         t.state = TaskState::Assigned;
         t.assigned = Some(w);
         let t = &self.tasks[id];
-        // Filled in place: a reused record keeps the capacity of its strings.
+        // Filled in place: a reused record keeps the capacity of its key and input list.
         let mut msg = comm.compute_record();
         msg.id = id;
         msg.key.clear();
@@ -167,13 +167,11 @@ impl Core {
             match msg.deps.get_mut(i) {
                 Some(info) => {
                     info.id = *d;
-                    info.key.clear();
-                    info.key.push_str(&dt.key);
                     info.size = dt.size;
                     info.holders.clear();
                     info.holders.extend_from_slice(&dt.holders);
                 }
-                None => msg.deps.push(DepInfo { id: *d, key: String::from(&*dt.key), size: dt.size, holders: dt.holders.clone() }),
+                None => msg.deps.push(DepInfo { id: *d, size: dt.size, holders: dt.holders.clone() }),
             }
         }
         comm.compute(w, msg, &t.payload);

@@ -487,7 +487,7 @@ impl Harness {
                             dep.holders.iter().any(|h| self.sims.get(h).is_some_and(|s| s.held.contains(&dep.id))),
                             "{} needs {} from {:?}, but none of them holds it",
                             task.key,
-                            dep.key,
+                            dep.id,
                             dep.holders
                         );
                         fetched.insert(dep.id);
