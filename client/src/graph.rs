@@ -67,15 +67,19 @@ pub(crate) fn for_each_batch_of_part<E>(
     send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
 ) -> Result<(), E> {
     // One index over the whole graph (key -> position). Graphs usually
-    // arrive dependencies-first; only otherwise are they sorted and indexed again.
+    // arrive dependencies-first; only otherwise are they sorted and indexed
+    // again. Every dependency is resolved to a position while the keys can
+    // still be borrowed; the batches then move keys out instead of cloning.
     let pos = index(&tasks);
     if is_ordered(&tasks, &pos) {
-        return emit(&tasks, &pos, batch_size, part, send);
+        let resolved = resolve(&tasks, &pos);
+        drop(pos);
+        return emit(tasks, &resolved, batch_size, part, send);
     }
     drop(pos);
     let ordered = topological(tasks);
-    let pos = index(&ordered);
-    emit(&ordered, &pos, batch_size, part, send)
+    let resolved = resolve(&ordered, &index(&ordered));
+    emit(ordered, &resolved, batch_size, part, send)
 }
 
 fn index(tasks: &[TaskDef]) -> FxHashMap<&str, usize> {
@@ -86,29 +90,48 @@ fn is_ordered(tasks: &[TaskDef], pos: &FxHashMap<&str, usize>) -> bool {
     tasks.iter().enumerate().all(|(i, t)| t.deps.iter().all(|d| pos.get(d.as_str()).is_none_or(|&j| j < i)))
 }
 
+/// A dependency outside this list of tasks (a key the scheduler holds).
+const OUTSIDE: u32 = u32::MAX;
+
+/// For each task's dependencies, in order: the graph position, or `OUTSIDE`.
+fn resolve(ordered: &[TaskDef], pos: &FxHashMap<&str, usize>) -> Vec<u32> {
+    ordered
+        .iter()
+        .flat_map(|t| t.deps.iter())
+        .map(|d| pos.get(d.as_str()).map_or(OUTSIDE, |&p| p as u32))
+        .collect()
+}
+
 fn emit<E>(
-    ordered: &[TaskDef],
-    pos: &FxHashMap<&str, usize>,
+    mut ordered: Vec<TaskDef>,
+    resolved: &[u32],
     batch_size: usize,
     part: Part,
     mut send: impl FnMut(SubmitGraph, Vec<Bytes>, Vec<String>) -> Result<(), E>,
 ) -> Result<(), E> {
     const FIRST_BATCH: usize = 2048;
     let batch_size = batch_size.max(1);
+    let total = ordered.len();
+    let graph_tasks = if part.graph_tasks > 0 { part.graph_tasks } else { total as u64 };
     let mut start = 0;
+    let mut next_dep = 0; // this batch's first entry in `resolved`
     let mut size = FIRST_BATCH.min(batch_size);
-    while start < ordered.len() || (start == 0 && ordered.is_empty()) {
-        let end = (start + size).min(ordered.len());
-        let chunk = &ordered[start..end];
-        let mut keys: Vec<String> = chunk.iter().map(|t| t.key.clone()).collect();
-        // Dependencies outside this batch (earlier batches or existing keys).
-        let mut external: FxHashMap<&str, u32> = FxHashMap::default();
+    while start < total || (start == 0 && total == 0) {
+        let end = (start + size).min(total);
+        let chunk = &mut ordered[start..end];
+        // The batch's own keys move out of the definitions (they are not
+        // needed again: dependencies are resolved already).
+        let mut keys: Vec<String> = chunk.iter_mut().map(|t| std::mem::take(&mut t.key)).collect();
+        // Dependencies outside this batch: earlier batches (by graph
+        // position) and keys the scheduler already holds (by name).
+        let mut earlier: FxHashMap<u32, u32> = FxHashMap::default();
+        let mut outside: FxHashMap<String, u32> = FxHashMap::default();
         let mut data = Vec::new();
         let mut specs = Vec::with_capacity(chunk.len());
         let mut wanted = Vec::new();
         let mut restrictions: Vec<Restriction> = Vec::new();
         let mut restriction_index: FxHashMap<*const Restriction, u32> = FxHashMap::default();
-        for t in chunk {
+        for (i, t) in chunk.iter_mut().enumerate() {
             let restriction = match &t.restriction {
                 None => NO_FRAME,
                 Some(r) => *restriction_index.entry(Arc::as_ptr(r)).or_insert_with(|| {
@@ -116,25 +139,35 @@ fn emit<E>(
                     (restrictions.len() - 1) as u32
                 }),
             };
-            let deps = t
-                .deps
-                .iter()
-                .map(|d| match pos.get(d.as_str()) {
-                    Some(&p) if p >= start && p < end => (p - start) as u32,
-                    _ => *external.entry(d.as_str()).or_insert_with(|| {
-                        keys.push(d.clone());
+            let mine = &resolved[next_dep..next_dep + t.deps.len()];
+            next_dep += t.deps.len();
+            let mut deps = Vec::with_capacity(mine.len());
+            for (name, &p) in t.deps.iter_mut().zip(mine) {
+                let p_usize = p as usize;
+                let index = if p != OUTSIDE && p_usize >= start && p_usize < end {
+                    (p_usize - start) as u32
+                } else if p != OUTSIDE {
+                    *earlier.entry(p).or_insert_with(|| {
+                        keys.push(std::mem::take(name));
                         (keys.len() - 1) as u32
-                    }),
-                })
-                .collect();
+                    })
+                } else if let Some(&k) = outside.get(name.as_str()) {
+                    k
+                } else {
+                    keys.push(name.clone());
+                    outside.insert(std::mem::take(name), (keys.len() - 1) as u32);
+                    (keys.len() - 1) as u32
+                };
+                deps.push(index);
+            }
             let payload = if t.payload.is_empty() {
                 NO_FRAME
             } else {
-                data.push(t.payload.clone());
+                data.push(std::mem::take(&mut t.payload));
                 (data.len() - 1) as u32
             };
             if t.want {
-                wanted.push(t.key.clone());
+                wanted.push(keys[i].clone());
             }
             specs.push(TaskSpec {
                 deps,
@@ -146,10 +179,9 @@ fn emit<E>(
                 restriction,
             });
         }
-        let more = end < ordered.len() || part.open;
-        let graph_tasks = if part.graph_tasks > 0 { part.graph_tasks } else { ordered.len() as u64 };
+        let more = end < total || part.open;
         send(SubmitGraph { submit_id: 0, graph_id: 0, more, graph_tasks, keys, tasks: specs, restrictions }, data, wanted)?;
-        if end >= ordered.len() {
+        if end >= total {
             break;
         }
         start = end;
@@ -205,6 +237,31 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    #[test]
+    fn external_keys_are_named_once_per_batch_and_payloads_travel_with_their_task() {
+        // "held" exists on the scheduler; a* fill the first batch (2048).
+        let mut tasks: Vec<TaskDef> = (0..2048).map(|i| TaskDef::new(format!("a{i}"), vec![])).collect();
+        tasks.push(TaskDef::new("x", vec!["held".into(), "a0".into(), "a0".into(), "a1".into()]).with_payload(Bytes::from_static(b"px")));
+        tasks.push(TaskDef::new("y", vec!["a1".into(), "held".into(), "x".into()]).with_payload(Bytes::from_static(b"py")).wanted());
+        let mut sent = Vec::new();
+        for_each_batch::<()>(tasks, 4096, |g, data, wanted| {
+            sent.push((g, data, wanted));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sent.len(), 2);
+        let (g, data, wanted) = &sent[1];
+        // own keys first, then each outside name once, in first-use order
+        assert_eq!(g.keys, vec!["x", "y", "held", "a0", "a1"]);
+        assert_eq!(g.tasks[0].deps, vec![2, 3, 3, 4]);
+        assert_eq!(g.tasks[1].deps, vec![4, 2, 0]);
+        assert_eq!(data.iter().map(|d| &d[..]).collect::<Vec<_>>(), vec![&b"px"[..], &b"py"[..]]);
+        assert_eq!((g.tasks[0].payload, g.tasks[1].payload), (0, 1));
+        assert_eq!(wanted, &vec!["y".to_string()]);
+        assert_eq!(sent[0].0.keys.len(), 2048);
+        assert_eq!(sent[0].0.keys[7], "a7");
     }
 
     #[test]
