@@ -309,10 +309,14 @@ class Client:
         still held keeps its error, as in distributed: the same call gives
         the same erred future (release it, or use another key, to run it
         again)."""
+        self._reset_cancelled(t[0] for t in tasks)
+
+    def _reset_cancelled(self, keys):
+        """Cancelled states of these keys go back to pending."""
         with self._lock:
             states = self._states
-            for t in tasks:
-                st = states.get(t[0])
+            for k in keys:
+                st = states.get(k)
                 if st is not None and st.status == "cancelled":
                     st.status, st.exception, st.traceback = "pending", None, None
                     st.finished = False
@@ -423,39 +427,26 @@ class Client:
                 return None
             keys, again = done
             futures = self._futures(keys)
-            states = self._states
-            for k in again:
-                st = states[k]
-                st.status, st.exception, st.traceback = "pending", None, None
-                st.finished = False
+            self._reset_cancelled(again)
         return futures
 
     def _map_batches(self, fb, name, explicit, iterables, kwargs, pure, priority, retries, restrictions,
                      restriction, batch, futures, seen, tasks, keys, dumps):
-        # The loop body runs once per task (100k times for a big map): the
-        # common case (one plain scalar argument, pure) avoids generator,
-        # call and lookup overheads.
-        simple = _SIMPLE
-        md5 = hashlib.md5
-        prefix = name + "-"
         for i, args in enumerate(zip(*iterables)):
-            if not kwargs and (type(args[0]) in simple if len(args) == 1 else all(type(a) in simple for a in args)):
-                # plain scalars: always picklable, no futures inside
-                deps = []
-                payload = dumps((CALL, fb, args, kwargs), protocol=5)
-            else:
+            if kwargs or any(type(a) not in _SIMPLE for a in args):
                 (a2, kw2), deps = pack_futures((args, kwargs), self)
                 payload = dumps_payload((CALL, fb, a2, kw2))
+            else:  # plain scalars: always picklable, no futures inside
+                deps = []
+                payload = dumps((CALL, fb, args, kwargs), protocol=5)
             if explicit is not None:
                 k = explicit[i]
-            elif pure and not deps:
-                k = prefix + md5(payload, usedforsecurity=False).hexdigest()
             else:
                 k = _call_key(name, payload, deps, pure)
             keys.append(k)
             if k not in seen:
                 seen.add(k)
-                tasks.append((k if type(k) is str else key_str(k), deps, payload, priority, None, True, retries, restriction))
+                tasks.append((key_str(k), deps, payload, priority, None, True, retries, restriction))
             if len(tasks) >= batch:
                 futures.extend(self._send(self._new_only(tasks, pure), keys, restrictions))
                 tasks, keys = [], []

@@ -23,6 +23,14 @@ pub struct Client {
     address: String,
 }
 
+/// A restriction as Python passes it: (workers, resources, allow_other_workers).
+type PyRestriction = (Vec<String>, HashMap<String, f64>, bool);
+
+fn to_restriction((workers, resources, loose): PyRestriction) -> Arc<Restriction> {
+    let resources = resources.into_iter().map(|(name, amount)| Resource { name, amount }).collect();
+    Arc::new(Restriction { workers, resources, loose })
+}
+
 /// `state.status` of a Python `FutureState`.
 fn state_status(state: &Bound<'_, PyAny>) -> PyResult<String> {
     state.getattr("status")?.extract()
@@ -84,20 +92,14 @@ impl Client {
         &self,
         py: Python<'_>,
         tasks: &Bound<'_, PyList>,
-        restrictions: Option<Vec<(Vec<String>, HashMap<String, f64>, bool)>>,
+        restrictions: Option<Vec<PyRestriction>>,
         graph: Option<u64>,
         more: bool,
         graph_tasks: u64,
     ) -> PyResult<()> {
         let client = self.inner()?;
-        let restrictions: Vec<Arc<Restriction>> = restrictions
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(workers, resources, loose)| {
-                let resources = resources.into_iter().map(|(name, amount)| Resource { name, amount }).collect();
-                Arc::new(Restriction { workers, resources, loose })
-            })
-            .collect();
+        let restrictions: Vec<Arc<Restriction>> =
+            restrictions.unwrap_or_default().into_iter().map(to_restriction).collect();
         let mut defs = Vec::with_capacity(tasks.len());
         for item in tasks.iter() {
             let t = item.cast::<PyTuple>().map_err(|_| PyValueError::new_err("each task must be a tuple"))?;
@@ -161,14 +163,11 @@ impl Client {
         releasing: &Bound<'_, PyDict>,
         priority: i32,
         retries: u32,
-        restriction: Option<(Vec<String>, HashMap<String, f64>, bool)>,
+        restriction: Option<PyRestriction>,
     ) -> PyResult<Option<(Vec<String>, Vec<String>)>> {
         let client = self.inner()?;
         let Some(mut encoder) = ScalarCalls::new(function, prefix) else { return Ok(None) };
-        let restriction = restriction.map(|(workers, resources, loose)| {
-            let resources = resources.into_iter().map(|(name, amount)| Resource { name, amount }).collect();
-            Arc::new(Restriction { workers, resources, loose })
-        });
+        let restriction = restriction.map(to_restriction);
         let mut keys = Vec::new();
         let mut again = Vec::new();
         let mut stale = Vec::new();

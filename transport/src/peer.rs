@@ -30,15 +30,6 @@ pub enum FetchedValue {
     Unserializable { message: String, payload: Bytes },
 }
 
-impl FetchedValue {
-    pub fn into_frames(self) -> Option<Frames> {
-        match self {
-            FetchedValue::Value(f) => Some(f),
-            _ => None,
-        }
-    }
-}
-
 pub type Fetched = (TaskId, FetchedValue);
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Vec<Fetched>>>>>>>;

@@ -223,28 +223,11 @@ impl TcpFrameReader {
             // first step arrives before the full size is taken, so a header
             // alone commits no more than that.
             let mut first = Vec::with_capacity(GROW_STEP);
-            while first.len() < GROW_STEP {
-                let want = GROW_STEP - first.len();
-                if (&mut self.reader).take(want as u64).read_buf(&mut first).await? == 0 {
-                    return Err(TransportError::Malformed(format!(
-                        "connection closed inside data frames ({} of {data_len} bytes)",
-                        first.len()
-                    )));
-                }
-            }
+            self.read_data_into(&mut first, GROW_STEP, data_len).await?;
             let mut buf = bufpool::take(data_len, advise_huge_pages_vec);
             buf.extend_from_slice(&first);
             drop(first);
-            while buf.len() < data_len {
-                let want = data_len - buf.len();
-                let n = (&mut self.reader).take(want as u64).read_buf(&mut buf).await?;
-                if n == 0 {
-                    return Err(TransportError::Malformed(format!(
-                        "connection closed inside data frames ({} of {data_len} bytes)",
-                        buf.len()
-                    )));
-                }
-            }
+            self.read_data_into(&mut buf, data_len, data_len).await?;
             return Ok(Some(Frame { control, data: split_bytes(bufpool::into_bytes(buf), &lengths) }));
         }
         let mut data = BytesMut::with_capacity(data_len.min(GROW_STEP));
@@ -267,6 +250,21 @@ impl TcpFrameReader {
             }
         }
         Ok(Some(Frame { control, data: split_data(data, &lengths) }))
+    }
+
+    /// Reads data-frame bytes into `buf` until it holds `upto` (of a frame's
+    /// `data_len`), into its spare capacity.
+    async fn read_data_into(&mut self, buf: &mut Vec<u8>, upto: usize, data_len: usize) -> Result<()> {
+        while buf.len() < upto {
+            let want = upto - buf.len();
+            if (&mut self.reader).take(want as u64).read_buf(buf).await? == 0 {
+                return Err(TransportError::Malformed(format!(
+                    "connection closed inside data frames ({} of {data_len} bytes)",
+                    buf.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {

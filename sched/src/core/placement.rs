@@ -161,19 +161,11 @@ impl Core {
         msg.key.push_str(&t.key);
         msg.user_priority = t.priority.user;
         msg.order = t.priority.order;
-        msg.deps.truncate(t.deps.len());
-        for (i, d) in t.deps.iter().enumerate() {
+        msg.deps.clear();
+        msg.deps.extend(t.deps.iter().map(|d| {
             let dt = &self.tasks[*d];
-            match msg.deps.get_mut(i) {
-                Some(info) => {
-                    info.id = *d;
-                    info.size = dt.size;
-                    info.holders.clear();
-                    info.holders.extend_from_slice(&dt.holders);
-                }
-                None => msg.deps.push(DepInfo { id: *d, size: dt.size, holders: dt.holders.clone() }),
-            }
-        }
+            DepInfo { id: *d, size: dt.size, holders: dt.holders.clone() }
+        }));
         comm.compute(w, msg, &t.payload);
         self.workers.get_mut(&w).expect("assigning to a live worker").processing.insert(id);
     }
