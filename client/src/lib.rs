@@ -27,6 +27,12 @@ pub enum ClientError {
     Transport(#[from] TransportError),
     #[error("cannot connect to scheduler at {address}: {reason}")]
     Connect { address: String, reason: String },
+    /// The scheduler refused our token.
+    #[error("the scheduler at {address} refused this client's token: {reason}")]
+    Unauthorized { address: String, reason: String },
+    /// The scheduler answered but refused us (another protocol version).
+    #[error("the scheduler at {address} refused the connection: {reason}")]
+    Refused { address: String, reason: String },
     #[error("task {key} failed (raised in {failed_key}): {message}")]
     TaskFailed { key: String, failed_key: String, message: String, payload: Bytes },
     #[error("submission rejected by the scheduler: {0}")]
@@ -107,6 +113,12 @@ impl Client {
         };
         let (conn, id) = match tokio::time::timeout(timeout, attempt).await {
             Err(_) => return Err(fail(format!("no answer within {timeout:?}"))),
+            Ok(Err(TransportError::Unauthorized(reason))) => {
+                return Err(ClientError::Unauthorized { address: address.to_string(), reason })
+            }
+            Ok(Err(e @ (TransportError::VersionMismatch { .. } | TransportError::Handshake(_)))) => {
+                return Err(ClientError::Refused { address: address.to_string(), reason: e.to_string() })
+            }
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Ok(Ok(x)) => x,
         };

@@ -603,8 +603,8 @@ async fn a_client_without_the_token_is_refused() {
     let cluster = Cluster::start("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", 1, config).await;
     for token in [None, Some("wrong")] {
         match Client::connect(&cluster.address, token, WAIT).await {
-            Err(ClientError::Connect { reason, .. }) => assert!(reason.contains("token"), "{token:?}: {reason}"),
-            Err(e) => panic!("{token:?}: expected a Connect error, got {e:?}"),
+            Err(ClientError::Unauthorized { reason, .. }) => assert!(reason.contains("token"), "{token:?}: {reason}"),
+            Err(e) => panic!("{token:?}: expected an Unauthorized error, got {e:?}"),
             Ok(_) => panic!("{token:?}: connected without the token"),
         }
     }

@@ -191,15 +191,15 @@ async fn scheduler_file_serves_workers_and_sigterm_stops_everything_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_that_kills_three_workers_fails_with_killed_worker() {
+async fn a_task_that_keeps_killing_workers_fails_with_killed_worker() {
     let Some((sched_bin, worker_bin)) = binaries() else { return };
     let mut procs = Procs::new("killed-worker");
     let (sched, file, address) = start_scheduler(&mut procs, &sched_bin).await;
-    let workers: Vec<usize> = (0..4)
+    let workers: Vec<usize> = (0..6)
         .map(|i| procs.spawn(&format!("worker-{i}"), &worker_bin, &["--scheduler-file", file.to_str().unwrap(), "--nworkers", "1"]))
         .collect();
     let client = connect(&address).await;
-    client.wait_for_workers(4, WAIT).await.unwrap();
+    client.wait_for_workers(6, WAIT).await.unwrap();
 
     // The null executor exits the process (code 17) when it runs this task.
     let crash = NullTask { crash: true, ..Default::default() }.encode();
@@ -211,21 +211,27 @@ async fn a_task_that_kills_three_workers_fails_with_killed_worker() {
         }
         other => panic!("expected TaskFailed(KilledWorker), got {other:?}"),
     }
-    // Exactly three worker processes died, each by running the task.
+    // Allowed failures are 3, as in Dask: the task errs when a fourth worker
+    // dies while it is known to run there. It exits within microseconds of
+    // its start, so its first death usually comes before its worker could
+    // report it running (the report is a 10 ms sweep); every later run is
+    // careful and confirms its start first. So 4 or 5 workers died, each by
+    // running the task, and the others live.
     let start = Instant::now();
     let dead = loop {
         let dead: Vec<(usize, ExitStatus)> = workers.iter().filter_map(|&i| procs.exited(i).map(|s| (i, s))).collect();
-        if dead.len() >= 3 || start.elapsed() > WAIT {
-            break dead;
+        if dead.len() >= 4 || start.elapsed() > WAIT {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            break workers.iter().filter_map(|&i| procs.exited(i).map(|s| (i, s))).collect::<Vec<_>>();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!((4..=5).contains(&dead.len()), "{dead:?}");
     for (_, s) in &dead {
         assert_eq!(s.code(), Some(17), "a crashed worker exits with the null task's code");
     }
     let info = client.cluster_info().await.unwrap();
-    assert_eq!(info.workers.len(), 1, "{info:?}");
+    assert_eq!(info.workers.len(), 6 - dead.len(), "{info:?}");
     assert_eq!(info.failed, 1);
 
     // The survivor still computes.
@@ -235,6 +241,7 @@ async fn a_task_that_kills_three_workers_fails_with_killed_worker() {
 
     procs.signal(sched, libc::SIGTERM);
     assert!(procs.wait_exit(sched).await.success());
-    let survivor = *workers.iter().find(|i| !dead.iter().any(|(d, _)| d == *i)).unwrap();
-    assert!(procs.wait_exit(survivor).await.success());
+    for survivor in workers.iter().filter(|i| !dead.iter().any(|(d, _)| d == *i)) {
+        assert!(procs.wait_exit(*survivor).await.success());
+    }
 }

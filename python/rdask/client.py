@@ -166,7 +166,7 @@ class Client:
         hold = self._hold_locked
         make = Future._from_state
         with _no_gc(len(keys)), self._lock:
-            states = [hold(k, k if type(k) is str else key_str(k)) for k in keys]
+            states = [hold(k, key_str(k)) for k in keys]
             return [make(k, self, st) for k, st in zip(keys, states)]
 
     def _drop(self, st: FutureState):

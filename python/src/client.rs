@@ -13,7 +13,7 @@ use rdask_transport::protocol::{Resource, Restriction};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
 use crate::payload::ScalarCalls;
-use crate::{runtime, CommClosedError, RdaskError, UnserializableValue};
+use crate::{runtime, AuthenticationError, CommClosedError, RdaskError, UnserializableValue};
 
 #[pyclass(module = "rdask._rdask", frozen)]
 pub struct Client {
@@ -46,6 +46,7 @@ fn to_py_err(e: ClientError) -> PyErr {
         ClientError::Connect { address, reason } => {
             PyTimeoutError::new_err(format!("cannot connect to scheduler at {address}: {reason}"))
         }
+        e @ ClientError::Unauthorized { .. } => AuthenticationError::new_err(e.to_string()),
         other => RdaskError::new_err(other.to_string()),
     }
 }

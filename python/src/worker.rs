@@ -193,7 +193,10 @@ pub fn secede() -> bool {
 
 /// Runs a worker until the scheduler goes away (returns) or the connection
 /// cannot be made (raises). Blocks with the GIL released; Ctrl-C and other
-/// signals are still seen every 200 ms.
+/// signals are still seen every 200 ms. When a signal handler raises
+/// (KeyboardInterrupt, or the SIGTERM handler of `rdask.worker`), the worker
+/// first tells the scheduler it is leaving, so none of its tasks is
+/// suspected of killing it, and then the exception propagates.
 #[pyfunction]
 #[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None))]
 #[allow(clippy::too_many_arguments)]
@@ -227,17 +230,28 @@ pub fn run_worker(
     let (tx, rx) = std::sync::mpsc::channel();
     // `detach` wants `Sync` captures; the mutex is only ever taken here.
     let rx = std::sync::Mutex::new(rx);
+    let (leave_tx, leave_rx) = tokio::sync::oneshot::channel::<()>();
     runtime().spawn(async move {
-        let _ = tx.send(rdask_worker::run_worker(config, executor).await);
+        let leave = async move {
+            let _ = leave_rx.await;
+        };
+        let _ = tx.send(rdask_worker::run_worker_until(config, executor, leave).await);
     });
     if let Some(cb) = on_start {
         cb.call0(py)?;
     }
+    let wait = |timeout: Duration| py.detach(|| rx.lock().unwrap().recv_timeout(timeout));
     loop {
-        match py.detach(|| rx.lock().unwrap().recv_timeout(Duration::from_millis(200))) {
+        match wait(Duration::from_millis(200)) {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => return Err(RdaskError::new_err(e.to_string())),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(signal) = py.check_signals() {
+                    let _ = leave_tx.send(());
+                    let _ = wait(Duration::from_secs(5));
+                    return Err(signal);
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(RdaskError::new_err("the worker runtime stopped unexpectedly"))
             }

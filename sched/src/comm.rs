@@ -62,6 +62,7 @@ impl Comm {
             order: 0,
             payload: NO_FRAME,
             deps: Vec::new(),
+            careful: false,
         })
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdask_transport::handshake::{handshake_accept, Role};
+use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role, WarnLimiter};
 use rdask_transport::protocol::{ArchivedFromWorkerMessage, FromWorkerMessage, ToClientMessage, ToWorkerMessage};
 use rdask_transport::{ClientId, Connection, Frame, FrameSender, Listener, WireMessage, WorkerId};
 use rustc_hash::FxHashMap;
@@ -185,6 +185,10 @@ fn handle(
                     let _ = s.send(Frame::from_message(&ToWorkerMessage::Error { message: e.to_string() }));
                 }
                 drop_worker(core, comm, senders, addresses, w);
+            } else if core.workers.get(&w).is_some_and(|worker| worker.leaving) {
+                // Said goodbye: its tasks go elsewhere now, suspecting none,
+                // and the closed connection tells the worker it may go.
+                drop_worker(core, comm, senders, addresses, w);
             }
         }
         Event::WorkerGone(w, reason) => {
@@ -227,22 +231,43 @@ fn handle(
     }
 }
 
+/// Warnings a remote peer can cause at will (refused handshakes, broken
+/// connections) are rate-limited: one line per interval.
+static CONNECTION_WARNINGS: WarnLimiter = WarnLimiter::new(Duration::from_secs(5));
+
 async fn accept_loop(mut listener: Listener, events: mpsc::Sender<Event>, token: Option<String>) {
     let token: Arc<Option<String>> = Arc::new(token);
+    let gate = HandshakeGate::default();
     while let Some(conn) = listener.accept().await {
+        let Some(permit) = gate.try_enter() else {
+            if let Some(held_back) = CONNECTION_WARNINGS.allow() {
+                tracing::warn!(peer = %conn.peer, held_back, "too many connections in the handshake; closing this one");
+            }
+            continue;
+        };
         let events = events.clone();
         let token = token.clone();
         tokio::spawn(async move {
             let peer = conn.peer.clone();
-            if let Err(e) = serve_connection(conn, events, token.as_deref()).await {
-                tracing::warn!(%peer, "connection ended with error: {e}");
+            if let Err(e) = serve_connection(conn, events, token.as_deref(), permit).await {
+                if let Some(held_back) = CONNECTION_WARNINGS.allow() {
+                    tracing::warn!(%peer, held_back, "connection ended with error: {e}");
+                } else {
+                    tracing::debug!(%peer, "connection ended with error: {e}");
+                }
             }
         });
     }
 }
 
-async fn serve_connection(mut conn: Connection, events: mpsc::Sender<Event>, token: Option<&str>) -> Result<(), SchedError> {
+async fn serve_connection(
+    mut conn: Connection,
+    events: mpsc::Sender<Event>,
+    token: Option<&str>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), SchedError> {
     let role = handshake_accept(&mut conn, &[Role::Client, Role::Worker], token).await?;
+    drop(permit);
     match role {
         Role::Worker => serve_worker(conn, events).await,
         Role::Client => serve_client(conn, events).await,

@@ -295,13 +295,16 @@ fn losing_an_input_cancels_the_assigned_dependent_and_reruns_it() {
 
 #[test]
 fn task_whose_workers_keep_dying_errs_with_killed_worker() {
-    let (mut h, _) = Harness::with_workers(4);
+    let (mut h, _) = Harness::with_workers(5);
     let c = h.add_client();
     h.submit(c, &[t("crasher", &[]).want()], false);
     h.step();
-    for round in 0..3 {
+    // Dask's allowed-failures = 3: three deaths are allowed, the fourth errs.
+    for round in 0..4 {
         let w = h.assigned_to("crasher").unwrap_or_else(|| panic!("assigned in round {round}"));
         assert!(h.erred(c).is_empty(), "not erred after {round} deaths");
+        let id = h.id("crasher");
+        h.executing(w, &[id], false);
         h.remove_worker(w);
     }
     let erred = h.erred(c);
@@ -311,6 +314,97 @@ fn task_whose_workers_keep_dying_errs_with_killed_worker() {
     assert!(erred[0].message.contains("KilledWorker"), "{}", erred[0].message);
     assert_eq!(h.state("crasher"), Some(TaskState::Erred));
     assert!(h.core.workers.values().all(|w| w.processing.is_empty()), "the erred task is not queued anywhere");
+}
+
+#[test]
+fn only_tasks_running_when_a_worker_dies_are_suspected() {
+    // One worker, 50 tasks queued on it; it dies three times, each time
+    // running one (different) task. Nothing errs: the queued tasks are
+    // innocent, and each runner has one death against it.
+    let (mut h, ws) = Harness::with_workers(1);
+    let c = h.add_client();
+    let tasks: Vec<T> = (0..50).map(|i| t(&format!("s{i}"), &[]).want()).collect();
+    h.submit(c, &tasks, false);
+    h.step();
+    let mut w = ws[0];
+    for round in 0..3 {
+        assert_eq!(h.queued(w).len(), 50, "round {round}: everything is queued on the one worker");
+        let runner = h.id(&format!("s{round}"));
+        h.executing(w, &[runner], false);
+        h.remove_worker(w);
+        w = h.add_worker(1);
+    }
+    assert!(h.erred(c).is_empty(), "no task ran on more than one dying worker: {:?}", h.erred(c));
+    let suspicious: Vec<u8> = (0..50).map(|i| h.core.tasks[h.id(&format!("s{i}"))].suspicious).collect();
+    assert_eq!(&suspicious[..3], &[1, 1, 1]);
+    assert!(suspicious[3..].iter().all(|s| *s == 0), "{suspicious:?}");
+    // Every task that was on a dead worker now confirms its start.
+    let careful = h.worker_log(w).iter().flat_map(|m| match m {
+        ToWorkerMessage::Compute(b) => b.tasks.iter().map(|t| t.careful).collect(),
+        _ => vec![],
+    }).collect::<Vec<bool>>();
+    assert_eq!(careful.len(), 50);
+    assert!(careful.iter().all(|c| *c));
+    h.run_all();
+    assert_eq!(h.in_memory(c).len(), 50);
+}
+
+#[test]
+fn a_worker_that_leaves_on_purpose_suspects_nobody() {
+    let (mut h, _) = Harness::with_workers(6);
+    let c = h.add_client();
+    h.submit(c, &[t("long", &[]).want(), t("other", &[]).want()], false);
+    h.step();
+    for _ in 0..5 {
+        let w = h.assigned_to("long").unwrap();
+        let id = h.id("long");
+        h.executing(w, &[id], false);
+        h.leave(w);
+    }
+    assert!(h.erred(c).is_empty(), "{:?}", h.erred(c));
+    let task = &h.core.tasks[h.id("long")];
+    assert_eq!((task.suspicious, task.careful), (0, false));
+    h.run_all();
+    let mut done = h.in_memory(c);
+    done.sort();
+    assert_eq!(done, vec!["long", "other"]);
+}
+
+#[test]
+fn a_leaving_worker_gets_no_new_tasks() {
+    let (mut h, ws) = Harness::with_workers(2);
+    let c = h.add_client();
+    h.worker_msg(ws[0], FromWorkerMessage::Leaving);
+    h.step();
+    let tasks: Vec<T> = (0..20).map(|i| t(&format!("x{i}"), &[]).want()).collect();
+    h.submit(c, &tasks, false);
+    h.step();
+    assert!(h.queued(ws[0]).is_empty(), "{:?}", h.queued(ws[0]));
+    assert_eq!(h.queued(ws[1]).len(), 20);
+}
+
+#[test]
+fn a_careful_start_is_confirmed_and_a_stale_executing_report_is_ignored() {
+    let (mut h, _) = Harness::with_workers(2);
+    let c = h.add_client();
+    h.submit(c, &[t("a", &[]).want()], false);
+    h.step();
+    let a = h.id("a");
+    let first = h.assigned_to("a").unwrap();
+    h.remove_worker(first); // died before reporting the start: not suspected
+    assert_eq!(h.core.tasks[a].suspicious, 0);
+    let second = h.assigned_to("a").unwrap();
+    assert_ne!(first, second);
+    h.executing(second, &[a], true);
+    h.step();
+    assert!(h.sims[&second].confirmed.contains(&a), "the scheduler confirms a careful start");
+    // A report from a worker the task is not assigned to changes nothing.
+    let other = h.add_worker(1);
+    h.executing(other, &[a], false);
+    h.remove_worker(other);
+    assert_eq!(h.core.tasks[a].suspicious, 0);
+    h.remove_worker(second);
+    assert_eq!(h.core.tasks[a].suspicious, 1);
 }
 
 // ------------------------------------------------------------------ 8. bad submissions

@@ -50,6 +50,14 @@ pub trait FrameRead: Send {
     /// The next frame; `Ok(None)` on a clean close. After an error the
     /// connection is unusable and should be dropped.
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>>;
+
+    /// Sets the largest frame this reader accepts and returns the previous
+    /// limit; None for readers that take frames from a trusted source (the
+    /// in-process backend). The handshake lowers it to what a hello can be
+    /// while the peer is not yet authenticated.
+    fn set_max_frame_size(&mut self, _max: u64) -> Option<u64> {
+        None
+    }
 }
 
 /// An established connection (before or after the handshake).

@@ -13,6 +13,9 @@ pub enum TransportError {
     Invalid(String),
     #[error("handshake failed: {0}")]
     Handshake(String),
+    /// The peer refused our token (wrong or missing).
+    #[error("not authorised: {0}")]
+    Unauthorized(String),
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("connection closed by peer")]

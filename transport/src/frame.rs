@@ -24,15 +24,24 @@ pub const MAX_DATA_FRAMES: u32 = 1 << 24;
 /// Fixed part of the frame header.
 pub const HEADER_LEN: usize = 8;
 
+/// Default time a frame may stall half-received (no byte arriving) before
+/// the connection is dropped.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Limits a connection enforces on what it receives and sends.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_frame_size: u64,
+    /// Once a frame has started to arrive, the rest must keep coming: a read
+    /// that waits longer than this for the next bytes fails the connection,
+    /// so a peer cannot pin a half-sent frame's buffer forever. Idle time
+    /// between frames is not limited.
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame_size: DEFAULT_MAX_FRAME_SIZE }
+        Limits { max_frame_size: DEFAULT_MAX_FRAME_SIZE, stall_timeout: DEFAULT_STALL_TIMEOUT }
     }
 }
 
@@ -121,6 +130,12 @@ impl FixedHeader {
         }
         if n_data > MAX_DATA_FRAMES {
             return Err(TransportError::Malformed(format!("{n_data} data frames exceed the limit of {MAX_DATA_FRAMES}")));
+        }
+        // The length table counts too: it is read before the lengths can be
+        // checked, so it must fit the limit on its own.
+        let fixed = (HEADER_LEN as u64) + 8 * n_data as u64 + control_len as u64;
+        if fixed > limits.max_frame_size {
+            return Err(TransportError::FrameTooLarge { size: fixed, max: limits.max_frame_size });
         }
         Ok(FixedHeader { control_len, n_data })
     }

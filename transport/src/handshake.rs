@@ -21,8 +21,16 @@ use crate::protocol::PROTOCOL_VERSION;
 pub const MAGIC: &[u8; 6] = b"RDASK\0";
 const FIXED: usize = 12;
 pub const MAX_TOKEN_LEN: usize = 1024;
+/// The largest frame read while the peer is not authenticated: a hello or a
+/// reply (header, fixed part, token or message) always fits. Without this cap
+/// anyone who can connect could make the endpoint allocate a frame's worth
+/// of memory (up to the 4 GiB limit) before the token is checked.
+pub const MAX_HANDSHAKE_FRAME: u64 = 4096;
 /// How long either side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections an endpoint lets wait in the handshake at once; more are
+/// closed at once (see [`HandshakeGate`]).
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Who is connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +85,82 @@ fn parse(frame: &Frame) -> Result<(u16, u8, &[u8])> {
     Ok((version, b[8], &b[FIXED..]))
 }
 
+/// The peer's handshake frame, read with the frame size capped at
+/// [`MAX_HANDSHAKE_FRAME`]; the connection's own limit is restored after.
 async fn recv_with_timeout(conn: &mut Connection) -> Result<Frame> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.receiver.recv()).await {
+    let previous = conn.receiver.set_max_frame_size(MAX_HANDSHAKE_FRAME);
+    let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.receiver.recv()).await;
+    if let Some(max) = previous {
+        conn.receiver.set_max_frame_size(max);
+    }
+    match r {
         Err(_) => Err(TransportError::Timeout("no handshake from peer".into())),
         Ok(r) => r?.ok_or(TransportError::Closed),
+    }
+}
+
+/// Compares two secrets in time that depends on their lengths only, not on
+/// where they first differ (so a remote peer cannot find the token byte by
+/// byte by timing refusals).
+pub fn tokens_equal(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= (x ^ y) as u64;
+    }
+    // Keeps the loop from being turned into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Bounds the connections waiting in the handshake. Accept loops take a
+/// permit per connection; with none left the connection is closed at once,
+/// so a flood of silent connections cannot pile up until they time out.
+#[derive(Clone)]
+pub struct HandshakeGate(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl HandshakeGate {
+    pub fn new(max_pending: usize) -> Self {
+        HandshakeGate(std::sync::Arc::new(tokio::sync::Semaphore::new(max_pending)))
+    }
+
+    /// A permit to hold until the handshake is over, or None when too many
+    /// connections are in the handshake already.
+    pub fn try_enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
+}
+
+impl Default for HandshakeGate {
+    fn default() -> Self {
+        HandshakeGate::new(MAX_PENDING_HANDSHAKES)
+    }
+}
+
+/// Rate limit for warnings that a peer can trigger at will (refused
+/// connections, bad hellos): one line per interval, with the number of
+/// lines held back since the last one.
+pub struct WarnLimiter {
+    interval: Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl WarnLimiter {
+    pub const fn new(interval: Duration) -> Self {
+        WarnLimiter { interval, state: std::sync::Mutex::new((None, 0)) }
+    }
+
+    /// Some(n) when a line may be logged now, `n` being the lines held back
+    /// since the last one; None to stay quiet.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap();
+        let now = std::time::Instant::now();
+        if s.0.is_none_or(|t| now.duration_since(t) >= self.interval) {
+            s.0 = Some(now);
+            return Some(std::mem::take(&mut s.1));
+        }
+        s.1 += 1;
+        None
     }
 }
 
@@ -104,6 +184,9 @@ pub async fn handshake_connect_as(conn: &mut Connection, version: u16, role: Rol
     let msg = String::from_utf8_lossy(msg).into_owned();
     if status == Status::BadVersion as u8 {
         return Err(TransportError::VersionMismatch { ours: version, theirs: their_version });
+    }
+    if status == Status::BadToken as u8 {
+        return Err(TransportError::Unauthorized(format!("{} refused the connection: {msg}", conn.peer)));
     }
     Err(TransportError::Handshake(format!("{} refused the connection: {msg}", conn.peer)))
 }
@@ -129,7 +212,7 @@ pub async fn handshake_accept(conn: &mut Connection, allowed: &[Role], token: Op
         }
     };
     if let Some(expected) = token {
-        if expected.as_bytes() != their_token {
+        if !tokens_equal(expected.as_bytes(), their_token) {
             let m = refuse(Status::BadToken, "wrong or missing token".into());
             return Err(TransportError::Handshake(m));
         }

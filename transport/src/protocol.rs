@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -185,6 +185,16 @@ pub enum FromWorkerMessage {
     FetchFailed(Vec<FetchFailure>),
     StealReply(Vec<StealOutcome>),
     Heartbeat(WorkerLoad),
+    /// These tasks started running user code. Only tasks that ran when a
+    /// worker died are suspected of killing it (KilledWorker); tasks merely
+    /// queued there are innocent. Sent for tasks that run a while (the worker
+    /// sweeps its threads every few milliseconds) and at once for `careful`
+    /// tasks, which then wait for [`ToWorkerMessage::ExecutingSeen`] before
+    /// they start when `confirm` is set.
+    Executing { tasks: Vec<TaskId>, confirm: bool },
+    /// The worker leaves on purpose (SIGTERM, retirement, close): its tasks
+    /// go elsewhere and none of them is suspected. The connection closes next.
+    Leaving,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -249,6 +259,9 @@ pub enum ToWorkerMessage {
     Error { message: String },
     /// Shut down cleanly (scheduler exiting or cluster closing).
     Stop,
+    /// Answers `Executing { confirm: true }`: the scheduler knows these
+    /// tasks run, so a careful task may start.
+    ExecutingSeen(Vec<TaskId>),
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -266,6 +279,11 @@ pub struct ComputeTask {
     pub order: i64,
     pub payload: u32,
     pub deps: Vec<DepInfo>,
+    /// The task was on a worker that died. The worker reports its start and
+    /// waits for the scheduler's [`ToWorkerMessage::ExecutingSeen`] before
+    /// running it, so that a task which kills workers at once is still
+    /// known to have been running when the next one dies.
+    pub careful: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

@@ -241,7 +241,9 @@ impl TcpFrameReader {
                 data.reserve(want);
                 advise_huge_pages(&mut data);
             }
-            let n = (&mut self.reader).take(want as u64).read_buf(&mut data).await?;
+            let stall = self.limits.stall_timeout;
+            let read = async { Ok((&mut self.reader).take(want as u64).read_buf(&mut data).await?) };
+            let n = or_stall(stall, "data frames", read).await?;
             if n == 0 {
                 return Err(TransportError::Malformed(format!(
                     "connection closed inside data frames ({} of {data_len} bytes)",
@@ -257,7 +259,9 @@ impl TcpFrameReader {
     async fn read_data_into(&mut self, buf: &mut Vec<u8>, upto: usize, data_len: usize) -> Result<()> {
         while buf.len() < upto {
             let want = upto - buf.len();
-            if (&mut self.reader).take(want as u64).read_buf(buf).await? == 0 {
+            let stall = self.limits.stall_timeout;
+            let read = async { Ok((&mut self.reader).take(want as u64).read_buf(buf).await?) };
+            if or_stall(stall, "data frames", read).await? == 0 {
                 return Err(TransportError::Malformed(format!(
                     "connection closed inside data frames ({} of {data_len} bytes)",
                     buf.len()
@@ -267,20 +271,37 @@ impl TcpFrameReader {
         Ok(())
     }
 
+    /// Reads bytes of a frame that has started (so under the stall timeout).
     async fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
-        match self.reader.read_exact(buf).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(TransportError::Malformed(format!("connection closed inside {what}")))
+        let read = async {
+            match self.reader.read_exact(buf).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Err(TransportError::Malformed(format!("connection closed inside {what}")))
+                }
+                Err(e) => Err(e.into()),
             }
-            Err(e) => Err(e.into()),
-        }
+        };
+        or_stall(self.limits.stall_timeout, what, read).await
     }
 }
 
 impl FrameRead for TcpFrameReader {
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>> {
         Box::pin(self.read_frame())
+    }
+
+    fn set_max_frame_size(&mut self, max: u64) -> Option<u64> {
+        Some(std::mem::replace(&mut self.limits.max_frame_size, max))
+    }
+}
+
+/// `io` unless no byte arrives for `limit`: a frame that has started must
+/// keep coming (`Limits::stall_timeout`).
+async fn or_stall<T>(limit: std::time::Duration, what: &str, io: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, io).await {
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout(format!("peer stopped sending inside {what} for {limit:?}"))),
     }
 }
 

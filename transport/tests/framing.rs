@@ -213,7 +213,7 @@ fn decode_rejects_broken_headers() {
 
 #[test]
 fn header_announcing_more_than_max_frame_size_is_frame_too_large() {
-    let limits = Limits { max_frame_size: 1000 };
+    let limits = Limits { max_frame_size: 1000, ..Default::default() };
     // The control part alone is too large.
     match decode_frame(&header(2000, &[]), &limits) {
         Err(TransportError::FrameTooLarge { size: 2000, max: 1000 }) => {}
@@ -237,10 +237,10 @@ fn frame_check_matches_what_decode_accepts() {
     // one byte more fails both.
     let frame = small_frame();
     let size = frame.wire_size();
-    let at_limit = Limits { max_frame_size: size };
+    let at_limit = Limits { max_frame_size: size, ..Default::default() };
     frame.check(&at_limit).unwrap();
     decode_frame(&encode_frame(&frame), &at_limit).unwrap();
-    let below = Limits { max_frame_size: size - 1 };
+    let below = Limits { max_frame_size: size - 1, ..Default::default() };
     assert!(matches!(frame.check(&below), Err(TransportError::FrameTooLarge { .. })));
     assert!(matches!(decode_frame(&encode_frame(&frame), &below), Err(TransportError::FrameTooLarge { .. })));
 }
@@ -294,7 +294,7 @@ async fn large_values_arrive_intact_and_their_memory_is_reused_by_the_next_one()
 
 #[tokio::test]
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable() {
-    let limits = Limits { max_frame_size: 64 * 1024 };
+    let limits = Limits { max_frame_size: 64 * 1024, ..Default::default() };
     let (client, mut server) = tcp_pair_with(limits, Limits::default()).await;
     let big = Frame { control: control(), data: vec![Bytes::from(vec![7u8; 100 * 1024])] };
     match client.sender.send(big.clone()) {
@@ -316,7 +316,7 @@ async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable() {
 async fn frame_over_the_receivers_limit_is_frame_too_large_at_the_receiver() {
     // The sender allows it, the receiver does not: the receiver must refuse
     // from the header alone, before reading the body.
-    let (client, mut server) = tcp_pair_with(Limits::default(), Limits { max_frame_size: 4096 }).await;
+    let (client, mut server) = tcp_pair_with(Limits::default(), Limits { max_frame_size: 4096, ..Default::default() }).await;
     client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 10_000])] }).unwrap();
     match recv(&mut server).await {
         Err(TransportError::FrameTooLarge { max: 4096, .. }) => {}
@@ -567,6 +567,8 @@ fn samples_from_worker() -> Vec<FromWorkerMessage> {
         }),
         FromWorkerMessage::Failed(vec![FailedTask { id: TaskId(9), message: "it broke badly".into(), payload: NO_FRAME }]),
         FromWorkerMessage::FetchFailed(vec![FetchFailure { task: TaskId(1), dep: TaskId(2), holder: WorkerId(3) }]),
+        FromWorkerMessage::Executing { tasks: vec![TaskId(5), TaskId(6)], confirm: true },
+        FromWorkerMessage::Leaving,
     ]
 }
 
@@ -580,11 +582,13 @@ fn samples_to_worker() -> Vec<ToWorkerMessage> {
                 order: -3,
                 payload: 0,
                 deps: vec![DepInfo { id: TaskId(4), size: 8, holders: vec![WorkerId(1), WorkerId(2)].into() }],
+                careful: true,
             }],
             peers: vec![PeerAddress { id: WorkerId(1), address: "tcp://127.0.0.1:40001".into() }],
         }),
         ToWorkerMessage::Release(vec![TaskId(1), TaskId(2)]),
         ToWorkerMessage::Error { message: "the scheduler could not accept that".into() },
+        ToWorkerMessage::ExecutingSeen(vec![TaskId(5)]),
     ]
 }
 

@@ -10,4 +10,4 @@ pub mod store;
 
 pub use error::WorkerError;
 pub use executor::{Executor, NullExecutor, NullTask, TaskFailure, TaskRun, Value};
-pub use runtime::{run_worker, WorkerConfig};
+pub use runtime::{run_worker, run_worker_until, WorkerConfig};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use rdask_transport::bytes::Bytes;
-use rdask_transport::handshake::{handshake_accept, Role};
+use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role, WarnLimiter};
 use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, ToPeerMessage, WireMessage};
 use rdask_transport::{Connection, Frame, Listener};
 
@@ -14,23 +14,38 @@ use crate::store::Store;
 /// connection it serves (a stopped worker must not keep serving values).
 pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Option<String>) {
     let token = Arc::new(token);
+    let gate = HandshakeGate::default();
     let mut connections = tokio::task::JoinSet::new();
     while let Some(conn) = listener.accept().await {
         // Reap finished connection tasks so the set does not grow forever.
         while connections.try_join_next().is_some() {}
+        let Some(permit) = gate.try_enter() else {
+            if let Some(held_back) = PEER_WARNINGS.allow() {
+                tracing::warn!(peer = %conn.peer, held_back, "too many peer connections in the handshake; closing this one");
+            }
+            continue;
+        };
         let store = store.clone();
         let token = token.clone();
         connections.spawn(async move {
             let peer = conn.peer.clone();
-            if let Err(e) = serve_one(conn, store, token.as_deref()).await {
+            if let Err(e) = serve_one(conn, store, token.as_deref(), permit).await {
                 tracing::debug!(%peer, "peer connection ended: {e}");
             }
         });
     }
 }
 
-async fn serve_one(mut conn: Connection, store: Arc<Store>, token: Option<&str>) -> rdask_transport::Result<()> {
+static PEER_WARNINGS: WarnLimiter = WarnLimiter::new(std::time::Duration::from_secs(5));
+
+async fn serve_one(
+    mut conn: Connection,
+    store: Arc<Store>,
+    token: Option<&str>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> rdask_transport::Result<()> {
     handshake_accept(&mut conn, &[Role::Peer], token).await?;
+    drop(permit);
     while let Some(frame) = conn.receiver.recv().await? {
         let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control)?;
         let values = store.get_many(tasks.iter().map(|t| t.get()));

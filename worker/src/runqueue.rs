@@ -35,9 +35,13 @@ impl PartialOrd for JobPriority {
     }
 }
 
-struct Job {
-    priority: JobPriority,
-    run: TaskRun,
+/// A task for the executor threads.
+pub struct Job {
+    pub priority: JobPriority,
+    pub run: TaskRun,
+    /// Confirm the start with the scheduler before running (the task was on
+    /// a worker that died; see `ComputeTask::careful`).
+    pub careful: bool,
 }
 
 impl PartialEq for Job {
@@ -64,6 +68,10 @@ struct Inner {
     /// heap entry is skipped when popped.
     queued: FxHashSet<TaskId>,
     running: usize,
+    /// Tasks running user code now (at most one per thread).
+    executing: Vec<TaskId>,
+    /// Careful tasks whose start the scheduler has seen.
+    confirmed: FxHashSet<TaskId>,
     shutdown: bool,
 }
 
@@ -72,8 +80,15 @@ pub type Completion = (TaskId, Result<Value, TaskFailure>);
 pub struct RunQueue {
     inner: Mutex<Inner>,
     cv: Condvar,
+    /// Wakes threads waiting for a careful task's confirmation (apart from
+    /// `cv`, so a job's notify_one never lands on a waiting thread).
+    confirm_cv: Condvar,
+    /// `Inner::executing.len()`, readable without the lock.
+    executing: AtomicUsize,
     executor: Arc<dyn Executor>,
     done: mpsc::UnboundedSender<Vec<Completion>>,
+    /// Careful tasks about to start, for the worker loop to report.
+    starting: mpsc::UnboundedSender<TaskId>,
     name: String,
     /// Threads started so far (names them), including replacements for
     /// threads that seceded.
@@ -113,18 +128,23 @@ pub fn secede_current_thread() -> bool {
 }
 
 impl RunQueue {
-    /// Starts `nthreads` executor threads that report to `done`.
+    /// Starts `nthreads` executor threads that report to `done`; careful
+    /// tasks announce themselves on `starting` and wait for [`RunQueue::confirm`].
     pub fn start(
         nthreads: usize,
         name: &str,
         executor: Arc<dyn Executor>,
         done: mpsc::UnboundedSender<Vec<Completion>>,
+        starting: mpsc::UnboundedSender<TaskId>,
     ) -> std::io::Result<Arc<RunQueue>> {
         let q = Arc::new(RunQueue {
             inner: Mutex::new(Inner::default()),
             cv: Condvar::new(),
+            confirm_cv: Condvar::new(),
+            executing: AtomicUsize::new(0),
             executor,
             done,
+            starting,
             name: name.to_string(),
             started: AtomicUsize::new(0),
         });
@@ -146,12 +166,12 @@ impl RunQueue {
     }
 
     /// Queues jobs under one lock and wakes as many threads as there are jobs.
-    pub fn push_many(&self, jobs: impl IntoIterator<Item = (JobPriority, TaskRun)>) {
+    pub fn push_many(&self, jobs: impl IntoIterator<Item = Job>) {
         let mut g = self.inner.lock().unwrap();
         let mut n = 0;
-        for (priority, run) in jobs {
-            g.queued.insert(run.id);
-            g.heap.push(Job { priority, run });
+        for job in jobs {
+            g.queued.insert(job.run.id);
+            g.heap.push(job);
             n += 1;
         }
         drop(g);
@@ -180,6 +200,50 @@ impl RunQueue {
         g.queued.clear();
         drop(g);
         self.cv.notify_all();
+        self.confirm_cv.notify_all();
+    }
+
+    /// Whether some task is running user code now (no lock taken).
+    pub fn is_executing(&self) -> bool {
+        self.executing.load(AtomicOrdering::Relaxed) > 0
+    }
+
+    /// Appends the tasks running user code now to `out`.
+    pub fn executing_into(&self, out: &mut Vec<TaskId>) {
+        out.extend_from_slice(&self.inner.lock().unwrap().executing);
+    }
+
+    /// The scheduler has seen these careful tasks start: they may run.
+    pub fn confirm(&self, ids: impl IntoIterator<Item = TaskId>) {
+        self.inner.lock().unwrap().confirmed.extend(ids);
+        self.confirm_cv.notify_all();
+    }
+
+    /// Announces a careful task and waits until the scheduler confirms it
+    /// (or the queue shuts down, or `CONFIRM_WAIT` passes: a scheduler that
+    /// does not answer must not stall the worker forever).
+    fn wait_for_confirmation<'a>(&'a self, id: TaskId, mut g: std::sync::MutexGuard<'a, Inner>) -> std::sync::MutexGuard<'a, Inner> {
+        const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        if self.starting.send(id).is_err() {
+            return g;
+        }
+        let deadline = std::time::Instant::now() + CONFIRM_WAIT;
+        while !g.confirmed.remove(&id) && !g.shutdown {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(task = %id, "the scheduler did not confirm a careful task's start; running it anyway");
+                break;
+            }
+            g = self.confirm_cv.wait_timeout(g, left).unwrap().0;
+        }
+        g
+    }
+
+    fn end_executing(g: &mut Inner, counter: &AtomicUsize, id: TaskId) {
+        if let Some(i) = g.executing.iter().position(|t| *t == id) {
+            g.executing.swap_remove(i);
+            counter.fetch_sub(1, AtomicOrdering::Relaxed);
+        }
     }
 
     /// Runs jobs one at a time, highest priority first. Completions are
@@ -215,6 +279,14 @@ impl RunQueue {
                 continue; // stolen or cancelled while queued
             }
             g.running += 1;
+            g.executing.push(job.run.id);
+            self.executing.fetch_add(1, AtomicOrdering::Relaxed);
+            if job.careful {
+                g = self.wait_for_confirmation(job.run.id, g);
+                if g.shutdown {
+                    return;
+                }
+            }
             drop(g);
             let id = job.run.id;
             let key = job.run.key.clone();
@@ -234,7 +306,9 @@ impl RunQueue {
             if SECEDED.with(|s| s.replace(false)) {
                 // A replacement serves the queue already: report and end.
                 let _ = done.send(std::mem::take(&mut finished));
-                self.inner.lock().unwrap().running -= 1;
+                let mut g = self.inner.lock().unwrap();
+                g.running -= 1;
+                Self::end_executing(&mut g, &self.executing, id);
                 return;
             }
             let due = finished.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
@@ -243,6 +317,7 @@ impl RunQueue {
             }
             g = self.inner.lock().unwrap();
             g.running -= 1;
+            Self::end_executing(&mut g, &self.executing, id);
         }
     }
 }
@@ -285,10 +360,11 @@ mod tests {
             secede,
         });
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let q = RunQueue::start(1, "t", exec, done_tx).unwrap();
+        let (start_tx, _start_rx) = mpsc::unbounded_channel();
+        let q = RunQueue::start(1, "t", exec, done_tx, start_tx).unwrap();
         let job = |id: u64, key: &str, order: i64| {
             let run = TaskRun { id: TaskId::new(id), key: key.into(), payload: Bytes::new(), inputs: vec![] };
-            (JobPriority { user: 0, order, seq: id }, run)
+            Job { priority: JobPriority { user: 0, order, seq: id }, run, careful: false }
         };
         q.push_many([job(1, "outer", 0)]);
         std::thread::sleep(Duration::from_millis(50));

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::error::WorkerError;
 use crate::executor::{Executor, TaskFailure, TaskRun, Value};
 use crate::peer_server::serve_peers;
-use crate::runqueue::{Completion, JobPriority, RunQueue};
+use crate::runqueue::{Completion, Job, JobPriority, RunQueue};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -75,6 +75,7 @@ struct LocalTask {
     missing: u32,
     priority: JobPriority,
     stage: Stage,
+    careful: bool,
 }
 
 struct DepFetch {
@@ -105,6 +106,10 @@ struct Outgoing {
     replicas: Vec<TaskId>,
     fetch_failed: Vec<FetchFailure>,
     steal: Vec<StealOutcome>,
+    /// Tasks seen running user code (the sweep).
+    executing: Vec<TaskId>,
+    /// Careful tasks waiting for the scheduler to confirm their start.
+    confirm: Vec<TaskId>,
 }
 
 /// Stops the executor threads and the peer server however the worker ends
@@ -136,20 +141,44 @@ struct State {
     fetch_tx: mpsc::UnboundedSender<FetchDone>,
     out: Outgoing,
     /// Jobs made runnable while handling the current burst; queued together.
-    to_run: Vec<(JobPriority, TaskRun)>,
+    to_run: Vec<Job>,
+    /// Running tasks already reported as executing.
+    reported: rustc_hash::FxHashSet<TaskId>,
+    /// Scratch for the executing sweep.
+    sweep_buf: Vec<TaskId>,
     /// Results of trivial tasks run inline during the current burst.
     inline_done: Vec<Completion>,
     seq: u64,
 }
 
+/// How often the worker looks which tasks run user code, to tell the
+/// scheduler (only tasks that ran when a worker died are suspected of
+/// killing it). A task that kills its worker sooner than this after its
+/// start is caught on its next run, which confirms its start first.
+const EXECUTING_SWEEP: Duration = Duration::from_millis(10);
+/// How long a leaving worker waits for the scheduler to take note.
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
+
 /// Runs one worker until the scheduler says stop (Ok) or goes away (Err).
 pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Result<(), WorkerError> {
+    run_worker_until(config, executor, std::future::pending()).await
+}
+
+/// As [`run_worker`], and when `leave` completes (SIGTERM, close) the worker
+/// tells the scheduler it is leaving on purpose, so that none of its tasks
+/// is suspected of killing it, and returns Ok.
+pub async fn run_worker_until(
+    config: WorkerConfig,
+    executor: Arc<dyn Executor>,
+    leave: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
     let limits = Limits::default();
     let listener = rdask_transport::listen(&config.listen, limits).await?;
     let address = listener.address.clone();
     let store = Arc::new(Store::default());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<Completion>>();
-    let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx)?;
+    let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
+    let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx, starting_tx)?;
     let _guard = Guard {
         queue: queue.clone(),
         peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone())),
@@ -183,7 +212,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         let source = match tokio::time::timeout_at(deadline, register(info.clone())).await {
             Ok(Ok((conn, Ok(reg)))) => break (conn, reg),
             Ok(Ok((_, Err(refusal)))) => return Err(WorkerError::Refused(refusal)),
-            Ok(Err(e @ (TransportError::Handshake(_) | TransportError::VersionMismatch { .. }))) => {
+            Ok(Err(e @ (TransportError::Handshake(_) | TransportError::VersionMismatch { .. } | TransportError::Unauthorized(_)))) => {
                 return Err(WorkerError::Connect { address: config.scheduler.clone(), source: e })
             }
             Ok(Err(e)) => e,
@@ -234,16 +263,40 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
         fetch_tx,
         out: Outgoing::default(),
         to_run: Vec::new(),
+        reported: Default::default(),
+        sweep_buf: Vec::new(),
         inline_done: Vec::new(),
         seq: 0,
     };
     let sender = conn.sender;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100) as u64));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(EXECUTING_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let leave = leave;
+    tokio::pin!(leave);
 
     loop {
         tokio::select! {
             biased;
+            () = &mut leave => {
+                tracing::info!(worker = %st.id, "leaving: telling the scheduler");
+                st.flush(&sender);
+                let _ = sender.send(Frame::from_message(&FromWorkerMessage::Leaving));
+                // The scheduler closes the connection once it has taken note;
+                // the worker's end must not suspect the tasks it ran.
+                let _ = tokio::time::timeout(LEAVE_WAIT, async {
+                    while let Some(Ok(_)) = sched_rx.recv().await {}
+                })
+                .await;
+                return Ok(());
+            }
+            Some(id) = starting_rx.recv() => {
+                st.out.confirm.push(id);
+                while let Ok(id) = starting_rx.try_recv() {
+                    st.out.confirm.push(id);
+                }
+            }
             Some(done) = done_rx.recv() => {
                 st.on_done(done);
                 while let Ok(done) = done_rx.try_recv() {
@@ -276,6 +329,7 @@ pub async fn run_worker(config: WorkerConfig, executor: Arc<dyn Executor>) -> Re
                     }
                 }
             }
+            _ = sweep.tick(), if st.queue.is_executing() || !st.reported.is_empty() => st.sweep_executing(),
             _ = heartbeat.tick() => {
                 let (queued, running) = st.queue.load();
                 let load = WorkerLoad { running: running as u32, queued: queued as u32, stored_bytes: st.store.bytes() };
@@ -340,6 +394,9 @@ impl State {
                 return Err(WorkerError::Protocol("registered twice".into()));
             }
             ArchivedToWorkerMessage::Stop => return Ok(true),
+            ArchivedToWorkerMessage::ExecutingSeen(ids) => {
+                self.queue.confirm(ids.iter().map(|id| id.get()));
+            }
         }
         Ok(false)
     }
@@ -381,7 +438,15 @@ impl State {
         let priority = JobPriority { user: t.user_priority.to_native(), order: t.order.to_native(), seq: self.seq };
         self.tasks.insert(
             id,
-            LocalTask { key: t.key.to_string(), payload, deps, missing, priority, stage: Stage::Fetching },
+            LocalTask {
+                key: t.key.to_string(),
+                payload,
+                deps,
+                missing,
+                priority,
+                stage: Stage::Fetching,
+                careful: t.careful,
+            },
         );
         if missing == 0 {
             self.start(id);
@@ -536,7 +601,7 @@ impl State {
             let result = self.executor.execute(run);
             self.inline_done.push((id, result));
         } else {
-            self.to_run.push((t.priority, run));
+            self.to_run.push(Job { priority: t.priority, run, careful: t.careful });
         }
     }
 
@@ -560,6 +625,23 @@ impl State {
             self.tasks.remove(&id);
         }
         gone
+    }
+
+    /// Reports tasks that run user code and were not reported yet; forgets
+    /// reported ones that ended.
+    fn sweep_executing(&mut self) {
+        let mut now = std::mem::take(&mut self.sweep_buf);
+        now.clear();
+        self.queue.executing_into(&mut now);
+        // A task whose completion was handled already is not reported.
+        now.retain(|id| self.tasks.contains_key(id));
+        self.reported.retain(|id| now.contains(id));
+        for id in &now {
+            if self.reported.insert(*id) {
+                self.out.executing.push(*id);
+            }
+        }
+        self.sweep_buf = now;
     }
 
     /// Results from the executor threads.
@@ -598,6 +680,14 @@ impl State {
                 tracing::debug!("send to scheduler failed: {e}");
             }
         };
+        // Starts before completions: a task reported running and finished in
+        // one flush is simply finished.
+        if !out.confirm.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::Executing { tasks: out.confirm, confirm: true }));
+        }
+        if !out.executing.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::Executing { tasks: out.executing, confirm: false }));
+        }
         // Replicas before completions: a dependent finishing may release them.
         if !out.replicas.is_empty() {
             send(Frame::from_message(&FromWorkerMessage::ReplicasAdded(out.replicas)));

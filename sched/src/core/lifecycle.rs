@@ -357,6 +357,15 @@ impl Core {
         }
     }
 
+    /// The worker says the task started running there.
+    pub(crate) fn task_executing(&mut self, worker: WorkerId, id: TaskId) {
+        if let Some(t) = self.tasks.get_mut(id) {
+            if t.state == TaskState::Assigned && t.assigned == Some(worker) {
+                t.executing = true;
+            }
+        }
+    }
+
     pub(crate) fn steal_reply(&mut self, worker: WorkerId, id: TaskId, stolen: bool) {
         let Some(t) = self.tasks.get_mut(id) else { return };
         if !(t.steal_to.is_some() && t.state == TaskState::Assigned && t.assigned == Some(worker)) {

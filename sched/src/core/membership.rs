@@ -35,6 +35,7 @@ impl Core {
                 steals_in_flight: 0,
                 incoming_steals: 0,
                 last_seen_ms: now_ms,
+                leaving: false,
             },
         );
         self.worker_order.push(id);
@@ -44,17 +45,32 @@ impl Core {
         id
     }
 
-    /// A worker left (cleanly or not). Its queued and running tasks go back
-    /// to the queue (or err after `allowed_failures` deaths); values only it
-    /// held are recomputed where still needed.
+    /// A worker left. Its queued and running tasks go back to the queue;
+    /// values only it held are recomputed where still needed. A worker that
+    /// said `Leaving` suspects nobody. One that died (crash, kill, silence)
+    /// raises the suspicion of the tasks it was running, as Dask does, and a
+    /// task that was running on more than `allowed_failures` dead workers
+    /// errs with KilledWorker. Tasks merely queued there are innocent, but
+    /// from now on their start is confirmed before they run (`careful`),
+    /// because a task that kills its worker at once may die before the
+    /// worker could say it started.
     pub fn remove_worker(&mut self, comm: &mut Comm, id: WorkerId) {
         let Some(worker) = self.workers.remove(&id) else { return };
         comm.forget_worker(id);
         self.worker_order.retain(|w| *w != id);
-        tracing::warn!(
-            worker = %id, name = %worker.name, processing = worker.processing.len(),
-            values = worker.stored_values, "worker left"
-        );
+        let died = !worker.leaving;
+        let running = worker.processing.iter().filter(|t| self.tasks[**t].executing).count();
+        if died {
+            tracing::warn!(
+                worker = %id, name = %worker.name, processing = worker.processing.len(), running,
+                values = worker.stored_values, "worker died"
+            );
+        } else {
+            tracing::info!(
+                worker = %id, name = %worker.name, processing = worker.processing.len(),
+                values = worker.stored_values, "worker left"
+            );
+        }
         let mut processing: Vec<TaskId> = worker.processing.into_iter().collect();
         processing.sort_unstable();
         for t in processing {
@@ -66,10 +82,15 @@ impl Core {
                 }
             }
             let task = &mut self.tasks[t];
-            task.suspicious = task.suspicious.saturating_add(1);
-            if task.suspicious >= self.config.allowed_failures {
+            let suspect = died && std::mem::take(&mut task.executing);
+            task.executing = false;
+            task.careful |= died;
+            if suspect {
+                task.suspicious = task.suspicious.saturating_add(1);
+            }
+            if suspect && task.suspicious > self.config.allowed_failures {
                 let message = format!(
-                    "KilledWorker: task {:?} was assigned to {} workers that died (the last was {} at {}); \
+                    "KilledWorker: task {:?} was running on {} workers that died (the last was {} at {}); \
                      it may be crashing its worker",
                     &*task.key, task.suspicious, worker.name, worker.address
                 );

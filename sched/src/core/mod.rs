@@ -12,7 +12,7 @@ pub mod task;
 use hashbrown::HashTable;
 use rdask_transport::protocol::{
     ArchivedFromClientMessage, ArchivedFromWorkerMessage, ClusterInfo, Resource, Restriction, ToClientMessage,
-    WorkerSummary,
+    ToWorkerMessage, WorkerSummary,
 };
 use rdask_transport::{ClientId, Frame, TaskId, WorkerId};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -28,7 +28,8 @@ pub struct CoreConfig {
     /// scheduler keeps further ready tasks back in its own queue. Large enough
     /// to hide a round trip for micro-tasks; stealing fixes imbalance.
     pub tasks_per_thread: u32,
-    /// A task whose workers died this many times errs ("killed worker").
+    /// A task may be running on this many workers that die; one more death
+    /// makes it err with KilledWorker (Dask's `allowed-failures`, default 3).
     pub allowed_failures: u8,
     pub heartbeat_ms: u32,
 }
@@ -58,6 +59,9 @@ pub struct Worker {
     pub incoming_steals: u32,
     /// Milliseconds of the last message from it (time passed in by the caller).
     pub last_seen_ms: u64,
+    /// The worker said it is leaving (`Leaving`): it gets no new work, and
+    /// its departure suspects none of its tasks.
+    pub leaving: bool,
 }
 
 impl Worker {
@@ -267,6 +271,20 @@ impl Core {
                 }
             }
             ArchivedFromWorkerMessage::Heartbeat(_) => {}
+            ArchivedFromWorkerMessage::Executing { tasks, confirm } => {
+                for id in tasks.iter() {
+                    self.task_executing(worker, id.get());
+                }
+                if *confirm {
+                    comm.send_worker(worker, ToWorkerMessage::ExecutingSeen(tasks.iter().map(|t| t.get()).collect()));
+                }
+            }
+            ArchivedFromWorkerMessage::Leaving => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    tracing::info!(worker = %worker, name = %w.name, "worker is leaving");
+                    w.leaving = true;
+                }
+            }
         }
         Ok(())
     }

@@ -15,8 +15,13 @@ const STEAL_MIN_QUEUE_PER_THREAD: u32 = 2;
 const MAX_STEAL_PER_ROUND: usize = 4096;
 
 impl Core {
+    /// Tasks the worker may hold; none for a worker that is leaving.
     fn capacity(&self, w: WorkerId) -> u32 {
-        self.workers[&w].nthreads.max(1) * self.config.tasks_per_thread
+        let w = &self.workers[&w];
+        if w.leaving {
+            return 0;
+        }
+        w.nthreads.max(1) * self.config.tasks_per_thread
     }
 
     /// Assigns as many ready tasks as workers have room for, then balances.
@@ -26,7 +31,8 @@ impl Core {
             return;
         }
         for (id, w) in std::mem::take(&mut self.pending_assign) {
-            let ok = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) && self.workers.contains_key(&w);
+            let ok = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready)
+                && self.workers.get(&w).is_some_and(|w| !w.leaving);
             if ok {
                 self.assign(comm, id, w);
             } else if self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) {
@@ -153,6 +159,7 @@ impl Core {
         let t = &mut self.tasks[id];
         t.state = TaskState::Assigned;
         t.assigned = Some(w);
+        t.executing = false;
         let t = &self.tasks[id];
         // Filled in place: a reused record keeps the capacity of its key and input list.
         let mut msg = comm.compute_record();
@@ -161,6 +168,7 @@ impl Core {
         msg.key.push_str(&t.key);
         msg.user_priority = t.priority.user;
         msg.order = t.priority.order;
+        msg.careful = t.careful;
         msg.deps.clear();
         msg.deps.extend(t.deps.iter().map(|d| {
             let dt = &self.tasks[*d];
@@ -178,6 +186,9 @@ impl Core {
         let mut busy: Vec<(WorkerId, u32)> = Vec::new();
         for (&id, w) in &self.workers {
             let load = w.load();
+            if w.leaving {
+                continue;
+            }
             if load < w.nthreads && w.incoming_steals == 0 {
                 idle.push((id, w.nthreads - load));
             } else if load > w.nthreads * STEAL_MIN_QUEUE_PER_THREAD && w.steals_in_flight == 0 {

@@ -218,6 +218,8 @@ impl Core {
                 retries_left: spec.retries.to_native(),
                 pins: 0,
                 suspicious: 0,
+                executing: false,
+                careful: false,
                 steal_to: None,
                 state: TaskState::Waiting,
             };

@@ -84,8 +84,15 @@ pub struct Task {
     pub retries_left: u32,
     /// Multi-batch submissions still in progress that include this task.
     pub pins: u16,
-    /// Workers that died while this task was assigned to them.
+    /// Workers that died while this task ran on them (Dask's `suspicious`).
     pub suspicious: u8,
+    /// The assigned worker reported that the task started running. Only
+    /// meaningful while `state == Assigned`.
+    pub executing: bool,
+    /// The task was assigned to a worker that died without saying goodbye:
+    /// from now on its worker confirms its start with the scheduler before
+    /// running it (`ComputeTask::careful`).
+    pub careful: bool,
     /// Set while a steal request is out: the idle worker the task is meant for.
     pub steal_to: Option<WorkerId>,
     pub state: TaskState,

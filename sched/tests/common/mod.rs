@@ -218,6 +218,8 @@ pub struct SimWorker {
     pub steal_requests: Vec<TaskId>,
     /// Payload bytes of each computed task, by key (last assignment wins).
     pub payloads: HashMap<String, Bytes>,
+    /// Careful tasks whose start the scheduler confirmed (`ExecutingSeen`).
+    pub confirmed: Vec<TaskId>,
     seen: usize,
 }
 
@@ -289,6 +291,17 @@ impl Harness {
         self.sims.insert(w, SimWorker::default());
         self.step();
         w
+    }
+
+    /// The worker reports that these tasks started running (`Executing`).
+    pub fn executing(&mut self, w: WorkerId, ids: &[TaskId], confirm: bool) {
+        self.worker_msg(w, FromWorkerMessage::Executing { tasks: ids.to_vec(), confirm });
+    }
+
+    /// The worker says goodbye (`Leaving`), then its connection closes.
+    pub fn leave(&mut self, w: WorkerId) {
+        self.worker_msg(w, FromWorkerMessage::Leaving);
+        self.remove_worker(w);
     }
 
     /// The worker is gone: the core forgets it, and its store is lost.
@@ -448,6 +461,7 @@ impl Harness {
                     }
                     ToWorkerMessage::Cancel(ids) => sim.queue.retain(|t| !ids.contains(&t.id)),
                     ToWorkerMessage::Steal(ids) => sim.steal_requests.extend(ids.iter().copied()),
+                    ToWorkerMessage::ExecutingSeen(ids) => sim.confirmed.extend(ids.iter().copied()),
                     ToWorkerMessage::Registered { .. } | ToWorkerMessage::Error { .. } | ToWorkerMessage::Stop => {}
                 }
             }

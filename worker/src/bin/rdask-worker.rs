@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use rdask_worker::config_parse::{parse_memory_limit, parse_resources};
-use rdask_worker::{run_worker, NullExecutor, WorkerConfig};
+use rdask_worker::{run_worker_until, NullExecutor, WorkerConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "rdask-worker", version, about = "rdask worker (Rust null executor; Python workers come with the rdask package)")]
@@ -74,6 +74,19 @@ fn main() -> anyhow::Result<()> {
     let base = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        // SIGTERM / SIGINT: every worker says it is leaving (its tasks are
+        // not suspected of killing it) and the process exits 0.
+        let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal received; workers are leaving");
+            let _ = leave_tx.send(true);
+        });
         let mut handles = Vec::new();
         for i in 0..args.nworkers {
             let config = WorkerConfig {
@@ -90,8 +103,12 @@ fn main() -> anyhow::Result<()> {
             let name = config.name.clone();
             let executor = Arc::new(executor);
             // Each worker reports its own end as it happens.
+            let mut leave = leave_rx.clone();
             handles.push(tokio::spawn(async move {
-                let result = run_worker(config, executor).await;
+                let leave = async move {
+                    let _ = leave.wait_for(|v| *v).await;
+                };
+                let result = run_worker_until(config, executor, leave).await;
                 if let Err(e) = &result {
                     tracing::error!(worker = %name, "worker stopped: {e}");
                 }
