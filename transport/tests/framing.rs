@@ -424,8 +424,8 @@ async fn handshake_with_wrong_or_missing_token_is_refused() {
     for token in [Some("wrong"), None, Some("")] {
         let (c, s) = handshake_over_tcp(PROTOCOL_VERSION, Role::Client, token, &[Role::Client], Some("s3cret")).await;
         match c {
-            Err(TransportError::Handshake(m)) => assert!(m.contains("token"), "connector, token {token:?}: {m}"),
-            other => panic!("connector, token {token:?}: expected a Handshake error, got {other:?}"),
+            Err(TransportError::Unauthorized(m)) => assert!(m.contains("token"), "connector, token {token:?}: {m}"),
+            other => panic!("connector, token {token:?}: expected an Unauthorized error, got {other:?}"),
         }
         match s {
             Err(TransportError::Handshake(m)) => assert!(m.contains("token"), "acceptor, token {token:?}: {m}"),
@@ -512,6 +512,100 @@ async fn token_over_the_length_limit_is_refused_before_sending() {
     let long = "t".repeat(rdask_transport::handshake::MAX_TOKEN_LEN + 1);
     let r = handshake_connect(&mut c, Role::Client, Some(&long)).await;
     assert!(matches!(r, Err(TransportError::Handshake(ref m)) if m.contains("token")), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_hello_announcing_a_huge_frame_is_refused_before_anything_is_allocated() {
+    // Before the token is checked, the acceptor reads at most a hello's
+    // worth: a header announcing 512 MiB fails at once, without waiting for
+    // (or reserving) the announced bytes.
+    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Limits::default()).await.unwrap();
+    let mut raw = TcpStream::connect(listener.address.trim_start_matches("tcp://")).await.unwrap();
+    raw.write_all(&header(512 << 20, &[])).await.unwrap();
+    raw.write_all(&[0u8; 1024]).await.unwrap();
+    let mut conn = listener.accept().await.unwrap();
+    let r = tokio::time::timeout(WAIT, handshake_accept(&mut conn, &[Role::Client], Some("s3cret"))).await.expect("hung");
+    match r {
+        Err(TransportError::FrameTooLarge { size, max }) => {
+            assert_eq!(size, 512 << 20);
+            assert_eq!(max, rdask_transport::handshake::MAX_HANDSHAKE_FRAME);
+        }
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    // Data frames and a long length table count as well.
+    let mut raw = TcpStream::connect(listener.address.trim_start_matches("tcp://")).await.unwrap();
+    raw.write_all(&header(16, &[1 << 30])).await.unwrap();
+    let mut conn = listener.accept().await.unwrap();
+    let r = tokio::time::timeout(WAIT, handshake_accept(&mut conn, &[Role::Client], None)).await.expect("hung");
+    assert!(matches!(r, Err(TransportError::FrameTooLarge { .. })), "{r:?}");
+    let mut raw = TcpStream::connect(listener.address.trim_start_matches("tcp://")).await.unwrap();
+    raw.write_all(&(16u32).to_le_bytes()).await.unwrap();
+    raw.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
+    let mut conn = listener.accept().await.unwrap();
+    let r = tokio::time::timeout(WAIT, handshake_accept(&mut conn, &[Role::Client], None)).await.expect("hung");
+    assert!(matches!(r, Err(TransportError::FrameTooLarge { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn after_the_handshake_the_connection_takes_full_size_frames_again() {
+    let (mut c, mut s) = tcp_pair().await;
+    let (a, b) = tokio::join!(handshake_connect(&mut c, Role::Client, None), handshake_accept(&mut s, &[Role::Client], None));
+    a.unwrap();
+    b.unwrap();
+    let big = Bytes::from(vec![7u8; 1 << 20]);
+    c.sender.send(Frame::with_data(&FromClientMessage::Close, vec![big.clone()])).unwrap();
+    let f = recv(&mut s).await.unwrap().unwrap();
+    assert_eq!(f.data, vec![big]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_that_stops_half_way_times_out_but_an_idle_connection_stays() {
+    let limits = Limits { stall_timeout: Duration::from_secs(30), ..Default::default() };
+    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", limits).await.unwrap();
+    let mut raw = TcpStream::connect(listener.address.trim_start_matches("tcp://")).await.unwrap();
+    let mut conn = listener.accept().await.unwrap();
+    // Idle for longer than the stall timeout between frames: fine.
+    let idle = tokio::time::timeout(Duration::from_secs(120), conn.receiver.recv()).await;
+    assert!(idle.is_err(), "an idle connection is not an error: {idle:?}");
+    // Half a frame, then silence: the read fails after the stall timeout.
+    let full = encode_frame(&Frame::with_data(&FromClientMessage::Close, vec![Bytes::from(vec![1u8; 4096])]));
+    raw.write_all(&full[..full.len() / 2]).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(600), conn.receiver.recv()).await.expect("never timed out");
+    assert!(matches!(r, Err(TransportError::Timeout(_))), "{r:?}");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(35), "{waited:?}");
+}
+
+#[test]
+fn tokens_compare_equal_only_when_identical() {
+    use rdask_transport::handshake::tokens_equal;
+    assert!(tokens_equal(b"s3cret", b"s3cret"));
+    assert!(tokens_equal(b"", b""));
+    for other in [&b"s3cres"[..], b"s3cre", b"s3cret!", b"", b"S3cret", b"\0s3cret"] {
+        assert!(!tokens_equal(b"s3cret", other), "{other:?}");
+        assert!(!tokens_equal(other, b"s3cret"), "{other:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_handshake_gate_refuses_connections_over_its_cap_and_reopens() {
+    let gate = rdask_transport::handshake::HandshakeGate::new(2);
+    let a = gate.try_enter().expect("first");
+    let _b = gate.try_enter().expect("second");
+    assert!(gate.try_enter().is_none(), "a third pending handshake is refused");
+    drop(a);
+    assert!(gate.try_enter().is_some(), "a finished handshake frees its place");
+}
+
+#[test]
+fn the_warning_limiter_lets_one_line_through_per_interval_and_counts_the_rest() {
+    let limiter = rdask_transport::handshake::WarnLimiter::new(Duration::from_millis(200));
+    assert_eq!(limiter.allow(), Some(0));
+    assert_eq!(limiter.allow(), None);
+    assert_eq!(limiter.allow(), None);
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(limiter.allow(), Some(2), "the next line says how many were held back");
 }
 
 // ------------------------------------------------------------------ archive validation
