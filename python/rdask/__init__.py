@@ -6,7 +6,7 @@
 """
 
 from . import _rdask
-from ._rdask import CommClosedError, RdaskError
+from .errors import AuthenticationError, CommClosedError, KilledWorker, RdaskError
 from .api import as_completed, fire_and_forget, get_client, wait, worker_client
 from .client import Client, default_client
 from .cluster import LocalCluster
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
     "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
-    "RdaskError", "CommClosedError",
+    "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker",
 ]

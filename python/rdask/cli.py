@@ -24,6 +24,34 @@ def _wait_for_signal(stop: threading.Event):
         stop.wait(0.2)
 
 
+def read_token_file(path: str) -> str:
+    """The token in a `--token-file` (its first line), so it need not show
+    in `ps`; an empty or unreadable file is an error naming the file."""
+    try:
+        with open(path) as f:
+            token = f.readline().rstrip("\r\n")
+    except OSError as e:
+        raise SystemExit(f"cannot read token file {path}: {e.strerror}")
+    if not token:
+        raise SystemExit(f"token file {path} is empty")
+    return token
+
+
+def add_token_args(p: argparse.ArgumentParser):
+    p.add_argument("--token", default=None,
+                   help="shared secret clients and workers must present (or RDASK_TOKEN, or --token-file)")
+    p.add_argument("--token-file", default=os.environ.get("RDASK_TOKEN_FILE"),
+                   help="read the token from this file's first line (or RDASK_TOKEN_FILE)")
+
+
+def token_of(a) -> str | None:
+    if a.token is not None and a.token_file:
+        raise SystemExit("give --token or --token-file, not both")
+    if a.token_file:
+        return read_token_file(a.token_file)
+    return a.token if a.token is not None else os.environ.get("RDASK_TOKEN")
+
+
 def write_scheduler_file(path: str, address: str):
     body = {"type": "Scheduler", "id": f"rdask-scheduler-{os.getpid()}", "address": address,
             "services": {}, "started": time.time(), "workers": {}}
@@ -38,16 +66,18 @@ def scheduler_main(argv=None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8786)
     p.add_argument("--scheduler-file", default=None)
-    p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
+    add_token_args(p)
     p.add_argument("--worker-timeout", type=float, default=60.0, help="drop a worker silent this many seconds")
     a = p.parse_args(argv)
+    token = token_of(a)
     _rdask.init_logging("info")
     try:
-        sched = _rdask.Scheduler(a.host, a.port, a.token, a.worker_timeout)
+        sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout)
     except OSError as e:
         print(f"rdask-scheduler: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
-    print(f"rdask-scheduler listening at {sched.address}", file=sys.stderr, flush=True)
+    print(f"rdask-scheduler bound to {sched.bound_address}; clients and workers connect to {sched.address}",
+          file=sys.stderr, flush=True)
     if a.scheduler_file:
         write_scheduler_file(a.scheduler_file, sched.address)
     try:
@@ -72,11 +102,12 @@ def worker_main(argv=None) -> int:
     p.add_argument("--name", default=None, help="worker name (suffixed -i with several workers)")
     p.add_argument("--local-directory", default=None)
     p.add_argument("--resources", default="", help='e.g. "GPU=1 MEM=10e9"')
-    p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
+    add_token_args(p)
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-nanny", dest="nanny", action="store_false")
     p.add_argument("--death-timeout", type=float, default=30.0, help="seconds to keep trying to reach the scheduler")
     a = p.parse_args(argv)
+    a.token = token_of(a)
     address = a.address
     if address is None and a.scheduler_file:
         from .client import _read_scheduler_file
@@ -105,9 +136,11 @@ def worker_main(argv=None) -> int:
             p.error("--no-nanny runs exactly one worker in this process")
         from .worker import run
 
+        from .worker import Leave
+
         try:
             run(address, names[0], nthreads, memory, resources, a.token, a.local_directory, a.listen_host, a.death_timeout)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Leave):
             pass
         except _rdask.RdaskError as e:
             print(f"rdask-worker: {e}", file=sys.stderr)
@@ -118,7 +151,8 @@ def worker_main(argv=None) -> int:
     nannies = []
     for n in names:
         local = os.path.join(a.local_directory, n) if a.local_directory else None
-        nannies.append(Nanny(address, n, nthreads, memory, resources, a.token, local, a.listen_host).start())
+        nannies.append(Nanny(address, n, nthreads, memory, resources, a.token, local, a.listen_host,
+                             death_timeout=a.death_timeout).start())
     print(f"rdask-worker: {nworkers} worker(s) x {nthreads} thread(s) for {address}", file=sys.stderr, flush=True)
     stop = threading.Event()
 
@@ -134,4 +168,7 @@ def worker_main(argv=None) -> int:
     finally:
         for n in nannies:
             n.stop()
+    if any(n.gave_up for n in nannies):
+        print("rdask-worker: the scheduler could not be reached; exiting", file=sys.stderr)
+        return 1
     return 0

@@ -23,6 +23,7 @@ from . import _rdask
 from . import worker as worker_module
 from .future import Future, FutureCancelledError, FutureState, raisable
 from .graph import graph_to_tasks
+from .errors import scheduler_error
 from .keys import funcname, key_str
 from .serialize import dumps_function, dumps_payload, loads_error, loads_value
 from .packing import pack_futures, unpack_structure, flatten_futures
@@ -226,7 +227,8 @@ class Client:
                     st.status = "finished"
                 elif state == "erred":
                     failed_key, message, payload = detail
-                    exc, tb = loads_error(payload, message)
+                    exc = None if payload else scheduler_error(message, st.key if failed_key == skey else failed_key)
+                    exc, tb = (exc, "") if exc is not None else loads_error(payload, message)
                     st.status, st.exception, st.traceback = "error", exc, tb
                 elif state == "cancelled":
                     st.status = "cancelled"

@@ -1,5 +1,7 @@
 """A nanny per worker process: starts `python -m rdask.worker`, and starts it
-again if it dies while it should be running (a crash, the OOM killer)."""
+again if it dies while it should be running (a crash, the OOM killer). It
+gives up when the worker could not reach or join its scheduler within the
+death timeout (the scheduler is gone), and when the worker dies too often."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 import threading
 import time
 
+from .worker import EXIT_CANNOT_JOIN
+
 logger = logging.getLogger("rdask.nanny")
 
 
@@ -16,11 +20,11 @@ class Nanny:
     def __init__(self, scheduler: str, name: str, nthreads: int = 1, memory_limit: int = 0,
                  resources: dict | None = None, token: str | None = None,
                  local_directory: str | None = None, listen_host: str = "127.0.0.1",
-                 max_restarts_per_minute: int = 10, quiet: bool = False):
+                 max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0):
         self.name = name
         self.cmd = [sys.executable, "-m", "rdask.worker_process", scheduler, "--name", name,
                     "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
-                    "--listen-host", listen_host]
+                    "--listen-host", listen_host, "--connect-timeout", str(death_timeout)]
         if resources:
             self.cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
         if local_directory:
@@ -39,6 +43,8 @@ class Nanny:
         self.max_restarts = max_restarts_per_minute
         self.restarts: list[float] = []
         self.process: subprocess.Popen | None = None
+        # Set when the nanny stopped because the worker could not join.
+        self.gave_up = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -59,6 +65,13 @@ class Nanny:
                 code = p.returncode
                 if code == 0:
                     logger.info("worker %s exited cleanly (scheduler gone)", self.name)
+                    return
+                if code == EXIT_CANNOT_JOIN:
+                    # Starting it again would wait the same death timeout for
+                    # the same absent scheduler, forever.
+                    logger.error("worker %s could not reach its scheduler; not restarting it", self.name)
+                    print(f"rdask nanny: worker {self.name} could not reach its scheduler; giving up", file=sys.stderr)
+                    self.gave_up = True
                     return
                 now = time.monotonic()
                 self.restarts = [t for t in self.restarts if now - t < 60] + [now]

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 
@@ -113,6 +114,22 @@ def execute(key: str, payload, inputs: list):
             w._local.key = None
 
 
+# Exit code of a worker process that could not reach or join its scheduler
+# within its death timeout (or was refused): its nanny does not start it
+# again. (EX_TEMPFAIL of sysexits.h.)
+EXIT_CANNOT_JOIN = 75
+
+
+class Leave(BaseException):
+    """Raised by the SIGTERM handler of a worker process: the worker tells
+    the scheduler it is leaving (its tasks are not suspected of killing it)
+    and the process exits 0."""
+
+
+def _raise_leave(signum, frame):
+    raise Leave()
+
+
 def run(
     scheduler: str,
     name: str,
@@ -124,9 +141,12 @@ def run(
     listen_host: str = "127.0.0.1",
     connect_timeout: float = 30.0,
 ):
-    """Runs this process as a worker until the scheduler goes away."""
+    """Runs this process as a worker until the scheduler goes away. On
+    SIGTERM (in the main thread) it leaves cleanly and raises `Leave`."""
     global _worker
     _rdask.init_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_leave)
     if local_directory:
         os.makedirs(local_directory, exist_ok=True)
     _worker = WorkerInfo(name, scheduler, nthreads, local_directory, token)
@@ -171,8 +191,11 @@ def main(argv=None):
             a.listen_host,
             a.connect_timeout,
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Leave):
         return 0
+    except _rdask.CannotJoinError as e:
+        print(f"rdask worker {a.name}: {e}", file=sys.stderr)
+        return EXIT_CANNOT_JOIN
     except _rdask.RdaskError as e:
         print(f"rdask worker {a.name}: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,12 @@ pyo3::create_exception!(_rdask, RdaskError, pyo3::exceptions::PyException, "An e
 pyo3::create_exception!(_rdask, CommClosedError, RdaskError, "The connection to the scheduler is gone.");
 pyo3::create_exception!(
     _rdask,
+    CannotJoinError,
+    RdaskError,
+    "A worker could not reach its scheduler within its timeout, or was refused by it."
+);
+pyo3::create_exception!(
+    _rdask,
     AuthenticationError,
     RdaskError,
     "The scheduler refused this client's token (wrong or missing)."
@@ -73,6 +79,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RdaskError", m.py().get_type::<RdaskError>())?;
     m.add("CommClosedError", m.py().get_type::<CommClosedError>())?;
     m.add("AuthenticationError", m.py().get_type::<AuthenticationError>())?;
+    m.add("CannotJoinError", m.py().get_type::<CannotJoinError>())?;
     m.add("UnserializableValue", m.py().get_type::<UnserializableValue>())?;
     m.add("PROTOCOL_VERSION", rdask_transport::protocol::PROTOCOL_VERSION)?;
     m.add_class::<frames::Frame>()?;

@@ -10,6 +10,7 @@ use rdask_sched::reactor::{SchedulerConfig, SchedulerHandle};
 pub struct Scheduler {
     handle: Option<SchedulerHandle>,
     address: String,
+    bound: String,
 }
 
 #[pymethods]
@@ -30,14 +31,25 @@ impl Scheduler {
         config.worker_timeout = Duration::from_secs_f64(worker_timeout.max(0.1));
         config.core.tasks_per_thread = tasks_per_thread.max(1);
         let addr = format!("tcp://{host}:{port}");
+        // The same allocator settings as the rdask-scheduler binary: without
+        // them this process keeps the peak memory of a released graph.
+        rdask_sched::alloc::tune();
         let handle = py.detach(|| SchedulerHandle::start(&addr, config)).map_err(crate::os_error)?;
         let address = handle.address.clone();
-        Ok(Scheduler { handle: Some(handle), address })
+        let bound = handle.bound.clone();
+        Ok(Scheduler { handle: Some(handle), address, bound })
     }
 
+    /// The address clients and workers connect to.
     #[getter]
     fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The address the socket is bound to (e.g. `tcp://0.0.0.0:8786`).
+    #[getter]
+    fn bound_address(&self) -> &str {
+        &self.bound
     }
 
     #[getter]

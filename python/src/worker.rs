@@ -15,7 +15,7 @@ use rdask_worker::executor::{Frames, ObjectValue};
 use rdask_worker::{Executor, TaskFailure, TaskRun, Value, WorkerConfig};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
-use crate::{runtime, RdaskError};
+use crate::{runtime, CannotJoinError, RdaskError};
 
 /// The Python callables the executor calls (from `rdask.worker`):
 /// `execute(key, payload, inputs) -> (True, value, nbytes, frames|None) | (False, message, error_payload)`,
@@ -244,6 +244,9 @@ pub fn run_worker(
     loop {
         match wait(Duration::from_millis(200)) {
             Ok(Ok(())) => return Ok(()),
+            Ok(Err(e @ (rdask_worker::WorkerError::Connect { .. } | rdask_worker::WorkerError::Refused(_)))) => {
+                return Err(CannotJoinError::new_err(e.to_string()))
+            }
             Ok(Err(e)) => return Err(RdaskError::new_err(e.to_string())),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Err(signal) = py.check_signals() {

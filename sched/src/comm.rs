@@ -132,6 +132,11 @@ impl Comm {
         self.clients.remove(&client);
     }
 
+    /// Drops the spare compute records (when the scheduler goes idle).
+    pub fn release_spare(&mut self) {
+        self.spare = Vec::new();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.workers.is_empty() && self.clients.is_empty()
     }

@@ -1,6 +1,7 @@
 //! rdask scheduler: a pure core (`core`), its outbox (`comm`) and a thin
 //! tokio reactor (`reactor`) that connects it to the network.
 
+pub mod alloc;
 pub mod comm;
 pub mod core;
 pub mod error;

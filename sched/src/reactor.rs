@@ -79,6 +79,14 @@ impl CommSink for Senders {
 /// Serves `listener` until `stop` turns true. On a clean stop every worker
 /// is told to stop too.
 pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch::Receiver<bool>) {
+    tracing::info!(bound = %listener.bound, contact = %listener.address, "scheduler listening; clients and workers connect to {}", listener.address);
+    if listener.is_exposed() && config.token.is_none() {
+        tracing::warn!(
+            "listening on all interfaces ({}) without a token: anyone who can reach this port can run code on the \
+             workers; pass --token/RDASK_TOKEN/--token-file, or --host 127.0.0.1 for a single machine",
+            listener.bound
+        );
+    }
     let (events_tx, mut events) = mpsc::channel::<Event>(4096);
     let accept = tokio::spawn(accept_loop(listener, events_tx, config.token.clone()));
 
@@ -101,6 +109,11 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
                 for w in core.silent_workers(now_ms(), config.worker_timeout.as_millis() as u64) {
                     tracing::warn!(worker = %w, "no message for {:?}; dropping worker", config.worker_timeout);
                     drop_worker(&mut core, &mut comm, &mut senders, &mut addresses, w);
+                }
+                if core.tasks.is_empty() && core.release_memory_if_idle() {
+                    comm.release_spare();
+                    let trimmed = crate::alloc::trim();
+                    tracing::debug!(trimmed, "idle: released task bookkeeping memory");
                 }
                 let s = core.stats;
                 if s.submitted != last_logged.submitted || s.finished != last_logged.finished {
@@ -358,7 +371,10 @@ async fn serve_client(conn: Connection, events: mpsc::Sender<Event>) -> Result<(
 /// A scheduler running on its own thread (its own single-threaded runtime),
 /// for in-process clusters, tests and benchmarks.
 pub struct SchedulerHandle {
+    /// Where clients and workers connect.
     pub address: String,
+    /// Where the socket is bound.
+    pub bound: String,
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
     thread_cpu: Arc<std::sync::Mutex<Option<libc_time::ThreadClock>>>,
@@ -378,7 +394,7 @@ impl SchedulerHandle {
             rt.block_on(async move {
                 match rdask_transport::listen(&addr, Default::default()).await {
                     Ok(listener) => {
-                        let _ = addr_tx.send(Ok(listener.address.clone()));
+                        let _ = addr_tx.send(Ok((listener.address.clone(), listener.bound.clone())));
                         serve(listener, config, stop_rx).await;
                     }
                     Err(e) => {
@@ -387,10 +403,10 @@ impl SchedulerHandle {
                 }
             });
         })?;
-        let address = addr_rx
+        let (address, bound) = addr_rx
             .recv()
             .map_err(|_| SchedError::BadMessage("scheduler thread died during start-up".into()))??;
-        Ok(SchedulerHandle { address, stop: stop_tx, thread: Some(thread), thread_cpu })
+        Ok(SchedulerHandle { address, bound, stop: stop_tx, thread: Some(thread), thread_cpu })
     }
 
     /// CPU time the scheduler thread has used so far.

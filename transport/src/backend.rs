@@ -70,15 +70,30 @@ pub struct Connection {
 
 /// Accepted connections of a listening backend.
 pub struct Listener {
-    /// The address peers should connect to (port 0 resolved).
+    /// The address peers should connect to (port 0 resolved; for a listener
+    /// bound to all interfaces, an address of this host others can reach).
     pub address: String,
+    /// The address the socket is bound to, e.g. `tcp://0.0.0.0:8786`.
+    pub bound: String,
     incoming: mpsc::Receiver<Connection>,
     _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl Listener {
     pub fn new(address: String, incoming: mpsc::Receiver<Connection>, guard: Option<Box<dyn Send + Sync>>) -> Self {
-        Listener { address, incoming, _guard: guard }
+        Listener { bound: address.clone(), address, incoming, _guard: guard }
+    }
+
+    /// Records the socket's bound address where it differs from `address`.
+    pub fn bound_to(mut self, bound: String) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// Bound to every interface (0.0.0.0 or ::), so reachable from other hosts.
+    pub fn is_exposed(&self) -> bool {
+        let (_, rest) = split_scheme(&self.bound);
+        rest.starts_with("0.0.0.0:") || rest.starts_with("[::]:")
     }
 
     /// Next accepted connection; `None` once the backend stopped accepting.

@@ -99,6 +99,24 @@ async fn recv_with_timeout(conn: &mut Connection) -> Result<Frame> {
     }
 }
 
+/// A token kept in a file (`--token-file`): its first line, without the
+/// line end. An empty or unreadable file is an error naming the file.
+pub fn token_from_file(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read token file {}: {e}", path.display())))?;
+    let token = text.lines().next().unwrap_or("").trim_end_matches('\r').to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("token file {} is empty", path.display())));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("token in {} is longer than {MAX_TOKEN_LEN} bytes", path.display()),
+        ));
+    }
+    Ok(token)
+}
+
 /// Compares two secrets in time that depends on their lengths only, not on
 /// where they first differ (so a remote peer cannot find the token byte by
 /// byte by timing refusals).

@@ -9,6 +9,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod inproc;
+pub mod netif;
 pub mod peer;
 pub mod protocol;
 pub mod tcp;

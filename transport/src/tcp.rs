@@ -47,11 +47,13 @@ impl Backend for TcpBackend {
     fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
         Box::pin(async move {
             let listener = TcpListener::bind(host_port(addr)?).await?;
-            let mut local = listener.local_addr()?;
+            let bound = listener.local_addr()?;
+            let mut local = bound;
             if local.ip().is_unspecified() {
-                // Bound to all interfaces: advertise loopback; multi-host
-                // deployments pass an explicit host to listen on.
-                local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                // Bound to all interfaces: advertise an address other hosts
+                // can reach (a scheduler file on a shared file system is
+                // read by workers on other nodes).
+                local.set_ip(crate::netif::contact_ip());
             }
             let (tx, rx) = mpsc::channel(256);
             tokio::spawn(async move {
@@ -79,7 +81,7 @@ impl Backend for TcpBackend {
                     }
                 }
             });
-            Ok(Listener::new(format!("tcp://{local}"), rx, None))
+            Ok(Listener::new(format!("tcp://{local}"), rx, None).bound_to(format!("tcp://{bound}")))
         })
     }
 

@@ -20,8 +20,11 @@ struct Args {
     #[arg(long)]
     scheduler_file: Option<PathBuf>,
     /// Shared token workers and clients must present.
-    #[arg(long, env = "RDASK_TOKEN")]
+    #[arg(long, env = "RDASK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from this file (so it does not show in `ps`).
+    #[arg(long, env = "RDASK_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Tasks queued per worker thread before the scheduler holds tasks back.
     #[arg(long, default_value_t = 256)]
     tasks_per_thread: u32,
@@ -38,15 +41,13 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     rdask_transport::raise_fd_limit();
-    // Submissions arrive in multi-megabyte batches whose buffers are freed
-    // right after. A fixed mmap threshold returns them to the OS instead of
-    // leaving holes between long-lived task records (measured: 366 → 323
-    // bytes per pending task with 1M tasks).
-    // SAFETY: mallopt only tunes glibc's allocator; called before any threads.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) };
+    rdask_sched::alloc::tune();
     let mut config = SchedulerConfig::default();
     config.core.tasks_per_thread = args.tasks_per_thread.max(1);
-    config.token = args.token.clone();
+    config.token = match &args.token_file {
+        Some(path) => Some(rdask_transport::handshake::token_from_file(path)?),
+        None => args.token.clone(),
+    };
     config.worker_timeout = Duration::from_secs(args.worker_timeout.max(1));
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -55,7 +56,6 @@ fn main() -> anyhow::Result<()> {
         let listener = rdask_transport::listen(&addr, Default::default())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(address = %listener.address, "scheduler listening");
         if let Some(path) = &args.scheduler_file {
             write_scheduler_file(path, &listener.address)?;
         }

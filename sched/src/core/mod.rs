@@ -188,6 +188,22 @@ impl Core {
         }
     }
 
+    /// With no task left (a large graph finished and was released), gives
+    /// back the memory its bookkeeping grew to. True if there was something
+    /// worth giving back; the caller may then trim the allocator.
+    pub fn release_memory_if_idle(&mut self) -> bool {
+        if !self.tasks.is_empty() || !self.tasks.release_if_empty() {
+            return false;
+        }
+        // Every entry left in these refers to a forgotten task.
+        self.keys = HashTable::new();
+        self.ready.release();
+        self.parked = Vec::new();
+        self.pending_assign = Vec::new();
+        self.restrictions = Default::default();
+        true
+    }
+
     pub fn task_state(&self, key: &str) -> Option<TaskState> {
         self.lookup(key).map(|id| self.tasks[id].state)
     }

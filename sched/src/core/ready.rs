@@ -21,6 +21,11 @@ pub struct ReadyQueue {
 }
 
 impl ReadyQueue {
+    /// Drops every entry and the memory behind them.
+    pub fn release(&mut self) {
+        *self = ReadyQueue::default();
+    }
+
     pub fn push(&mut self, priority: Priority, id: TaskId) {
         match self.run.back() {
             Some(&(last, _)) if priority > last => self.heap.push((priority, id)),

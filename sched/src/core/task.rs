@@ -121,6 +121,10 @@ pub struct TaskSlab {
     slots: Vec<Slot>,
     free: Vec<u32>,
     len: usize,
+    /// Generation of newly made slots. After [`TaskSlab::release_if_empty`]
+    /// it is above every generation handed out before, so ids from before
+    /// the release never match a new task.
+    base_generation: u32,
 }
 
 struct Slot {
@@ -138,8 +142,24 @@ impl TaskSlab {
             return TaskId(((s.generation as u64) << 32) | slot as u64);
         }
         let slot = self.slots.len() as u32;
-        self.slots.push(Slot { generation: 0, task: Some(task) });
-        TaskId(slot as u64)
+        let generation = self.base_generation;
+        self.slots.push(Slot { generation, task: Some(task) });
+        TaskId(((generation as u64) << 32) | slot as u64)
+    }
+
+    /// When no task is live, gives the slot memory back (a released
+    /// million-task graph leaves a million empty slots otherwise). True if
+    /// there was something worth giving back.
+    pub fn release_if_empty(&mut self) -> bool {
+        const KEEP_SLOTS: usize = 4096;
+        if self.len != 0 || self.slots.capacity() <= KEEP_SLOTS {
+            return false;
+        }
+        let newest = self.slots.iter().map(|s| s.generation).max().unwrap_or(0);
+        self.base_generation = self.base_generation.max(newest.wrapping_add(1));
+        self.slots = Vec::new();
+        self.free = Vec::new();
+        true
     }
 
     pub fn reserve(&mut self, n: usize) {

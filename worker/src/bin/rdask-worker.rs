@@ -34,8 +34,11 @@ struct Args {
     /// Host peers use to reach this worker.
     #[arg(long, default_value = "127.0.0.1")]
     listen_host: String,
-    #[arg(long, env = "RDASK_TOKEN")]
+    #[arg(long, env = "RDASK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from this file (so it does not show in `ps`).
+    #[arg(long, env = "RDASK_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Keep trying to reach the scheduler for this many seconds.
     #[arg(long, default_value_t = 60)]
     death_timeout: u64,
@@ -71,6 +74,10 @@ fn main() -> anyhow::Result<()> {
     };
     let memory_limit = parse_memory_limit(&args.memory_limit, args.nworkers).map_err(anyhow::Error::msg)?;
     let resources = parse_resources(&args.resources).map_err(anyhow::Error::msg)?;
+    let token = match &args.token_file {
+        Some(path) => Some(rdask_transport::handshake::token_from_file(path)?),
+        None => args.token.clone(),
+    };
     let base = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -96,7 +103,7 @@ fn main() -> anyhow::Result<()> {
                 memory_limit,
                 resources: resources.clone(),
                 listen: format!("tcp://{}:0", args.listen_host),
-                token: args.token.clone(),
+                token: token.clone(),
                 connect_timeout: std::time::Duration::from_secs(args.death_timeout.max(1)),
                 ..Default::default()
             };
