@@ -4,6 +4,7 @@ them, and the parsing of the values given on their command lines."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from rdask import Client, get_worker
+from rdask import AuthenticationError, Client, get_worker
 from rdask.config import parse_memory_limit, parse_resources, total_memory
 
 BIN = os.path.dirname(sys.executable)
@@ -79,9 +80,11 @@ class Command:
         return self.proc.returncode
 
 
-def start_scheduler(tmp_path, name="scheduler") -> tuple[Command, str]:
+def start_scheduler(tmp_path, name="scheduler", *extra) -> tuple[Command, str]:
+    # Loopback only: tests never reach this machine's other addresses.
     sched_file = str(tmp_path / f"{name}.json")
-    cmd = Command([SCHEDULER, "--port", "0", "--scheduler-file", sched_file], tmp_path / f"{name}.log")
+    cmd = Command([SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--scheduler-file", sched_file, *extra],
+                  tmp_path / f"{name}.log")
     return cmd, sched_file
 
 
@@ -242,6 +245,97 @@ def test_worker_command_rejects_bad_values(tmp_path):
         proc = subprocess.run([WORKER, "tcp://127.0.0.1:1", *bad], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2, proc.stderr
         assert "error" in proc.stderr.lower()
+
+
+def test_scheduler_says_where_it_listens_and_warns_when_exposed_without_a_token(tmp_path):
+    """Bound to every interface (the default), the scheduler logs that bind
+    address and the one clients should use, and warns once that anyone who
+    reaches the port can run code. With a token (here from a file, so it
+    does not show in `ps`) it does not warn, and the token is enforced."""
+    exposed = Command([SCHEDULER, "--port", "0"], tmp_path / "exposed.log")
+    try:
+        out = wait_for(lambda: "connect to" in (o := exposed.output()) and o, 30, "the listening line", exposed)
+        assert re.search(r"bound to tcp://0\.0\.0\.0:\d+", out), out
+        assert re.search(r"connect to tcp://[0-9.]+:\d+", out), out
+        wait_for(lambda: "without a token" in exposed.output(), 10, "the exposure warning", exposed)
+        assert exposed.output().count("without a token") == 1
+    finally:
+        assert exposed.stop() == 0
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-from-a-file\n")
+    sched = Command([SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)],
+                    tmp_path / "tokened.log")
+    try:
+        out = wait_for(lambda: "connect to" in (o := sched.output()) and o, 30, "the listening line", sched)
+        address = re.search(r"connect to (tcp://127\.0\.0\.1:\d+)", out).group(1)
+        assert "s3cret" not in " ".join(psutil.Process(sched.pid).cmdline())
+        with pytest.raises(AuthenticationError):
+            Client(address, set_as_default=False, timeout=10)
+        with Client(address, token="s3cret-from-a-file", set_as_default=False, timeout=10) as c:
+            assert c.scheduler_info()["workers"] == {}
+        assert "without a token" not in sched.output()
+    finally:
+        assert sched.stop() == 0
+
+
+def test_a_worker_without_nanny_leaves_cleanly_on_sigterm(tmp_path):
+    sched, sched_file = start_scheduler(tmp_path, "nonanny-scheduler")
+    worker = start_workers(tmp_path, "--scheduler-file", sched_file, "--no-nanny", "--nthreads", "1",
+                           name="nonanny-worker")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            wait_for(lambda: len(workers_of(client)) == 1, 30, "the worker registering", sched, worker)
+            assert client.submit(inc, 1).result(timeout=30) == 2
+            assert worker.stop(signal.SIGTERM, timeout=20) == 0, worker.output()
+            wait_for(lambda: len(workers_of(client)) == 0, 15, "the worker leaving", sched)
+        wait_for(lambda: "worker is leaving" in sched.output(), 10, "the scheduler noting the goodbye", sched)
+        assert "worker died" not in sched.output()
+    finally:
+        worker.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+
+
+def test_nannies_give_up_when_the_scheduler_is_gone(tmp_path):
+    """The scheduler is killed: workers do not restart forever. Each tries
+    to reach it for --death-timeout, then the worker command exits 1."""
+    sched, sched_file = start_scheduler(tmp_path, "doomed-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--nworkers", "2", "--nthreads", "1",
+                            "--death-timeout", "2", name="orphans")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            wait_for(lambda: len(workers_of(client)) == 2, 30, "2 workers registered", sched, workers)
+        sched.stop(signal.SIGKILL)
+        try:
+            rc = workers.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rdask-worker kept restarting workers for a dead scheduler\n" + workers.output())
+        assert rc == 1, workers.output()
+        assert "could not reach its scheduler" in workers.output()
+    finally:
+        workers.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+
+
+def test_the_scheduler_process_gives_memory_back_after_a_large_graph(tmp_path):
+    """The scheduler hosted in a Python process (`rdask-scheduler`) returns
+    to near its starting memory once a 200k-task graph is released."""
+    sched, sched_file = start_scheduler(tmp_path, "memory-scheduler")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            proc = psutil.Process(sched.pid)
+            base = proc.memory_info().rss
+            # No workers: every task stays pending in the scheduler.
+            futures = client.map(inc, range(200_000), pure=False)
+            wait_for(lambda: client.scheduler_info()["tasks"] == 200_000, 60, "the graph arriving", sched)
+            peak = proc.memory_info().rss
+            assert peak - base > 40 << 20, (base, peak)
+            client.cancel(futures)
+            del futures
+            wait_for(lambda: client.scheduler_info()["tasks"] == 0, 60, "the graph being forgotten", sched)
+            wait_for(lambda: proc.memory_info().rss - base < (peak - base) / 4, 30,
+                     f"memory going back (base {base >> 20} MiB, peak {peak >> 20} MiB)", sched)
+    finally:
+        sched.stop()
 
 
 # ---------------------------------------------------------------- parsing
