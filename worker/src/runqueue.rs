@@ -85,6 +85,11 @@ pub struct RunQueue {
     confirm_cv: Condvar,
     /// `Inner::executing.len()`, readable without the lock.
     executing: AtomicUsize,
+    /// Set while the worker loop sweeps for executing tasks. A thread that
+    /// starts a task while it is clear sets it and wakes the loop through
+    /// `sweep_wake`: one wake per busy period, not one per task.
+    sweeping: std::sync::atomic::AtomicBool,
+    pub sweep_wake: tokio::sync::Notify,
     executor: Arc<dyn Executor>,
     done: mpsc::UnboundedSender<Vec<Completion>>,
     /// Careful tasks about to start, for the worker loop to report.
@@ -142,6 +147,8 @@ impl RunQueue {
             cv: Condvar::new(),
             confirm_cv: Condvar::new(),
             executing: AtomicUsize::new(0),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+            sweep_wake: tokio::sync::Notify::new(),
             executor,
             done,
             starting,
@@ -205,7 +212,19 @@ impl RunQueue {
 
     /// Whether some task is running user code now (no lock taken).
     pub fn is_executing(&self) -> bool {
-        self.executing.load(AtomicOrdering::Relaxed) > 0
+        self.executing.load(AtomicOrdering::SeqCst) > 0
+    }
+
+    /// The worker loop stops sweeping. False (keep sweeping) if a task
+    /// started meanwhile: its thread saw the flag still set and did not wake
+    /// the loop.
+    pub fn stop_sweeping(&self) -> bool {
+        self.sweeping.store(false, AtomicOrdering::SeqCst);
+        if self.is_executing() {
+            self.sweeping.store(true, AtomicOrdering::SeqCst);
+            return false;
+        }
+        true
     }
 
     /// Appends the tasks running user code now to `out`.
@@ -242,7 +261,7 @@ impl RunQueue {
     fn end_executing(g: &mut Inner, counter: &AtomicUsize, id: TaskId) {
         if let Some(i) = g.executing.iter().position(|t| *t == id) {
             g.executing.swap_remove(i);
-            counter.fetch_sub(1, AtomicOrdering::Relaxed);
+            counter.fetch_sub(1, AtomicOrdering::SeqCst);
         }
     }
 
@@ -279,15 +298,19 @@ impl RunQueue {
                 continue; // stolen or cancelled while queued
             }
             g.running += 1;
-            g.executing.push(job.run.id);
-            self.executing.fetch_add(1, AtomicOrdering::Relaxed);
             if job.careful {
                 g = self.wait_for_confirmation(job.run.id, g);
                 if g.shutdown {
                     return;
                 }
             }
+            // Executing from here on (a careful task's wait is not).
+            g.executing.push(job.run.id);
+            self.executing.fetch_add(1, AtomicOrdering::SeqCst);
             drop(g);
+            if !self.sweeping.swap(true, AtomicOrdering::SeqCst) {
+                self.sweep_wake.notify_one();
+            }
             let id = job.run.id;
             let key = job.run.key.clone();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute(job.run)))

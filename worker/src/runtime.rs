@@ -273,6 +273,9 @@ pub async fn run_worker_until(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(EXECUTING_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Sweeping only while tasks run: an idle worker does not wake up.
+    let mut sweeping = false;
+    let queue = st.queue.clone();
     let leave = leave;
     tokio::pin!(leave);
 
@@ -329,7 +332,16 @@ pub async fn run_worker_until(
                     }
                 }
             }
-            _ = sweep.tick(), if st.queue.is_executing() || !st.reported.is_empty() => st.sweep_executing(),
+            () = queue.sweep_wake.notified(), if !sweeping => {
+                sweeping = true;
+                sweep.reset_after(EXECUTING_SWEEP);
+            }
+            _ = sweep.tick(), if sweeping => {
+                st.sweep_executing();
+                if st.reported.is_empty() && queue.stop_sweeping() {
+                    sweeping = false;
+                }
+            }
             _ = heartbeat.tick() => {
                 let (queued, running) = st.queue.load();
                 let load = WorkerLoad { running: running as u32, queued: queued as u32, stored_bytes: st.store.bytes() };

