@@ -18,6 +18,24 @@ if ! command -v python3 >/dev/null 2>&1; then
     fi
 fi
 
+# System libraries the crates link against: hwloc 2.x (machine topology,
+# worker pinning) found through pkg-config, and libudev that its static link
+# flags name. Installed with apt when missing.
+SYSTEM_PACKAGES=(pkg-config libhwloc-dev libudev-dev hwloc)
+missing=()
+for pkg in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing system packages: ${missing[*]}" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "missing system packages: ${missing[*]} (apt-get install them as root)" >&2
+        exit 1
+    fi
+fi
+
 # The Python side: a project venv (.venv) with the pinned requirements and the
 # rdask package built in place from this checkout (maturin, release profile,
 # sharing cargo's target/ with the Rust build). Call after sourcing.

@@ -7,6 +7,7 @@ pub mod peer_server;
 pub mod runqueue;
 pub mod runtime;
 pub mod store;
+pub mod topology;
 
 pub use error::WorkerError;
 pub use executor::{Executor, NullExecutor, NullTask, TaskFailure, TaskRun, Value};
