@@ -921,6 +921,7 @@ async fn a_silent_worker_is_dropped_after_the_timeout_and_its_tasks_run_elsewher
         nthreads: 1,
         memory_limit: 0,
         resources: vec![],
+        placement: Default::default(),
     };
     fake.sender.send(Frame::from_message(&rdask_transport::protocol::FromWorkerMessage::Register(info))).unwrap();
     let client = cluster.client().await;

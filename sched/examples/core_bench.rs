@@ -74,6 +74,7 @@ fn main() {
                 nthreads: 1,
                 memory_limit: 0,
                 resources: vec![],
+                placement: Default::default(),
             };
             core.add_worker(&mut comm, spec, 0)
         })

@@ -337,6 +337,8 @@ async fn serve_worker(conn: Connection, events: mpsc::Sender<Event>) -> Result<(
                 .iter()
                 .map(|r| rdask_transport::protocol::Resource { name: r.name.to_string(), amount: r.amount.to_native() })
                 .collect(),
+            placement: rdask_transport::rkyv::deserialize::<_, rdask_transport::rkyv::rancor::Error>(&info.placement)
+                .map_err(|e| SchedError::BadMessage(format!("bad worker placement: {e}")))?,
         },
         _ => {
             let msg = "first message from a worker must be Register";

@@ -135,6 +135,18 @@ pub struct ClusterInfo {
     pub failed: u64,
 }
 
+/// Where on its host a worker runs, as its launcher placed it.
+#[derive(Debug, Clone, Default, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Placement {
+    pub host: String,
+    /// OS indexes of the CPUs the worker is bound to; empty: unbound.
+    pub cpus: Vec<u32>,
+    /// NUMA node its memory comes from, if bound.
+    pub numa_node: Option<u32>,
+    /// Its GPU ("0: NVIDIA A100-SXM4-40GB (0000:07:00.0)"), for GPU workers.
+    pub gpu: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct WorkerSummary {
     pub id: WorkerId,
@@ -142,6 +154,7 @@ pub struct WorkerSummary {
     pub address: String,
     pub nthreads: u32,
     pub memory_limit: u64,
+    pub placement: Placement,
     pub processing: u64,
     pub stored_values: u64,
     pub stored_bytes: u64,
@@ -206,6 +219,7 @@ pub struct WorkerInfo {
     /// Bytes; 0 means no limit.
     pub memory_limit: u64,
     pub resources: Vec<Resource>,
+    pub placement: Placement,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]

@@ -658,6 +658,12 @@ fn samples_from_worker() -> Vec<FromWorkerMessage> {
             nthreads: 4,
             memory_limit: 1 << 30,
             resources: vec![Resource { name: "GPU".into(), amount: 2.0 }],
+            placement: Placement {
+                host: "node-7".into(),
+                cpus: vec![0, 1, 2, 3],
+                numa_node: Some(0),
+                gpu: Some("0: NVIDIA A100-SXM4-40GB (0000:07:00.0)".into()),
+            },
         }),
         FromWorkerMessage::Failed(vec![FailedTask { id: TaskId(9), message: "it broke badly".into(), payload: NO_FRAME }]),
         FromWorkerMessage::FetchFailed(vec![FetchFailure { task: TaskId(1), dep: TaskId(2), holder: WorkerId(3) }]),

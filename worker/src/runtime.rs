@@ -39,6 +39,9 @@ pub struct WorkerConfig {
     pub max_fetch_batch: usize,
     /// Bytes asked for in one request (a single larger value still goes alone).
     pub max_fetch_bytes: u64,
+    /// Host, CPUs, NUMA node and GPU as the launcher placed this worker
+    /// (reported to the scheduler; an empty host is filled in).
+    pub placement: rdask_transport::protocol::Placement,
     /// A fetch request not answered within this time fails over to the next holder.
     pub fetch_timeout: Duration,
     pub connect_timeout: Duration,
@@ -57,6 +60,7 @@ impl Default for WorkerConfig {
             max_concurrent_fetches: 32,
             max_fetch_batch: 8192,
             max_fetch_bytes: 64 << 20,
+            placement: Default::default(),
             fetch_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
         }
@@ -190,6 +194,10 @@ pub async fn run_worker_until(
         nthreads: config.nthreads,
         memory_limit: config.memory_limit,
         resources: config.resources.clone(),
+        placement: rdask_transport::protocol::Placement {
+            host: if config.placement.host.is_empty() { hostname() } else { config.placement.host.clone() },
+            ..config.placement.clone()
+        },
     };
     let register = |info: WorkerInfo| async {
         let mut conn = rdask_transport::connect(&config.scheduler, limits).await?;
@@ -717,4 +725,9 @@ impl State {
             send(Frame::from_message(&FromWorkerMessage::StealReply(out.steal)));
         }
     }
+}
+
+/// This machine's name, for the worker's registration.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }

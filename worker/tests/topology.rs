@@ -67,16 +67,29 @@ fn auto_makes_one_pinned_worker_per_physical_core() {
 fn n_workers_spread_over_packages_then_numa_nodes() {
     let t = two_socket();
     let numa_of = |specs: &[WorkerSpec]| specs.iter().map(|s| s.numa.unwrap()).collect::<Vec<_>>();
+    let mut all = per_core(&t, &bound(Some(4), Some(2)));
+    assert_eq!(all.iter().map(|s| (s.cores, s.nthreads)).collect::<Vec<_>>(), [(2, 2); 4], "--nthreads: that many cores each");
+    assert_eq!(numa_of(&all), [0, 1, 2, 3]);
+    all.clear();
     let four = per_core(&t, &bound(Some(4), None));
     assert_eq!(numa_of(&four), [0, 1, 2, 3]);
     assert!(four.iter().all(|s| s.nthreads == 4 && s.cores == 4 && s.cpus.len() == 8 && s.memory_limit == 32 * GIB));
     assert_eq!(four[1].cpus, (8..16).collect::<Vec<u32>>());
     let two = per_core(&t, &bound(Some(2), None));
-    assert_eq!(numa_of(&two), [0, 2], "one worker per socket");
-    assert!(two.iter().all(|s| s.nthreads == 8));
+    assert_eq!(two.iter().map(|s| s.cores).collect::<Vec<_>>(), [8, 8], "one worker per socket");
+    assert!(two.iter().all(|s| s.nthreads == 8 && s.numa.is_none()));
+    assert_eq!(two[0].cpus, (0..16).collect::<Vec<u32>>(), "the whole first socket");
+    // Three do not divide the node: even runs of cores, NUMA-bound only
+    // where a run stays inside one node.
     let three = per_core(&t, &bound(Some(3), None));
-    assert_eq!(numa_of(&three), [0, 1, 2]);
+    assert_eq!(three.iter().map(|s| s.cores).collect::<Vec<_>>(), [5, 5, 6]);
+    assert_eq!(three.iter().map(|s| s.nthreads).collect::<Vec<_>>(), [5, 5, 6]);
+    assert!(three.iter().all(|s| s.numa.is_none() && s.memory_limit == 128 * GIB / 3));
     assert!(disjoint(&three));
+    // One worker (the default) gets the whole node.
+    let one = per_core(&t, &bound(Some(1), None));
+    assert_eq!((one[0].cores, one[0].nthreads, one[0].cpus.len(), one[0].numa), (16, 16, 32, None));
+    assert_eq!(one[0].memory_limit, 128 * GIB);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Workers and clients joining and leaving.
 
-use rdask_transport::protocol::{Resource, ToClientMessage, ToWorkerMessage};
+use rdask_transport::protocol::{Placement, Resource, ToClientMessage, ToWorkerMessage};
 use rdask_transport::{ClientId, TaskId, WorkerId};
 
 use super::{Client, Core, TaskError, TaskState, Worker};
@@ -14,13 +14,18 @@ pub struct WorkerSpec {
     pub nthreads: u32,
     pub memory_limit: u64,
     pub resources: Vec<Resource>,
+    pub placement: Placement,
 }
 
 impl Core {
     pub fn add_worker(&mut self, comm: &mut Comm, spec: WorkerSpec, now_ms: u64) -> WorkerId {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
-        tracing::info!(worker = %id, name = %spec.name, address = %spec.address, nthreads = spec.nthreads, "worker joined");
+        let p = &spec.placement;
+        tracing::info!(
+            worker = %id, name = %spec.name, address = %spec.address, nthreads = spec.nthreads, host = %p.host,
+            cpus = %cpu_list(&p.cpus), numa = ?p.numa_node, gpu = ?p.gpu, "worker joined"
+        );
         self.workers.insert(
             id,
             Worker {
@@ -29,6 +34,7 @@ impl Core {
                 nthreads: spec.nthreads.max(1),
                 memory_limit: spec.memory_limit,
                 resources: spec.resources,
+                placement: spec.placement,
                 processing: Default::default(),
                 stored_values: 0,
                 stored_bytes: 0,
@@ -145,4 +151,22 @@ impl Core {
         }
         self.update_need(comm, wanted);
     }
+}
+
+/// `0-3,8` for logs; "unbound" for none.
+fn cpu_list(cpus: &[u32]) -> String {
+    if cpus.is_empty() {
+        return "unbound".into();
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        while i + 1 < cpus.len() && cpus[i + 1] == cpus[i] + 1 {
+            i += 1;
+        }
+        parts.push(if cpus[i] == start { start.to_string() } else { format!("{start}-{}", cpus[i]) });
+        i += 1;
+    }
+    parts.join(",")
 }

@@ -47,6 +47,7 @@ pub struct Worker {
     pub nthreads: u32,
     pub memory_limit: u64,
     pub resources: Vec<Resource>,
+    pub placement: rdask_transport::protocol::Placement,
     /// Assigned and not finished (queued or running there).
     pub processing: FxHashSet<TaskId>,
     /// Values this worker holds (the tasks list it in `holders`; a worker
@@ -315,6 +316,7 @@ impl Core {
                 address: w.address.clone(),
                 nthreads: w.nthreads,
                 memory_limit: w.memory_limit,
+                placement: w.placement.clone(),
                 processing: w.processing.len() as u64,
                 stored_values: w.stored_values,
                 stored_bytes: w.stored_bytes,

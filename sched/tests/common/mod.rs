@@ -286,6 +286,7 @@ impl Harness {
             nthreads,
             memory_limit: 0,
             resources: resources.iter().map(|(n, a)| Resource { name: n.to_string(), amount: *a }).collect(),
+            placement: Default::default(),
         };
         let w = self.core.add_worker(&mut self.comm, spec, self.now_ms);
         self.sims.insert(w, SimWorker::default());

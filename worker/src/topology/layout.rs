@@ -52,65 +52,63 @@ pub struct GpuSlot {
     pub visible_devices: String,
 }
 
-/// One worker per physical core, or `nworkers` spread evenly over the NUMA
-/// nodes (and so the packages), each on a contiguous run of cores.
+/// One worker per physical core, or `nworkers` spread evenly over the
+/// cores in topology order (package by package, NUMA node by NUMA node), so
+/// that two workers on a two-socket node get a socket each and four get a
+/// NUMA node each. Each worker gets a contiguous run of cores; with more
+/// workers than cores, workers share cores.
 pub fn per_core(topo: &Topology, flags: &Flags) -> Vec<WorkerSpec> {
-    let ncores = topo.cores.len().max(1);
-    let (n, threads) = match (flags.nworkers, flags.nthreads) {
-        (None, None) => (ncores, 1),
-        (None, Some(t)) => ((ncores / t.max(1)).max(1), t.max(1)),
-        (Some(n), None) => (n.max(1), (ncores / n.max(1)).max(1)),
-        (Some(n), Some(t)) => (n.max(1), t.max(1)),
+    let ncores = topo.cores.len();
+    let n = match (flags.nworkers, flags.nthreads) {
+        (Some(n), _) => n.max(1),
+        (None, None) => ncores.max(1),
+        (None, Some(t)) => (ncores / t.max(1)).max(1),
     };
-    // Cores grouped by package, then NUMA node, in topology order.
-    let mut groups: Vec<(u32, u32, Vec<usize>)> = Vec::new();
-    for (i, c) in topo.cores.iter().enumerate() {
-        match groups.iter_mut().find(|(pkg, numa, _)| *pkg == c.package && *numa == c.numa) {
-            Some((_, _, members)) => members.push(i),
-            None => groups.push((c.package, c.numa, vec![i])),
-        }
-    }
-    if groups.is_empty() {
-        groups.push((0, 0, Vec::new()));
-    }
-    // Workers go to packages in proportion to their cores, then within a
-    // package to its NUMA nodes the same way: two workers on a two-socket
-    // node get one socket each.
-    let mut packages: Vec<u32> = groups.iter().map(|g| g.0).collect();
-    packages.dedup();
-    let package_cores: Vec<usize> =
-        packages.iter().map(|p| groups.iter().filter(|g| g.0 == *p).map(|g| g.2.len().max(1)).sum()).collect();
-    let mut quotas = Vec::with_capacity(groups.len());
-    for (p, k) in packages.iter().zip(apportion(n, &package_cores)) {
-        let weights: Vec<usize> = groups.iter().filter(|g| g.0 == *p).map(|g| g.2.len().max(1)).collect();
-        quotas.extend(apportion(k, &weights));
-    }
-    let groups: Vec<(u32, Vec<usize>)> = groups.into_iter().map(|(_, numa, members)| (numa, members)).collect();
-    let mut out = Vec::with_capacity(n);
-    for ((numa, members), k) in groups.iter().zip(quotas) {
-        let c = members.len();
-        let node_memory = topo.numa(*numa).map_or(0, |n| n.memory);
-        for j in 0..k {
-            let (start, width) = if c == 0 { (0, 0) } else { (j * c / k, (threads.min(c / k)).max(1)) };
-            let mine: Vec<usize> = members.iter().copied().skip(start).take(width.min(c - start.min(c))).collect();
-            let cpus: Vec<u32> = if flags.bind { mine.iter().flat_map(|&i| topo.cores[i].pus.iter().copied()).collect() } else { Vec::new() };
-            let memory_limit = flags.memory_limit.unwrap_or(if node_memory > 0 {
-                node_memory / k as u64
-            } else {
-                flags.fallback_memory / n as u64
-            });
-            out.push(WorkerSpec {
-                index: out.len(),
-                nthreads: threads as u32,
-                cpus,
-                cores: mine.len(),
-                numa: (flags.bind && c > 0).then_some(*numa),
+    // Core runs: [start, end) of the core list for each worker.
+    let runs: Vec<(usize, usize)> = (0..n)
+        .map(|j| {
+            if ncores == 0 {
+                return (0, 0);
+            }
+            let start = j * ncores / n;
+            // `--nthreads T`: T cores from the worker's even start (runs
+            // overlap when T workers' worth exceeds the node); else up to
+            // the next worker's start.
+            let end = match flags.nthreads {
+                Some(t) => start + t.max(1),
+                None => (j + 1) * ncores / n,
+            };
+            (start, end.max(start + 1).min(ncores))
+        })
+        .collect();
+    let numa_of = |&(s, e): &(usize, usize)| -> Option<u32> {
+        let first = topo.cores.get(s)?.numa;
+        topo.cores[s..e].iter().all(|c| c.numa == first).then_some(first)
+    };
+    let nodes: Vec<Option<u32>> = runs.iter().map(numa_of).collect();
+    let total = match topo.total_memory() {
+        0 => flags.fallback_memory,
+        t => t,
+    };
+    runs.iter()
+        .zip(&nodes)
+        .enumerate()
+        .map(|(j, (&(s, e), &numa))| {
+            let cores = &topo.cores[s..e];
+            let node_memory = numa.and_then(|n| topo.numa(n)).map_or(0, |n| n.memory);
+            let sharing = nodes.iter().filter(|n| **n == numa).count().max(1) as u64;
+            let memory_limit = flags.memory_limit.unwrap_or(if node_memory > 0 { node_memory / sharing } else { total / n as u64 });
+            WorkerSpec {
+                index: j,
+                nthreads: flags.nthreads.unwrap_or(cores.len()).max(1) as u32,
+                cpus: if flags.bind { cores.iter().flat_map(|c| c.pus.iter().copied()).collect() } else { Vec::new() },
+                cores: cores.len(),
+                numa: if flags.bind { numa } else { None },
                 memory_limit,
                 gpu: None,
-            });
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
 
 /// One worker per GPU in `devices` (each given as it appears in
@@ -152,24 +150,6 @@ pub fn per_gpu(topo: &Topology, devices: &[(String, Gpu)], flags: &Flags) -> Vec
         .collect()
 }
 
-/// Splits `n` over groups in proportion to `weights` (largest remainder;
-/// ties go to the earlier group).
-fn apportion(n: usize, weights: &[usize]) -> Vec<usize> {
-    let total: usize = weights.iter().sum::<usize>().max(1);
-    let mut quotas: Vec<usize> = weights.iter().map(|w| n * w / total).collect();
-    let mut left = n - quotas.iter().sum::<usize>();
-    let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(n * weights[i] % total), i));
-    for &i in order.iter().cycle() {
-        if left == 0 {
-            break;
-        }
-        quotas[i] += 1;
-        left -= 1;
-    }
-    quotas
-}
-
 /// The layout as a table for people (`rdask topology`).
 pub fn describe(specs: &[WorkerSpec]) -> String {
     let mut out = String::new();
@@ -184,19 +164,4 @@ pub fn describe(specs: &[WorkerSpec]) -> String {
         out.push('\n');
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::apportion;
-
-    #[test]
-    fn apportion_is_proportional_and_complete() {
-        assert_eq!(apportion(4, &[4, 4, 4, 4]), vec![1, 1, 1, 1]);
-        assert_eq!(apportion(3, &[4, 4, 4, 4]), vec![1, 1, 1, 0]);
-        assert_eq!(apportion(6, &[4, 4, 4, 4]), vec![2, 2, 1, 1]);
-        assert_eq!(apportion(5, &[8, 2]), vec![4, 1]);
-        assert_eq!(apportion(1, &[1]), vec![1]);
-        assert_eq!(apportion(7, &[1]), vec![7]);
-    }
 }
