@@ -11,7 +11,7 @@ import threading
 import time
 
 from . import _rdask
-from .config import parse_memory_limit, parse_resources
+from .config import parse_memory_limit, parse_resources, total_memory
 
 
 def _wait_for_signal(stop: threading.Event):
@@ -92,12 +92,31 @@ def scheduler_main(argv=None) -> int:
     return 0
 
 
+def plan_layout(nworkers: str, nthreads: int, memory_limit, bind: bool) -> list[dict]:
+    """The worker specs of `rdask-worker` for these flags, on this machine."""
+    from . import topology
+
+    topo = topology.read()
+    n = None if str(nworkers).lower() == "auto" else int(nworkers)
+    if n is not None and n < 1:
+        raise ValueError(f"--nworkers must be at least 1 or 'auto', not {nworkers}")
+    # "auto" memory: each NUMA node's memory split among its workers; other
+    # forms (bytes, a fraction) are the same for every worker.
+    count = n or max(1, len(topo["cores"]) // max(1, nthreads or 1))
+    memory = None if str(memory_limit).lower() == "auto" else parse_memory_limit(memory_limit, count)
+    return topology.plan(topo, nworkers=n, nthreads=nthreads or None, memory_limit=memory,
+                         fallback_memory=total_memory(), bind=bind)
+
+
 def worker_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="rdask-worker", description="rdask worker processes, each under a nanny")
     p.add_argument("address", nargs="?", help="scheduler address, e.g. tcp://10.0.0.1:8786")
     p.add_argument("--scheduler-file", default=None)
-    p.add_argument("--nworkers", "--nprocs", default="1", help="worker processes (an integer, or 'auto')")
-    p.add_argument("--nthreads", type=int, default=0, help="threads per worker (0: cores / nworkers)")
+    p.add_argument("--nworkers", "--nprocs", default="1",
+                   help="worker processes: an integer, or 'auto' for one per physical core (per --nthreads cores)")
+    p.add_argument("--nthreads", type=int, default=0, help="threads (and cores) per worker (0: cores / nworkers)")
+    p.add_argument("--no-bind", dest="bind", action="store_false",
+                   help="do not pin workers to their cores and their memory to their NUMA node")
     p.add_argument("--memory-limit", default="auto", help="per worker: auto, 0, bytes, '4GiB' or a fraction like 0.5")
     p.add_argument("--name", default=None, help="worker name (suffixed -i with several workers)")
     p.add_argument("--local-directory", default=None)
@@ -121,25 +140,23 @@ def worker_main(argv=None) -> int:
         p.error("give the scheduler address or --scheduler-file")
     if "://" not in address:
         address = "tcp://" + address
-    cpus = os.cpu_count() or 1
-    nworkers = cpus if a.nworkers == "auto" else int(a.nworkers)
-    nthreads = a.nthreads or max(1, cpus // max(1, nworkers))
     try:
-        memory = parse_memory_limit(a.memory_limit, nworkers)
+        specs = plan_layout(a.nworkers, a.nthreads, a.memory_limit, a.bind)
         resources = parse_resources(a.resources)
     except ValueError as e:
         p.error(str(e))
+    nworkers = len(specs)
     base = a.name or f"{os.uname().nodename}-{os.getpid()}"
     names = [base] if nworkers == 1 else [f"{base}-{i}" for i in range(nworkers)]
     if not a.nanny:
         if nworkers != 1:
             p.error("--no-nanny runs exactly one worker in this process")
-        from .worker import run
+        from .worker import Leave, run
 
-        from .worker import Leave
-
+        s = specs[0]
         try:
-            run(address, names[0], nthreads, memory, resources, a.token, a.local_directory, a.listen_host, a.death_timeout)
+            run(address, names[0], s["nthreads"], s["memory_limit"], resources, a.token, a.local_directory,
+                a.listen_host, a.death_timeout, cpus=s["cpus"], numa_node=s["numa"])
         except (KeyboardInterrupt, Leave):
             pass
         except _rdask.RdaskError as e:
@@ -149,11 +166,13 @@ def worker_main(argv=None) -> int:
     from .nanny import Nanny
 
     nannies = []
-    for n in names:
+    for n, s in zip(names, specs):
         local = os.path.join(a.local_directory, n) if a.local_directory else None
-        nannies.append(Nanny(address, n, nthreads, memory, resources, a.token, local, a.listen_host,
-                             death_timeout=a.death_timeout).start())
-    print(f"rdask-worker: {nworkers} worker(s) x {nthreads} thread(s) for {address}", file=sys.stderr, flush=True)
+        nannies.append(Nanny(address, n, s["nthreads"], s["memory_limit"], resources, a.token, local, a.listen_host,
+                             death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"]).start())
+    threads = sorted({s["nthreads"] for s in specs})
+    print(f"rdask-worker: {nworkers} worker(s) x {'/'.join(map(str, threads))} thread(s) for {address}"
+          f"{'' if a.bind else ' (unbound)'}", file=sys.stderr, flush=True)
     stop = threading.Event()
 
     def watch():
@@ -172,3 +191,56 @@ def worker_main(argv=None) -> int:
         print("rdask-worker: the scheduler could not be reached; exiting", file=sys.stderr)
         return 1
     return 0
+
+
+def topology_main(argv=None) -> int:
+    """`rdask topology`: the machine as read, and the workers the launchers
+    would make on it with the given flags (nothing is started)."""
+    p = argparse.ArgumentParser(prog="rdask topology", description=topology_main.__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--synthetic", default=None, help='an hwloc synthetic description, e.g. "pack:2 numa:2 core:16 pu:2"')
+    src.add_argument("--xml", default=None, help="an hwloc XML file (lstopo --of xml)")
+    p.add_argument("--nworkers", default="auto", help="as rdask-worker: an integer or 'auto' (one per core)")
+    p.add_argument("--nthreads", type=int, default=0)
+    p.add_argument("--memory-limit", default="auto")
+    p.add_argument("--no-bind", dest="bind", action="store_false")
+    p.add_argument("--json", action="store_true", help="print the topology and layout as JSON")
+    a = p.parse_args(argv)
+    from . import topology
+
+    try:
+        topo = topology.read(synthetic=a.synthetic, xml=a.xml)
+        n = None if a.nworkers == "auto" else int(a.nworkers)
+        count = n or max(1, len(topo["cores"]) // max(1, a.nthreads or 1))
+        memory = None if a.memory_limit == "auto" else parse_memory_limit(a.memory_limit, count)
+        specs = topology.plan(topo, nworkers=n, nthreads=a.nthreads or None, memory_limit=memory,
+                              fallback_memory=total_memory(), bind=a.bind)
+    except ValueError as e:
+        print(f"rdask topology: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps({"topology": topo, "workers": specs}, indent=2))
+        return 0
+    print(topology.describe(topo), end="")
+    print(f"rdask-worker --nworkers {a.nworkers}" + (f" --nthreads {a.nthreads}" if a.nthreads else "")
+          + ("" if a.bind else " --no-bind") + f" would start {len(specs)} worker(s):")
+    print(topology.describe_layout(specs))
+    return 0
+
+
+COMMANDS = {
+    "scheduler": ("scheduler_main", "run a scheduler (as rdask-scheduler)"),
+    "worker": ("worker_main", "run workers (as rdask-worker)"),
+    "topology": ("topology_main", "show this machine and the worker layout a launcher would make"),
+}
+
+
+def main(argv=None) -> int:
+    """`rdask COMMAND ...`, as `dask scheduler` / `dask worker`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: rdask {" + ",".join(COMMANDS) + "} ...\n", file=sys.stderr)
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return globals()[COMMANDS[argv[0]][0]](argv[1:])

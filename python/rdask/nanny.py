@@ -20,11 +20,20 @@ class Nanny:
     def __init__(self, scheduler: str, name: str, nthreads: int = 1, memory_limit: int = 0,
                  resources: dict | None = None, token: str | None = None,
                  local_directory: str | None = None, listen_host: str = "127.0.0.1",
-                 max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0):
+                 max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0,
+                 cpus: list | None = None, numa_node: int | None = None, gpu: str | None = None,
+                 env: dict | None = None):
         self.name = name
         self.cmd = [sys.executable, "-m", "rdask.worker_process", scheduler, "--name", name,
                     "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
                     "--listen-host", listen_host, "--connect-timeout", str(death_timeout)]
+        # The worker binds itself at start-up (before its threads exist).
+        if cpus:
+            self.cmd += ["--cpus", ",".join(map(str, cpus))]
+        if numa_node is not None:
+            self.cmd += ["--numa-node", str(numa_node)]
+        if gpu:
+            self.cmd += ["--gpu", gpu]
         if resources:
             self.cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
         if local_directory:
@@ -39,6 +48,7 @@ class Nanny:
             self.env.setdefault(var, "1")
         if token:
             self.env["RDASK_TOKEN"] = token
+        self.env.update(env or {})
         self.quiet = quiet
         self.max_restarts = max_restarts_per_minute
         self.restarts: list[float] = []

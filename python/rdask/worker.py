@@ -33,6 +33,10 @@ class WorkerInfo:
         self._local = threading.local()
         self._client = None
         self._client_lock = threading.Lock()
+        # Set by `run` when the launcher placed this worker.
+        self.cpus: list = []
+        self.numa_node = None
+        self.gpu = None
 
     @property
     def current_key(self):
@@ -140,6 +144,9 @@ def run(
     local_directory: str | None = None,
     listen_host: str = "127.0.0.1",
     connect_timeout: float = 30.0,
+    cpus: list | None = None,
+    numa_node: int | None = None,
+    gpu: str | None = None,
 ):
     """Runs this process as a worker until the scheduler goes away. On
     SIGTERM (in the main thread) it leaves cleanly and raises `Leave`."""
@@ -149,7 +156,14 @@ def run(
         signal.signal(signal.SIGTERM, _raise_leave)
     if local_directory:
         os.makedirs(local_directory, exist_ok=True)
+    if cpus or numa_node is not None:
+        # Before the runtime starts its threads, so they inherit it.
+        cpus, numa_node, warnings = _rdask.bind_process(list(cpus or []), numa_node)
+        for w in warnings:
+            logger.warning("worker %s: %s", name, w)
+            print(f"rdask worker {name}: warning: {w}", file=sys.stderr)
     _worker = WorkerInfo(name, scheduler, nthreads, local_directory, token)
+    _worker.cpus, _worker.numa_node, _worker.gpu = list(cpus or []), numa_node, gpu
     _rdask.run_worker(
         scheduler,
         execute,
@@ -162,6 +176,9 @@ def run(
         listen=f"tcp://{listen_host}:0",
         token=token,
         connect_timeout=connect_timeout,
+        cpus=list(cpus or []),
+        numa_node=numa_node,
+        gpu=gpu,
     )
 
 
@@ -176,8 +193,12 @@ def main(argv=None):
     p.add_argument("--local-directory", default=None)
     p.add_argument("--listen-host", default="127.0.0.1")
     p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--cpus", default=None, help="bind to these CPUs (a list like 0-3,8)")
+    p.add_argument("--numa-node", type=int, default=None, help="take memory from this NUMA node first")
+    p.add_argument("--gpu", default=None, help="the GPU this worker drives (reported to the scheduler)")
     a = p.parse_args(argv)
     from .config import parse_resources
+    from .topology import parse_cpu_list
 
     try:
         run(
@@ -190,6 +211,9 @@ def main(argv=None):
             a.local_directory,
             a.listen_host,
             a.connect_timeout,
+            cpus=parse_cpu_list(a.cpus) if a.cpus else None,
+            numa_node=a.numa_node,
+            gpu=a.gpu,
         )
     except (KeyboardInterrupt, Leave):
         return 0

@@ -341,6 +341,10 @@ fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyRes
         wd.set_item("address", &w.address)?;
         wd.set_item("nthreads", w.nthreads)?;
         wd.set_item("memory_limit", w.memory_limit)?;
+        wd.set_item("host", &w.placement.host)?;
+        wd.set_item("cpus", w.placement.cpus.clone())?;
+        wd.set_item("numa_node", w.placement.numa_node)?;
+        wd.set_item("gpu", w.placement.gpu.clone())?;
         wd.set_item("processing", w.processing)?;
         wd.set_item("stored_values", w.stored_values)?;
         wd.set_item("stored_bytes", w.stored_bytes)?;

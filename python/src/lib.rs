@@ -7,6 +7,7 @@ mod client;
 mod frames;
 mod payload;
 mod scheduler;
+mod topology;
 mod worker;
 
 use std::sync::OnceLock;
@@ -90,5 +91,10 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(payload::scalar_call, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::read_topology, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::describe_topology, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::plan_workers, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::bind_process, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::allowed_cpus, m)?)?;
     Ok(())
 }

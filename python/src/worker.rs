@@ -198,7 +198,7 @@ pub fn secede() -> bool {
 /// first tells the scheduler it is leaving, so none of its tasks is
 /// suspected of killing it, and then the exception propagates.
 #[pyfunction]
-#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None))]
+#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -214,6 +214,9 @@ pub fn run_worker(
     token: Option<String>,
     connect_timeout: f64,
     on_start: Option<Py<PyAny>>,
+    cpus: Option<Vec<u32>>,
+    numa_node: Option<u32>,
+    gpu: Option<String>,
 ) -> PyResult<()> {
     let config = WorkerConfig {
         scheduler,
@@ -224,6 +227,7 @@ pub fn run_worker(
         listen: listen.to_string(),
         token,
         connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
+        placement: rdask_transport::protocol::Placement { host: String::new(), cpus: cpus.unwrap_or_default(), numa_node, gpu },
         ..WorkerConfig::default()
     };
     let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads }) });

@@ -3,6 +3,7 @@ them, and the parsing of the values given on their command lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,10 +15,14 @@ import psutil
 import pytest
 
 from rdask import AuthenticationError, Client, get_worker
+from rdask import topology
+from rdask.cli import plan_layout
+from rdask.topology import parse_cpu_list
 from rdask.config import parse_memory_limit, parse_resources, total_memory
 
 BIN = os.path.dirname(sys.executable)
 SCHEDULER = os.path.join(BIN, "rdask-scheduler")
+RDASK = os.path.join(BIN, "rdask")
 WORKER = os.path.join(BIN, "rdask-worker")
 GiB = 2**30
 
@@ -193,8 +198,10 @@ def test_sigterm_stops_worker_command_and_scheduler(tmp_path):
     try:
         client = Client(scheduler_file=sched_file, set_as_default=False, timeout=30)
         wait_for(lambda: len(workers_of(client)) == 2, 30, "2 workers registered", sched, workers)
-        expected = parse_memory_limit("auto", 2)
-        assert [w["memory_limit"] for w in workers_of(client).values()] == [expected, expected]
+        # auto: each NUMA node's memory split among its workers
+        expected = [s["memory_limit"] for s in plan_layout("2", 0, "auto", True)]
+        assert sorted(w["memory_limit"] for w in workers_of(client).values()) == sorted(expected)
+        assert abs(sum(expected) - total_memory()) <= 2
         assert client.submit(inc, 1).result(timeout=30) == 2
         children = workers.children()
         assert len(children) >= 2
@@ -336,6 +343,77 @@ def test_the_scheduler_process_gives_memory_back_after_a_large_graph(tmp_path):
                      f"memory going back (base {base >> 20} MiB, peak {peak >> 20} MiB)", sched)
     finally:
         sched.stop()
+
+
+def affinity(_=None):
+    return sorted(os.sched_getaffinity(0)), get_worker().name
+
+
+def cpus_allowed(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
+    return parse_cpu_list(line.split(":", 1)[1].strip())
+
+
+def test_nworkers_auto_pins_one_worker_to_each_core(tmp_path):
+    """`--nworkers auto`: one worker process per physical core, each bound
+    to its own core (as the kernel reports it), registered with its CPUs and
+    NUMA node, and its tasks run there."""
+    cores = len(topology.read()["cores"])
+    sched, sched_file = start_scheduler(tmp_path, "pinned-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--nworkers", "auto", name="pinned")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            wait_for(lambda: len(workers_of(client)) == cores, 60, f"{cores} workers registered", sched, workers)
+            info = list(workers_of(client).values())
+            assert all(len(w["cpus"]) >= 1 and w["numa_node"] is not None and w["host"] for w in info), info
+            registered = sorted(tuple(w["cpus"]) for w in info)
+            assert len(set(registered)) == cores, f"each worker has its own core: {registered}"
+            assert all(w["nthreads"] == 1 for w in info)
+            # what the kernel says about each worker process
+            kids = [p for p in workers.children() if "rdask.worker_process" in " ".join(p.cmdline())]
+            assert len(kids) == cores
+            assert sorted(tuple(cpus_allowed(p.pid)) for p in kids) == registered
+            # and a task on each worker sees its worker's CPUs
+            for w in info:
+                cpus, name = client.submit(affinity, workers=[w["name"]], pure=False).result(timeout=30)
+                assert (cpus, name) == (w["cpus"], w["name"])
+        wait_for(lambda: "cpus=" in sched.output(), 10, "the placement in the scheduler's log", sched)
+    finally:
+        workers.stop()
+        sched.stop()
+
+
+def test_no_bind_leaves_workers_on_every_cpu(tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    sched, sched_file = start_scheduler(tmp_path, "unbound-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--nworkers", "2", "--no-bind", name="unbound")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as client:
+            wait_for(lambda: len(workers_of(client)) == 2, 60, "2 workers registered", sched, workers)
+            assert all(w["cpus"] == [] and w["numa_node"] is None for w in workers_of(client).values())
+            cpus, _ = client.submit(affinity, pure=False).result(timeout=30)
+            assert cpus == allowed
+    finally:
+        workers.stop()
+        sched.stop()
+
+
+def test_rdask_topology_prints_the_machine_and_a_dry_run_layout():
+    out = subprocess.run([RDASK, "topology"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "core(s)" in out.stdout and "would start" in out.stdout
+    fixture = os.path.join(os.path.dirname(__file__), "..", "..", "worker", "tests", "fixtures", "dgx-like.xml")
+    out = subprocess.run([RDASK, "topology", "--xml", fixture, "--nworkers", "4", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["topology"]["gpus"]) == 8
+    assert [w["numa"] for w in data["workers"]] == [0, 1, 2, 3]
+    bad = subprocess.run([RDASK, "topology", "--synthetic", "pack:banana"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "banana" in bad.stderr
+    usage = subprocess.run([RDASK], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "topology" in usage.stderr
 
 
 # ---------------------------------------------------------------- parsing

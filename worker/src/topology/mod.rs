@@ -84,11 +84,19 @@ impl Topology {
     pub fn read(source: &Source) -> Result<Topology, TopologyError> {
         #[cfg(feature = "hwloc")]
         {
-            hwloc::read(source)
+            let mut t = hwloc::read(source)?;
+            if *source == Source::ThisMachine {
+                t.agree_with_physical_memory(physical_memory());
+            }
+            Ok(t)
         }
         #[cfg(not(feature = "hwloc"))]
         match source {
-            Source::ThisMachine => Ok(Topology::flat(available_cpus())),
+            Source::ThisMachine => {
+                let mut t = Topology::flat(available_cpus());
+                t.numa_nodes[0].memory = physical_memory();
+                Ok(t)
+            }
             Source::Synthetic(s) => Err(TopologyError::NoHwloc(format!("synthetic topology {s:?}"))),
             Source::XmlFile(p) => Err(TopologyError::NoHwloc(format!("XML topology {}", p.display()))),
         }
@@ -104,6 +112,26 @@ impl Topology {
             cores: pus.into_iter().map(|pu| Core { package: 0, numa: 0, pus: vec![pu] }).collect(),
             gpus: Vec::new(),
         }
+    }
+
+    /// Some virtual machines report NUMA node memory that does not add up to
+    /// the memory the kernel has (here: 7 GB in node 0 of a 24 GB VM). When
+    /// the two differ by more than a tenth, the nodes' shares are kept and
+    /// scaled to the physical total, so `--memory-limit auto` splits what
+    /// the machine really has.
+    pub fn agree_with_physical_memory(&mut self, physical: u64) {
+        let total = self.total_memory();
+        if physical == 0 || total == 0 || total.abs_diff(physical) * 10 <= physical {
+            return;
+        }
+        for n in &mut self.numa_nodes {
+            n.memory = (n.memory as u128 * physical as u128 / total as u128) as u64;
+        }
+        self.description += &format!(
+            "; NUMA memory scaled to the system's {:.1} GiB (the nodes reported {:.1} GiB)",
+            physical as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
     }
 
     pub fn numa(&self, os_index: u32) -> Option<&NumaNode> {
@@ -154,6 +182,16 @@ pub fn available_cpus() -> Vec<u32> {
     })
 }
 
+/// Bytes of physical memory the kernel manages (0 if unknown).
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGE_SIZE)) };
+    if pages <= 0 || size <= 0 {
+        return 0;
+    }
+    pages as u64 * size as u64
+}
+
 /// `0-3,8,10-11`, the form of `taskset -c` and `/proc/PID/status`.
 pub fn cpu_list(cpus: &[u32]) -> String {
     let mut sorted = cpus.to_vec();
@@ -202,6 +240,20 @@ fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numa_memory_that_disagrees_with_the_system_is_scaled() {
+        let mut t = Topology::flat(vec![0, 1]);
+        t.numa_nodes = vec![NumaNode { os_index: 0, memory: 3 << 30 }, NumaNode { os_index: 1, memory: 1 << 30 }];
+        t.agree_with_physical_memory(8 << 30);
+        assert_eq!(t.numa_nodes.iter().map(|n| n.memory).collect::<Vec<_>>(), [6 << 30, 2 << 30]);
+        assert!(t.description.contains("scaled"));
+        // Close enough (within a tenth): left alone.
+        let mut t = Topology::flat(vec![0]);
+        t.numa_nodes[0].memory = 95 << 20;
+        t.agree_with_physical_memory(100 << 20);
+        assert_eq!(t.numa_nodes[0].memory, 95 << 20);
+    }
 
     #[test]
     fn cpu_lists_round_trip() {
