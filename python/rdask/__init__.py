@@ -10,6 +10,7 @@ from .errors import AuthenticationError, CommClosedError, KilledWorker, RdaskErr
 from .api import as_completed, fire_and_forget, get_client, wait, worker_client
 from .client import Client, default_client
 from .cluster import LocalCluster
+from .cuda import GpuUnavailableError, LocalCUDACluster
 from .future import Future, FutureCancelledError
 from .progress import progress
 from .worker import get_worker, rejoin, secede
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
     "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
-    "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker",
+    "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker", "LocalCUDACluster", "GpuUnavailableError",
 ]

@@ -204,25 +204,36 @@ def topology_main(argv=None) -> int:
     p.add_argument("--nthreads", type=int, default=0)
     p.add_argument("--memory-limit", default="auto")
     p.add_argument("--no-bind", dest="bind", action="store_false")
+    p.add_argument("--cuda", action="store_true",
+                   help="the layout of rdask-cuda-worker (GPUs from NVML, or from --xml)")
     p.add_argument("--json", action="store_true", help="print the topology and layout as JSON")
     a = p.parse_args(argv)
-    from . import topology
+    from . import cuda, topology
 
     try:
         topo = topology.read(synthetic=a.synthetic, xml=a.xml)
-        n = None if a.nworkers == "auto" else int(a.nworkers)
-        count = n or max(1, len(topo["cores"]) // max(1, a.nthreads or 1))
-        memory = None if a.memory_limit == "auto" else parse_memory_limit(a.memory_limit, count)
-        specs = topology.plan(topo, nworkers=n, nthreads=a.nthreads or None, memory_limit=memory,
-                              fallback_memory=total_memory(), bind=a.bind)
-    except ValueError as e:
+        if a.cuda:
+            if a.synthetic or a.xml:  # a described machine: its GPUs stand in for NVML's
+                gpus = [{k: g[k] for k in ("index", "name", "pci_bus_id", "cpus")} for g in topo["gpus"]]
+            else:
+                gpus = cuda.gpu_devices()
+            specs = cuda.plan(topo, gpus, a.nthreads or 1, a.memory_limit, 0.8, a.bind,
+                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+        else:
+            n = None if a.nworkers == "auto" else int(a.nworkers)
+            count = n or max(1, len(topo["cores"]) // max(1, a.nthreads or 1))
+            memory = None if a.memory_limit == "auto" else parse_memory_limit(a.memory_limit, count)
+            specs = topology.plan(topo, nworkers=n, nthreads=a.nthreads or None, memory_limit=memory,
+                                  fallback_memory=total_memory(), bind=a.bind)
+    except (ValueError, _rdask.RdaskError) as e:
         print(f"rdask topology: {e}", file=sys.stderr)
         return 1
     if a.json:
         print(json.dumps({"topology": topo, "workers": specs}, indent=2))
         return 0
     print(topology.describe(topo), end="")
-    print(f"rdask-worker --nworkers {a.nworkers}" + (f" --nthreads {a.nthreads}" if a.nthreads else "")
+    command = "rdask-cuda-worker" if a.cuda else f"rdask-worker --nworkers {a.nworkers}"
+    print(command + (f" --nthreads {a.nthreads}" if a.nthreads else "")
           + ("" if a.bind else " --no-bind") + f" would start {len(specs)} worker(s):")
     print(topology.describe_layout(specs))
     return 0
@@ -231,8 +242,15 @@ def topology_main(argv=None) -> int:
 COMMANDS = {
     "scheduler": ("scheduler_main", "run a scheduler (as rdask-scheduler)"),
     "worker": ("worker_main", "run workers (as rdask-worker)"),
+    "cuda-worker": ("cuda_worker_main", "run one worker per GPU (as rdask-cuda-worker)"),
     "topology": ("topology_main", "show this machine and the worker layout a launcher would make"),
 }
+
+
+def cuda_worker_main(argv=None) -> int:
+    from .cuda import main as cuda_main
+
+    return cuda_main(argv)
 
 
 def main(argv=None) -> int:

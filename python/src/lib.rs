@@ -25,6 +25,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     _rdask,
+    GpuUnavailableError,
+    RdaskError,
+    "No usable NVIDIA GPU: no driver (libnvidia-ml.so.1), or no device."
+);
+pyo3::create_exception!(
+    _rdask,
     AuthenticationError,
     RdaskError,
     "The scheduler refused this client's token (wrong or missing)."
@@ -81,6 +87,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CommClosedError", m.py().get_type::<CommClosedError>())?;
     m.add("AuthenticationError", m.py().get_type::<AuthenticationError>())?;
     m.add("CannotJoinError", m.py().get_type::<CannotJoinError>())?;
+    m.add("GpuUnavailableError", m.py().get_type::<GpuUnavailableError>())?;
     m.add("UnserializableValue", m.py().get_type::<UnserializableValue>())?;
     m.add("PROTOCOL_VERSION", rdask_transport::protocol::PROTOCOL_VERSION)?;
     m.add_class::<frames::Frame>()?;
@@ -96,5 +103,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topology::plan_workers, m)?)?;
     m.add_function(wrap_pyfunction!(topology::bind_process, m)?)?;
     m.add_function(wrap_pyfunction!(topology::allowed_cpus, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::gpu_devices, m)?)?;
+    m.add_function(wrap_pyfunction!(topology::plan_cuda_workers, m)?)?;
     Ok(())
 }

@@ -1,0 +1,200 @@
+"""GPU workers: `rdask-cuda-worker` and `LocalCUDACluster`, as dask-cuda's.
+
+One worker process per visible NVIDIA GPU (found through NVML), each with
+`CUDA_VISIBLE_DEVICES` rotated so its own GPU comes first, bound to the CPU
+cores and NUMA node closest to its GPU, one thread by default, the resource
+`GPU=1` registered, and a device memory limit (0.8 of the GPU by default).
+Without a driver or a GPU, both say so in one line and stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from . import _rdask, topology
+from .cluster import LocalCluster
+from .config import parse_memory_limit, parse_resources, total_memory
+from .errors import RdaskError
+
+GpuUnavailableError = _rdask.GpuUnavailableError
+
+# dask-cuda flags that mean nothing here yet, and why.
+UNSUPPORTED = {
+    "--rmm-pool-size": "rdask has no RMM pool; device memory is the GPU data plane's (not built yet)",
+    "--rmm-maximum-pool-size": "rdask has no RMM pool",
+    "--rmm-managed-memory": "rdask has no RMM pool",
+    "--rmm-async": "rdask has no RMM pool",
+    "--rmm-release-threshold": "rdask has no RMM pool",
+    "--rmm-log-directory": "rdask has no RMM pool",
+    "--rmm-track-allocations": "rdask has no RMM pool",
+    "--enable-tcp-over-ucx": "the UCX transport is not built yet",
+    "--enable-infiniband": "the UCX transport is not built yet",
+    "--enable-nvlink": "the UCX transport is not built yet",
+    "--enable-rdmacm": "the UCX transport is not built yet",
+    "--net-devices": "the UCX transport is not built yet",
+    "--enable-jit-unspill": "device spilling is not built yet",
+    "--shared-filesystem": "spilling to disk is not built yet",
+    "--dashboard-address": "the dashboard is not built yet",
+    "--preload": "preload scripts are not supported yet",
+    "--preload-argv": "preload scripts are not supported yet",
+}
+
+
+def gpu_devices() -> list[dict]:
+    """The GPUs NVML reports; GpuUnavailableError (one line) without any."""
+    return json.loads(_rdask.gpu_devices())
+
+
+def _fraction_or_bytes(value, total: int) -> int:
+    """`0.8` (of `total`), bytes, '30GB', or 0 / 'auto' (0.8)."""
+    if value in (None, "auto"):
+        return int(total * 0.8)
+    return parse_memory_limit(value, 1, total)
+
+
+def plan(topo: dict, gpus: list[dict], nthreads: int | None = 1, memory_limit="auto",
+         device_memory_limit=0.8, bind: bool = True, visible: str | None = None) -> list[dict]:
+    """Worker specs, one per GPU in `visible` (CUDA_VISIBLE_DEVICES), each
+    with `device_memory_limit` in bytes and a `gpu_label` to register."""
+    n = len(visible.split(",")) if visible else len(gpus)
+    memory = None if str(memory_limit).lower() == "auto" else parse_memory_limit(memory_limit, max(1, n))
+    flags = {"nworkers": None, "nthreads": nthreads, "memory_limit": memory,
+             "fallback_memory": total_memory(), "bind": bool(bind)}
+    specs = json.loads(_rdask.plan_cuda_workers(json.dumps(topo), json.dumps(flags), json.dumps(gpus), visible))
+    by_index = {g["index"]: g for g in gpus}
+    for s in specs:
+        g = s["gpu"]
+        device = by_index[g["index"]].get("memory", 0)
+        s["device_memory_limit"] = _fraction_or_bytes(device_memory_limit, device) if device else 0
+        s["gpu_label"] = f"{g['index']}: {g['name']} ({g['pci_bus_id']})"
+    return specs
+
+
+def _worker_env(spec: dict) -> dict:
+    return {
+        "CUDA_VISIBLE_DEVICES": spec["gpu"]["visible_devices"],
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "RDASK_DEVICE_MEMORY_LIMIT": str(spec["device_memory_limit"]),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="rdask-cuda-worker",
+                                description="one rdask worker per visible NVIDIA GPU, each under a nanny")
+    p.add_argument("address", nargs="?", help="scheduler address, e.g. tcp://10.0.0.1:8786")
+    p.add_argument("--scheduler-file", default=None)
+    p.add_argument("--nthreads", type=int, default=1, help="threads per worker (default 1, as dask-cuda)")
+    p.add_argument("--memory-limit", default="auto", help="host memory per worker: auto (split), bytes, 0.5")
+    p.add_argument("--device-memory-limit", default="0.8", help="per GPU: a fraction of it (0.8) or bytes")
+    p.add_argument("--resources", default="", help='extra resources; "GPU=1" is always registered')
+    p.add_argument("--name", default=None, help="name prefix (workers are NAME-gpuI)")
+    p.add_argument("--local-directory", default=None)
+    p.add_argument("--death-timeout", type=float, default=30.0)
+    p.add_argument("--protocol", default="tcp", help="tcp (ucx once the UCX transport exists)")
+    p.add_argument("--listen-host", "--host", default="127.0.0.1")
+    p.add_argument("--no-bind", dest="bind", action="store_false")
+    from .cli import _wait_for_signal, add_token_args, token_of
+
+    add_token_args(p)
+    a, rest = p.parse_known_args(argv)
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if flag in UNSUPPORTED:
+            print(f"rdask-cuda-worker: {flag} is not supported: {UNSUPPORTED[flag]}", file=sys.stderr)
+            return 2
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.protocol != "tcp":
+        print(f"rdask-cuda-worker: --protocol {a.protocol} is not supported yet (only tcp)", file=sys.stderr)
+        return 2
+    a.token = token_of(a)
+    try:
+        gpus = gpu_devices()
+    except GpuUnavailableError as e:
+        print(f"rdask-cuda-worker: {e}", file=sys.stderr)
+        return 1
+    address = a.address
+    if address is None and a.scheduler_file:
+        from .client import _read_scheduler_file
+
+        try:
+            address = _read_scheduler_file(a.scheduler_file, a.death_timeout)
+        except TimeoutError as e:
+            print(f"rdask-cuda-worker: {e}", file=sys.stderr)
+            return 1
+    if address is None:
+        p.error("give the scheduler address or --scheduler-file")
+    if "://" not in address:
+        address = "tcp://" + address
+    try:
+        specs = plan(topology.read(), gpus, a.nthreads, a.memory_limit, a.device_memory_limit, a.bind,
+                     os.environ.get("CUDA_VISIBLE_DEVICES"))
+        resources = {**parse_resources(a.resources), "GPU": 1.0}
+    except ValueError as e:
+        print(f"rdask-cuda-worker: {e}", file=sys.stderr)
+        return 1
+    from .nanny import Nanny
+
+    base = a.name or os.uname().nodename
+    nannies = []
+    for s in specs:
+        name = f"{base}-gpu{s['gpu']['index']}"
+        local = os.path.join(a.local_directory, name) if a.local_directory else None
+        nannies.append(Nanny(address, name, s["nthreads"], s["memory_limit"], resources, a.token, local,
+                             a.listen_host, death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"],
+                             gpu=s["gpu_label"], env=_worker_env(s)).start())
+    print(f"rdask-cuda-worker: {len(specs)} GPU worker(s) for {address}:\n{topology.describe_layout(specs)}",
+          file=sys.stderr, flush=True)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if all(not n.is_alive() and (n._thread is None or not n._thread.is_alive()) for n in nannies):
+                stop.set()
+            stop.wait(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        _wait_for_signal(stop)
+    finally:
+        for n in nannies:
+            n.stop()
+    return 1 if any(n.gave_up for n in nannies) else 0
+
+
+class LocalCUDACluster(LocalCluster):
+    """A scheduler in this process and one worker process per visible GPU,
+    as dask-cuda's `LocalCUDACluster`. Raises GpuUnavailableError (one line)
+    on a machine without an NVIDIA driver or GPU."""
+
+    def __init__(self, n_workers: int | None = None, threads_per_worker: int = 1, CUDA_VISIBLE_DEVICES=None,
+                 memory_limit="auto", device_memory_limit=0.8, bind: bool = True, **kwargs):
+        gpus = gpu_devices()  # before anything starts
+        visible = CUDA_VISIBLE_DEVICES
+        if isinstance(visible, (list, tuple)):
+            visible = ",".join(map(str, visible))
+        visible = visible if visible is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+        specs = plan(topology.read(), gpus, threads_per_worker, memory_limit, device_memory_limit, bind, visible)
+        if n_workers is not None:
+            if n_workers > len(specs):
+                raise ValueError(f"n_workers={n_workers} but only {len(specs)} GPU(s) are visible")
+            specs = specs[:n_workers]
+        self._gpu_specs = specs
+        resources = {**(kwargs.pop("resources", None) or {}), "GPU": 1}
+        super().__init__(n_workers=len(specs), threads_per_worker=threads_per_worker, resources=resources, **kwargs)
+
+    def _start_worker(self):
+        from .nanny import Nanny
+
+        s = self._gpu_specs[self._next % len(self._gpu_specs)]
+        name = str(s["gpu"]["index"])
+        self._next += 1
+        if not self.processes:
+            raise RdaskError("LocalCUDACluster runs one process per GPU (processes=False is not supported)")
+        self.workers[name] = Nanny(self.scheduler_address, name, s["nthreads"], s["memory_limit"], self.resources,
+                                   self.token, self.local_directory, self.host, cpus=s["cpus"],
+                                   numa_node=s["numa"], gpu=s["gpu_label"], env=_worker_env(s)).start()

@@ -1,0 +1,90 @@
+"""GPU launchers on a machine without an NVIDIA driver (CI, this project's
+machines): every path says what is missing in one line and starts nothing;
+layouts are checked on a described 8-GPU node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import rdask
+from rdask import cuda, topology
+
+BIN = os.path.dirname(sys.executable)
+CUDA_WORKER = os.path.join(BIN, "rdask-cuda-worker")
+RDASK = os.path.join(BIN, "rdask")
+DGX = os.path.join(os.path.dirname(__file__), "..", "..", "worker", "tests", "fixtures", "dgx-like.xml")
+
+
+def has_driver() -> bool:
+    try:
+        cuda.gpu_devices()
+        return True
+    except rdask.GpuUnavailableError:
+        return False
+
+
+no_driver = pytest.mark.skipif(has_driver(), reason="this machine has an NVIDIA driver")
+
+
+@no_driver
+def test_cuda_worker_without_a_driver_exits_1_with_one_clear_line():
+    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "libnvidia-ml.so.1" in lines[0] and "Traceback" not in out.stderr
+
+
+@no_driver
+def test_local_cuda_cluster_without_a_driver_raises_before_starting_anything():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(rdask.GpuUnavailableError, match="libnvidia-ml.so.1"):
+        rdask.LocalCUDACluster()
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before, "no worker process was started"
+
+
+def test_cuda_worker_names_flags_it_does_not_support():
+    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1", "--rmm-pool-size", "10GB"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--rmm-pool-size is not supported" in out.stderr
+    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1", "--protocol", "ucx"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "--protocol ucx" in out.stderr
+
+
+def test_cuda_layout_of_a_described_eight_gpu_node():
+    out = subprocess.run([RDASK, "topology", "--cuda", "--xml", DGX, "--json"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    workers = json.loads(out.stdout)["workers"]
+    assert len(workers) == 8
+    for i, w in enumerate(workers):
+        assert w["nthreads"] == 1
+        assert w["numa"] == i // 2
+        assert w["cpus"] == list(range(16 * (i // 2), 16 * (i // 2) + 16))
+        visible = w["gpu"]["visible_devices"].split(",")
+        assert visible[0] == str(i) and sorted(visible, key=int) == [str(k) for k in range(8)]
+
+
+def test_cuda_plan_limits_device_memory_and_labels_each_gpu():
+    topo = topology.read(xml=DGX)
+    gpus = [{"index": g["index"], "uuid": f"GPU-{g['index']}", "name": g["name"], "pci_bus_id": g["pci_bus_id"],
+             "memory": 40 << 30, "cpus": []} for g in topo["gpus"]]
+    specs = cuda.plan(topo, gpus, visible="3,0", device_memory_limit=0.8)
+    assert [s["gpu"]["visible_devices"] for s in specs] == ["3,0", "0,3"]
+    assert all(s["device_memory_limit"] == int((40 << 30) * 0.8) for s in specs)
+    assert specs[0]["gpu_label"] == "3: NVIDIA A100-SXM4-40GB (0000:52:00.0)"
+    fixed = cuda.plan(topo, gpus, visible="1", device_memory_limit="10GiB")
+    assert fixed[0]["device_memory_limit"] == 10 << 30
+    env = cuda._worker_env(specs[0])
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        cuda.plan(topo, gpus, visible="9")
