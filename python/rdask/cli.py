@@ -52,6 +52,46 @@ def token_of(a) -> str | None:
     return a.token if a.token is not None else os.environ.get("RDASK_TOKEN")
 
 
+def scheduler_address(p: argparse.ArgumentParser, a) -> str | None:
+    """The scheduler address from the command line or `--scheduler-file`
+    (waited for up to `--death-timeout`); None after printing why not."""
+    address = a.address
+    if address is None and a.scheduler_file:
+        from .client import _read_scheduler_file
+
+        try:
+            address = _read_scheduler_file(a.scheduler_file, a.death_timeout)
+        except TimeoutError as e:
+            print(f"{p.prog}: {e}", file=sys.stderr)
+            return None
+    if address is None:
+        p.error("give the scheduler address or --scheduler-file")
+    return address if "://" in address else "tcp://" + address
+
+
+def run_nannies(nannies: list) -> int:
+    """Waits for SIGTERM/SIGINT or for every nanny to end, then stops them;
+    1 if some worker could not reach its scheduler."""
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if all(not n.is_alive() and (n._thread is None or not n._thread.is_alive()) for n in nannies):
+                stop.set()
+            stop.wait(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        _wait_for_signal(stop)
+    finally:
+        for n in nannies:
+            n.stop()
+    if any(n.gave_up for n in nannies):
+        print("the scheduler could not be reached; exiting", file=sys.stderr)
+        return 1
+    return 0
+
+
 def write_scheduler_file(path: str, address: str):
     body = {"type": "Scheduler", "id": f"rdask-scheduler-{os.getpid()}", "address": address,
             "services": {}, "started": time.time(), "workers": {}}
@@ -92,11 +132,12 @@ def scheduler_main(argv=None) -> int:
     return 0
 
 
-def plan_layout(nworkers: str, nthreads: int, memory_limit, bind: bool) -> list[dict]:
-    """The worker specs of `rdask-worker` for these flags, on this machine."""
+def plan_layout(nworkers: str, nthreads: int, memory_limit, bind: bool, topo: dict | None = None) -> list[dict]:
+    """The worker specs of `rdask-worker` for these flags, on this machine
+    (or on `topo`)."""
     from . import topology
 
-    topo = topology.read()
+    topo = topology.read() if topo is None else topo
     n = None if str(nworkers).lower() == "auto" else int(nworkers)
     if n is not None and n < 1:
         raise ValueError(f"--nworkers must be at least 1 or 'auto', not {nworkers}")
@@ -127,19 +168,9 @@ def worker_main(argv=None) -> int:
     p.add_argument("--death-timeout", type=float, default=30.0, help="seconds to keep trying to reach the scheduler")
     a = p.parse_args(argv)
     a.token = token_of(a)
-    address = a.address
-    if address is None and a.scheduler_file:
-        from .client import _read_scheduler_file
-
-        try:
-            address = _read_scheduler_file(a.scheduler_file, a.death_timeout)
-        except TimeoutError as e:
-            print(f"rdask-worker: {e}", file=sys.stderr)
-            return 1
+    address = scheduler_address(p, a)
     if address is None:
-        p.error("give the scheduler address or --scheduler-file")
-    if "://" not in address:
-        address = "tcp://" + address
+        return 1
     try:
         specs = plan_layout(a.nworkers, a.nthreads, a.memory_limit, a.bind)
         resources = parse_resources(a.resources)
@@ -173,24 +204,7 @@ def worker_main(argv=None) -> int:
     threads = sorted({s["nthreads"] for s in specs})
     print(f"rdask-worker: {nworkers} worker(s) x {'/'.join(map(str, threads))} thread(s) for {address}"
           f"{'' if a.bind else ' (unbound)'}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            if all(not n.is_alive() and (n._thread is None or not n._thread.is_alive()) for n in nannies):
-                stop.set()
-            stop.wait(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        _wait_for_signal(stop)
-    finally:
-        for n in nannies:
-            n.stop()
-    if any(n.gave_up for n in nannies):
-        print("rdask-worker: the scheduler could not be reached; exiting", file=sys.stderr)
-        return 1
-    return 0
+    return run_nannies(nannies)
 
 
 def topology_main(argv=None) -> int:
@@ -220,11 +234,7 @@ def topology_main(argv=None) -> int:
             specs = cuda.plan(topo, gpus, a.nthreads or 1, a.memory_limit, 0.8, a.bind,
                               os.environ.get("CUDA_VISIBLE_DEVICES"))
         else:
-            n = None if a.nworkers == "auto" else int(a.nworkers)
-            count = n or max(1, len(topo["cores"]) // max(1, a.nthreads or 1))
-            memory = None if a.memory_limit == "auto" else parse_memory_limit(a.memory_limit, count)
-            specs = topology.plan(topo, nworkers=n, nthreads=a.nthreads or None, memory_limit=memory,
-                                  fallback_memory=total_memory(), bind=a.bind)
+            specs = plan_layout(a.nworkers, a.nthreads, a.memory_limit, a.bind, topo)
     except (ValueError, _rdask.RdaskError) as e:
         print(f"rdask topology: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 
 from . import _rdask, topology
 from .cluster import LocalCluster
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", default="tcp", help="tcp (ucx once the UCX transport exists)")
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-bind", dest="bind", action="store_false")
-    from .cli import _wait_for_signal, add_token_args, token_of
+    from .cli import add_token_args, run_nannies, scheduler_address, token_of
 
     add_token_args(p)
     a, rest = p.parse_known_args(argv)
@@ -117,19 +116,9 @@ def main(argv=None) -> int:
     except GpuUnavailableError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 1
-    address = a.address
-    if address is None and a.scheduler_file:
-        from .client import _read_scheduler_file
-
-        try:
-            address = _read_scheduler_file(a.scheduler_file, a.death_timeout)
-        except TimeoutError as e:
-            print(f"rdask-cuda-worker: {e}", file=sys.stderr)
-            return 1
+    address = scheduler_address(p, a)
     if address is None:
-        p.error("give the scheduler address or --scheduler-file")
-    if "://" not in address:
-        address = "tcp://" + address
+        return 1
     try:
         specs = plan(topology.read(), gpus, a.nthreads, a.memory_limit, a.device_memory_limit, a.bind,
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -149,21 +138,7 @@ def main(argv=None) -> int:
                              gpu=s["gpu_label"], env=_worker_env(s)).start())
     print(f"rdask-cuda-worker: {len(specs)} GPU worker(s) for {address}:\n{topology.describe_layout(specs)}",
           file=sys.stderr, flush=True)
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            if all(not n.is_alive() and (n._thread is None or not n._thread.is_alive()) for n in nannies):
-                stop.set()
-            stop.wait(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        _wait_for_signal(stop)
-    finally:
-        for n in nannies:
-            n.stop()
-    return 1 if any(n.gave_up for n in nannies) else 0
+    return run_nannies(nannies)
 
 
 class LocalCUDACluster(LocalCluster):

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use rdask_worker::config_parse::{parse_memory_limit, parse_resources};
+use rdask_worker::runtime::hostname;
 use rdask_worker::{run_worker_until, NullExecutor, WorkerConfig};
 
 #[derive(Parser, Debug)]
@@ -133,8 +134,4 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into())
 }

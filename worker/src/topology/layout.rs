@@ -149,19 +149,3 @@ pub fn per_gpu(topo: &Topology, devices: &[(String, Gpu)], flags: &Flags) -> Vec
         })
         .collect()
 }
-
-/// The layout as a table for people (`rdask topology`).
-pub fn describe(specs: &[WorkerSpec]) -> String {
-    let mut out = String::new();
-    for s in specs {
-        let cpus = if s.cpus.is_empty() { "unbound".to_string() } else { super::cpu_list(&s.cpus) };
-        let numa = s.numa.map_or("-".to_string(), |n| n.to_string());
-        let mem = if s.memory_limit == 0 { "no limit".to_string() } else { format!("{:.2} GiB", s.memory_limit as f64 / (1u64 << 30) as f64) };
-        out += &format!("  worker {:>3}: {} thread(s), CPUs {cpus}, NUMA node {numa}, memory {mem}", s.index, s.nthreads);
-        if let Some(g) = &s.gpu {
-            out += &format!(", GPU {} ({}), CUDA_VISIBLE_DEVICES={}", g.index, g.name, g.visible_devices);
-        }
-        out.push('\n');
-    }
-    out
-}
