@@ -20,8 +20,10 @@ fi
 
 # System libraries the crates link against: hwloc 2.x (machine topology,
 # worker pinning) found through pkg-config, and libudev that its static link
-# flags name. Installed with apt when missing.
-SYSTEM_PACKAGES=(pkg-config libhwloc-dev libudev-dev hwloc)
+# flags name; OpenMPI (mpirun, and the library the Python build's `mpi`
+# feature links; rsmpi runs bindgen, hence libclang). Installed with apt
+# when missing.
+SYSTEM_PACKAGES=(pkg-config libhwloc-dev libudev-dev hwloc libopenmpi-dev openmpi-bin libclang-dev)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -68,6 +68,9 @@ class Client:
         self._owns_cluster = False
         if scheduler_file is not None and address is None:
             address = _read_scheduler_file(scheduler_file, timeout)
+        if address is None and not cluster_kwargs:
+            # As in distributed: set by rdask.mpi.initialize(), or by the user.
+            address = dask.config.get("scheduler-address", None)
         if address is None:
             from .cluster import LocalCluster
 

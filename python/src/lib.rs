@@ -5,6 +5,7 @@
 
 mod client;
 mod frames;
+mod mpi;
 mod payload;
 mod scheduler;
 mod topology;
@@ -75,6 +76,19 @@ fn init_logging(level: Option<String>) {
     });
 }
 
+/// The IPv4 address of network interface `name` (e.g. "ib0", "lo"), or None.
+#[pyfunction]
+fn interface_address(name: &str) -> Option<String> {
+    rdask_transport::netif::interface_addresses().into_iter().find(|(n, _)| n == name).map(|(_, ip)| ip.to_string())
+}
+
+/// The address other hosts reach this one at (first non-loopback IPv4 of an
+/// interface that is up; loopback if there is none).
+#[pyfunction]
+fn contact_ip() -> String {
+    rdask_transport::netif::contact_ip().to_string()
+}
+
 /// Bytes of freed large receive buffers this process keeps for reuse.
 #[pyfunction]
 fn receive_pool_bytes() -> usize {
@@ -98,12 +112,22 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(payload::scalar_call, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(interface_address, m)?)?;
+    m.add_function(wrap_pyfunction!(contact_ip, m)?)?;
     m.add_function(wrap_pyfunction!(topology::read_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::describe_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::plan_workers, m)?)?;
     m.add_function(wrap_pyfunction!(topology::bind_process, m)?)?;
     m.add_function(wrap_pyfunction!(topology::allowed_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(topology::gpu_devices, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_built, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_launched, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_init, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_broadcast, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_send_done, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_recv_done, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_finalize, m)?)?;
+    m.add_function(wrap_pyfunction!(mpi::mpi_abort, m)?)?;
     m.add_function(wrap_pyfunction!(topology::plan_cuda_workers, m)?)?;
     Ok(())
 }
