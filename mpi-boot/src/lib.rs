@@ -4,10 +4,10 @@
 //! 0. MPI carries only this bootstrap; rdask's own traffic goes over its
 //! transport (TCP by default).
 //!
-//! Only the thread that called [`init`] makes MPI calls (MPI_THREAD_FUNNELED
-//! is asked for and checked): the worker and scheduler runtimes never touch
-//! MPI, and nothing forks after MPI_Init (a rank's worker runs in the rank's
-//! own process).
+//! MPI is owned by one engine thread (`rdask_transport::mpi`, which also
+//! carries `mpi://` connections): it called MPI_Init_thread (FUNNELED, checked)
+//! and makes every MPI call, fed by a channel. Nothing forks after MPI_Init
+//! (a rank's worker runs in the rank's own process).
 
 #[cfg(feature = "mpi")]
 mod real;

@@ -68,13 +68,14 @@ def _start_mpi() -> tuple[int, int]:
     return rank, size
 
 
-def _serve_scheduler(host: str, port: int, token, scheduler_file, wait_for_client: bool) -> int:
+def _serve_scheduler(host: str, port: int, token, scheduler_file, wait_for_client: bool, protocol: str) -> int:
     """Rank 0: the scheduler, until the client rank says it is done (or a
     signal comes). Returns the exit code for this rank."""
     from .cli import write_scheduler_file
 
     _rdask.init_logging()
-    sched = _rdask.Scheduler(host, port, token)
+    address = f"mpi://0:{port}" if protocol == "mpi" else None
+    sched = _rdask.Scheduler(host, port, token, address=address)
     _rdask.mpi_broadcast(sched.address)
     if scheduler_file:
         write_scheduler_file(scheduler_file, sched.address)
@@ -100,7 +101,7 @@ def _serve_scheduler(host: str, port: int, token, scheduler_file, wait_for_clien
 
 
 def _serve_worker(rank: int, name: str | None, nthreads: int, memory_limit, local_directory, host: str,
-                  token, death_timeout: float) -> int:
+                  token, death_timeout: float, protocol: str) -> int:
     """A worker rank: runs until the scheduler stops it (0), SIGTERM (0) or
     the scheduler is lost (1)."""
     from .config import parse_memory_limit
@@ -110,7 +111,7 @@ def _serve_worker(rank: int, name: str | None, nthreads: int, memory_limit, loca
     local = os.path.join(local_directory, f"rank-{rank}") if local_directory else None
     try:
         run(address, f"{name or 'rank'}-{rank}", nthreads, parse_memory_limit(memory_limit, 1), None, token, local,
-            host, death_timeout)
+            host, death_timeout, listen=f"mpi://{rank}:0" if protocol == "mpi" else None)
         return 0
     except (KeyboardInterrupt, Leave):
         return 0
@@ -130,8 +131,9 @@ def initialize(interface: str | None = None, nthreads: int = 1, local_directory:
     run the rest of the script as the client; `Client()` there connects to
     the job's scheduler. When the script ends, every rank shuts down and the
     job exits with the script's exit code."""
-    if protocol not in (None, "tcp", "tcp://"):
-        raise RdaskError(f"protocol {protocol!r} is not supported yet under MPI (only tcp)")
+    protocol = (protocol or "tcp").rstrip(":/")
+    if protocol not in ("tcp", "mpi"):
+        raise RdaskError(f"protocol {protocol!r} is not supported under MPI (tcp or mpi)")
     if nanny:
         raise RdaskError("nanny=True is not supported under MPI: a nanny forks its worker after MPI_Init; "
                          "each rank runs its worker in its own process")
@@ -143,11 +145,12 @@ def initialize(interface: str | None = None, nthreads: int = 1, local_directory:
     host = _host(interface)
     token = token if token is not None else os.environ.get("RDASK_TOKEN")
     if rank == 0:
-        code = _serve_scheduler(host, scheduler_port, token, None, wait_for_client=True)
+        code = _serve_scheduler(host, scheduler_port, token, None, True, protocol)
         _finalize_and_exit(code, exit)
         return False
     if rank >= 2:
-        code = _serve_worker(rank, name, nthreads, memory_limit, local_directory, host, token, death_timeout)
+        code = _serve_worker(rank, name, nthreads, memory_limit, local_directory, host, token, death_timeout,
+                             protocol)
         if code != 0:
             _rdask.mpi_abort(code)
         _finalize_and_exit(code, exit)
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--nthreads", type=int, default=1)
     p.add_argument("--memory-limit", default="auto")
     p.add_argument("--local-directory", default=None)
-    p.add_argument("--protocol", default="tcp", help="tcp (mpi once the MPI transport exists)")
+    p.add_argument("--protocol", default="tcp", choices=("tcp", "mpi"),
+                   help="what scheduler, workers and clients talk over: tcp (default) or mpi (mpi://RANK:PORT)")
     p.add_argument("--name", default=None, help="worker name prefix (workers are NAME-RANK)")
     p.add_argument("--nanny", dest="nanny", action="store_true", help="not supported under MPI")
     p.add_argument("--no-nanny", dest="nanny", action="store_false")
@@ -196,8 +200,11 @@ def main(argv=None) -> int:
 
     add_token_args(p)
     a = p.parse_args(argv)
-    if a.protocol not in ("tcp",):
-        print(f"rdask-mpi: --protocol {a.protocol} is not supported yet (only tcp)", file=sys.stderr)
+    if a.protocol == "mpi":
+        # Clients outside the job cannot reach mpi:// addresses (nor fetch
+        # from workers listening on them).
+        print("rdask-mpi: --protocol mpi needs the client inside the MPI job; use rdask.mpi.initialize(protocol=\"mpi\") "
+              "in the script run by mpirun, or --protocol tcp here", file=sys.stderr)
         return 2
     if a.nanny:
         print("rdask-mpi: --nanny is not supported: a nanny forks its worker after MPI_Init; "
@@ -211,10 +218,10 @@ def main(argv=None) -> int:
         print(f"rdask-mpi: {e}", file=sys.stderr)
         return 1
     if rank == 0:
-        code = _serve_scheduler(host, a.scheduler_port, token, a.scheduler_file, wait_for_client=False)
+        code = _serve_scheduler(host, a.scheduler_port, token, a.scheduler_file, False, a.protocol)
     else:
         code = _serve_worker(rank, a.name, a.nthreads, a.memory_limit, a.local_directory, host, token,
-                             a.death_timeout)
+                             a.death_timeout, a.protocol)
         if code != 0:
             _rdask.mpi_abort(code)
     _finalize_and_exit(code)

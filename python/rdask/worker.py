@@ -147,6 +147,7 @@ def run(
     cpus: list | None = None,
     numa_node: int | None = None,
     gpu: str | None = None,
+    listen: str | None = None,
 ):
     """Runs this process as a worker until the scheduler goes away. On
     SIGTERM (in the main thread) it leaves cleanly and raises `Leave`."""
@@ -173,7 +174,7 @@ def run(
         nthreads=nthreads,
         memory_limit=memory_limit,
         resources=resources,
-        listen=f"tcp://{listen_host}:0",
+        listen=listen or f"tcp://{listen_host}:0",
         token=token,
         connect_timeout=connect_timeout,
         cpus=list(cpus or []),

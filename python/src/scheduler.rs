@@ -16,8 +16,9 @@ pub struct Scheduler {
 #[pymethods]
 impl Scheduler {
     /// Starts listening at once; `port=0` picks a free port.
+    /// `address` (e.g. `mpi://0:0`) overrides `host` and `port`.
     #[new]
-    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256))]
+    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256, address=None))]
     fn new(
         py: Python<'_>,
         host: &str,
@@ -25,12 +26,13 @@ impl Scheduler {
         token: Option<String>,
         worker_timeout: f64,
         tasks_per_thread: u32,
+        address: Option<String>,
     ) -> PyResult<Self> {
         let mut config = SchedulerConfig::default();
         config.token = token;
         config.worker_timeout = Duration::from_secs_f64(worker_timeout.max(0.1));
         config.core.tasks_per_thread = tasks_per_thread.max(1);
-        let addr = format!("tcp://{host}:{port}");
+        let addr = address.unwrap_or_else(|| format!("tcp://{host}:{port}"));
         // The same allocator settings as the rdask-scheduler binary: without
         // them this process keeps the peak memory of a released graph.
         rdask_sched::alloc::tune();

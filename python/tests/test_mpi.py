@@ -75,6 +75,33 @@ def test_the_job_exits_with_the_scripts_exit_code(tmp_path, ending, code, shows)
     assert shows in out.stderr
 
 
+def test_scheduler_workers_and_client_talk_over_mpi(tmp_path):
+    """protocol="mpi": every connection is mpi://RANK:PORT, data included
+    (a 32 MB array moves worker to worker and worker to client)."""
+    job = script(tmp_path, """
+    import sys
+    from rdask.mpi import initialize
+    initialize(protocol="mpi")
+    from rdask import Client
+    import dask.array as da
+    import numpy as np
+    c = Client()
+    assert c.scheduler_address.startswith("mpi://0:"), c.scheduler_address
+    addresses = sorted(w["address"] for w in c.scheduler_info()["workers"].values())
+    assert addresses == ["mpi://2:1", "mpi://3:1"], addresses
+    assert c.submit(sum, [1, 2, 3]).result() == 6
+    assert da.ones((600, 600), chunks=(100, 100)).sum().compute() == 360000
+    a = c.submit(np.ones, 4_000_000, workers=["rank-2"], pure=False)
+    b = c.submit(np.sum, a, workers=["rank-3"], pure=False)
+    assert b.result() == 4_000_000 and a.result().sum() == 4_000_000
+    print("all good", flush=True)
+    sys.exit(5)
+    """)
+    out = mpirun(4, sys.executable, job)
+    assert out.returncode == 5, out.stdout + out.stderr
+    assert "all good" in out.stdout
+
+
 def test_eight_ranks_on_two_cores(tmp_path):
     job = script(tmp_path, INITIALIZE + """
     c = Client()
@@ -128,7 +155,7 @@ def test_the_rdask_mpi_command_serves_a_separate_client(tmp_path):
 
 
 def test_rdask_mpi_refuses_what_it_cannot_do(tmp_path):
-    for args, why in ((["--protocol", "mpi"], "--protocol mpi is not supported yet"),
+    for args, why in ((["--protocol", "mpi"], "--protocol mpi needs the client inside the MPI job"),
                       (["--nanny"], "a nanny forks its worker after MPI_Init")):
         out = subprocess.run([RDASK_MPI, *args], capture_output=True, text=True, timeout=30, env=ENV)
         assert out.returncode == 2 and why in out.stderr, out.stderr

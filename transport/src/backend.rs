@@ -124,6 +124,13 @@ pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
     match scheme {
         "tcp" => Ok(Arc::new(crate::tcp::TcpBackend)),
         "inproc" => Ok(Arc::new(crate::inproc::InProcBackend)),
+        #[cfg(feature = "mpi")]
+        "mpi" => Ok(Arc::new(crate::mpi::MpiBackend)),
+        #[cfg(not(feature = "mpi"))]
+        "mpi" => Err(TransportError::InvalidAddress(
+            addr.to_string(),
+            "this rdask was built without MPI (cargo feature `mpi`)".into(),
+        )),
         _ => Err(TransportError::UnknownScheme(addr.to_string())),
     }
 }

@@ -9,6 +9,8 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod inproc;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod netif;
 pub mod peer;
 pub mod protocol;
