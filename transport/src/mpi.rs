@@ -15,8 +15,10 @@
 //! communicator) keeps a frame's messages together. Connections are opened
 //! with CONNECT/ACCEPT to a listener's port and closed with CLOSE.
 //!
-//! The engine sleeps when there is nothing to do (backing off to 1 ms), so
-//! an idle process does not spin a core; new commands wake it at once.
+//! Messages that arrive do not wake a sleeping thread, so after any
+//! activity the engine keeps polling for 2 ms (yielding the core between
+//! polls); after that it sleeps, backing off to 1 ms, so an idle process
+//! does not spin a core. New commands from this process wake it at once.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
@@ -26,7 +28,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mpi::point_to_point::{Destination, Source};
 use mpi::request::{Request, StaticScope};
-use mpi::topology::{Communicator, SimpleCommunicator};
+pub use mpi::topology::SimpleCommunicator;
+use mpi::topology::Communicator;
 use mpi::traits::Root;
 use mpi::Threading;
 use rkyv::util::AlignedVec;
@@ -54,6 +57,9 @@ pub struct World {
 type Reply<T> = std_mpsc::Sender<T>;
 
 enum Cmd {
+    /// Runs on the engine thread with the world communicator (benchmarks
+    /// and tools that need plain MPI next to the transport).
+    Run(Box<dyn FnOnce(&SimpleCommunicator) + Send>),
     Broadcast { value: Option<String>, reply: Reply<std::result::Result<String, String>> },
     SendDone(i32),
     TakeDone(Reply<Option<i32>>),
@@ -116,6 +122,16 @@ pub fn broadcast(value: Option<&str>) -> Result<String> {
     let (tx, rx) = std_mpsc::channel();
     engine()?.send(Cmd::Broadcast { value: value.map(str::to_string), reply: tx })?;
     rx.recv().map_err(|_| TransportError::Closed)?.map_err(TransportError::Malformed)
+}
+
+/// Runs `f` on the MPI thread with the world communicator and returns its
+/// result (plain MPI beside the transport, e.g. a reference ping-pong).
+pub fn with_world<R: Send + 'static>(f: impl FnOnce(&SimpleCommunicator) -> R + Send + 'static) -> Result<R> {
+    let (tx, rx) = std_mpsc::channel();
+    engine()?.send(Cmd::Run(Box::new(move |w| {
+        let _ = tx.send(f(w));
+    })))?;
+    rx.recv().map_err(|_| TransportError::Closed)
 }
 
 pub fn send_done(code: i32) -> Result<()> {
@@ -279,7 +295,12 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, ready: std_mpsc::Sender<std::res
         in_flight: Vec::new(),
         done: None,
     };
+    // After activity the engine keeps polling for a while (messages that
+    // arrive do not wake a sleeping thread); idle, it backs off to 1 ms
+    // sleeps so an idle process does not spin a core.
+    const STAY_AWAKE: Duration = Duration::from_millis(2);
     let mut idle = Duration::from_micros(20);
+    let mut last_busy = std::time::Instant::now();
     loop {
         let mut busy = false;
         loop {
@@ -303,6 +324,9 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, ready: std_mpsc::Sender<std::res
         busy |= st.receive();
         if busy {
             idle = Duration::from_micros(20);
+            last_busy = std::time::Instant::now();
+        } else if !st.in_flight.is_empty() || last_busy.elapsed() < STAY_AWAKE {
+            std::thread::yield_now();
         } else {
             std::thread::park_timeout(idle);
             idle = (idle * 2).min(Duration::from_millis(1));
@@ -322,6 +346,7 @@ impl State {
                 root.broadcast_into(&mut buf[..]);
                 let _ = reply.send(String::from_utf8(buf).map_err(|e| format!("broadcast value is not UTF-8: {e}")));
             }
+            Cmd::Run(f) => f(&self.world),
             Cmd::SendDone(code) => self.world.process_at_rank(0).send_with_tag(&code, TAG_DONE),
             Cmd::TakeDone(reply) => {
                 let _ = reply.send(self.done.take());
@@ -514,9 +539,14 @@ impl State {
         for _ in 0..n {
             let (msg, status) = from.matched_probe_with_tag(TAG_DATA);
             let len = status.count(u8::equivalent_datatype()) as usize;
-            let mut d = vec![0u8; len];
+            // Large values land in reused memory when there is some (no
+            // page faults and zeroing for a 64 MiB value).
+            let mut d = crate::bufpool::take(len, |_| {});
+            // SAFETY: MPI writes all `len` bytes before they are read: the
+            // matched message has exactly `len` bytes (its status says so).
+            unsafe { d.set_len(len) };
             msg.matched_receive_into(&mut d[..]);
-            data.push(Bytes::from(d));
+            data.push(crate::bufpool::into_bytes(d));
         }
         let Some(c) = self.conns.get(&id) else { return };
         if buf.len() != lengths_end + control_len {
