@@ -8,10 +8,12 @@
 //! level every MPI library gives.)
 //!
 //! On the wire, per frame: one HEAD message (destination connection id,
-//! control length, data lengths, control bytes), then one DATA message per
-//! data frame, sent from the frame's own buffer (no copy; the buffer is kept
-//! alive until MPI completes the send) and received straight into the buffer
-//! that becomes the `Bytes` handed up. MPI's ordering (same source, same
+//! control length, data lengths, control bytes, then the bytes of every data
+//! frame under 32 KiB, copied in: a reply of 8,192 small values is one
+//! message, not 8,193), then one DATA message per larger data frame, sent
+//! from the frame's own buffer (no copy; the buffer is kept alive until MPI
+//! completes the send) and received straight into the buffer that becomes
+//! the `Bytes` handed up. MPI's ordering (same source, same
 //! communicator) keeps a frame's messages together. Connections are opened
 //! with CONNECT/ACCEPT to a listener's port and closed with CLOSE.
 //!
@@ -46,6 +48,8 @@ const TAG_DATA: i32 = 104;
 const TAG_CLOSE: i32 = 105;
 /// The client rank of `rdask.mpi.initialize()` tells rank 0 it is done.
 const TAG_DONE: i32 = 7311;
+/// Data frames smaller than this travel inside the HEAD message.
+const INLINE_BELOW: usize = 32 << 10;
 
 /// This process's rank and the job's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +310,12 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, ready: std_mpsc::Sender<std::res
         loop {
             match cmds.try_recv() {
                 Ok(Cmd::Finalize(reply)) => {
+                    // Peers see every connection of this process close.
+                    let open: Vec<(i32, u64)> = st.conns.values().filter_map(|c| Some((c.rank, c.remote?))).collect();
+                    for (rank, remote) in open {
+                        st.post(rank, TAG_CLOSE, Keep::Vec(remote.to_le_bytes().to_vec()));
+                    }
+                    st.conns.clear();
                     st.drain_sends();
                     drop(st);
                     drop(universe); // MPI_Finalize
@@ -422,8 +432,11 @@ impl State {
             head.extend_from_slice(&(d.len() as u64).to_le_bytes());
         }
         head.extend_from_slice(&frame.control);
+        for d in frame.data.iter().filter(|d| d.len() < INLINE_BELOW) {
+            head.extend_from_slice(d);
+        }
         self.post(rank, TAG_HEAD, Keep::Vec(head));
-        for d in frame.data {
+        for d in frame.data.into_iter().filter(|d| d.len() >= INLINE_BELOW) {
             self.post(rank, TAG_DATA, Keep::Bytes(d));
         }
     }
@@ -462,7 +475,7 @@ impl State {
                 TAG_DONE => self.done = Some(i32::from_le_bytes(buf[..4].try_into().unwrap_or_default())),
                 TAG_CONNECT if len == 12 => self.on_connect(src, &buf),
                 TAG_ACCEPT if len == 17 => self.on_accept(&buf),
-                TAG_HEAD if len >= 16 => self.on_head(src, &buf),
+                TAG_HEAD if len >= 16 => self.on_head(src, buf),
                 TAG_CLOSE if len == 8 => {
                     let id = u64::from_le_bytes(buf.try_into().unwrap());
                     if let Some(c) = self.conns.remove(&id) {
@@ -527,16 +540,44 @@ impl State {
         let _ = p.reply.send(Ok(p.connection));
     }
 
-    /// A frame's head, then (blocking: they were sent right after it) its
-    /// data frames, each received into its own buffer.
-    fn on_head(&mut self, src: i32, buf: &[u8]) {
+    /// A frame's head, with its small data frames inside, then (blocking:
+    /// they were sent right after it) its large data frames, each received
+    /// into its own buffer.
+    fn on_head(&mut self, src: i32, buf: Vec<u8>) {
         let id = u64::from_le_bytes(buf[..8].try_into().unwrap());
         let control_len = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
         let n = u32::from_le_bytes(buf[12..16].try_into().unwrap()) as usize;
         let lengths_end = 16 + 8 * n;
+        let bad = |c: &Conn, why: &str| {
+            let _ = c.inbound.send(Err(TransportError::Malformed(format!("MPI frame head: {why}"))));
+        };
+        if buf.len() < lengths_end + control_len {
+            if let Some(c) = self.conns.get(&id) {
+                bad(c, "shorter than its lengths say");
+            }
+            return;
+        }
+        let lengths: Vec<usize> =
+            buf[16..lengths_end].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+        let inline: usize = lengths.iter().filter(|l| **l < INLINE_BELOW).sum();
+        if buf.len() != lengths_end + control_len + inline {
+            if let Some(c) = self.conns.get(&id) {
+                bad(c, "inline data does not match its lengths");
+            }
+            return;
+        }
+        let mut control = AlignedVec::with_capacity(control_len);
+        control.extend_from_slice(&buf[lengths_end..lengths_end + control_len]);
+        let head = Bytes::from(buf);
+        let mut at = lengths_end + control_len;
         let mut data = Vec::with_capacity(n);
         let from = self.world.process_at_rank(src);
-        for _ in 0..n {
+        for &len in &lengths {
+            if len < INLINE_BELOW {
+                data.push(head.slice(at..at + len));
+                at += len;
+                continue;
+            }
             let (msg, status) = from.matched_probe_with_tag(TAG_DATA);
             let len = status.count(u8::equivalent_datatype()) as usize;
             // Large values land in reused memory when there is some (no
@@ -549,12 +590,6 @@ impl State {
             data.push(crate::bufpool::into_bytes(d));
         }
         let Some(c) = self.conns.get(&id) else { return };
-        if buf.len() != lengths_end + control_len {
-            let _ = c.inbound.send(Err(TransportError::Malformed("MPI frame head with a wrong length".into())));
-            return;
-        }
-        let mut control = AlignedVec::with_capacity(control_len);
-        control.extend_from_slice(&buf[lengths_end..]);
         let _ = c.inbound.send(Ok(Some(Frame { control, data })));
     }
 }
