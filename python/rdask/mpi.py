@@ -43,6 +43,10 @@ def _host(interface: str | None) -> str:
 
 
 def _finalize_and_exit(code: int, exit: bool = True):
+    # Shutting down already: a further SIGTERM (a batch system signals
+    # again, or twice) must not interrupt MPI_Finalize.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     # A watchdog: MPI_Finalize waits for every rank; one that never comes
     # must not keep this one forever.
     t = threading.Timer(FINALIZE_TIMEOUT, lambda: os._exit(code or 1))
