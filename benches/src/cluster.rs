@@ -45,12 +45,15 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 impl Cluster {
-    pub async fn start(workers: usize, mode: WorkerMode, tasks_per_thread: u32, threaded: bool) -> anyhow::Result<Cluster> {
+    /// `dashboard`: serve the scheduler's dashboard (on a free port); off,
+    /// the scheduler makes no dashboard snapshots.
+    pub async fn start(workers: usize, mode: WorkerMode, tasks_per_thread: u32, threaded: bool, dashboard: bool) -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("rdask-bench-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir)?;
         let file = dir.join("scheduler.json");
         let scheduler = Command::new(binary("rdask-scheduler")?)
             .args(["--host", "127.0.0.1", "--port", "0", "--tasks-per-thread", &tasks_per_thread.to_string()])
+            .args(["--dashboard-address", if dashboard { ":0" } else { "none" }])
             .arg("--scheduler-file")
             .arg(&file)
             .env("RUST_LOG", std::env::var("RDASK_BENCH_LOG").unwrap_or_else(|_| "warn".into()))

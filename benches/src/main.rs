@@ -3,7 +3,7 @@
 //! µs per task, scheduler CPU per task and scheduler memory per task.
 
 mod cluster;
-mod procinfo;
+use rdask_worker::procinfo;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -43,6 +43,10 @@ struct Args {
     /// code runs) instead of inline on the worker loop.
     #[arg(long)]
     threaded: bool,
+    /// Serve the scheduler's dashboard during the runs (to measure its cost;
+    /// a browser may watch it).
+    #[arg(long)]
+    dashboard: bool,
     /// Tokio threads of this process (client and in-process workers).
     #[arg(long, default_value_t = 2)]
     runtime_threads: usize,
@@ -135,7 +139,7 @@ async fn run_all(args: &Args, modes: &[WorkerMode]) -> anyhow::Result<Report> {
             for spec in &args.graphs {
                 let mut best: Option<Row> = None;
                 for run in 0..args.repeat.max(1) {
-                    let row = run_scenario(spec, workers, mode, args.tasks_per_thread, args.threaded)
+                    let row = run_scenario(spec, workers, mode, args.tasks_per_thread, args.threaded, args.dashboard)
                         .await
                         .map_err(|e| anyhow::anyhow!("{e:?}"))
                         .with_context(|| format!("{spec} on {workers} workers ({mode}), run {}", run + 1))?;
@@ -161,9 +165,16 @@ async fn run_all(args: &Args, modes: &[WorkerMode]) -> anyhow::Result<Report> {
     Ok(Report { command: std::env::args().collect::<Vec<_>>().join(" "), machine: machine(), rows, pending })
 }
 
-async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_thread: u32, threaded: bool) -> anyhow::Result<Row> {
+async fn run_scenario(
+    spec: &str,
+    workers: usize,
+    mode: WorkerMode,
+    tasks_per_thread: u32,
+    threaded: bool,
+    dashboard: bool,
+) -> anyhow::Result<Row> {
     let graph = graphs::by_name(spec, "").map_err(anyhow::Error::msg)?;
-    let cluster = Cluster::start(workers, mode, tasks_per_thread, threaded).await?;
+    let cluster = Cluster::start(workers, mode, tasks_per_thread, threaded, dashboard).await?;
     let client = Client::connect(&cluster.address, None, Duration::from_secs(20)).await?;
     client.wait_for_workers(workers, Duration::from_secs(120)).await?;
     let pid = cluster.scheduler_pid();
@@ -225,7 +236,7 @@ async fn run_scenario(spec: &str, workers: usize, mode: WorkerMode, tasks_per_th
 /// Scheduler memory per pending task: submit a large graph with no workers
 /// connected, so every task stays pending, and compare resident memory.
 async fn measure_pending(n: usize) -> anyhow::Result<PendingRow> {
-    let cluster = Cluster::start(0, WorkerMode::InProcess, 256, false).await?;
+    let cluster = Cluster::start(0, WorkerMode::InProcess, 256, false, false).await?;
     let client = Client::connect(&cluster.address, None, Duration::from_secs(20)).await?;
     let pid = cluster.scheduler_pid();
     let (before, _) = procinfo::memory(pid)?;

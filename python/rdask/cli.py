@@ -108,16 +108,23 @@ def scheduler_main(argv=None) -> int:
     p.add_argument("--scheduler-file", default=None)
     add_token_args(p)
     p.add_argument("--worker-timeout", type=float, default=60.0, help="drop a worker silent this many seconds")
+    p.add_argument("--dashboard-address", default=":8787",
+                   help="dashboard address: :8787, host:port, :0 for any free port, none to turn it off")
+    p.add_argument("--dashboard", dest="dashboard", action="store_true", default=True, help="serve the dashboard")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="do not serve the dashboard")
     a = p.parse_args(argv)
     token = token_of(a)
+    dashboard = None if not a.dashboard or a.dashboard_address.lower() == "none" else a.dashboard_address
     _rdask.init_logging("info")
     try:
-        sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout)
+        sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout, dashboard_address=dashboard)
     except OSError as e:
         print(f"rdask-scheduler: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
     print(f"rdask-scheduler bound to {sched.bound_address}; clients and workers connect to {sched.address}",
           file=sys.stderr, flush=True)
+    if sched.dashboard_link:
+        print(f"rdask-scheduler: dashboard at {sched.dashboard_link}", file=sys.stderr, flush=True)
     if a.scheduler_file:
         write_scheduler_file(a.scheduler_file, sched.address)
     try:

@@ -682,18 +682,42 @@ class Client:
         except Exception:
             pass
 
-    def __repr__(self):
+    def _info(self) -> dict | None:
         try:
-            info = self._rc.cluster_info() if self.status == "running" else None
+            return self._rc.cluster_info() if self.status == "running" else None
         except Exception:
-            info = None
+            return None
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """`http://host:port/status` of the scheduler's dashboard, or None
+        when it is off (always defined, as in distributed)."""
+        if self.cluster is not None and getattr(self.cluster, "dashboard_link", None):
+            return self.cluster.dashboard_link
+        info = self._info()
+        return f"{info['dashboard']}/status" if info and info.get("dashboard") else None
+
+    def __repr__(self):
+        info = self._info()
         if info is None:
             return f"<Client: {self.scheduler_address!r} ({self.status})>"
         threads = sum(w["nthreads"] for w in info["workers"])
-        return f"<Client: {self.scheduler_address!r} processes={len(info['workers'])} threads={threads}>"
+        memory = sum(w["memory_limit"] for w in info["workers"])
+        from .cluster import _fmt_bytes
+
+        link = f"{info['dashboard']}/status" if info.get("dashboard") else None
+        return (f"<Client: {self.scheduler_address!r} processes={len(info['workers'])} threads={threads} "
+                f"memory={_fmt_bytes(memory)} dashboard={link}>")
 
     def _repr_html_(self):
-        return f"<div><b>rdask Client</b> {self.scheduler_address} — {self.status}</div>"
+        from .cluster import cluster_widget
+
+        info = self._info()
+        if info is None:
+            return f"<div><b>rdask Client</b> {self.scheduler_address} ({self.status})</div>"
+        ws = info["workers"]
+        return cluster_widget("rdask Client", self.scheduler_address, self.dashboard_link, len(ws),
+                              sum(w["nthreads"] for w in ws), sum(w["memory_limit"] for w in ws), ws)
 
 
 _SIMPLE = frozenset((int, float, str, bytes, bool, type(None)))

@@ -16,7 +16,7 @@ class LocalCluster:
                  processes: bool = True, memory_limit="auto", host: str = "127.0.0.1",
                  scheduler_port: int = 0, token: str | None = None, resources=None,
                  local_directory: str | None = None, silence_logs=True, timeout: float = 60.0,
-                 dashboard_address=None, **kwargs):
+                 dashboard_address=":8787", **kwargs):
         if kwargs:
             unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "worker_class", "interface"}
             if unknown:
@@ -37,7 +37,8 @@ class LocalCluster:
         self.host = host
         self.timeout = timeout
         self.quiet = bool(silence_logs)
-        self.scheduler = _rdask.Scheduler(host, scheduler_port, token)
+        # Dask's default is :8787; a port in use falls back to a free one.
+        self.scheduler = _rdask.Scheduler(host, scheduler_port, token, dashboard_address=dashboard_address)
         self.scheduler_address = self.scheduler.address
         self.workers: dict[str, Nanny | threading.Thread] = {}
         self._next = 0
@@ -105,8 +106,9 @@ class LocalCluster:
         return Client(self)
 
     @property
-    def dashboard_link(self):
-        return None
+    def dashboard_link(self) -> str | None:
+        """`http://host:port/status`, or None when the dashboard is off."""
+        return self.scheduler.dashboard_link
 
     def close(self, timeout=None):
         with self._lock:
@@ -149,14 +151,12 @@ class LocalCluster:
         n, t, mem = self._summary()
         state = "closed" if self._closed else "running"
         return (f"LocalCluster({self.scheduler_address!r}, workers={n}, threads={t}, "
-                f"memory={_fmt_bytes(mem)}, processes={self.processes}, status={state})")
+                f"memory={_fmt_bytes(mem)}, processes={self.processes}, status={state}, "
+                f"dashboard={self.dashboard_link})")
 
     def _repr_html_(self):
         n, t, mem = self._summary()
-        return ("<div><h3>rdask LocalCluster</h3><table>"
-                f"<tr><th>Scheduler</th><td>{self.scheduler_address}</td></tr>"
-                f"<tr><th>Workers</th><td>{n}</td></tr><tr><th>Threads</th><td>{t}</td></tr>"
-                f"<tr><th>Memory</th><td>{_fmt_bytes(mem)}</td></tr></table></div>")
+        return cluster_widget("rdask LocalCluster", self.scheduler_address, self.dashboard_link, n, t, mem)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -167,3 +167,25 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
+
+
+def cluster_widget(title: str, address: str, dashboard: str | None, workers: int, threads: int, memory: int,
+                   rows: list | None = None) -> str:
+    """The notebook view of a cluster or client: a summary and, if given,
+    one row per worker (name, threads, memory limit, CPUs)."""
+    from html import escape
+
+    link = (f'<a href="{escape(dashboard)}" target="_blank">{escape(dashboard)}</a>' if dashboard
+            else "off")
+    body = "".join(f"<tr><td>{escape(str(r['name']))}</td><td>{r['nthreads']}</td>"
+                   f"<td>{_fmt_bytes(r['memory_limit'])}</td><td>{escape(','.join(map(str, r.get('cpus') or [])) or '-')}</td></tr>"
+                   for r in rows or [])
+    workers_table = (f"<details><summary>Workers</summary><table><tr><th>name</th><th>threads</th><th>memory</th>"
+                     f"<th>CPUs</th></tr>{body}</table></details>") if rows else ""
+    return (f'<div class="rdask-widget" style="border:1px solid #ccc;border-radius:6px;padding:.6em 1em;'
+            f'display:inline-block"><h3 style="margin:.1em 0 .4em">{escape(title)}</h3><table>'
+            f"<tr><th style='text-align:left'>Scheduler</th><td>{escape(address)}</td></tr>"
+            f"<tr><th style='text-align:left'>Dashboard</th><td>{link}</td></tr>"
+            f"<tr><th style='text-align:left'>Workers</th><td>{workers}</td></tr>"
+            f"<tr><th style='text-align:left'>Threads</th><td>{threads}</td></tr>"
+            f"<tr><th style='text-align:left'>Memory</th><td>{_fmt_bytes(memory)}</td></tr></table>{workers_table}</div>")

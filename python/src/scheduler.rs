@@ -11,6 +11,7 @@ pub struct Scheduler {
     handle: Option<SchedulerHandle>,
     address: String,
     bound: String,
+    dashboard: Option<String>,
 }
 
 #[pymethods]
@@ -18,7 +19,8 @@ impl Scheduler {
     /// Starts listening at once; `port=0` picks a free port.
     /// `address` (e.g. `mpi://0:0`) overrides `host` and `port`.
     #[new]
-    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256, address=None))]
+    /// `dashboard_address` (`:8787`, `host:port`, `:0`) serves the dashboard; None: off.
+    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256, address=None, dashboard_address=None))]
     fn new(
         py: Python<'_>,
         host: &str,
@@ -27,11 +29,13 @@ impl Scheduler {
         worker_timeout: f64,
         tasks_per_thread: u32,
         address: Option<String>,
+        dashboard_address: Option<String>,
     ) -> PyResult<Self> {
         let mut config = SchedulerConfig::default();
         config.token = token;
         config.worker_timeout = Duration::from_secs_f64(worker_timeout.max(0.1));
         config.core.tasks_per_thread = tasks_per_thread.max(1);
+        config.dashboard = dashboard_address;
         let addr = address.unwrap_or_else(|| format!("tcp://{host}:{port}"));
         // The same allocator settings as the rdask-scheduler binary: without
         // them this process keeps the peak memory of a released graph.
@@ -39,13 +43,20 @@ impl Scheduler {
         let handle = py.detach(|| SchedulerHandle::start(&addr, config)).map_err(crate::os_error)?;
         let address = handle.address.clone();
         let bound = handle.bound.clone();
-        Ok(Scheduler { handle: Some(handle), address, bound })
+        let dashboard = handle.dashboard.clone();
+        Ok(Scheduler { handle: Some(handle), address, bound, dashboard })
     }
 
     /// The address clients and workers connect to.
     #[getter]
     fn address(&self) -> &str {
         &self.address
+    }
+
+    /// `http://host:port/status` of the dashboard, or None when it is off.
+    #[getter]
+    fn dashboard_link(&self) -> Option<String> {
+        self.dashboard.as_ref().map(|d| format!("{d}/status"))
     }
 
     /// The address the socket is bound to (e.g. `tcp://0.0.0.0:8786`).

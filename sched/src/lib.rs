@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod comm;
 pub mod core;
+pub mod dashboard;
 pub mod error;
 pub mod reactor;
 

@@ -27,6 +27,8 @@ pub struct SchedulerConfig {
     pub progress_interval: Duration,
     /// Most events handled before the outbox is flushed.
     pub max_events_per_tick: usize,
+    /// Where to serve the dashboard (`host:port`, `:8787`, `:0`); None: off.
+    pub dashboard: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -37,6 +39,7 @@ impl Default for SchedulerConfig {
             worker_timeout: Duration::from_secs(60),
             progress_interval: Duration::from_secs(5),
             max_events_per_tick: 4096,
+            dashboard: None,
         }
     }
 }
@@ -76,10 +79,43 @@ impl CommSink for Senders {
     }
 }
 
+/// Binds the dashboard `config.dashboard` asks for (on the scheduler's host
+/// when it names only a port): the listener and its `http://` link.
+pub async fn bind_dashboard(config: &SchedulerConfig, listener: &Listener) -> Result<Option<(tokio::net::TcpListener, String)>, SchedError> {
+    let Some(addr) = &config.dashboard else { return Ok(None) };
+    // A TCP scheduler's own interface; all interfaces for other transports.
+    let (scheme, rest) = rdask_transport::backend::split_scheme(&listener.bound);
+    let host = match (scheme, rest.rsplit_once(':')) {
+        ("tcp", Some((h, _))) if !h.is_empty() => h.trim_matches(['[', ']']).to_string(),
+        _ => "0.0.0.0".to_string(),
+    };
+    let bound = crate::dashboard::bind(addr, &host).await?;
+    Ok(Some(bound))
+}
+
 /// Serves `listener` until `stop` turns true. On a clean stop every worker
 /// is told to stop too.
-pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: Listener, config: SchedulerConfig, stop: watch::Receiver<bool>) {
+    serve_with_dashboard(listener, None, config, stop).await
+}
+
+/// As [`serve`], with the dashboard on `dashboard` (from [`bind_dashboard`]).
+pub async fn serve_with_dashboard(
+    listener: Listener,
+    dashboard: Option<(tokio::net::TcpListener, String)>,
+    config: SchedulerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
     tracing::info!(bound = %listener.bound, contact = %listener.address, "scheduler listening; clients and workers connect to {}", listener.address);
+    let scheduler_address = listener.address.clone();
+    let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(crate::dashboard::Snapshot::default()));
+    let dashboard_link = dashboard.as_ref().map(|(_, link)| link.clone());
+    let dashboard_task = dashboard.map(|(l, link)| {
+        tracing::info!("dashboard at {link}/status");
+        tokio::spawn(crate::dashboard::serve(l, snapshots_rx))
+    });
+    let mut snapshot_tick = tokio::time::interval(Duration::from_millis(500));
+    snapshot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     if listener.is_exposed() && config.token.is_none() {
         tracing::warn!(
             "listening on all interfaces ({}) without a token: anyone who can reach this port can run code on the \
@@ -93,6 +129,7 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
     let started = Instant::now();
     let now_ms = || started.elapsed().as_millis() as u64;
     let mut core = Core::new(config.core.clone());
+    core.dashboard = dashboard_link.clone().unwrap_or_default();
     let mut comm = Comm::default();
     let mut senders = Senders::default();
     let mut addresses: FxHashMap<WorkerId, String> = FxHashMap::default();
@@ -103,6 +140,12 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            // Only while a dashboard is on: one pass over the tasks.
+            _ = snapshot_tick.tick(), if dashboard_task.is_some() => {
+                let link = dashboard_link.as_deref().unwrap_or("");
+                let snap = crate::dashboard::snapshot(&core, now_ms(), &scheduler_address, link);
+                let _ = snapshots_tx.send(Arc::new(snap));
+            }
             // Before events, so a steady stream of messages cannot starve
             // silent-worker detection and progress logs.
             _ = housekeeping.tick() => {
@@ -144,6 +187,9 @@ pub async fn serve(listener: Listener, config: SchedulerConfig, mut stop: watch:
         }
     }
     accept.abort();
+    if let Some(t) = &dashboard_task {
+        t.abort();
+    }
     // Tell workers to stop and wait (bounded) until they hang up, so the Stop
     // frames are written before this process exits.
     for s in senders.workers.values() {
@@ -377,6 +423,8 @@ pub struct SchedulerHandle {
     pub address: String,
     /// Where the socket is bound.
     pub bound: String,
+    /// `http://host:port` of the dashboard, if it is on.
+    pub dashboard: Option<String>,
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
     thread_cpu: Arc<std::sync::Mutex<Option<libc_time::ThreadClock>>>,
@@ -394,21 +442,29 @@ impl SchedulerHandle {
             *cpu.lock().unwrap() = Some(libc_time::ThreadClock::current());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             rt.block_on(async move {
-                match rdask_transport::listen(&addr, Default::default()).await {
-                    Ok(listener) => {
-                        let _ = addr_tx.send(Ok((listener.address.clone(), listener.bound.clone())));
-                        serve(listener, config, stop_rx).await;
+                let listener = match rdask_transport::listen(&addr, Default::default()).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(SchedError::from(e)));
+                        return;
                     }
+                };
+                let dashboard = match bind_dashboard(&config, &listener).await {
+                    Ok(d) => d,
                     Err(e) => {
                         let _ = addr_tx.send(Err(e));
+                        return;
                     }
-                }
+                };
+                let link = dashboard.as_ref().map(|(_, l)| l.clone());
+                let _ = addr_tx.send(Ok((listener.address.clone(), listener.bound.clone(), link)));
+                serve_with_dashboard(listener, dashboard, config, stop_rx).await;
             });
         })?;
-        let (address, bound) = addr_rx
+        let (address, bound, dashboard) = addr_rx
             .recv()
             .map_err(|_| SchedError::BadMessage("scheduler thread died during start-up".into()))??;
-        Ok(SchedulerHandle { address, bound, stop: stop_tx, thread: Some(thread), thread_cpu })
+        Ok(SchedulerHandle { address, bound, dashboard, stop: stop_tx, thread: Some(thread), thread_cpu })
     }
 
     /// CPU time the scheduler thread has used so far.

@@ -126,6 +126,8 @@ pub enum ToClientMessage {
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct ClusterInfo {
     pub scheduler_id: String,
+    /// `http://host:port` of the scheduler's dashboard; empty when it is off.
+    pub dashboard: String,
     pub workers: Vec<WorkerSummary>,
     /// Tasks the scheduler currently knows (not forgotten).
     pub tasks: u64,
@@ -250,11 +252,16 @@ pub struct StealOutcome {
     pub stolen: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Archive, Serialize, Deserialize)]
 pub struct WorkerLoad {
     pub running: u32,
     pub queued: u32,
     pub stored_bytes: u64,
+    /// CPU use of the worker's process since the last heartbeat, in percent
+    /// of one core (workers sharing a process report the same figure).
+    pub cpu_percent: f32,
+    /// Resident memory of the worker's process, bytes.
+    pub rss: u64,
 }
 
 // ---------------------------------------------------------------- scheduler -> worker

@@ -4,6 +4,7 @@ pub mod config_parse;
 pub mod error;
 pub mod executor;
 pub mod peer_server;
+pub mod procinfo;
 pub mod runqueue;
 pub mod runtime;
 pub mod store;

@@ -284,6 +284,7 @@ pub async fn run_worker_until(
     // Sweeping only while tasks run: an idle worker does not wake up.
     let mut sweeping = false;
     let queue = st.queue.clone();
+    let mut cpu = crate::procinfo::CpuMeter::new();
     let leave = leave;
     tokio::pin!(leave);
 
@@ -352,7 +353,14 @@ pub async fn run_worker_until(
             }
             _ = heartbeat.tick() => {
                 let (queued, running) = st.queue.load();
-                let load = WorkerLoad { running: running as u32, queued: queued as u32, stored_bytes: st.store.bytes() };
+                let rss = crate::procinfo::memory(std::process::id()).map_or(0, |(rss, _)| rss);
+                let load = WorkerLoad {
+                    running: running as u32,
+                    queued: queued as u32,
+                    stored_bytes: st.store.bytes(),
+                    cpu_percent: cpu.percent(),
+                    rss,
+                };
                 let _ = sender.send(Frame::from_message(&FromWorkerMessage::Heartbeat(load)));
             }
         }

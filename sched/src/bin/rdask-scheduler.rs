@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use rdask_sched::reactor::{serve, SchedulerConfig};
+use rdask_sched::reactor::{serve_with_dashboard, SchedulerConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "rdask-scheduler", version, about = "rdask scheduler")]
@@ -31,6 +31,12 @@ struct Args {
     /// Drop a worker silent for this many seconds.
     #[arg(long, default_value_t = 60)]
     worker_timeout: u64,
+    /// Dashboard address (`:8787`, `host:port`, `:0` any free port, `none` off).
+    #[arg(long, default_value = ":8787")]
+    dashboard_address: String,
+    /// Turn the dashboard off (as `--dashboard-address none`).
+    #[arg(long)]
+    no_dashboard: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         None => args.token.clone(),
     };
     config.worker_timeout = Duration::from_secs(args.worker_timeout.max(1));
+    config.dashboard = (!args.no_dashboard && !args.dashboard_address.eq_ignore_ascii_case("none")).then(|| args.dashboard_address.clone());
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -59,13 +66,14 @@ fn main() -> anyhow::Result<()> {
         if let Some(path) = &args.scheduler_file {
             write_scheduler_file(path, &listener.address)?;
         }
+        let dashboard = rdask_sched::reactor::bind_dashboard(&config, &listener).await.context("cannot serve the dashboard")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("signal received; shutting down");
             let _ = stop_tx.send(true);
         });
-        serve(listener, config, stop_rx).await;
+        serve_with_dashboard(listener, dashboard, config, stop_rx).await;
         if let Some(path) = &args.scheduler_file {
             let _ = std::fs::remove_file(path);
         }

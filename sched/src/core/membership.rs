@@ -42,6 +42,7 @@ impl Core {
                 incoming_steals: 0,
                 last_seen_ms: now_ms,
                 leaving: false,
+                load: Default::default(),
             },
         );
         self.worker_order.push(id);

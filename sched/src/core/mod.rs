@@ -63,6 +63,8 @@ pub struct Worker {
     /// The worker said it is leaving (`Leaving`): it gets no new work, and
     /// its departure suspects none of its tasks.
     pub leaving: bool,
+    /// What its last heartbeat said (for the dashboard and /metrics).
+    pub load: rdask_transport::protocol::WorkerLoad,
 }
 
 impl Worker {
@@ -122,6 +124,8 @@ pub struct Core {
     parked: Vec<TaskId>,
     pub stats: Stats,
     pub scheduler_id: String,
+    /// The dashboard's link, for clients (`client.dashboard_link`); empty: off.
+    pub dashboard: String,
 }
 
 impl Core {
@@ -147,6 +151,7 @@ impl Core {
             parked: Vec::new(),
             stats: Stats::default(),
             scheduler_id: format!("rdask-scheduler-{}", std::process::id()),
+            dashboard: String::new(),
         }
     }
 
@@ -287,7 +292,12 @@ impl Core {
                     self.steal_reply(worker, s.id.get(), s.stolen);
                 }
             }
-            ArchivedFromWorkerMessage::Heartbeat(_) => {}
+            ArchivedFromWorkerMessage::Heartbeat(load) => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.load = rdask_transport::rkyv::deserialize::<_, rdask_transport::rkyv::rancor::Error>(load)
+                        .unwrap_or_default();
+                }
+            }
             ArchivedFromWorkerMessage::Executing { tasks, confirm } => {
                 for id in tasks.iter() {
                     self.task_executing(worker, id.get());
@@ -325,6 +335,7 @@ impl Core {
         workers.sort_by_key(|w| w.id);
         ClusterInfo {
             scheduler_id: self.scheduler_id.clone(),
+            dashboard: self.dashboard.clone(),
             workers,
             tasks: self.tasks.len() as u64,
             ready: self.ready.len() as u64,
