@@ -65,6 +65,11 @@ impl Cluster {
         cluster.address = loop {
             if let Ok(text) = std::fs::read_to_string(&file) {
                 let v: serde_json::Value = serde_json::from_str(&text)?;
+                if let Some(port) = v["services"]["dashboard"].as_u64() {
+                    // A watcher, as a browser on /status would be: it reads
+                    // every snapshot the scheduler publishes.
+                    cluster.worker_tasks.push(tokio::spawn(watch_dashboard(port as u16)));
+                }
                 break v["address"].as_str().context("scheduler file without address")?.to_string();
             }
             if started.elapsed() > Duration::from_secs(20) {
@@ -166,4 +171,18 @@ impl Drop for Cluster {
 
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
+}
+
+/// Reads the dashboard's event stream until the scheduler goes away.
+async fn watch_dashboard(port: u16) -> Result<(), rdask_worker::WorkerError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return Ok(()) };
+    let _ = s.write_all(b"GET /api/events HTTP/1.1\r\nHost: bench\r\n\r\n").await;
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(())
 }

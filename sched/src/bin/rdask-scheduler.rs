@@ -63,10 +63,11 @@ fn main() -> anyhow::Result<()> {
         let listener = rdask_transport::listen(&addr, Default::default())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        if let Some(path) = &args.scheduler_file {
-            write_scheduler_file(path, &listener.address)?;
-        }
         let dashboard = rdask_sched::reactor::bind_dashboard(&config, &listener).await.context("cannot serve the dashboard")?;
+        if let Some(path) = &args.scheduler_file {
+            let port = dashboard.as_ref().and_then(|(l, _)| l.local_addr().ok()).map(|a| a.port());
+            write_scheduler_file(path, &listener.address, port)?;
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -92,12 +93,17 @@ async fn wait_for_signal() {
 
 /// Dask-compatible scheduler file, written to a temporary name and renamed
 /// so readers never see half a file.
-fn write_scheduler_file(path: &std::path::Path, address: &str) -> anyhow::Result<()> {
+/// `dashboard`: its port, listed under "services" as Dask does.
+fn write_scheduler_file(path: &std::path::Path, address: &str, dashboard: Option<u16>) -> anyhow::Result<()> {
+    let services = match dashboard {
+        Some(port) => serde_json::json!({ "dashboard": port }),
+        None => serde_json::json!({}),
+    };
     let body = serde_json::json!({
         "type": "Scheduler",
         "id": format!("rdask-scheduler-{}", std::process::id()),
         "address": address,
-        "services": {},
+        "services": services,
         "started": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64(),
         "workers": {},
     });
