@@ -13,7 +13,7 @@ use std::time::Duration;
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, Role};
 use rdask_transport::peer::{FetchedValue, PeerPool};
-pub use rdask_transport::protocol::ClusterInfo;
+pub use rdask_transport::protocol::{ClusterInfo, StreamEvent};
 use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, Frame, FrameSender, Limits, TransportError, WireMessage};
 use thiserror::Error;
@@ -66,6 +66,7 @@ struct Shared {
     unacked: HashMap<u64, Vec<String>>,
     who_has: HashMap<u64, oneshot::Sender<(Vec<KeyLocation>, Vec<String>)>>,
     info: HashMap<u64, oneshot::Sender<ClusterInfo>>,
+    stream: HashMap<u64, oneshot::Sender<Vec<StreamEvent>>>,
     errors: Vec<String>,
     disconnected: bool,
     /// Status changes of held keys, in arrival order, kept only once
@@ -141,6 +142,7 @@ impl Client {
                         // Dropping the reply channels wakes every pending request with an error.
                         sh.who_has.clear();
                         sh.info.clear();
+                        sh.stream.clear();
                         drop(sh);
                         c.notify_waiters();
                         break;
@@ -406,6 +408,14 @@ impl Client {
         self.request(FromClientMessage::ClusterInfo { request_id }, |sh| &mut sh.info, request_id).await
     }
 
+    /// Task runs on worker threads that ended at or after `since_us` (µs
+    /// since the Unix epoch), oldest first (the scheduler keeps the last
+    /// 100,000).
+    pub async fn task_stream(&self, since_us: u64) -> Result<Vec<StreamEvent>, ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request(FromClientMessage::TaskStream { request_id, since_us }, |sh| &mut sh.stream, request_id).await
+    }
+
     /// Waits until at least `n` workers are connected.
     pub async fn wait_for_workers(&self, n: usize, timeout: Duration) -> Result<ClusterInfo, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -510,6 +520,13 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             if let ToClientMessage::ClusterInfo { info, .. } = ToClientMessage::decode(&frame.control)? {
                 if let Some(tx) = sh.info.remove(&request_id.to_native()) {
                     let _ = tx.send(info);
+                }
+            }
+        }
+        ArchivedToClientMessage::TaskStream { request_id, .. } => {
+            if let ToClientMessage::TaskStream { events, .. } = ToClientMessage::decode(&frame.control)? {
+                if let Some(tx) = sh.stream.remove(&request_id.to_native()) {
+                    let _ = tx.send(events);
                 }
             }
         }

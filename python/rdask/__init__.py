@@ -11,6 +11,7 @@ from .api import as_completed, fire_and_forget, get_client, wait, worker_client
 from .client import Client, default_client
 from .cluster import LocalCluster
 from .cuda import GpuUnavailableError, LocalCUDACluster
+from .diagnostics import get_task_stream, performance_report
 from .future import Future, FutureCancelledError
 from .progress import progress
 from .worker import get_worker, rejoin, secede
@@ -21,4 +22,5 @@ __all__ = [
     "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
     "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
     "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker", "LocalCUDACluster", "GpuUnavailableError",
+    "get_task_stream", "performance_report",
 ]

@@ -682,6 +682,22 @@ class Client:
         except Exception:
             pass
 
+    def get_task_stream(self, start=None, stop=None, count=None, plot=False, filename="task-stream.html",
+                        bokeh_resources=None):
+        """Task runs on worker threads (the scheduler keeps the last
+        100,000), as distributed returns them: dicts with key, worker,
+        thread, status and startstops. `start`/`stop` are Unix times in
+        seconds."""
+        if plot:
+            raise NotImplementedError("rdask draws no Bokeh plots; use rdask.performance_report for an HTML report")
+        from .diagnostics import _events
+
+        return _events(self, start, stop, count)
+
+    def profile(self, *args, **kwargs):
+        raise NotImplementedError("rdask has no statistical profiler yet; the task stream "
+                                  "(client.get_task_stream, rdask.performance_report) shows where time goes")
+
     def _info(self) -> dict | None:
         try:
             return self._rc.cluster_info() if self.status == "running" else None

@@ -298,6 +298,18 @@ impl Client {
         info_to_dict(py, &info)
     }
 
+    /// Task runs that ended at or after `since_us` (µs since the epoch):
+    /// a list of (key, worker, thread, start_us, stop_us, ok).
+    fn task_stream<'py>(&self, py: Python<'py>, since_us: u64) -> PyResult<Bound<'py, PyList>> {
+        let client = self.inner()?;
+        let events = py.detach(move || runtime().block_on(client.task_stream(since_us))).map_err(to_py_err)?;
+        let out = PyList::empty(py);
+        for e in events {
+            out.append((e.key, e.worker, e.thread, e.start_us, e.stop_us, e.ok))?;
+        }
+        Ok(out)
+    }
+
     /// Waits until `n` workers are connected, or raises after `timeout` seconds.
     fn wait_for_workers<'py>(&self, py: Python<'py>, n: usize, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
         let client = self.inner()?;

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rdask import Client, LocalCluster
+from rdask import Client, LocalCluster, get_task_stream, performance_report
 
 
 def slow_inc(x, delay=0.0):
@@ -196,6 +196,8 @@ def test_the_status_page_in_a_browser_follows_a_running_graph(dash, tmp_path):
     assert client.gather(futures) == list(range(1, 25))
     assert seen and seen[-1] == (24, 24), seen
     assert any(done < 24 for done, _ in seen), f"never saw the graph in progress: {seen}"
+    # the live task stream drew the runs (one rect per run, per prefix)
+    assert dom().count('class="task" data-prefix="slow_inc"') >= 20
     shot = tmp_path / "status.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
@@ -207,3 +209,38 @@ def test_the_status_page_in_a_browser_follows_a_running_graph(dash, tmp_path):
         os.makedirs(artifacts, exist_ok=True)
         shutil.copy(shot, os.path.join(artifacts, "dashboard-status.png"))
     del futures
+
+
+def test_task_stream_and_its_context_manager(dash):
+    cluster, client = dash
+    addresses = set(client.scheduler_info()["workers"])
+    start = time.time()
+    with get_task_stream(client) as ts:
+        assert client.gather(client.map(slow_inc, range(12), [0.05] * 12, pure=False)) == list(range(1, 13))
+    assert len(ts.data) == 12
+    for e in ts.data:
+        assert e["key"].startswith("slow_inc-") and e["worker"] in addresses and e["status"] == "OK"
+        (ss,) = e["startstops"]
+        assert ss["action"] == "compute" and ss["stop"] - ss["start"] >= 0.045
+        assert start - 1 <= ss["start"] <= ss["stop"] <= time.time() + 1
+    recent = client.get_task_stream(start=start)
+    assert {e["key"] for e in ts.data} <= {e["key"] for e in recent}
+    assert len(client.get_task_stream(start=start, count=3)) == 3
+    with pytest.raises(NotImplementedError):
+        client.get_task_stream(plot=True)
+    with pytest.raises(NotImplementedError, match="profiler"):
+        client.profile()
+
+
+def test_performance_report_writes_a_self_contained_page(dash, tmp_path):
+    cluster, client = dash
+    path = tmp_path / "report.html"
+    with performance_report(filename=str(path), client=client):
+        client.gather(client.map(slow_inc, range(10), [0.02] * 10, pure=False))
+    page = path.read_text()
+    assert page.startswith("<!doctype html>") and "<script" not in page and "http" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert "Task stream" in page and "Worker timelines" in page
+    assert page.count("<rect ") == 10
+    for address in client.scheduler_info()["workers"]:
+        assert address in page

@@ -143,7 +143,8 @@ pub async fn serve_with_dashboard(
             // Only while a dashboard is on: one pass over the tasks.
             _ = snapshot_tick.tick(), if dashboard_task.is_some() => {
                 let link = dashboard_link.as_deref().unwrap_or("");
-                let snap = crate::dashboard::snapshot(&core, now_ms(), &scheduler_address, link);
+                let wall_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+                let snap = crate::dashboard::snapshot(&core, now_ms(), wall_us, &scheduler_address, link);
                 let _ = snapshots_tx.send(Arc::new(snap));
             }
             // Before events, so a steady stream of messages cannot starve

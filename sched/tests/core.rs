@@ -1026,3 +1026,22 @@ fn restriction_index_out_of_range_is_rejected() {
     };
     expect_rejected(&mut h, c, g, vec![], "restriction 3");
 }
+
+#[test]
+fn task_spans_make_the_task_stream() {
+    let (mut h, ws) = Harness::with_workers(1);
+    let c = h.add_client();
+    h.submit(c, &[t("a-1", &[]).want(), t("b-2", &[]).want()], false);
+    h.step();
+    let (a, b) = (h.id("a-1"), h.id("b-2"));
+    let span = |id, start_us, stop_us, ok| TaskSpan { id, start_us, stop_us, thread: 3, ok };
+    h.worker_msg(ws[0], FromWorkerMessage::Spans(vec![span(a, 1_000, 2_000, true), span(b, 2_500, 4_000, false)]));
+    let all = h.core.task_stream(0);
+    assert_eq!(all.iter().map(|e| (e.key.as_str(), e.start_us, e.stop_us, e.ok, e.thread)).collect::<Vec<_>>(),
+        [("a-1", 1_000, 2_000, true, 3), ("b-2", 2_500, 4_000, false, 3)]);
+    assert!(all.iter().all(|e| e.worker == "tcp://w0"), "{all:?}");
+    assert_eq!(h.core.task_stream(3_000).len(), 1, "only runs that ended since");
+    // A span for a task the scheduler no longer knows is dropped.
+    h.worker_msg(ws[0], FromWorkerMessage::Spans(vec![span(TaskId::new(999_999), 5_000, 6_000, true)]));
+    assert_eq!(h.core.task_stream(0).len(), 2);
+}

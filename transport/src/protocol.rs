@@ -45,6 +45,9 @@ pub enum FromClientMessage {
     WhoHas { request_id: u64, keys: Vec<String> },
     /// Workers and task counts; answered with [`ToClientMessage::ClusterInfo`].
     ClusterInfo { request_id: u64 },
+    /// Task stream events that ended at or after `since_us` (µs since the
+    /// Unix epoch); answered with [`ToClientMessage::TaskStream`].
+    TaskStream { request_id: u64, since_us: u64 },
     /// Clean goodbye; the client's keys are released.
     Close,
 }
@@ -119,6 +122,7 @@ pub enum ToClientMessage {
     SubmitRejected { submit_id: u64, message: String },
     WhoHas { request_id: u64, found: Vec<KeyLocation>, missing: Vec<String> },
     ClusterInfo { request_id: u64, info: ClusterInfo },
+    TaskStream { request_id: u64, events: Vec<StreamEvent> },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
 }
@@ -160,6 +164,19 @@ pub struct WorkerSummary {
     pub processing: u64,
     pub stored_values: u64,
     pub stored_bytes: u64,
+}
+
+/// One task's run on a worker thread, for the task stream
+/// (`client.get_task_stream`, `performance_report`, the dashboard).
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct StreamEvent {
+    pub key: String,
+    pub worker: String,
+    pub thread: u32,
+    /// µs since the Unix epoch, on the worker's clock.
+    pub start_us: u64,
+    pub stop_us: u64,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -210,6 +227,20 @@ pub enum FromWorkerMessage {
     /// The worker leaves on purpose (SIGTERM, retirement, close): its tasks
     /// go elsewhere and none of them is suspected. The connection closes next.
     Leaving,
+    /// When tasks ran on executor threads (not tasks run inline on the
+    /// worker loop), sent before their `Finished`/`Failed`.
+    Spans(Vec<TaskSpan>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
+pub struct TaskSpan {
+    pub id: TaskId,
+    /// µs since the Unix epoch, on the worker's clock.
+    pub start_us: u64,
+    pub stop_us: u64,
+    /// Index of the executor thread that ran it.
+    pub thread: u32,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

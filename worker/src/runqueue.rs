@@ -9,6 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use rdask_transport::protocol::TaskSpan;
 use rdask_transport::TaskId;
 use rustc_hash::FxHashSet;
 use tokio::sync::mpsc;
@@ -77,6 +78,18 @@ struct Inner {
 
 pub type Completion = (TaskId, Result<Value, TaskFailure>);
 
+/// What executor threads hand to the worker loop: results, and when each
+/// task ran (for the task stream).
+#[derive(Default)]
+pub struct Done {
+    pub completions: Vec<Completion>,
+    pub spans: Vec<TaskSpan>,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 pub struct RunQueue {
     inner: Mutex<Inner>,
     cv: Condvar,
@@ -91,7 +104,7 @@ pub struct RunQueue {
     sweeping: std::sync::atomic::AtomicBool,
     pub sweep_wake: tokio::sync::Notify,
     executor: Arc<dyn Executor>,
-    done: mpsc::UnboundedSender<Vec<Completion>>,
+    done: mpsc::UnboundedSender<Done>,
     /// Careful tasks about to start, for the worker loop to report.
     starting: mpsc::UnboundedSender<TaskId>,
     name: String,
@@ -139,7 +152,7 @@ impl RunQueue {
         nthreads: usize,
         name: &str,
         executor: Arc<dyn Executor>,
-        done: mpsc::UnboundedSender<Vec<Completion>>,
+        done: mpsc::UnboundedSender<Done>,
         starting: mpsc::UnboundedSender<TaskId>,
     ) -> std::io::Result<Arc<RunQueue>> {
         let q = Arc::new(RunQueue {
@@ -166,7 +179,7 @@ impl RunQueue {
         let q = self.clone();
         std::thread::Builder::new().name(format!("{}-exec-{i}", self.name)).stack_size(4 << 20).spawn(move || {
             CURRENT.with(|c| *c.borrow_mut() = Some(q.clone()));
-            q.thread_loop();
+            q.thread_loop(i as u32);
             CURRENT.with(|c| c.borrow_mut().take());
         })?;
         Ok(())
@@ -269,13 +282,13 @@ impl RunQueue {
     /// handed to the worker loop in batches: a thread reports when the queue
     /// runs dry (or after `REPORT_EVERY` jobs), so a burst of micro-tasks
     /// costs one wake-up of the worker loop, not one per task.
-    fn thread_loop(&self) {
+    fn thread_loop(&self, thread: u32) {
         let (executor, done) = (&*self.executor, &self.done);
         const REPORT_EVERY: usize = 256;
         /// Results older than this go out even while the queue is busy, so a
         /// long queue of real tasks does not hold finished results back.
         const REPORT_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
-        let mut finished: Vec<Completion> = Vec::new();
+        let mut finished = Done::default();
         let mut oldest = std::time::Instant::now();
         let mut g = self.inner.lock().unwrap();
         loop {
@@ -283,7 +296,7 @@ impl RunQueue {
                 return;
             }
             let Some(job) = g.heap.pop() else {
-                if !finished.is_empty() {
+                if !finished.completions.is_empty() {
                     drop(g);
                     if done.send(std::mem::take(&mut finished)).is_err() {
                         return; // worker loop is gone
@@ -313,6 +326,7 @@ impl RunQueue {
             }
             let id = job.run.id;
             let key = job.run.key.clone();
+            let start_us = now_us();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute(job.run)))
                 .unwrap_or_else(|p| {
                     let what = p
@@ -322,10 +336,11 @@ impl RunQueue {
                         .unwrap_or_else(|| "unknown panic".into());
                     Err(TaskFailure::message(format!("executor panicked while running {key}: {what}")))
                 });
-            if finished.is_empty() {
+            if finished.completions.is_empty() {
                 oldest = std::time::Instant::now();
             }
-            finished.push((id, result));
+            finished.spans.push(TaskSpan { id, start_us, stop_us: now_us(), thread, ok: result.is_ok() });
+            finished.completions.push((id, result));
             if SECEDED.with(|s| s.replace(false)) {
                 // A replacement serves the queue already: report and end.
                 let _ = done.send(std::mem::take(&mut finished));
@@ -334,7 +349,7 @@ impl RunQueue {
                 Self::end_executing(&mut g, &self.executing, id);
                 return;
             }
-            let due = finished.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
+            let due = finished.completions.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
             if due && done.send(std::mem::take(&mut finished)).is_err() {
                 return;
             }
@@ -395,7 +410,7 @@ mod tests {
         let mut outer = None;
         let mut seen = 0;
         while seen < 2 {
-            for (id, r) in done_rx.blocking_recv().unwrap() {
+            for (id, r) in done_rx.blocking_recv().unwrap().completions {
                 seen += 1;
                 if id == TaskId::new(1) {
                     let Value::Bytes(b) = r.unwrap() else { panic!("bytes expected") };

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::error::WorkerError;
 use crate::executor::{Executor, TaskFailure, TaskRun, Value};
 use crate::peer_server::serve_peers;
-use crate::runqueue::{Completion, Job, JobPriority, RunQueue};
+use crate::runqueue::{Completion, Done, Job, JobPriority, RunQueue};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -114,6 +114,8 @@ struct Outgoing {
     executing: Vec<TaskId>,
     /// Careful tasks waiting for the scheduler to confirm their start.
     confirm: Vec<TaskId>,
+    /// When thread-pool tasks ran (the task stream).
+    spans: Vec<rdask_transport::protocol::TaskSpan>,
 }
 
 /// Stops the executor threads and the peer server however the worker ends
@@ -180,7 +182,7 @@ pub async fn run_worker_until(
     let listener = rdask_transport::listen(&config.listen, limits).await?;
     let address = listener.address.clone();
     let store = Arc::new(Store::default());
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<Completion>>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
     let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx, starting_tx)?;
     let _guard = Guard {
@@ -673,8 +675,10 @@ impl State {
     }
 
     /// Results from the executor threads.
-    fn on_done(&mut self, mut batch: Vec<Completion>) {
+    fn on_done(&mut self, done: Done) {
+        let Done { completions: mut batch, spans } = done;
         batch.retain(|(id, _)| self.tasks.remove(id).is_some()); // else cancelled while running
+        self.out.spans.extend(spans);
         self.record(batch);
     }
 
@@ -715,6 +719,9 @@ impl State {
         }
         if !out.executing.is_empty() {
             send(Frame::from_message(&FromWorkerMessage::Executing { tasks: out.executing, confirm: false }));
+        }
+        if !out.spans.is_empty() {
+            send(Frame::from_message(&FromWorkerMessage::Spans(out.spans)));
         }
         // Replicas before completions: a dependent finishing may release them.
         if !out.replicas.is_empty() {

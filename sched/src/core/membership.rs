@@ -21,6 +21,7 @@ impl Core {
     pub fn add_worker(&mut self, comm: &mut Comm, spec: WorkerSpec, now_ms: u64) -> WorkerId {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
+        self.stream_workers.insert(id, spec.address.clone().into_boxed_str());
         let p = &spec.placement;
         tracing::info!(
             worker = %id, name = %spec.name, address = %spec.address, nthreads = spec.nthreads, host = %p.host,

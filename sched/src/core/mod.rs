@@ -126,6 +126,26 @@ pub struct Core {
     pub scheduler_id: String,
     /// The dashboard's link, for clients (`client.dashboard_link`); empty: off.
     pub dashboard: String,
+    /// The most recent task runs on worker threads (oldest first), for the
+    /// task stream; at most `STREAM_EVENTS`.
+    pub stream: std::collections::VecDeque<StreamRecord>,
+    /// Addresses of every worker that ever joined, for stream events of
+    /// workers that have left.
+    pub stream_workers: FxHashMap<WorkerId, Box<str>>,
+}
+
+/// Task runs kept for the task stream (about 100 bytes each).
+pub const STREAM_EVENTS: usize = 100_000;
+
+/// One task run as the worker reported it (`FromWorkerMessage::Spans`).
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub key: Box<str>,
+    pub worker: WorkerId,
+    pub thread: u32,
+    pub start_us: u64,
+    pub stop_us: u64,
+    pub ok: bool,
 }
 
 impl Core {
@@ -152,6 +172,8 @@ impl Core {
             stats: Stats::default(),
             scheduler_id: format!("rdask-scheduler-{}", std::process::id()),
             dashboard: String::new(),
+            stream: Default::default(),
+            stream_workers: Default::default(),
         }
     }
 
@@ -239,6 +261,11 @@ impl Core {
                 self.who_has(comm, client, request_id.to_native(), keys.iter().map(|k| k.as_str()));
                 Ok(())
             }
+            ArchivedFromClientMessage::TaskStream { request_id, since_us } => {
+                let events = self.task_stream(since_us.to_native());
+                comm.send_client(client, ToClientMessage::TaskStream { request_id: request_id.to_native(), events });
+                Ok(())
+            }
             ArchivedFromClientMessage::ClusterInfo { request_id } => {
                 let info = self.cluster_info();
                 comm.send_client(client, ToClientMessage::ClusterInfo { request_id: request_id.to_native(), info });
@@ -306,6 +333,22 @@ impl Core {
                     comm.send_worker(worker, ToWorkerMessage::ExecutingSeen(tasks.iter().map(|t| t.get()).collect()));
                 }
             }
+            ArchivedFromWorkerMessage::Spans(spans) => {
+                for s in spans.iter() {
+                    let Some(t) = self.tasks.get(s.id.get()) else { continue };
+                    if self.stream.len() >= STREAM_EVENTS {
+                        self.stream.pop_front();
+                    }
+                    self.stream.push_back(StreamRecord {
+                        key: t.key.clone(),
+                        worker,
+                        thread: s.thread.to_native(),
+                        start_us: s.start_us.to_native(),
+                        stop_us: s.stop_us.to_native(),
+                        ok: s.ok,
+                    });
+                }
+            }
             ArchivedFromWorkerMessage::Leaving => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     tracing::info!(worker = %worker, name = %w.name, "worker is leaving");
@@ -314,6 +357,24 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Stream events that ended at or after `since_us`.
+    pub fn task_stream(&self, since_us: u64) -> Vec<rdask_transport::protocol::StreamEvent> {
+        // Events arrive roughly in end order; scan from the newest back.
+        let from = self.stream.iter().rposition(|e| e.stop_us < since_us).map_or(0, |i| i + 1);
+        self.stream
+            .range(from..)
+            .filter(|e| e.stop_us >= since_us)
+            .map(|e| rdask_transport::protocol::StreamEvent {
+                key: e.key.to_string(),
+                worker: self.stream_workers.get(&e.worker).map_or_else(String::new, |a| a.to_string()),
+                thread: e.thread,
+                start_us: e.start_us,
+                stop_us: e.stop_us,
+                ok: e.ok,
+            })
+            .collect()
     }
 
     pub fn cluster_info(&self) -> ClusterInfo {

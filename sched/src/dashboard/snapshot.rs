@@ -24,6 +24,24 @@ pub struct Snapshot {
     pub workers: Vec<WorkerRow>,
     /// Progress per task prefix (the key's name part, as Dask groups them).
     pub prefixes: Vec<PrefixRow>,
+    /// Task runs of the last `STREAM_WINDOW_S` seconds (at most
+    /// `STREAM_ROWS`, newest kept), for the live task stream.
+    pub stream: Vec<StreamRow>,
+}
+
+/// Seconds of task stream the status page shows.
+pub const STREAM_WINDOW_S: f64 = 10.0;
+const STREAM_ROWS: usize = 3000;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamRow {
+    pub worker: String,
+    pub thread: u32,
+    pub prefix: String,
+    /// Seconds before the snapshot (positive: in the past).
+    pub start_ago: f64,
+    pub stop_ago: f64,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -86,7 +104,9 @@ pub fn key_prefix(key: &str) -> &str {
     if k[..cut].is_empty() { k } else { &k[..cut] }
 }
 
-pub fn snapshot(core: &Core, now_ms: u64, address: &str, dashboard: &str) -> Snapshot {
+/// `now_ms`: the scheduler's clock (uptime); `wall_us`: the wall clock, to
+/// place the workers' task runs.
+pub fn snapshot(core: &Core, now_ms: u64, wall_us: u64, address: &str, dashboard: &str) -> Snapshot {
     let mut tasks = TaskCounts::default();
     let mut prefixes: BTreeMap<&str, PrefixRow> = BTreeMap::new();
     for (_, t) in core.tasks.iter() {
@@ -137,6 +157,23 @@ pub fn snapshot(core: &Core, now_ms: u64, address: &str, dashboard: &str) -> Sna
         })
         .collect();
     workers.sort_by_key(|w| w.id);
+    let horizon = wall_us.saturating_sub((STREAM_WINDOW_S * 1e6) as u64);
+    let mut stream: Vec<StreamRow> = core
+        .stream
+        .iter()
+        .rev()
+        .take_while(|e| e.stop_us >= horizon)
+        .take(STREAM_ROWS)
+        .map(|e| StreamRow {
+            worker: core.stream_workers.get(&e.worker).map_or_else(String::new, |a| a.to_string()),
+            thread: e.thread,
+            prefix: key_prefix(&e.key).to_string(),
+            start_ago: wall_us.saturating_sub(e.start_us) as f64 / 1e6,
+            stop_ago: wall_us.saturating_sub(e.stop_us) as f64 / 1e6,
+            ok: e.ok,
+        })
+        .collect();
+    stream.reverse();
     let s = core.stats;
     Snapshot {
         scheduler_id: core.scheduler_id.clone(),
@@ -158,6 +195,7 @@ pub fn snapshot(core: &Core, now_ms: u64, address: &str, dashboard: &str) -> Sna
                 row
             })
             .collect(),
+        stream,
     }
 }
 
