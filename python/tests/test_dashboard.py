@@ -94,6 +94,35 @@ def test_metrics_match_the_cluster(dash):
     del futures
 
 
+def make_block(n):
+    import numpy as np
+
+    return np.ones(n)
+
+
+def total(x):
+    return float(x.sum())
+
+
+def test_workers_report_transfers_in_their_heartbeats(dash):
+    cluster, client = dash
+    names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
+    block = client.submit(make_block, 2_000_000, workers=[names[0]], pure=False)   # 16 MB
+    assert client.submit(total, block, workers=[names[1]], pure=False).result(timeout=30) == 2_000_000
+    deadline = time.monotonic() + 10
+    while True:
+        rows = {w["name"]: w for w in snapshot(cluster)["workers"]}
+        if rows[names[1]]["bytes_in"] >= 16_000_000 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows[names[1]]["bytes_in"] >= 16_000_000, rows
+    assert rows[names[0]]["bytes_out"] >= 16_000_000, rows
+    m = metrics(cluster)
+    incoming = {dict(labels)["name"]: v for (name, labels), v in m.items()
+                if name == "dask_worker_transfer_incoming_bytes_total"}
+    assert incoming[names[1]] >= 16_000_000
+
+
 def test_the_api_shows_progress_by_task_prefix_and_worker_load(dash):
     cluster, client = dash
     futures = client.map(slow_inc, range(40), pure=False)

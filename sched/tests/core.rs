@@ -829,7 +829,7 @@ fn who_has_names_the_holders_address() {
 fn silent_worker_is_found_with_the_fake_clock() {
     let (mut h, ws) = Harness::with_workers(2);
     h.now_ms = 5_000;
-    h.worker_msg(ws[1], FromWorkerMessage::Heartbeat(WorkerLoad { running: 0, queued: 0, stored_bytes: 0, cpu_percent: 0.0, rss: 0 }));
+    h.worker_msg(ws[1], FromWorkerMessage::Heartbeat(WorkerLoad::default()));
     assert_eq!(h.core.silent_workers(5_500, 1_000), vec![ws[0]], "only the worker silent since t=0");
     assert!(h.core.silent_workers(900, 1_000).is_empty());
 }

@@ -293,6 +293,12 @@ pub struct WorkerLoad {
     pub cpu_percent: f32,
     /// Resident memory of the worker's process, bytes.
     pub rss: u64,
+    /// Value bytes this worker fetched from peers / served to peers and
+    /// clients since it started, and the rates since the last heartbeat.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub in_per_s: f32,
+    pub out_per_s: f32,
 }
 
 // ---------------------------------------------------------------- scheduler -> worker

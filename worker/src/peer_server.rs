@@ -12,7 +12,8 @@ use crate::store::Store;
 /// Accepts peers until dropped or aborted. Connection tasks live in a
 /// `JoinSet` owned by this future, so stopping the server also stops every
 /// connection it serves (a stopped worker must not keep serving values).
-pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Option<String>) {
+/// `sent` counts the value bytes served (for the heartbeat's transfer rate).
+pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Option<String>, sent: Arc<std::sync::atomic::AtomicU64>) {
     let token = Arc::new(token);
     let gate = HandshakeGate::default();
     let mut connections = tokio::task::JoinSet::new();
@@ -27,9 +28,10 @@ pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Optio
         };
         let store = store.clone();
         let token = token.clone();
+        let sent = sent.clone();
         connections.spawn(async move {
             let peer = conn.peer.clone();
-            if let Err(e) = serve_one(conn, store, token.as_deref(), permit).await {
+            if let Err(e) = serve_one(conn, store, token.as_deref(), permit, sent).await {
                 tracing::debug!(%peer, "peer connection ended: {e}");
             }
         });
@@ -43,6 +45,7 @@ async fn serve_one(
     store: Arc<Store>,
     token: Option<&str>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 ) -> rdask_transport::Result<()> {
     handshake_accept(&mut conn, &[Role::Peer], token).await?;
     drop(permit);
@@ -77,6 +80,8 @@ async fn serve_one(
             data.extend(frames);
         }
         let reply = FromPeerMessage::Data { request_id: request_id.to_native(), items };
+        let bytes: u64 = data.iter().map(|d| d.len() as u64).sum();
+        sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         conn.sender.send(Frame::with_data(&reply, data))?;
     }
     Ok(())

@@ -155,6 +155,8 @@ struct State {
     /// Results of trivial tasks run inline during the current burst.
     inline_done: Vec<Completion>,
     seq: u64,
+    /// Value bytes fetched from peers so far.
+    bytes_in: u64,
 }
 
 /// How often the worker looks which tasks run user code, to tell the
@@ -184,10 +186,11 @@ pub async fn run_worker_until(
     let store = Arc::new(Store::default());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
+    let bytes_out = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx, starting_tx)?;
     let _guard = Guard {
         queue: queue.clone(),
-        peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone())),
+        peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone(), bytes_out.clone())),
     };
 
     let info = WorkerInfo {
@@ -277,6 +280,7 @@ pub async fn run_worker_until(
         sweep_buf: Vec::new(),
         inline_done: Vec::new(),
         seq: 0,
+        bytes_in: 0,
     };
     let sender = conn.sender;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100) as u64));
@@ -287,6 +291,7 @@ pub async fn run_worker_until(
     let mut sweeping = false;
     let queue = st.queue.clone();
     let mut cpu = crate::procinfo::CpuMeter::new();
+    let mut transfers = (std::time::Instant::now(), 0u64, 0u64);
     let leave = leave;
     tokio::pin!(leave);
 
@@ -356,13 +361,20 @@ pub async fn run_worker_until(
             _ = heartbeat.tick() => {
                 let (queued, running) = st.queue.load();
                 let rss = crate::procinfo::memory(std::process::id()).map_or(0, |(rss, _)| rss);
+                let (bytes_in, bytes_out) = (st.bytes_in, bytes_out.load(std::sync::atomic::Ordering::Relaxed));
+                let secs = transfers.0.elapsed().as_secs_f64().max(1e-3);
                 let load = WorkerLoad {
                     running: running as u32,
                     queued: queued as u32,
                     stored_bytes: st.store.bytes(),
                     cpu_percent: cpu.percent(),
                     rss,
+                    bytes_in,
+                    bytes_out,
+                    in_per_s: (bytes_in.saturating_sub(transfers.1) as f64 / secs) as f32,
+                    out_per_s: (bytes_out.saturating_sub(transfers.2) as f64 / secs) as f32,
                 };
+                transfers = (std::time::Instant::now(), bytes_in, bytes_out);
                 let _ = sender.send(Frame::from_message(&FromWorkerMessage::Heartbeat(load)));
             }
         }
@@ -564,12 +576,15 @@ impl State {
                 continue;
             }
             match fetched {
-                FetchedValue::Value(frames) => match self.executor.deserialize(frames) {
-                    Ok(v) => arrived.push((dep, v)),
-                    // Another holder would send the same bytes: the tasks
-                    // that need this value fail with the reason.
-                    Err(e) => self.fail_waiters(dep, "cannot deserialise", e),
-                },
+                FetchedValue::Value(frames) => {
+                    self.bytes_in += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+                    match self.executor.deserialize(frames) {
+                        Ok(v) => arrived.push((dep, v)),
+                        // Another holder would send the same bytes: the tasks
+                        // that need this value fail with the reason.
+                        Err(e) => self.fail_waiters(dep, "cannot deserialise", e),
+                    }
+                }
                 FetchedValue::Unserializable { message, payload } => {
                     self.fail_waiters(dep, "cannot serialise", TaskFailure { message, payload })
                 }

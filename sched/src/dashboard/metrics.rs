@@ -46,6 +46,8 @@ pub fn render(s: &Snapshot) -> String {
     gauge("dask_worker_memory_bytes", "Bytes of task results each worker holds", "gauge", &per_worker(&|w| w.stored_bytes as f64));
     gauge("dask_worker_memory_limit_bytes", "Memory limit of each worker (0: none)", "gauge", &per_worker(&|w| w.memory_limit as f64));
     gauge("dask_worker_process_rss_bytes", "Resident memory of each worker's process", "gauge", &per_worker(&|w| w.rss as f64));
+    gauge("dask_worker_transfer_incoming_bytes_total", "Value bytes each worker fetched from peers", "counter", &per_worker(&|w| w.bytes_in as f64));
+    gauge("dask_worker_transfer_outgoing_bytes_total", "Value bytes each worker served to peers and clients", "counter", &per_worker(&|w| w.bytes_out as f64));
     gauge("dask_worker_cpu_percent", "CPU use of each worker's process, percent of one core", "gauge", &per_worker(&|w| w.cpu_percent as f64));
     out
 }

@@ -74,6 +74,10 @@ pub struct WorkerRow {
     pub stored_bytes: u64,
     pub cpu_percent: f32,
     pub rss: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub in_per_s: f32,
+    pub out_per_s: f32,
     pub last_seen_s: f64,
 }
 
@@ -153,6 +157,10 @@ pub fn snapshot(core: &Core, now_ms: u64, wall_us: u64, address: &str, dashboard
             stored_bytes: w.stored_bytes,
             cpu_percent: w.load.cpu_percent,
             rss: w.load.rss,
+            bytes_in: w.load.bytes_in,
+            bytes_out: w.load.bytes_out,
+            in_per_s: w.load.in_per_s,
+            out_per_s: w.load.out_per_s,
             last_seen_s: now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
         })
         .collect();
