@@ -685,9 +685,9 @@ class Client:
     def get_task_stream(self, start=None, stop=None, count=None, plot=False, filename="task-stream.html",
                         bokeh_resources=None):
         """Task runs on worker threads (the scheduler keeps the last
-        100,000), as distributed returns them: dicts with key, worker,
-        thread, status and startstops. `start`/`stop` are Unix times in
-        seconds."""
+        100,000 while its dashboard is on, or from the first such request
+        on), as distributed returns them: dicts with key, worker, thread,
+        status and startstops. `start`/`stop` are Unix times in seconds."""
         if plot:
             raise NotImplementedError("rdask draws no Bokeh plots; use rdask.performance_report for an HTML report")
         from .diagnostics import _events

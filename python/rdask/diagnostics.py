@@ -45,6 +45,7 @@ class get_task_stream:
 
     def __enter__(self):
         self.start = time.time()
+        _events(self.client, self.start)  # asks the scheduler to keep task runs from now on
         return self
 
     def __exit__(self, *exc):
@@ -72,6 +73,7 @@ class performance_report:
         if self.client is None:
             raise ValueError("performance_report needs a client (none is running)")
         self.start = time.time()
+        _events(self.client, self.start)  # asks the scheduler to keep task runs from now on
         return self
 
     def __exit__(self, *exc):

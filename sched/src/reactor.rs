@@ -130,6 +130,7 @@ pub async fn serve_with_dashboard(
     let now_ms = || started.elapsed().as_millis() as u64;
     let mut core = Core::new(config.core.clone());
     core.dashboard = dashboard_link.clone().unwrap_or_default();
+    core.stream_enabled = dashboard_link.is_some();
     let mut comm = Comm::default();
     let mut senders = Senders::default();
     let mut addresses: FxHashMap<WorkerId, String> = FxHashMap::default();

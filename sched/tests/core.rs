@@ -1035,6 +1035,15 @@ fn task_spans_make_the_task_stream() {
     h.step();
     let (a, b) = (h.id("a-1"), h.id("b-2"));
     let span = |id, start_us, stop_us, ok| TaskSpan { id, start_us, stop_us, thread: 3, ok };
+    // Nobody asked yet (no dashboard, no request): runs are not kept.
+    h.worker_msg(ws[0], FromWorkerMessage::Spans(vec![span(a, 500, 900, true)]));
+    assert!(h.core.stream.is_empty());
+    assert!(!h.sims[&ws[0]].report_spans);
+    h.client_msg(c, FromClientMessage::TaskStream { request_id: 1, since_us: 0 });
+    h.step();
+    assert!(h.sims[&ws[0]].report_spans, "workers are asked for their runs");
+    let late = h.add_worker(1);
+    assert!(h.sims[&late].report_spans, "and so is a worker that joins later");
     h.worker_msg(ws[0], FromWorkerMessage::Spans(vec![span(a, 1_000, 2_000, true), span(b, 2_500, 4_000, false)]));
     let all = h.core.task_stream(0);
     assert_eq!(all.iter().map(|e| (e.key.as_str(), e.start_us, e.stop_us, e.ok, e.thread)).collect::<Vec<_>>(),

@@ -320,6 +320,9 @@ pub enum ToWorkerMessage {
     /// Answers `Executing { confirm: true }`: the scheduler knows these
     /// tasks run, so a careful task may start.
     ExecutingSeen(Vec<TaskId>),
+    /// Start (true) or stop sending `Spans`: the scheduler keeps a task
+    /// stream only while a dashboard or a client wants one.
+    ReportSpans(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

@@ -630,12 +630,24 @@ fn samples_from_client() -> Vec<FromClientMessage> {
         }),
         FromClientMessage::Release { keys: vec!["some-released-key".into()] },
         FromClientMessage::WhoHas { request_id: 1, keys: vec!["x".into(), "y-is-long-enough".into()] },
+        FromClientMessage::TaskStream { request_id: 2, since_us: 1_796_000_000_000_000 },
     ]
 }
 
 fn samples_to_client() -> Vec<ToClientMessage> {
     vec![
         ToClientMessage::Welcome { client_id: ClientId(3), scheduler_id: "rdask-scheduler-1234".into() },
+        ToClientMessage::TaskStream {
+            request_id: 2,
+            events: vec![StreamEvent {
+                key: "inc-1".into(),
+                worker: "tcp://127.0.0.1:4000".into(),
+                thread: 1,
+                start_us: 10,
+                stop_us: 20,
+                ok: true,
+            }],
+        },
         ToClientMessage::Erred(vec![KeyErred {
             key: "dependent-key".into(),
             failed_key: "failing-key".into(),
@@ -669,6 +681,7 @@ fn samples_from_worker() -> Vec<FromWorkerMessage> {
         FromWorkerMessage::FetchFailed(vec![FetchFailure { task: TaskId(1), dep: TaskId(2), holder: WorkerId(3) }]),
         FromWorkerMessage::Executing { tasks: vec![TaskId(5), TaskId(6)], confirm: true },
         FromWorkerMessage::Leaving,
+        FromWorkerMessage::Spans(vec![TaskSpan { id: TaskId(5), start_us: 1, stop_us: 2, thread: 0, ok: true }]),
     ]
 }
 
@@ -689,6 +702,7 @@ fn samples_to_worker() -> Vec<ToWorkerMessage> {
         ToWorkerMessage::Release(vec![TaskId(1), TaskId(2)]),
         ToWorkerMessage::Error { message: "the scheduler could not accept that".into() },
         ToWorkerMessage::ExecutingSeen(vec![TaskId(5)]),
+        ToWorkerMessage::ReportSpans(true),
     ]
 }
 

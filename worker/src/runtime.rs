@@ -157,6 +157,8 @@ struct State {
     seq: u64,
     /// Value bytes fetched from peers so far.
     bytes_in: u64,
+    /// Send `Spans` (the scheduler keeps a task stream).
+    report_spans: bool,
 }
 
 /// How often the worker looks which tasks run user code, to tell the
@@ -281,6 +283,7 @@ pub async fn run_worker_until(
         inline_done: Vec::new(),
         seq: 0,
         bytes_in: 0,
+        report_spans: false,
     };
     let sender = conn.sender;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100) as u64));
@@ -436,6 +439,7 @@ impl State {
                 return Err(WorkerError::Protocol("registered twice".into()));
             }
             ArchivedToWorkerMessage::Stop => return Ok(true),
+            ArchivedToWorkerMessage::ReportSpans(on) => self.report_spans = *on,
             ArchivedToWorkerMessage::ExecutingSeen(ids) => {
                 self.queue.confirm(ids.iter().map(|id| id.get()));
             }
@@ -693,7 +697,9 @@ impl State {
     fn on_done(&mut self, done: Done) {
         let Done { completions: mut batch, spans } = done;
         batch.retain(|(id, _)| self.tasks.remove(id).is_some()); // else cancelled while running
-        self.out.spans.extend(spans);
+        if self.report_spans {
+            self.out.spans.extend(spans);
+        }
         self.record(batch);
     }
 

@@ -50,6 +50,9 @@ impl Core {
         // A newcomer may take queued work from busy workers.
         self.idle_hint = true;
         comm.send_worker(id, ToWorkerMessage::Registered { worker_id: id, heartbeat_ms: self.config.heartbeat_ms });
+        if self.stream_enabled {
+            comm.send_worker(id, ToWorkerMessage::ReportSpans(true));
+        }
         id
     }
 

@@ -132,6 +132,10 @@ pub struct Core {
     /// Addresses of every worker that ever joined, for stream events of
     /// workers that have left.
     pub stream_workers: FxHashMap<WorkerId, Box<str>>,
+    /// Whether task runs are kept: on with a dashboard, and from the first
+    /// task stream request on (a copy of each key per run is not free for
+    /// micro-tasks nobody watches).
+    pub stream_enabled: bool,
 }
 
 /// Task runs kept for the task stream (about 100 bytes each).
@@ -174,6 +178,7 @@ impl Core {
             dashboard: String::new(),
             stream: Default::default(),
             stream_workers: Default::default(),
+            stream_enabled: false,
         }
     }
 
@@ -262,6 +267,7 @@ impl Core {
                 Ok(())
             }
             ArchivedFromClientMessage::TaskStream { request_id, since_us } => {
+                self.enable_stream(comm);
                 let events = self.task_stream(since_us.to_native());
                 comm.send_client(client, ToClientMessage::TaskStream { request_id: request_id.to_native(), events });
                 Ok(())
@@ -333,7 +339,7 @@ impl Core {
                     comm.send_worker(worker, ToWorkerMessage::ExecutingSeen(tasks.iter().map(|t| t.get()).collect()));
                 }
             }
-            ArchivedFromWorkerMessage::Spans(spans) => {
+            ArchivedFromWorkerMessage::Spans(spans) if self.stream_enabled => {
                 for s in spans.iter() {
                     let Some(t) = self.tasks.get(s.id.get()) else { continue };
                     if self.stream.len() >= STREAM_EVENTS {
@@ -349,6 +355,7 @@ impl Core {
                     });
                 }
             }
+            ArchivedFromWorkerMessage::Spans(_) => {}
             ArchivedFromWorkerMessage::Leaving => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     tracing::info!(worker = %worker, name = %w.name, "worker is leaving");
@@ -357,6 +364,16 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Keeps task runs from now on and asks every worker to report them.
+    pub fn enable_stream(&mut self, comm: &mut Comm) {
+        if !self.stream_enabled {
+            self.stream_enabled = true;
+            for &w in &self.worker_order {
+                comm.send_worker(w, ToWorkerMessage::ReportSpans(true));
+            }
+        }
     }
 
     /// Stream events that ended at or after `since_us`.

@@ -220,6 +220,8 @@ pub struct SimWorker {
     pub payloads: HashMap<String, Bytes>,
     /// Careful tasks whose start the scheduler confirmed (`ExecutingSeen`).
     pub confirmed: Vec<TaskId>,
+    /// The scheduler asked for `Spans`.
+    pub report_spans: bool,
     seen: usize,
 }
 
@@ -463,6 +465,7 @@ impl Harness {
                     ToWorkerMessage::Cancel(ids) => sim.queue.retain(|t| !ids.contains(&t.id)),
                     ToWorkerMessage::Steal(ids) => sim.steal_requests.extend(ids.iter().copied()),
                     ToWorkerMessage::ExecutingSeen(ids) => sim.confirmed.extend(ids.iter().copied()),
+                    ToWorkerMessage::ReportSpans(on) => sim.report_spans = *on,
                     ToWorkerMessage::Registered { .. } | ToWorkerMessage::Error { .. } | ToWorkerMessage::Stop => {}
                 }
             }
