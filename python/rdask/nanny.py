@@ -87,6 +87,8 @@ class Nanny:
                 self.restarts = [t for t in self.restarts if now - t < 60] + [now]
                 if len(self.restarts) > self.max_restarts:
                     logger.error("worker %s died %d times within a minute; giving up", self.name, len(self.restarts))
+                    print(f"rdask nanny: worker {self.name} died {len(self.restarts)} times within a minute; "
+                          "not restarting it again", file=sys.stderr)
                     return
                 logger.warning("worker %s died (exit code %s); restarting it", self.name, code)
                 print(f"rdask nanny: worker {self.name} died (exit code {code}); restarting", file=sys.stderr)
