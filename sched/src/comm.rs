@@ -12,6 +12,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 #[derive(Default)]
 struct WorkerOut {
     compute: Vec<ComputeTask>,
+    resource_sets: Vec<Vec<rdask_transport::protocol::Resource>>,
     data: Vec<Bytes>,
     peers: FxHashSet<WorkerId>,
     release: Vec<rdask_transport::TaskId>,
@@ -63,11 +64,23 @@ impl Comm {
             payload: NO_FRAME,
             deps: Vec::new(),
             careful: false,
+            resources: NO_FRAME,
         })
     }
 
-    pub fn compute(&mut self, worker: WorkerId, mut task: ComputeTask, payload: &Bytes) {
+    /// `resources`: what the task holds while it runs (None for most).
+    pub fn compute(&mut self, worker: WorkerId, mut task: ComputeTask, payload: &Bytes, resources: Option<&[rdask_transport::protocol::Resource]>) {
         let out = self.workers.entry(worker).or_default();
+        task.resources = match resources {
+            None => NO_FRAME,
+            Some(set) => match out.resource_sets.iter().position(|s| s.as_slice() == set) {
+                Some(i) => i as u32,
+                None => {
+                    out.resource_sets.push(set.to_vec());
+                    (out.resource_sets.len() - 1) as u32
+                }
+            },
+        };
         for dep in &task.deps {
             out.peers.extend(dep.holders.iter().copied());
         }
@@ -165,7 +178,7 @@ impl Comm {
                     .into_iter()
                     .filter_map(|id| address(id).map(|address| PeerAddress { id, address }))
                     .collect();
-                let msg = ToWorkerMessage::Compute(ComputeBatch { tasks: out.compute, peers });
+                let msg = ToWorkerMessage::Compute(ComputeBatch { tasks: out.compute, peers, resource_sets: out.resource_sets });
                 sink.to_worker(worker, Frame::with_data(&msg, out.data));
                 if let ToWorkerMessage::Compute(batch) = msg {
                     let room = SPARE_MAX.saturating_sub(spare.len());

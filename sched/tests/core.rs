@@ -1054,3 +1054,22 @@ fn task_spans_make_the_task_stream() {
     h.worker_msg(ws[0], FromWorkerMessage::Spans(vec![span(TaskId::new(999_999), 5_000, 6_000, true)]));
     assert_eq!(h.core.task_stream(0).len(), 2);
 }
+
+#[test]
+fn a_task_with_resources_tells_its_worker_what_it_holds() {
+    let mut h = Harness::new(CoreConfig::default());
+    let gpu = h.add_worker_with(2, &[("GPU", 1.0)]);
+    let c = h.add_client();
+    h.submit(c, &[t("train", &[]).restrict(&[], &[("GPU", 1.0)], false).want(), t("plain", &[]).want()], false);
+    h.step();
+    let batches: Vec<ComputeBatch> = h.worker_log(gpu).into_iter().filter_map(|m| match m {
+        ToWorkerMessage::Compute(b) => Some(b),
+        _ => None,
+    }).collect();
+    let tasks: Vec<(&str, u32)> = batches.iter().flat_map(|b| b.tasks.iter().map(|t| (t.key.as_str(), t.resources))).collect();
+    let train = tasks.iter().find(|(k, _)| *k == "train").unwrap().1;
+    let plain = tasks.iter().find(|(k, _)| *k == "plain").unwrap().1;
+    assert_eq!(plain, NO_FRAME);
+    let sets = &batches.iter().find(|b| b.tasks.iter().any(|t| t.key == "train")).unwrap().resource_sets;
+    assert_eq!(sets[train as usize], vec![Resource { name: "GPU".into(), amount: 1.0 }]);
+}

@@ -330,6 +330,8 @@ pub struct ComputeBatch {
     pub tasks: Vec<ComputeTask>,
     /// Addresses of every worker named as a holder in `tasks`.
     pub peers: Vec<PeerAddress>,
+    /// Resource needs the tasks name by index (`ComputeTask::resources`).
+    pub resource_sets: Vec<Vec<Resource>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -345,6 +347,10 @@ pub struct ComputeTask {
     /// running it, so that a task which kills workers at once is still
     /// known to have been running when the next one dies.
     pub careful: bool,
+    /// Index into [`ComputeBatch::resource_sets`], or [`NO_FRAME`]: what the
+    /// task holds while it runs. A worker runs tasks needing `GPU=1` on a
+    /// `GPU=1` worker one at a time (Dask's semantics).
+    pub resources: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use rdask_transport::protocol::TaskSpan;
+use rdask_transport::protocol::{Resource, TaskSpan};
 use rdask_transport::TaskId;
 use rustc_hash::FxHashSet;
 use tokio::sync::mpsc;
@@ -43,6 +43,8 @@ pub struct Job {
     /// Confirm the start with the scheduler before running (the task was on
     /// a worker that died; see `ComputeTask::careful`).
     pub careful: bool,
+    /// Resources the task holds while it runs (`GPU=1`); empty for most.
+    pub needs: Vec<Resource>,
 }
 
 impl PartialEq for Job {
@@ -73,7 +75,26 @@ struct Inner {
     executing: Vec<TaskId>,
     /// Careful tasks whose start the scheduler has seen.
     confirmed: FxHashSet<TaskId>,
+    /// Resources not held by running tasks (the worker's `--resources`).
+    available: Vec<Resource>,
+    /// Queued jobs waiting for resources that running tasks hold; back in
+    /// the heap when some are released.
+    blocked: Vec<Job>,
     shutdown: bool,
+}
+
+/// Whether `needs` fit in `available` (a resource the worker lacks never
+/// fits; the scheduler sends such tasks only to workers that have it).
+fn fits(available: &[Resource], needs: &[Resource]) -> bool {
+    needs.iter().all(|n| available.iter().any(|a| a.name == n.name && a.amount + 1e-9 >= n.amount))
+}
+
+fn take_resources(available: &mut [Resource], needs: &[Resource], sign: f64) {
+    for n in needs {
+        if let Some(a) = available.iter_mut().find(|a| a.name == n.name) {
+            a.amount -= sign * n.amount;
+        }
+    }
 }
 
 pub type Completion = (TaskId, Result<Value, TaskFailure>);
@@ -148,15 +169,18 @@ pub fn secede_current_thread() -> bool {
 impl RunQueue {
     /// Starts `nthreads` executor threads that report to `done`; careful
     /// tasks announce themselves on `starting` and wait for [`RunQueue::confirm`].
+    /// `resources`: what the worker offers; tasks that need some run only
+    /// while enough is free.
     pub fn start(
         nthreads: usize,
         name: &str,
         executor: Arc<dyn Executor>,
         done: mpsc::UnboundedSender<Done>,
         starting: mpsc::UnboundedSender<TaskId>,
+        resources: Vec<Resource>,
     ) -> std::io::Result<Arc<RunQueue>> {
         let q = Arc::new(RunQueue {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner { available: resources, ..Inner::default() }),
             cv: Condvar::new(),
             confirm_cv: Condvar::new(),
             executing: AtomicUsize::new(0),
@@ -217,6 +241,7 @@ impl RunQueue {
         let mut g = self.inner.lock().unwrap();
         g.shutdown = true;
         g.heap.clear();
+        g.blocked.clear();
         g.queued.clear();
         drop(g);
         self.cv.notify_all();
@@ -295,7 +320,7 @@ impl RunQueue {
             if g.shutdown {
                 return;
             }
-            let Some(job) = g.heap.pop() else {
+            let Some(mut job) = g.heap.pop() else {
                 if !finished.completions.is_empty() {
                     drop(g);
                     if done.send(std::mem::take(&mut finished)).is_err() {
@@ -307,9 +332,17 @@ impl RunQueue {
                 g = self.cv.wait(g).unwrap();
                 continue;
             };
-            if !g.queued.remove(&job.run.id) {
+            if !g.queued.contains(&job.run.id) {
                 continue; // stolen or cancelled while queued
             }
+            if !job.needs.is_empty() {
+                if !fits(&g.available, &job.needs) {
+                    g.blocked.push(job); // still queued: steal and cancel find it
+                    continue;
+                }
+                take_resources(&mut g.available, &job.needs, 1.0);
+            }
+            g.queued.remove(&job.run.id);
             g.running += 1;
             if job.careful {
                 g = self.wait_for_confirmation(job.run.id, g);
@@ -326,6 +359,7 @@ impl RunQueue {
             }
             let id = job.run.id;
             let key = job.run.key.clone();
+            let needs = std::mem::take(&mut job.needs);
             let start_us = now_us();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute(job.run)))
                 .unwrap_or_else(|p| {
@@ -347,6 +381,7 @@ impl RunQueue {
                 let mut g = self.inner.lock().unwrap();
                 g.running -= 1;
                 Self::end_executing(&mut g, &self.executing, id);
+                self.release_resources(&mut g, &needs);
                 return;
             }
             let due = finished.completions.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
@@ -356,6 +391,21 @@ impl RunQueue {
             g = self.inner.lock().unwrap();
             g.running -= 1;
             Self::end_executing(&mut g, &self.executing, id);
+            self.release_resources(&mut g, &needs);
+        }
+    }
+
+    /// Gives back what a finished task held; jobs that waited for it go
+    /// back to the heap, and every thread looks again.
+    fn release_resources(&self, g: &mut Inner, needs: &[Resource]) {
+        if needs.is_empty() {
+            return;
+        }
+        take_resources(&mut g.available, needs, -1.0);
+        if !g.blocked.is_empty() {
+            let blocked = std::mem::take(&mut g.blocked);
+            g.heap.extend(blocked);
+            self.cv.notify_all();
         }
     }
 }
@@ -399,10 +449,10 @@ mod tests {
         });
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let (start_tx, _start_rx) = mpsc::unbounded_channel();
-        let q = RunQueue::start(1, "t", exec, done_tx, start_tx).unwrap();
+        let q = RunQueue::start(1, "t", exec, done_tx, start_tx, vec![]).unwrap();
         let job = |id: u64, key: &str, order: i64| {
             let run = TaskRun { id: TaskId::new(id), key: key.into(), payload: Bytes::new(), inputs: vec![] };
-            Job { priority: JobPriority { user: 0, order, seq: id }, run, careful: false }
+            Job { priority: JobPriority { user: 0, order, seq: id }, run, careful: false, needs: vec![] }
         };
         q.push_many([job(1, "outer", 0)]);
         std::thread::sleep(Duration::from_millis(50));

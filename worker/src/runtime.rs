@@ -80,6 +80,8 @@ struct LocalTask {
     priority: JobPriority,
     stage: Stage,
     careful: bool,
+    /// Resources held while it runs (`ComputeTask::resources`).
+    needs: Vec<Resource>,
 }
 
 struct DepFetch {
@@ -189,7 +191,14 @@ pub async fn run_worker_until(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
     let bytes_out = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let queue = RunQueue::start(config.nthreads as usize, &config.name, executor.clone(), done_tx, starting_tx)?;
+    let queue = RunQueue::start(
+        config.nthreads as usize,
+        &config.name,
+        executor.clone(),
+        done_tx,
+        starting_tx,
+        config.resources.clone(),
+    )?;
     let _guard = Guard {
         queue: queue.clone(),
         peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone(), bytes_out.clone())),
@@ -414,7 +423,17 @@ impl State {
                         NO_FRAME => Bytes::new(),
                         i => frame.data_frame(i)?.clone(),
                     };
-                    self.on_compute(t, payload);
+                    let needs = match t.resources.to_native() {
+                        NO_FRAME => Vec::new(),
+                        i => batch
+                            .resource_sets
+                            .get(i as usize)
+                            .ok_or_else(|| WorkerError::Protocol(format!("resource set {i} out of range")))?
+                            .iter()
+                            .map(|r| Resource { name: r.name.to_string(), amount: r.amount.to_native() })
+                            .collect(),
+                    };
+                    self.on_compute(t, payload, needs);
                 }
             }
             ArchivedToWorkerMessage::Release(ids) => {
@@ -447,7 +466,7 @@ impl State {
         Ok(false)
     }
 
-    fn on_compute(&mut self, t: &ArchivedComputeTask, payload: Bytes) {
+    fn on_compute(&mut self, t: &ArchivedComputeTask, payload: Bytes, needs: Vec<Resource>) {
         let id = t.id.get();
         // Fast path: a trivial task whose inputs are all here (none, or a
         // reduction whose subtree shares this worker) runs right away, with
@@ -492,6 +511,7 @@ impl State {
                 priority,
                 stage: Stage::Fetching,
                 careful: t.careful,
+                needs,
             },
         );
         if missing == 0 {
@@ -650,7 +670,7 @@ impl State {
             let result = self.executor.execute(run);
             self.inline_done.push((id, result));
         } else {
-            self.to_run.push(Job { priority: t.priority, run, careful: t.careful });
+            self.to_run.push(Job { priority: t.priority, run, careful: t.careful, needs: std::mem::take(&mut t.needs) });
         }
     }
 

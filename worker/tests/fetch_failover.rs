@@ -86,8 +86,10 @@ async fn fetch_from_a_hung_peer_fails_over_to_the_next_holder() {
             payload: NO_FRAME,
             deps: vec![DepInfo { id: input, size: 8, holders: [hung_id, good_id].into_iter().collect() }],
             careful: false,
+            resources: NO_FRAME,
         }],
         peers: vec![PeerAddress { id: hung_id, address: hung }, PeerAddress { id: good_id, address: good }],
+        resource_sets: vec![],
     };
     conn.sender.send(Frame::from_message(&ToWorkerMessage::Compute(batch))).unwrap();
 

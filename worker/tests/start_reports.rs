@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rdask_transport::handshake::{handshake_accept, Role};
 use rdask_transport::protocol::{
-    ArchivedFromWorkerMessage, ComputeBatch, ComputeTask, FromWorkerMessage, ToWorkerMessage,
+    ArchivedFromWorkerMessage, ComputeBatch, ComputeTask, FromWorkerMessage, Resource, ToWorkerMessage, NO_FRAME,
 };
 use rdask_transport::{Connection, Frame, Listener, TaskId, WireMessage, WorkerId};
 use rdask_worker::{run_worker_until, NullExecutor, NullTask, WorkerConfig};
@@ -24,7 +24,13 @@ enum Said {
 
 async fn start(leave: tokio::sync::oneshot::Receiver<()>) -> (Connection, tokio::task::JoinHandle<bool>) {
     let mut sched: Listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
-    let config = WorkerConfig { scheduler: sched.address.clone(), name: "reports".into(), nthreads: 2, ..Default::default() };
+    let config = WorkerConfig {
+        scheduler: sched.address.clone(),
+        name: "reports".into(),
+        nthreads: 2,
+        resources: vec![Resource { name: "GPU".into(), amount: 1.0 }],
+        ..Default::default()
+    };
     let leave = async move {
         let _ = leave.await;
     };
@@ -37,9 +43,15 @@ async fn start(leave: tokio::sync::oneshot::Receiver<()>) -> (Connection, tokio:
 }
 
 fn compute(conn: &Connection, id: u64, sleep_us: u32, careful: bool) {
+    compute_needing(conn, id, sleep_us, careful, vec![]);
+}
+
+fn compute_needing(conn: &Connection, id: u64, sleep_us: u32, careful: bool, needs: Vec<Resource>) {
     let payload = NullTask { sleep_us, ..Default::default() }.encode();
-    let task = ComputeTask { id: TaskId(id), key: format!("t{id}"), user_priority: 0, order: id as i64, payload: 0, deps: vec![], careful };
-    let batch = ComputeBatch { tasks: vec![task], peers: vec![] };
+    let resources = if needs.is_empty() { NO_FRAME } else { 0 };
+    let task = ComputeTask { id: TaskId(id), key: format!("t{id}"), user_priority: 0, order: id as i64, payload: 0, deps: vec![], careful, resources };
+    let resource_sets = if needs.is_empty() { vec![] } else { vec![needs] };
+    let batch = ComputeBatch { tasks: vec![task], peers: vec![], resource_sets };
     conn.sender.send(Frame::with_data(&ToWorkerMessage::Compute(batch), vec![payload])).unwrap();
 }
 
@@ -101,4 +113,35 @@ async fn a_worker_told_to_leave_says_so_and_ends_cleanly() {
     drop(conn); // the scheduler takes note and hangs up
     let ended = tokio::time::timeout(Duration::from_secs(5), worker).await.expect("worker did not end");
     assert!(ended.unwrap(), "a worker that leaves ends with Ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_needing_a_resource_run_one_at_a_time_and_others_alongside() {
+    let (_leave_tx, leave_rx) = tokio::sync::oneshot::channel();
+    let (mut conn, _worker) = start(leave_rx).await;
+    let gpu = || vec![Resource { name: "GPU".into(), amount: 1.0 }];
+    // Two threads, one GPU: two GPU tasks take twice as long as one.
+    let t0 = std::time::Instant::now();
+    compute_needing(&conn, 11, 300_000, false, gpu());
+    compute_needing(&conn, 12, 300_000, false, gpu());
+    let mut finished = Vec::new();
+    while finished.len() < 2 {
+        match next(&mut conn, Duration::from_secs(5)).await {
+            Some(Said::Finished(ids)) => finished.extend(ids.into_iter().map(|id| (id, t0.elapsed()))),
+            Some(_) => {}
+            None => panic!("the GPU tasks did not finish"),
+        }
+    }
+    assert!(finished[1].1 >= Duration::from_millis(580), "ran together: {finished:?}");
+    // Without resources, both threads work at once.
+    let t0 = std::time::Instant::now();
+    compute(&conn, 13, 300_000, false);
+    compute(&conn, 14, 300_000, false);
+    let mut n = 0;
+    while n < 2 {
+        if let Some(Said::Finished(ids)) = next(&mut conn, Duration::from_secs(5)).await {
+            n += ids.len();
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_millis(550), "{:?}", t0.elapsed());
 }

@@ -174,7 +174,8 @@ impl Core {
             let dt = &self.tasks[*d];
             DepInfo { id: *d, size: dt.size, holders: dt.holders.clone() }
         }));
-        comm.compute(w, msg, &t.payload);
+        let resources = self.restrictions.get(&id).map(|r| r.resources.as_slice()).filter(|r| !r.is_empty());
+        comm.compute(w, msg, &t.payload, resources);
         self.workers.get_mut(&w).expect("assigning to a live worker").processing.insert(id);
     }
 
