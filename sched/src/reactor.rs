@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role, WarnLimiter};
+use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role};
+use rdask_transport::warn_limit::WarnLimiter;
 use rdask_transport::protocol::{ArchivedFromWorkerMessage, FromWorkerMessage, ToClientMessage, ToWorkerMessage};
 use rdask_transport::{ClientId, Connection, Frame, FrameSender, Listener, WireMessage, WorkerId};
 use rustc_hash::FxHashMap;

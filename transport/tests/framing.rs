@@ -600,7 +600,7 @@ async fn the_handshake_gate_refuses_connections_over_its_cap_and_reopens() {
 
 #[test]
 fn the_warning_limiter_lets_one_line_through_per_interval_and_counts_the_rest() {
-    let limiter = rdask_transport::handshake::WarnLimiter::new(Duration::from_millis(200));
+    let limiter = rdask_transport::warn_limit::WarnLimiter::new(Duration::from_millis(200));
     assert_eq!(limiter.allow(), Some(0));
     assert_eq!(limiter.allow(), None);
     assert_eq!(limiter.allow(), None);

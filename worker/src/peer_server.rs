@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use rdask_transport::bytes::Bytes;
-use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role, WarnLimiter};
+use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role};
+use rdask_transport::warn_limit::WarnLimiter;
 use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, ToPeerMessage, WireMessage};
 use rdask_transport::{Connection, Frame, Listener};
 

@@ -168,6 +168,11 @@ struct State {
 /// killing it). A task that kills its worker sooner than this after its
 /// start is caught on its next run, which confirms its start first.
 const EXECUTING_SWEEP: Duration = Duration::from_millis(10);
+/// Fetch failures logged at warning level: one line per interval (the
+/// count of lines held back rides along).
+static FETCH_WARNINGS: rdask_transport::warn_limit::WarnLimiter =
+    rdask_transport::warn_limit::WarnLimiter::new(Duration::from_secs(5));
+
 /// How long a leaving worker waits for the scheduler to take note.
 const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
@@ -589,7 +594,12 @@ impl State {
         let items = match done.result {
             Ok(items) => items,
             Err(e) => {
-                tracing::warn!(worker = %self.id, holder = %done.holder, "fetch failed: {e}");
+                // A dead peer fails many fetches at once: one line per 5 s.
+                if let Some(held_back) = FETCH_WARNINGS.allow() {
+                    tracing::warn!(worker = %self.id, holder = %done.holder, held_back, "fetch failed: {e}");
+                } else {
+                    tracing::debug!(worker = %self.id, holder = %done.holder, "fetch failed: {e}");
+                }
                 done.ids.iter().map(|id| (*id, FetchedValue::Missing)).collect()
             }
         };
