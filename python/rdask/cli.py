@@ -92,6 +92,79 @@ def run_nannies(nannies: list) -> int:
     return 0
 
 
+# Flags of `dask scheduler` / `dask worker` that mean nothing here: accepted
+# with a one-line warning (cosmetic) ...
+COSMETIC = {
+    "--jupyter": "there is no Jupyter server in the scheduler", "--no-jupyter": "",
+    "--show": "rdask does not open a browser", "--no-show": "",
+    "--dashboard-prefix": "the dashboard is served at the root", "--use-xheaders": "the dashboard reads no proxy headers",
+    "--nanny-port": "rdask's nannies are not network services",
+}
+# ... or refused, naming the flag and why (never a bare argparse error).
+UNSUPPORTED = {
+    "--preload": "preload scripts are not supported yet",
+    "--preload-nanny": "preload scripts are not supported yet",
+    "--tls-ca-file": "TLS is not built yet (tcp with --token or --token-file only)",
+    "--tls-cert": "TLS is not built yet (tcp with --token or --token-file only)",
+    "--tls-key": "TLS is not built yet (tcp with --token or --token-file only)",
+    "--listen-address": "give --host/--interface and --worker-port instead",
+    "--contact-address": "workers advertise the address they listen on (--host/--interface)",
+}
+
+
+def add_dask_flags(p: argparse.ArgumentParser, worker: bool):
+    """Dask's flags for every command, so job scripts written for `dask
+    scheduler` / `dask worker` start: the ones that work here, and the rest
+    listed in --help and answered clearly (see `check_dask_flags`)."""
+    p.add_argument("--interface", default=None, help="network interface to listen on (e.g. ib0, eth0, lo)")
+    p.add_argument("--protocol", default="tcp", help="tcp (mpi under mpirun: use rdask-mpi)")
+    p.add_argument("--pid-file", default=None, help="write this process's id here (removed at exit)")
+    for flag, why in COSMETIC.items():
+        takes_value = flag in ("--dashboard-prefix", "--nanny-port")
+        if takes_value:
+            p.add_argument(flag, default=None, help=f"accepted and ignored: {why}")
+        else:
+            p.add_argument(flag, action="store_true", default=None, help=f"accepted and ignored: {why or 'see its positive form'}")
+    for flag, why in UNSUPPORTED.items():
+        p.add_argument(flag, default=None, help=f"not supported: {why}")
+
+
+def check_dask_flags(prog: str, a) -> int | None:
+    """Warns about cosmetic flags; for an unsupported one prints why and
+    returns the exit code (2)."""
+    for flag, why in UNSUPPORTED.items():
+        if getattr(a, flag.lstrip("-").replace("-", "_"), None) is not None:
+            print(f"{prog}: {flag} is not supported: {why}", file=sys.stderr)
+            return 2
+    for flag, why in COSMETIC.items():
+        if getattr(a, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
+            print(f"{prog}: warning: {flag} is accepted and ignored" + (f" ({why})" if why else ""), file=sys.stderr)
+    if a.protocol not in ("tcp", "tcp://"):
+        print(f"{prog}: --protocol {a.protocol} is not supported here (tcp; MPI jobs use rdask-mpi)", file=sys.stderr)
+        return 2
+    if a.interface:
+        addr = _rdask.interface_address(a.interface)
+        if addr is None:
+            print(f"{prog}: no IPv4 address on network interface {a.interface!r}", file=sys.stderr)
+            return 2
+        a.host = addr
+    if a.pid_file:
+        with open(a.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        pid_file = a.pid_file
+
+        def remove():
+            try:
+                os.remove(pid_file)
+            except FileNotFoundError:
+                pass
+
+        import atexit
+
+        atexit.register(remove)
+    return None
+
+
 def write_scheduler_file(path: str, address: str):
     body = {"type": "Scheduler", "id": f"rdask-scheduler-{os.getpid()}", "address": address,
             "services": {}, "started": time.time(), "workers": {}}
@@ -112,7 +185,13 @@ def scheduler_main(argv=None) -> int:
                    help="dashboard address: :8787, host:port, :0 for any free port, none to turn it off")
     p.add_argument("--dashboard", dest="dashboard", action="store_true", default=True, help="serve the dashboard")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="do not serve the dashboard")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="shut down after this many seconds with no client and no task")
+    add_dask_flags(p, worker=False)
     a = p.parse_args(argv)
+    code = check_dask_flags("rdask-scheduler", a)
+    if code is not None:
+        return code
     token = token_of(a)
     dashboard = None if not a.dashboard or a.dashboard_address.lower() == "none" else a.dashboard_address
     _rdask.init_logging("info")
@@ -127,8 +206,11 @@ def scheduler_main(argv=None) -> int:
         print(f"rdask-scheduler: dashboard at {sched.dashboard_link}", file=sys.stderr, flush=True)
     if a.scheduler_file:
         write_scheduler_file(a.scheduler_file, sched.address)
+    stop = threading.Event()
+    if a.idle_timeout:
+        threading.Thread(target=_idle_watch, args=(sched, token, a.idle_timeout, stop), daemon=True).start()
     try:
-        _wait_for_signal(threading.Event())
+        _wait_for_signal(stop)
     finally:
         sched.stop()
         if a.scheduler_file:
@@ -137,6 +219,46 @@ def scheduler_main(argv=None) -> int:
             except FileNotFoundError:
                 pass
     return 0
+
+
+def parse_seconds(text) -> float:
+    """'90', '90s', '30m', '1 hour', '2h' as seconds (Dask's time strings)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hrs|hours?)?\s*", str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90, 30m, 1 hour)")
+    unit = (m.group(2) or "s")[0]
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def worker_ports(spec: str, n: int) -> list[int]:
+    """`--worker-port`: 0 (any), one port (one worker), or a range a:b."""
+    spec = str(spec)
+    if ":" in spec:
+        lo, hi = (int(x) for x in spec.split(":", 1))
+        if hi - lo + 1 < n:
+            raise ValueError(f"--worker-port {spec} has {hi - lo + 1} ports for {n} workers")
+        return list(range(lo, lo + n))
+    port = int(spec)
+    if port and n > 1:
+        raise ValueError(f"--worker-port {port} is one port for {n} workers; give a range like {port}:{port + n - 1}")
+    return [port] * n
+
+
+def _idle_watch(sched, token, idle_timeout: float, stop: threading.Event):
+    """Sets `stop` once the scheduler has had no client (but this probe)
+    and no task for `idle_timeout` seconds, as Dask's --idle-timeout."""
+    probe = _rdask.Client.connect(sched.address, token, 10.0)
+    idle_since = time.monotonic()
+    while not stop.wait(0.5):
+        info = probe.cluster_info()
+        # every client connection but the probe counts
+        if info["tasks"] > 0 or info["clients"] > 1:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= idle_timeout:
+            print(f"rdask-scheduler: idle for {idle_timeout:g} s; shutting down", file=sys.stderr, flush=True)
+            stop.set()
 
 
 def plan_layout(nworkers: str, nthreads: int, memory_limit, bind: bool, topo: dict | None = None) -> list[dict]:
@@ -173,7 +295,24 @@ def worker_main(argv=None) -> int:
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-nanny", dest="nanny", action="store_false")
     p.add_argument("--death-timeout", type=float, default=30.0, help="seconds to keep trying to reach the scheduler")
+    p.add_argument("--worker-port", default="0",
+                   help="port each worker listens on for peers (0: any; with several workers a range 9000:9010)")
+    p.add_argument("--lifetime", default=None, help="each worker leaves after this long (seconds, or '1 hour', '30m')")
+    p.add_argument("--lifetime-stagger", default="0", help="spread lifetimes by up to this much, so workers do not all leave at once")
+    p.add_argument("--lifetime-restart", action="store_true", help="start a worker again when its lifetime ends")
+    p.add_argument("--dashboard-address", default=None, help="accepted and ignored: workers serve no dashboard")
+    p.add_argument("--dashboard", dest="worker_dashboard", action="store_true", default=None,
+                   help="accepted and ignored: workers serve no dashboard")
+    p.add_argument("--no-dashboard", dest="worker_dashboard", action="store_false")
+    add_dask_flags(p, worker=True)
     a = p.parse_args(argv)
+    code = check_dask_flags("rdask-worker", a)
+    if code is not None:
+        return code
+    a.listen_host = a.host if a.interface else a.listen_host
+    if a.dashboard_address is not None or a.worker_dashboard:
+        print("rdask-worker: warning: --dashboard/--dashboard-address are accepted and ignored (workers serve no dashboard)",
+              file=sys.stderr)
     a.token = token_of(a)
     address = scheduler_address(p, a)
     if address is None:
@@ -203,11 +342,21 @@ def worker_main(argv=None) -> int:
         return 0
     from .nanny import Nanny
 
+    try:
+        ports = worker_ports(a.worker_port, nworkers)
+        lifetime = parse_seconds(a.lifetime) if a.lifetime else None
+        stagger = parse_seconds(a.lifetime_stagger)
+    except ValueError as e:
+        p.error(str(e))
+    import random
+
     nannies = []
-    for n, s in zip(names, specs):
+    for i, (n, s) in enumerate(zip(names, specs)):
         local = os.path.join(a.local_directory, n) if a.local_directory else None
+        life = None if lifetime is None else max(1.0, lifetime + random.uniform(-stagger, stagger))
         nannies.append(Nanny(address, n, s["nthreads"], s["memory_limit"], resources, a.token, local, a.listen_host,
-                             death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"]).start())
+                             death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], lifetime=life,
+                             lifetime_restart=a.lifetime_restart, worker_port=ports[i]).start())
     threads = sorted({s["nthreads"] for s in specs})
     print(f"rdask-worker: {nworkers} worker(s) x {'/'.join(map(str, threads))} thread(s) for {address}"
           f"{'' if a.bind else ' (unbound)'}", file=sys.stderr, flush=True)

@@ -22,11 +22,13 @@ class Nanny:
                  local_directory: str | None = None, listen_host: str = "127.0.0.1",
                  max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0,
                  cpus: list | None = None, numa_node: int | None = None, gpu: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, lifetime: float | None = None, lifetime_restart: bool = False,
+                 worker_port: int = 0):
         self.name = name
         self.cmd = [sys.executable, "-m", "rdask.worker_process", scheduler, "--name", name,
                     "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
-                    "--listen-host", listen_host, "--connect-timeout", str(death_timeout)]
+                    "--listen-host", listen_host, "--connect-timeout", str(death_timeout),
+                    "--listen-port", str(worker_port)]
         # The worker binds itself at start-up (before its threads exist).
         if cpus:
             self.cmd += ["--cpus", ",".join(map(str, cpus))]
@@ -55,6 +57,11 @@ class Nanny:
         self.process: subprocess.Popen | None = None
         # Set when the nanny stopped because the worker could not join.
         self.gave_up = False
+        # --lifetime: the worker leaves (SIGTERM) after this many seconds,
+        # and is started again with --lifetime-restart (Dask's semantics).
+        self.lifetime = lifetime
+        self.lifetime_restart = lifetime_restart
+        self._born = time.monotonic()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,12 +72,27 @@ class Nanny:
         return self
 
     def _spawn(self):
+        self._born = time.monotonic()
         out = subprocess.DEVNULL if self.quiet else None
         self.process = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=out if self.quiet else None)
 
     def _watch(self):
         while not self._stopping.is_set():
             p = self.process
+            if (self.lifetime is not None and p is not None and p.poll() is None
+                    and time.monotonic() - self._born >= self.lifetime):
+                print(f"rdask nanny: worker {self.name} reached its lifetime of {self.lifetime:g} s; "
+                      + ("restarting it" if self.lifetime_restart else "stopping it"), file=sys.stderr)
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                if not self.lifetime_restart:
+                    return
+                self._spawn()
+                continue
             if p is not None and p.poll() is not None and not self._stopping.is_set():
                 code = p.returncode
                 if code == 0:

@@ -193,6 +193,7 @@ def main(argv=None):
     p.add_argument("--token", default=os.environ.get("RDASK_TOKEN"))
     p.add_argument("--local-directory", default=None)
     p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument("--listen-port", type=int, default=0)
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--cpus", default=None, help="bind to these CPUs (a list like 0-3,8)")
     p.add_argument("--numa-node", type=int, default=None, help="take memory from this NUMA node first")
@@ -215,6 +216,7 @@ def main(argv=None):
             cpus=parse_cpu_list(a.cpus) if a.cpus else None,
             numa_node=a.numa_node,
             gpu=a.gpu,
+            listen=f"tcp://{a.listen_host}:{a.listen_port}",
         )
     except (KeyboardInterrupt, Leave):
         return 0

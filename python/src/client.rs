@@ -340,6 +340,7 @@ impl Client {
 fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("scheduler_id", &info.scheduler_id)?;
+    d.set_item("clients", info.clients)?;
     d.set_item("dashboard", (!info.dashboard.is_empty()).then_some(info.dashboard.as_str()))?;
     d.set_item("tasks", info.tasks)?;
     d.set_item("ready", info.ready)?;

@@ -461,3 +461,95 @@ def test_parse_resources():
     for bad in ("GPU", "GPU=", "GPU=lots", "=1", "GPU=1 MEM"):
         with pytest.raises(ValueError):
             parse_resources(bad)
+
+
+# ---------------------------------------------------------------- dask's flags
+def test_job_script_flags_work_warn_or_say_why(tmp_path):
+    """A Slurm/PBS script written for `dask scheduler`/`dask worker`: the
+    flags that mean something work (--interface, --pid-file, --worker-port,
+    --idle-timeout), cosmetic ones warn, unsupported ones name themselves
+    and the reason; none is a bare argparse error."""
+    sched_file = str(tmp_path / "s.json")
+    pid_file = tmp_path / "scheduler.pid"
+    sched = Command([SCHEDULER, "--interface", "lo", "--port", "0", "--scheduler-file", sched_file,
+                     "--pid-file", str(pid_file), "--no-jupyter", "--dashboard-prefix", "/x", "--idle-timeout", "3",
+                     "--no-dashboard"], tmp_path / "sched.log")
+    worker_pid = tmp_path / "worker.pid"
+    port = free_port()
+    workers = None
+    try:
+        wait_for(lambda: pid_file.exists() and os.path.exists(sched_file), 30, "the pid and scheduler files", sched)
+        assert int(pid_file.read_text()) == sched.pid
+        assert "warning: --dashboard-prefix is accepted and ignored" in sched.output()
+        workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--interface", "lo", "--worker-port",
+                                str(port), "--nanny-port", "0", "--pid-file", str(worker_pid), name="flag-workers")
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as c:
+            wait_for(lambda: len(workers_of(c)) == 1, 30, "the worker registering", sched, workers)
+            (w,) = workers_of(c).values()
+            assert w["address"] == f"tcp://127.0.0.1:{port}", w
+            assert c.submit(inc, 1).result(timeout=30) == 2
+        assert int(worker_pid.read_text()) == workers.pid
+        workers.stop()
+        workers = None
+        assert not worker_pid.exists(), "the worker command removes its pid file"
+        # no client and no task for 3 s: the scheduler shuts itself down
+        try:
+            sched.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("--idle-timeout did not stop the scheduler\n" + sched.output())
+        assert "idle for 3 s; shutting down" in sched.output()
+        assert not pid_file.exists()
+    finally:
+        if workers is not None:
+            workers.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+    for command, args, why in (
+        (SCHEDULER, ["--tls-cert", "c.pem"], "--tls-cert is not supported: TLS"),
+        (WORKER, ["tcp://127.0.0.1:1", "--preload", "x.py"], "--preload is not supported"),
+        (WORKER, ["tcp://127.0.0.1:1", "--contact-address", "tcp://10.0.0.1:9000"], "--contact-address is not supported"),
+        (WORKER, ["tcp://127.0.0.1:1", "--protocol", "ucx"], "--protocol ucx is not supported"),
+        (WORKER, ["tcp://127.0.0.1:1", "--nworkers", "2", "--worker-port", "9000"], "is one port for 2 workers"),
+    ):
+        out = subprocess.run([command, *args], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and why in out.stderr, (args, out.stderr)
+        assert "unrecognized arguments" not in out.stderr
+
+
+def test_worker_lifetime_restarts_the_worker(tmp_path):
+    sched, sched_file = start_scheduler(tmp_path, "life-scheduler")
+    workers = start_workers(tmp_path, "--scheduler-file", sched_file, "--lifetime", "2s", "--lifetime-restart",
+                            name="mortal")
+    try:
+        with Client(scheduler_file=sched_file, set_as_default=False, timeout=30) as c:
+            wait_for(lambda: len(workers_of(c)) == 1, 30, "the worker registering", sched, workers)
+            first = set(workers_of(c))
+            wait_for(lambda: len(w := workers_of(c)) == 1 and set(w) != first, 30,
+                     "a new worker after the first one's lifetime", sched, workers)
+            assert c.submit(inc, 1).result(timeout=30) == 2
+        assert "reached its lifetime of" in workers.output()
+        assert "worker is leaving" in sched.output()
+    finally:
+        workers.stop(signal.SIGKILL)
+        sched.stop(signal.SIGKILL)
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_durations_and_port_ranges():
+    from rdask.cli import parse_seconds, worker_ports
+
+    assert [parse_seconds(t) for t in ("90", "90s", "30m", "1 hour", "2h", "0.5 minutes")] == [90, 90, 1800, 3600, 7200, 30]
+    with pytest.raises(ValueError):
+        parse_seconds("soon")
+    assert worker_ports("0", 3) == [0, 0, 0]
+    assert worker_ports("9000:9010", 3) == [9000, 9001, 9002]
+    with pytest.raises(ValueError):
+        worker_ports("9000:9001", 3)

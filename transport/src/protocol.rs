@@ -132,6 +132,8 @@ pub struct ClusterInfo {
     pub scheduler_id: String,
     /// `http://host:port` of the scheduler's dashboard; empty when it is off.
     pub dashboard: String,
+    /// Clients connected (the asking one included).
+    pub clients: u64,
     pub workers: Vec<WorkerSummary>,
     /// Tasks the scheduler currently knows (not forgotten).
     pub tasks: u64,

@@ -414,6 +414,7 @@ impl Core {
         ClusterInfo {
             scheduler_id: self.scheduler_id.clone(),
             dashboard: self.dashboard.clone(),
+            clients: self.clients.len() as u64,
             workers,
             tasks: self.tasks.len() as u64,
             ready: self.ready.len() as u64,
