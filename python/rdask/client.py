@@ -99,6 +99,9 @@ class Client:
         self._releasing: dict[str, FutureState] = {}
         self._forever: set[Future] = set()  # fire_and_forget
         self._closing = False
+        # dask looks at it when a client is passed as `scheduler=`; this
+        # client is synchronous.
+        self.asynchronous = False
         self.status = "running"
         self._config = None
         self._previous_default = None

@@ -287,3 +287,15 @@ def test_persisted_collections_are_reused(client, tmp_path, pdf):
     assert sums.sum() == pdf.y.sum()
     top, ref_top = ddf.x.nlargest(5).compute(scheduler=client.get), src.x.nlargest(5).compute(scheduler="sync")
     pd.testing.assert_series_equal(top, ref_top)
+
+
+def test_a_client_passed_as_the_scheduler(client):
+    """`dask.compute(x, scheduler=client)` and `x.compute(scheduler=client)`,
+    as users of distributed write them."""
+    import dask
+    import dask.array as da
+
+    x = da.arange(100, chunks=10).sum()
+    assert client.asynchronous is False
+    assert dask.compute(x, scheduler=client) == (4950,)
+    assert x.compute(scheduler=client) == 4950
