@@ -7,6 +7,8 @@ from __future__ import annotations
 import html
 import time
 
+from . import _rdask
+
 
 def _events(client, start: float | None = None, stop: float | None = None, count: int | None = None) -> list[dict]:
     """Task runs as distributed's `get_task_stream` returns them."""
@@ -89,15 +91,8 @@ _PALETTE = ["#3b82c4", "#f0ad4e", "#5cb85c", "#d9534f", "#8e6cc9", "#2bb3b3", "#
 
 
 def _prefix(key: str) -> str:
-    k = key.lstrip("('\"~")
-    k = k.split("'")[0].split(",")[0]
-    parts = k.split("-")
-    keep = []
-    for p in parts:
-        if (len(p) >= 8 and all(c in "0123456789abcdef" for c in p)) or p.isdigit():
-            break
-        keep.append(p)
-    return "-".join(keep) or k
+    """The key's name part, grouped as the dashboard groups it."""
+    return _rdask.key_prefix(key)
 
 
 def _report_html(title: str, events: list[dict], info: dict, start: float, stop: float) -> str:

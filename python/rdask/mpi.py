@@ -42,18 +42,22 @@ def _host(interface: str | None) -> str:
     return _rdask.contact_ip()
 
 
+def _finalize(code_if_stuck: int):
+    """MPI_Finalize under a watchdog: it waits for every rank, and one that
+    never comes must not keep this one forever."""
+    t = threading.Timer(FINALIZE_TIMEOUT, lambda: os._exit(code_if_stuck))
+    t.daemon = True
+    t.start()
+    _rdask.mpi_finalize()
+    t.cancel()
+
+
 def _finalize_and_exit(code: int, exit: bool = True):
     # Shutting down already: a further SIGTERM (a batch system signals
     # again, or twice) must not interrupt MPI_Finalize.
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
-    # A watchdog: MPI_Finalize waits for every rank; one that never comes
-    # must not keep this one forever.
-    t = threading.Timer(FINALIZE_TIMEOUT, lambda: os._exit(code or 1))
-    t.daemon = True
-    t.start()
-    _rdask.mpi_finalize()
-    t.cancel()
+    _finalize(code or 1)
     if exit:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -175,11 +179,7 @@ def initialize(interface: str | None = None, nthreads: int = 1, local_directory:
             _rdask.mpi_send_done(0)
         finally:
             # The process then exits with the script's own code.
-            t = threading.Timer(FINALIZE_TIMEOUT, lambda: os._exit(1))
-            t.daemon = True
-            t.start()
-            _rdask.mpi_finalize()
-            t.cancel()
+            _finalize(1)
 
     atexit.register(done)
     return True

@@ -89,6 +89,12 @@ fn contact_ip() -> String {
     rdask_transport::netif::contact_ip().to_string()
 }
 
+/// The name part of a key, as the dashboard groups tasks (`inc-9f86…` → `inc`).
+#[pyfunction]
+fn key_prefix(key: &str) -> &str {
+    rdask_sched::dashboard::snapshot::key_prefix(key)
+}
+
 /// Bytes of freed large receive buffers this process keeps for reuse.
 #[pyfunction]
 fn receive_pool_bytes() -> usize {
@@ -114,6 +120,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(interface_address, m)?)?;
     m.add_function(wrap_pyfunction!(contact_ip, m)?)?;
+    m.add_function(wrap_pyfunction!(key_prefix, m)?)?;
     m.add_function(wrap_pyfunction!(topology::read_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::describe_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::plan_workers, m)?)?;

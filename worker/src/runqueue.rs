@@ -296,10 +296,23 @@ impl RunQueue {
         g
     }
 
-    fn end_executing(g: &mut Inner, counter: &AtomicUsize, id: TaskId) {
+    /// Books a task's end: no longer running or executing, its resources
+    /// free again (jobs that waited for them go back to the heap, and every
+    /// thread looks again).
+    fn job_ended(&self, g: &mut Inner, id: TaskId, needs: &[Resource]) {
+        g.running -= 1;
         if let Some(i) = g.executing.iter().position(|t| *t == id) {
             g.executing.swap_remove(i);
-            counter.fetch_sub(1, AtomicOrdering::SeqCst);
+            self.executing.fetch_sub(1, AtomicOrdering::SeqCst);
+        }
+        if needs.is_empty() {
+            return;
+        }
+        take_resources(&mut g.available, needs, -1.0);
+        if !g.blocked.is_empty() {
+            let blocked = std::mem::take(&mut g.blocked);
+            g.heap.extend(blocked);
+            self.cv.notify_all();
         }
     }
 
@@ -379,9 +392,7 @@ impl RunQueue {
                 // A replacement serves the queue already: report and end.
                 let _ = done.send(std::mem::take(&mut finished));
                 let mut g = self.inner.lock().unwrap();
-                g.running -= 1;
-                Self::end_executing(&mut g, &self.executing, id);
-                self.release_resources(&mut g, &needs);
+                self.job_ended(&mut g, id, &needs);
                 return;
             }
             let due = finished.completions.len() >= REPORT_EVERY || oldest.elapsed() >= REPORT_AFTER;
@@ -389,23 +400,7 @@ impl RunQueue {
                 return;
             }
             g = self.inner.lock().unwrap();
-            g.running -= 1;
-            Self::end_executing(&mut g, &self.executing, id);
-            self.release_resources(&mut g, &needs);
-        }
-    }
-
-    /// Gives back what a finished task held; jobs that waited for it go
-    /// back to the heap, and every thread looks again.
-    fn release_resources(&self, g: &mut Inner, needs: &[Resource]) {
-        if needs.is_empty() {
-            return;
-        }
-        take_resources(&mut g.available, needs, -1.0);
-        if !g.blocked.is_empty() {
-            let blocked = std::mem::take(&mut g.blocked);
-            g.heap.extend(blocked);
-            self.cv.notify_all();
+            self.job_ended(&mut g, id, &needs);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Workers and clients joining and leaving.
 
-use rdask_transport::protocol::{Placement, Resource, ToClientMessage, ToWorkerMessage};
+use rdask_transport::protocol::{cpu_list, Placement, Resource, ToClientMessage, ToWorkerMessage};
 use rdask_transport::{ClientId, TaskId, WorkerId};
 
 use super::{Client, Core, TaskError, TaskState, Worker};
@@ -25,7 +25,7 @@ impl Core {
         let p = &spec.placement;
         tracing::info!(
             worker = %id, name = %spec.name, address = %spec.address, nthreads = spec.nthreads, host = %p.host,
-            cpus = %cpu_list(&p.cpus), numa = ?p.numa_node, gpu = ?p.gpu, "worker joined"
+            cpus = %if p.cpus.is_empty() { "unbound".to_string() } else { cpu_list(&p.cpus) }, numa = ?p.numa_node, gpu = ?p.gpu, "worker joined"
         );
         self.workers.insert(
             id,
@@ -156,22 +156,4 @@ impl Core {
         }
         self.update_need(comm, wanted);
     }
-}
-
-/// `0-3,8` for logs; "unbound" for none.
-fn cpu_list(cpus: &[u32]) -> String {
-    if cpus.is_empty() {
-        return "unbound".into();
-    }
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let start = cpus[i];
-        while i + 1 < cpus.len() && cpus[i + 1] == cpus[i] + 1 {
-            i += 1;
-        }
-        parts.push(if cpus[i] == start { start.to_string() } else { format!("{start}-{}", cpus[i]) });
-        i += 1;
-    }
-    parts.join(",")
 }

@@ -192,25 +192,7 @@ pub fn physical_memory() -> u64 {
     pages as u64 * size as u64
 }
 
-/// `0-3,8,10-11`, the form of `taskset -c` and `/proc/PID/status`.
-pub fn cpu_list(cpus: &[u32]) -> String {
-    let mut sorted = cpus.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
-        i += 1;
-    }
-    parts.join(",")
-}
+pub use rdask_transport::protocol::cpu_list;
 
 /// Parses `cpu_list`'s form back (`0-3,8`); None on anything else.
 pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
