@@ -11,7 +11,7 @@ import threading
 import time
 
 from . import _rdask
-from .config import parse_memory_limit, parse_resources, total_memory
+from .config import add_memory_flags, parse_memory_limit, parse_resources, thresholds_from_args, total_memory
 
 
 def _wait_for_signal(stop: threading.Event):
@@ -289,7 +289,8 @@ def worker_main(argv=None) -> int:
                    help="do not pin workers to their cores and their memory to their NUMA node")
     p.add_argument("--memory-limit", default="auto", help="per worker: auto, 0, bytes, '4GiB' or a fraction like 0.5")
     p.add_argument("--name", default=None, help="worker name (suffixed -i with several workers)")
-    p.add_argument("--local-directory", default=None)
+    p.add_argument("--local-directory", default=None, help="where workers spill values to disk (default: the temporary directory)")
+    add_memory_flags(p)
     p.add_argument("--resources", default="", help='e.g. "GPU=1 MEM=10e9"')
     add_token_args(p)
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
@@ -320,6 +321,7 @@ def worker_main(argv=None) -> int:
     try:
         specs = plan_layout(a.nworkers, a.nthreads, a.memory_limit, a.bind)
         resources = parse_resources(a.resources)
+        thresholds = thresholds_from_args(a)
     except ValueError as e:
         p.error(str(e))
     nworkers = len(specs)
@@ -333,7 +335,7 @@ def worker_main(argv=None) -> int:
         s = specs[0]
         try:
             run(address, names[0], s["nthreads"], s["memory_limit"], resources, a.token, a.local_directory,
-                a.listen_host, a.death_timeout, cpus=s["cpus"], numa_node=s["numa"])
+                a.listen_host, a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], memory_thresholds=thresholds)
         except (KeyboardInterrupt, Leave):
             pass
         except _rdask.RdaskError as e:
@@ -356,7 +358,8 @@ def worker_main(argv=None) -> int:
         life = None if lifetime is None else max(1.0, lifetime + random.uniform(-stagger, stagger))
         nannies.append(Nanny(address, n, s["nthreads"], s["memory_limit"], resources, a.token, local, a.listen_host,
                              death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], lifetime=life,
-                             lifetime_restart=a.lifetime_restart, worker_port=ports[i]).start())
+                             lifetime_restart=a.lifetime_restart, worker_port=ports[i],
+                             memory_thresholds=thresholds).start())
     threads = sorted({s["nthreads"] for s in specs})
     print(f"rdask-worker: {nworkers} worker(s) x {'/'.join(map(str, threads))} thread(s) for {address}"
           f"{'' if a.bind else ' (unbound)'}", file=sys.stderr, flush=True)

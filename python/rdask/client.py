@@ -625,7 +625,20 @@ class Client:
     def scheduler_info(self) -> dict:
         info = self._rc.cluster_info()
         info["address"] = self.scheduler_address
+        for w in info["workers"]:
+            # distributed's layout of the same figures, for code that reads them.
+            w["metrics"] = {
+                "memory": w["memory"],
+                "managed_bytes": w["managed_bytes"],
+                "spilled_bytes": {"memory": w["managed_bytes"], "disk": w["spilled_bytes"]},
+                "executing": w["processing"],
+            }
         info["workers"] = {w["address"]: w for w in info["workers"]}
+        info["type"] = "Scheduler"
+        info["id"] = info["scheduler_id"]
+        info["n_workers"] = len(info["workers"])
+        info["total_threads"] = sum(w["nthreads"] for w in info["workers"].values())
+        info["total_memory"] = sum(w["memory_limit"] for w in info["workers"].values())
         return info
 
     def nthreads(self) -> dict:

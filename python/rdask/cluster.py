@@ -7,7 +7,7 @@ import os
 import threading
 
 from . import _rdask
-from .config import parse_memory_limit, total_memory
+from .config import memory_thresholds, parse_memory_limit, thresholds_tuple, total_memory
 from .nanny import Nanny
 
 
@@ -31,6 +31,9 @@ class LocalCluster:
         self.processes = processes
         self.threads_per_worker = int(threads_per_worker)
         self.memory_limit = parse_memory_limit(memory_limit, max(1, n_workers), total_memory())
+        # Dask's distributed.worker.memory.{target,spill,pause,terminate},
+        # read once here (dask.config.set before creating the cluster works).
+        self.memory_thresholds = memory_thresholds()
         self.resources = resources
         self.local_directory = local_directory
         self.token = token
@@ -58,7 +61,8 @@ class LocalCluster:
         self._next += 1
         if self.processes:
             w = Nanny(self.scheduler_address, name, self.threads_per_worker, self.memory_limit,
-                      self.resources, self.token, self.local_directory, self.host, quiet=False).start()
+                      self.resources, self.token, self.local_directory, self.host, quiet=False,
+                      memory_thresholds=self.memory_thresholds).start()
         else:
             from .worker import execute
             from .serialize import dumps, loads
@@ -67,7 +71,9 @@ class LocalCluster:
                 target=_rdask.run_worker,
                 args=(self.scheduler_address, execute, dumps, loads, name),
                 kwargs=dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
-                            resources=self.resources, listen=f"tcp://{self.host}:0", token=self.token),
+                            resources=self.resources, listen=f"tcp://{self.host}:0", token=self.token,
+                            memory_thresholds=thresholds_tuple(self.memory_thresholds),
+                            local_directory=self.local_directory),
                 name=f"rdask-worker-{name}", daemon=True)
             w.start()
         self.workers[name] = w

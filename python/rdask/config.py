@@ -65,3 +65,69 @@ def parse_resources(text) -> dict:
         except ValueError:
             raise ValueError(f"bad resource amount in {part!r}") from None
     return out
+
+
+# Dask's memory thresholds (distributed.worker.memory.*), fractions of the
+# worker's memory limit; False/None switches one off.
+MEMORY_THRESHOLDS = ("target", "spill", "pause", "terminate")
+MEMORY_DEFAULTS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+
+
+def parse_fraction(name: str, value):
+    """A threshold as Dask's config holds it: a fraction in (0, 1], or
+    False / None / 'false' / 'off' for off."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("false", "off", "none", "no", "0"):
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"memory {name} fraction {value!r} is not a number or 'false'") from None
+    value = float(value)
+    if value == 0:
+        return None
+    if not 0 < value <= 1:
+        raise ValueError(f"memory {name} fraction must be in (0, 1] or false, got {value}")
+    return value
+
+
+def memory_thresholds(**given) -> dict:
+    """The four thresholds: those given (not None) win, then Dask's config
+    (`dask.config.set({"distributed.worker.memory.target": 0.5})`, or the
+    DASK_DISTRIBUTED__WORKER__MEMORY__TARGET variable), then Dask's defaults."""
+    out = {}
+    for name in MEMORY_THRESHOLDS:
+        value = given.get(name)
+        if value is None:
+            value = _dask_config(f"distributed.worker.memory.{name}", MEMORY_DEFAULTS[name])
+        out[name] = parse_fraction(name, value)
+    return out
+
+
+def _dask_config(key: str, default):
+    env = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+    if env in os.environ:
+        return os.environ[env]
+    try:
+        import dask.config
+    except ImportError:
+        return default
+    return dask.config.get(key, default)
+
+
+def thresholds_tuple(t: dict):
+    return tuple(t[name] for name in MEMORY_THRESHOLDS)
+
+
+def add_memory_flags(p):
+    """The thresholds as command-line flags (each also in Dask's config)."""
+    for name in MEMORY_THRESHOLDS:
+        p.add_argument(f"--memory-{name}-fraction", default=None, metavar="FRACTION",
+                       help=f"{name} threshold as a fraction of --memory-limit, or 'false' "
+                            f"(default: distributed.worker.memory.{name} from Dask's config, else {MEMORY_DEFAULTS[name]})")
+
+
+def thresholds_from_args(a) -> dict:
+    return memory_thresholds(**{name: getattr(a, f"memory_{name}_fraction") for name in MEMORY_THRESHOLDS})

@@ -97,8 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-bind", dest="bind", action="store_false")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
+    from .config import add_memory_flags, thresholds_from_args
 
     add_token_args(p)
+    add_memory_flags(p)
     a, rest = p.parse_known_args(argv)
     for arg in rest:
         flag = arg.split("=", 1)[0]
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
         specs = plan(topology.read(), gpus, a.nthreads, a.memory_limit, a.device_memory_limit, a.bind,
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
         resources = {**parse_resources(a.resources), "GPU": 1.0}
+        thresholds = thresholds_from_args(a)
     except ValueError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 1
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         local = os.path.join(a.local_directory, name) if a.local_directory else None
         nannies.append(Nanny(address, name, s["nthreads"], s["memory_limit"], resources, a.token, local,
                              a.listen_host, death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"],
-                             gpu=s["gpu_label"], env=_worker_env(s)).start())
+                             gpu=s["gpu_label"], env=_worker_env(s), memory_thresholds=thresholds).start())
     print(f"rdask-cuda-worker: {len(specs)} GPU worker(s) for {address}:\n{topology.describe_layout(specs)}",
           file=sys.stderr, flush=True)
     return run_nannies(nannies)

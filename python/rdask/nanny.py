@@ -6,6 +6,7 @@ death timeout (the scheduler is gone), and when the worker dies too often."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -23,7 +24,9 @@ class Nanny:
                  max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0,
                  cpus: list | None = None, numa_node: int | None = None, gpu: str | None = None,
                  env: dict | None = None, lifetime: float | None = None, lifetime_restart: bool = False,
-                 worker_port: int = 0):
+                 worker_port: int = 0, memory_thresholds: dict | None = None):
+        from .config import MEMORY_THRESHOLDS, memory_thresholds as default_thresholds
+
         self.name = name
         self.cmd = [sys.executable, "-m", "rdask.worker_process", scheduler, "--name", name,
                     "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
@@ -40,8 +43,18 @@ class Nanny:
             self.cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
         if local_directory:
             self.cmd += ["--local-directory", local_directory]
-        import os
-
+        # Resolved here, once: the worker gets them as flags, and the nanny
+        # enforces `terminate` itself (a worker stuck in a task that holds
+        # the interpreter cannot be trusted to notice).
+        self.thresholds = dict(memory_thresholds or default_thresholds())
+        for t in MEMORY_THRESHOLDS:
+            v = self.thresholds.get(t)
+            self.cmd += [f"--memory-{t}-fraction", "false" if v is None else repr(v)]
+        terminate = self.thresholds.get("terminate")
+        self.terminate_bytes = int(terminate * memory_limit) if terminate and memory_limit else None
+        self.memory_limit = int(memory_limit)
+        # Restarts for memory, as Dask reports them.
+        self.memory_kills = 0
         # One thread per numeric library in each worker, as dask's nanny
         # does: workers already run tasks in parallel, and idle BLAS threads
         # spin on the cores the other workers need.
@@ -93,6 +106,21 @@ class Nanny:
                     return
                 self._spawn()
                 continue
+            if self.terminate_bytes and p is not None and p.poll() is None:
+                rss = _rss(p.pid)
+                if rss > self.terminate_bytes:
+                    self.memory_kills += 1
+                    msg = (f"worker {self.name} exceeded 95% memory budget" if self.thresholds.get("terminate") == 0.95
+                           else f"worker {self.name} exceeded its terminate threshold")
+                    logger.warning("%s: process memory %.0f MiB > %.0f MiB of its %.0f MiB limit; restarting it",
+                                   msg, rss / 2**20, self.terminate_bytes / 2**20, self.memory_limit / 2**20)
+                    print(f"rdask nanny: {msg} (process memory {rss / 2**20:.0f} MiB, limit "
+                          f"{self.memory_limit / 2**20:.0f} MiB); restarting it", file=sys.stderr)
+                    # Killed, not asked: the worker is out of memory and may
+                    # not get to run a handler. The scheduler counts the task
+                    # it ran as suspect (KilledWorker after repeated kills).
+                    p.kill()
+                    p.wait()
             if p is not None and p.poll() is not None and not self._stopping.is_set():
                 code = p.returncode
                 if code == 0:
@@ -136,3 +164,15 @@ class Nanny:
                 p.wait()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -12,6 +12,8 @@ import sys
 import threading
 
 from . import _rdask
+from . import config
+from .config import thresholds_tuple
 from .packing import unpack_deps
 from .serialize import dumps, dumps_error, loads, loads_function, nbytes
 
@@ -148,6 +150,7 @@ def run(
     numa_node: int | None = None,
     gpu: str | None = None,
     listen: str | None = None,
+    memory_thresholds: dict | None = None,
 ):
     """Runs this process as a worker until the scheduler goes away. On
     SIGTERM (in the main thread) it leaves cleanly and raises `Leave`."""
@@ -180,6 +183,8 @@ def run(
         cpus=list(cpus or []),
         numa_node=numa_node,
         gpu=gpu,
+        memory_thresholds=thresholds_tuple(memory_thresholds or config.memory_thresholds()),
+        local_directory=local_directory,
     )
 
 
@@ -198,6 +203,7 @@ def main(argv=None):
     p.add_argument("--cpus", default=None, help="bind to these CPUs (a list like 0-3,8)")
     p.add_argument("--numa-node", type=int, default=None, help="take memory from this NUMA node first")
     p.add_argument("--gpu", default=None, help="the GPU this worker drives (reported to the scheduler)")
+    config.add_memory_flags(p)
     a = p.parse_args(argv)
     from .config import parse_resources
     from .topology import parse_cpu_list
@@ -217,13 +223,14 @@ def main(argv=None):
             numa_node=a.numa_node,
             gpu=a.gpu,
             listen=f"tcp://{a.listen_host}:{a.listen_port}",
+            memory_thresholds=config.thresholds_from_args(a),
         )
     except (KeyboardInterrupt, Leave):
         return 0
     except _rdask.CannotJoinError as e:
         print(f"rdask worker {a.name}: {e}", file=sys.stderr)
         return EXIT_CANNOT_JOIN
-    except _rdask.RdaskError as e:
+    except (_rdask.RdaskError, ValueError) as e:
         print(f"rdask worker {a.name}: {e}", file=sys.stderr)
         return 1
     return 0

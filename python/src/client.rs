@@ -362,6 +362,13 @@ fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyRes
         wd.set_item("processing", w.processing)?;
         wd.set_item("stored_values", w.stored_values)?;
         wd.set_item("stored_bytes", w.stored_bytes)?;
+        wd.set_item("status", if w.paused { "paused" } else { "running" })?;
+        wd.set_item("memory", w.load.rss)?;
+        wd.set_item("managed_bytes", w.load.stored_bytes)?;
+        wd.set_item("spilled_bytes", w.load.spilled_bytes)?;
+        wd.set_item("spilled_values", w.load.spilled_values)?;
+        wd.set_item("spilled_total_bytes", w.load.spilled_total_bytes)?;
+        wd.set_item("unspilled_total_bytes", w.load.unspilled_total_bytes)?;
         workers.append(wd)?;
     }
     d.set_item("workers", workers)?;

@@ -198,7 +198,7 @@ pub fn secede() -> bool {
 /// first tells the scheduler it is leaving, so none of its tasks is
 /// suspected of killing it, and then the exception propagates.
 #[pyfunction]
-#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None))]
+#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None, memory_thresholds=None, local_directory=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -217,8 +217,17 @@ pub fn run_worker(
     cpus: Option<Vec<u32>>,
     numa_node: Option<u32>,
     gpu: Option<String>,
+    memory_thresholds: Option<(Option<f64>, Option<f64>, Option<f64>, Option<f64>)>,
+    local_directory: Option<std::path::PathBuf>,
 ) -> PyResult<()> {
+    let memory = match memory_thresholds {
+        Some((target, spill, pause, terminate)) => rdask_worker::memory::MemoryThresholds { target, spill, pause, terminate },
+        None => Default::default(),
+    };
+    memory.validate().map_err(pyo3::exceptions::PyValueError::new_err)?;
     let config = WorkerConfig {
+        memory,
+        local_directory,
         scheduler,
         name,
         nthreads: nthreads.max(1),

@@ -1073,3 +1073,35 @@ fn a_task_with_resources_tells_its_worker_what_it_holds() {
     let sets = &batches.iter().find(|b| b.tasks.iter().any(|t| t.key == "train")).unwrap().resource_sets;
     assert_eq!(sets[train as usize], vec![Resource { name: "GPU".into(), amount: 1.0 }]);
 }
+
+#[test]
+fn a_paused_worker_gets_no_new_tasks_gives_up_its_queue_and_resumes() {
+    let (mut h, ws) = Harness::with_workers(2);
+    let c = h.add_client();
+    let tasks: Vec<T> = (0..20).map(|i| t(&format!("x{i}"), &[]).want()).collect();
+    h.submit(c, &tasks, false);
+    h.step();
+    assert!(!h.queued(ws[0]).is_empty() && !h.queued(ws[1]).is_empty());
+    // Memory above its pause threshold: what it has queued is stolen.
+    h.worker_msg(ws[0], FromWorkerMessage::Paused(true));
+    h.step();
+    // Once the other worker runs dry, it steals from the paused one (which
+    // has fewer queued than an active victim would need to have).
+    let done: Vec<TaskId> = h.queued(ws[1]).iter().map(|k| h.id(k)).collect();
+    h.finish(ws[1], &done, 8);
+    h.step();
+    assert!(!h.steals_to(ws[0]).is_empty(), "the paused worker's queue goes to the idle one");
+    let more: Vec<T> = (0..20).map(|i| t(&format!("y{i}"), &[]).want()).collect();
+    h.submit(c, &more, false);
+    h.step();
+    assert!(h.queued(ws[0]).iter().all(|k| k.starts_with('x')), "{:?}", h.queued(ws[0]));
+    assert!(h.core.cluster_info().workers.iter().any(|w| w.paused));
+    // Back under the threshold: it takes work again.
+    h.worker_msg(ws[0], FromWorkerMessage::Paused(false));
+    let last: Vec<T> = (0..20).map(|i| t(&format!("z{i}"), &[]).want()).collect();
+    h.submit(c, &last, false);
+    h.step();
+    assert!(h.queued(ws[0]).iter().any(|k| k.starts_with('z')), "{:?}", h.queued(ws[0]));
+    h.run_all();
+    assert_eq!(h.in_memory(c).len(), 60);
+}

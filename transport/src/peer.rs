@@ -32,7 +32,9 @@ pub enum FetchedValue {
 
 pub type Fetched = (TaskId, FetchedValue);
 
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Vec<Fetched>>>>>>>;
+/// Requests waiting for their answer, with the items of the answer's parts
+/// that arrived so far.
+type Pending = Arc<Mutex<Option<HashMap<u64, (oneshot::Sender<Result<Vec<Fetched>>>, Vec<Fetched>)>>>>;
 
 pub struct PeerConnection {
     sender: FrameSender,
@@ -64,7 +66,7 @@ impl PeerConnection {
             tracing::debug!(peer = %addr, "peer connection ended: {err}");
             // Fail everything still waiting, and refuse new requests.
             if let Some(map) = reader_pending.lock().unwrap().take() {
-                for (_, tx) in map {
+                for (_, (tx, _)) in map {
                     let _ = tx.send(Err(TransportError::Closed));
                 }
             }
@@ -81,7 +83,7 @@ impl PeerConnection {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
-            Some(map) => map.insert(request_id, tx),
+            Some(map) => map.insert(request_id, (tx, Vec::new())),
             None => return Err(TransportError::Closed),
         };
         self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks }))?;
@@ -91,7 +93,7 @@ impl PeerConnection {
 
 fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
-    let ArchivedFromPeerMessage::Data { request_id, items } = msg;
+    let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
     let mut out = Vec::with_capacity(items.len());
     for item in items.iter() {
         if !item.found {
@@ -113,9 +115,23 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
         };
         out.push((item.id.get(), value));
     }
-    let tx = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&request_id.to_native()));
-    if let Some(tx) = tx {
-        let _ = tx.send(Ok(out));
+    let mut guard = pending.lock().unwrap();
+    let Some(map) = guard.as_mut() else { return Ok(()) };
+    let id = request_id.to_native();
+    if *more {
+        if let Some((_, so_far)) = map.get_mut(&id) {
+            so_far.extend(out);
+        }
+        return Ok(());
+    }
+    if let Some((tx, mut so_far)) = map.remove(&id) {
+        drop(guard);
+        if so_far.is_empty() {
+            so_far = out;
+        } else {
+            so_far.extend(out);
+        }
+        let _ = tx.send(Ok(so_far));
     }
     Ok(())
 }

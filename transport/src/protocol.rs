@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -186,6 +186,10 @@ pub struct WorkerSummary {
     pub processing: u64,
     pub stored_values: u64,
     pub stored_bytes: u64,
+    /// Memory above its pause threshold.
+    pub paused: bool,
+    /// Its last heartbeat (memory in and out of spill, process memory).
+    pub load: WorkerLoad,
 }
 
 /// One task's run on a worker thread, for the task stream
@@ -252,6 +256,10 @@ pub enum FromWorkerMessage {
     /// When tasks ran on executor threads (not tasks run inline on the
     /// worker loop), sent before their `Finished`/`Failed`.
     Spans(Vec<TaskSpan>),
+    /// Process memory crossed the pause threshold (true) or dropped back
+    /// under it (false). A paused worker starts no task; the scheduler sends
+    /// it none and lets idle workers steal what it has queued.
+    Paused(bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Archive, Serialize, Deserialize)]
@@ -309,7 +317,14 @@ pub struct StealOutcome {
 pub struct WorkerLoad {
     pub running: u32,
     pub queued: u32,
+    /// Bytes of values held in memory.
     pub stored_bytes: u64,
+    /// Bytes and count of values spilled to disk now, and bytes written to
+    /// / read back from disk since the worker started.
+    pub spilled_bytes: u64,
+    pub spilled_values: u64,
+    pub spilled_total_bytes: u64,
+    pub unspilled_total_bytes: u64,
     /// CPU use of the worker's process since the last heartbeat, in percent
     /// of one core (workers sharing a process report the same figure).
     pub cpu_percent: f32,
@@ -401,8 +416,11 @@ pub enum ToPeerMessage {
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub enum FromPeerMessage {
-    /// One item per requested task, in request order.
-    Data { request_id: u64, items: Vec<DataItem> },
+    /// Items for the requested tasks, in request order. A large answer
+    /// comes as several messages: all but the last say `more`, and the
+    /// requester joins their items (so neither end holds the whole answer in
+    /// one frame, and the server reads spilled values as the socket drains).
+    Data { request_id: u64, items: Vec<DataItem>, more: bool },
 }
 
 /// A value sent as `count` consecutive data frames starting at `first`

@@ -720,6 +720,7 @@ fn samples_from_peer() -> Vec<FromPeerMessage> {
             DataItem { id: TaskId(2), found: false, first: 0, count: 0, error: None },
             DataItem { id: TaskId(3), found: true, first: 2, count: 1, error: Some("TypeError: cannot pickle".into()) },
         ],
+        more: true,
     }]
 }
 

@@ -10,6 +10,8 @@ pub enum WorkerError {
     Refused(String),
     #[error("unexpected message from scheduler: {0}")]
     Protocol(String),
+    #[error("bad worker configuration: {0}")]
+    Config(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }

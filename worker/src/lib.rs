@@ -3,10 +3,12 @@
 pub mod config_parse;
 pub mod error;
 pub mod executor;
+pub mod memory;
 pub mod peer_server;
 pub mod procinfo;
 pub mod runqueue;
 pub mod runtime;
+pub mod spill;
 pub mod store;
 pub mod topology;
 

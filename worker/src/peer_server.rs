@@ -8,7 +8,7 @@ use rdask_transport::warn_limit::WarnLimiter;
 use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, ToPeerMessage, WireMessage};
 use rdask_transport::{Connection, Frame, Listener};
 
-use crate::store::Store;
+use crate::store::{read_spilled, Serve, Store};
 
 /// Accepts peers until dropped or aborted. Connection tasks live in a
 /// `JoinSet` owned by this future, so stopping the server also stops every
@@ -39,6 +39,56 @@ pub async fn serve_peers(mut listener: Listener, store: Arc<Store>, token: Optio
     }
 }
 
+/// An answer is cut into messages of about this many value bytes.
+const REPLY_CHUNK: u64 = 32 << 20;
+
+/// Values at least this large count against the budget.
+const BUDGET_FROM: u64 = 1 << 20;
+
+/// Value bytes one peer connection may have queued for sending at once
+/// (per connection: a peer that stops reading holds up only itself). A permit travels with the frames and is returned when
+/// the transport has written and dropped them: serving twenty spilled 100 MB
+/// values reads them from disk as the socket drains, instead of mapping all
+/// of them at once (which would count against the worker's memory).
+pub struct SendBudget {
+    units: Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+/// Permits count KiB, so a u32 covers any budget.
+const UNIT: u64 = 1024;
+
+impl SendBudget {
+    pub fn new(bytes: u64) -> SendBudget {
+        let total = (bytes / UNIT).clamp(1, u32::MAX as u64 >> 4) as u32;
+        SendBudget { units: Arc::new(tokio::sync::Semaphore::new(total as usize)), total }
+    }
+
+    /// Waits until `bytes` (at most the whole budget: a value larger than it
+    /// goes alone) may be queued.
+    async fn take(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let units = bytes.div_ceil(UNIT).min(self.total as u64) as u32;
+        self.units.clone().acquire_many_owned(units).await.expect("the budget is never closed")
+    }
+
+    /// Ties the permit to the frames: it is released when the last of them is dropped.
+    fn attach(frames: crate::executor::Frames, permit: tokio::sync::OwnedSemaphorePermit) -> Vec<Bytes> {
+        let permit = Arc::new(permit);
+        frames.into_iter().map(|f| Bytes::from_owner(Budgeted { data: f, _permit: permit.clone() })).collect()
+    }
+}
+
+struct Budgeted {
+    data: Bytes,
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
 static PEER_WARNINGS: WarnLimiter = WarnLimiter::new(std::time::Duration::from_secs(5));
 
 async fn serve_one(
@@ -50,15 +100,29 @@ async fn serve_one(
 ) -> rdask_transport::Result<()> {
     handshake_accept(&mut conn, &[Role::Peer], token).await?;
     drop(permit);
+    let budget = SendBudget::new(128 << 20);
     while let Some(frame) = conn.receiver.recv().await? {
         let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control)?;
-        let values = store.get_many(tasks.iter().map(|t| t.get()));
-        let mut items = Vec::with_capacity(values.len());
-        let mut data: Vec<Bytes> = Vec::with_capacity(values.len());
-        for (t, v) in tasks.iter().zip(values) {
+        let request_id = request_id.to_native();
+        let mut items = Vec::new();
+        let mut data: Vec<Bytes> = Vec::new();
+        let mut chunk_bytes = 0u64;
+        let served = store.serve_many(tasks.iter().map(|t| t.get()));
+        for (n, (t, value)) in tasks.iter().zip(served).enumerate() {
             let id = t.get();
+            // A spilled value is read from disk only when the budget lets it
+            // go out; a large in-memory one waits its turn the same way.
+            let mut permit = None;
+            let value = match value {
+                Some(Serve::Disk(disk)) => {
+                    permit = Some(budget.take(disk.bytes).await);
+                    Some(read_spilled(&disk))
+                }
+                Some(Serve::Frames(f)) => Some(f),
+                None => None,
+            };
             let first = data.len() as u32;
-            let frames = match v.map(|v| v.to_frames()) {
+            let frames = match value {
                 Some(Ok(frames)) => frames,
                 Some(Err(e)) => {
                     // The requester fails the tasks that needed it with this
@@ -77,12 +141,25 @@ async fn serve_one(
                     continue;
                 }
             };
+            let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+            if permit.is_none() && bytes >= BUDGET_FROM {
+                permit = Some(budget.take(bytes).await);
+            }
             items.push(DataItem { id, found: true, first, count: frames.len() as u32, error: None });
-            data.extend(frames);
+            match permit {
+                Some(p) => data.extend(SendBudget::attach(frames, p)),
+                None => data.extend(frames),
+            }
+            chunk_bytes += bytes;
+            if chunk_bytes >= REPLY_CHUNK && n + 1 < tasks.len() {
+                let reply = FromPeerMessage::Data { request_id, items: std::mem::take(&mut items), more: true };
+                sent.fetch_add(chunk_bytes, std::sync::atomic::Ordering::Relaxed);
+                conn.sender.send(Frame::with_data(&reply, std::mem::take(&mut data)))?;
+                chunk_bytes = 0;
+            }
         }
-        let reply = FromPeerMessage::Data { request_id: request_id.to_native(), items };
-        let bytes: u64 = data.iter().map(|d| d.len() as u64).sum();
-        sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let reply = FromPeerMessage::Data { request_id, items, more: false };
+        sent.fetch_add(chunk_bytes, std::sync::atomic::Ordering::Relaxed);
         conn.sender.send(Frame::with_data(&reply, data))?;
     }
     Ok(())

@@ -80,6 +80,8 @@ struct Inner {
     /// Queued jobs waiting for resources that running tasks hold; back in
     /// the heap when some are released.
     blocked: Vec<Job>,
+    /// Memory above the pause threshold: no task starts.
+    paused: bool,
     shutdown: bool,
 }
 
@@ -125,6 +127,7 @@ pub struct RunQueue {
     sweeping: std::sync::atomic::AtomicBool,
     pub sweep_wake: tokio::sync::Notify,
     executor: Arc<dyn Executor>,
+    memory_gate: std::sync::atomic::AtomicU64,
     done: mpsc::UnboundedSender<Done>,
     /// Careful tasks about to start, for the worker loop to report.
     starting: mpsc::UnboundedSender<TaskId>,
@@ -187,6 +190,7 @@ impl RunQueue {
             sweeping: std::sync::atomic::AtomicBool::new(false),
             sweep_wake: tokio::sync::Notify::new(),
             executor,
+            memory_gate: Default::default(),
             done,
             starting,
             name: name.to_string(),
@@ -222,6 +226,25 @@ impl RunQueue {
         if n == 1 {
             self.cv.notify_one();
         } else if n > 1 {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Process memory above which no task starts (the pause threshold;
+    /// 0: none). Checked by each thread before it starts a task, so a burst
+    /// of allocating tasks cannot outrun the memory monitor's sampling.
+    pub fn set_memory_gate(&self, bytes: u64) {
+        self.memory_gate.store(bytes, AtomicOrdering::Relaxed);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.inner.lock().unwrap().paused
+    }
+
+    /// Pauses (no queued task starts; running ones finish) or resumes.
+    pub fn set_paused(&self, paused: bool) {
+        self.inner.lock().unwrap().paused = paused;
+        if !paused {
             self.cv.notify_all();
         }
     }
@@ -333,7 +356,14 @@ impl RunQueue {
             if g.shutdown {
                 return;
             }
-            let Some(mut job) = g.heap.pop() else {
+            let gate = self.memory_gate.load(AtomicOrdering::Relaxed);
+            if gate > 0 && !g.paused && !g.heap.is_empty() && crate::procinfo::rss_now() > gate {
+                // The memory monitor takes it from here: it tells the
+                // scheduler, and resumes the queue when memory drops.
+                g.paused = true;
+            }
+            let next = if g.paused { None } else { g.heap.pop() };
+            let Some(mut job) = next else {
                 if !finished.completions.is_empty() {
                     drop(g);
                     if done.send(std::mem::take(&mut finished)).is_err() {

@@ -19,7 +19,7 @@ use crate::error::WorkerError;
 use crate::executor::{Executor, TaskFailure, TaskRun, Value};
 use crate::peer_server::serve_peers;
 use crate::runqueue::{Completion, Done, Job, JobPriority, RunQueue};
-use crate::store::Store;
+use crate::store::{Held, Store};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -45,6 +45,11 @@ pub struct WorkerConfig {
     /// A fetch request not answered within this time fails over to the next holder.
     pub fetch_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Spill/pause thresholds, fractions of `memory_limit` (used when it is set).
+    pub memory: crate::memory::MemoryThresholds,
+    /// Where values spill (`--local-directory`); the system's temporary
+    /// directory when unset.
+    pub local_directory: Option<std::path::PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,8 @@ impl Default for WorkerConfig {
             placement: Default::default(),
             fetch_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            memory: Default::default(),
+            local_directory: None,
         }
     }
 }
@@ -123,12 +130,14 @@ struct Outgoing {
 /// Stops the executor threads and the peer server however the worker ends
 /// (return, error, or its task being aborted).
 struct Guard {
+    monitor_stop: Arc<std::sync::atomic::AtomicBool>,
     queue: Arc<RunQueue>,
     peer_server: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.monitor_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.queue.shutdown();
         self.peer_server.abort();
     }
@@ -192,7 +201,13 @@ pub async fn run_worker_until(
     let limits = Limits::default();
     let listener = rdask_transport::listen(&config.listen, limits).await?;
     let address = listener.address.clone();
-    let store = Arc::new(Store::default());
+    config.memory.validate().map_err(WorkerError::Config)?;
+    let manage_memory = config.memory_limit > 0;
+    let store = Arc::new(if manage_memory && config.memory.spills() {
+        Store::with_spilling(crate::spill::SpillDir::new(config.local_directory.as_deref(), &config.name), executor.clone())
+    } else {
+        Store::default()
+    });
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
     let bytes_out = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -204,7 +219,28 @@ pub async fn run_worker_until(
         starting_tx,
         config.resources.clone(),
     )?;
+    let (memory_tx, mut memory_rx) = mpsc::unbounded_channel();
+    let monitor_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if manage_memory {
+        crate::memory::spawn_monitor(
+            config.name.clone(),
+            config.memory_limit,
+            config.memory,
+            Arc::downgrade(&store),
+            queue.clone(),
+            memory_tx,
+            monitor_stop.clone(),
+        )?;
+        tracing::info!(
+            name = %config.name,
+            limit = %crate::memory::human(config.memory_limit),
+            spill_to = %store.spill_dir().map_or("nowhere (spilling off)".into(), |p| p.display().to_string()),
+            "memory limit {:?}",
+            config.memory
+        );
+    }
     let _guard = Guard {
+        monitor_stop,
         queue: queue.clone(),
         peer_server: tokio::spawn(serve_peers(listener, store.clone(), config.token.clone(), bytes_out.clone())),
     };
@@ -333,6 +369,10 @@ pub async fn run_worker_until(
                     st.out.confirm.push(id);
                 }
             }
+            Some(crate::memory::MemoryEvent::Paused(paused)) = memory_rx.recv() => {
+                st.flush(&sender);
+                let _ = sender.send(Frame::from_message(&FromWorkerMessage::Paused(paused)));
+            }
             Some(done) = done_rx.recv() => {
                 st.on_done(done);
                 while let Ok(done) = done_rx.try_recv() {
@@ -377,13 +417,18 @@ pub async fn run_worker_until(
             }
             _ = heartbeat.tick() => {
                 let (queued, running) = st.queue.load();
+                let stats = st.store.stats();
                 let rss = crate::procinfo::memory(std::process::id()).map_or(0, |(rss, _)| rss);
                 let (bytes_in, bytes_out) = (st.bytes_in, bytes_out.load(std::sync::atomic::Ordering::Relaxed));
                 let secs = transfers.0.elapsed().as_secs_f64().max(1e-3);
                 let load = WorkerLoad {
                     running: running as u32,
                     queued: queued as u32,
-                    stored_bytes: st.store.bytes(),
+                    stored_bytes: stats.memory_bytes,
+                    spilled_bytes: stats.disk_bytes,
+                    spilled_values: stats.disk_values,
+                    spilled_total_bytes: stats.spilled_total_bytes,
+                    unspilled_total_bytes: stats.unspilled_total_bytes,
                     cpu_percent: cpu.percent(),
                     rss,
                     bytes_in,
@@ -477,9 +522,10 @@ impl State {
         // reduction whose subtree shares this worker) runs right away, with
         // no bookkeeping record at all.
         // One look into the store serves both the fast path and the fetch plan.
-        let values = self.store.get_many(t.deps.iter().map(|d| d.id.get()));
-        if self.executor.is_trivial(&payload) && values.iter().all(Option::is_some) {
-            let inputs: smallvec::SmallVec<[Value; 4]> = values.into_iter().map(Option::unwrap).collect();
+        let values = self.store.lookup_many(t.deps.iter().map(|d| d.id.get()));
+        if self.executor.is_trivial(&payload) && values.iter().all(|v| matches!(v, Some(Held::Memory(_)))) {
+            let inputs: smallvec::SmallVec<[Value; 4]> =
+                values.into_iter().map(|v| match v { Some(Held::Memory(v)) => v, _ => unreachable!() }).collect();
             let result = self.executor.execute_trivial(id, t.key.as_str(), &payload, &inputs);
             self.inline_done.push((id, result));
             return;
@@ -658,7 +704,7 @@ impl State {
 
     fn start(&mut self, id: TaskId) {
         let t = self.tasks.get_mut(&id).unwrap();
-        let values = self.store.get_many(t.deps.iter().copied());
+        let values = self.store.load_many(t.deps.iter().copied());
         let mut inputs = Vec::with_capacity(values.len());
         for (dep, v) in std::mem::take(&mut t.deps).into_iter().zip(values) {
             match v {

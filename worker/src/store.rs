@@ -1,67 +1,445 @@
-//! The worker's values, shared between the worker loop (insert/release) and
-//! the peer server (reads).
+//! The worker's values, shared between the worker loop (insert/release), the
+//! peer server (reads) and the memory monitor (spilling).
+//!
+//! A value is in memory or, once spilled, on disk. With spilling enabled the
+//! store keeps values in least-recently-used order (a stamp per value and a
+//! B-tree from stamp to id); without it (no memory limit, the benchmarks'
+//! null workers) it keeps no order and costs what a hash map costs.
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use rdask_transport::TaskId;
 use rustc_hash::FxHashMap;
 
-use crate::executor::Value;
+use crate::executor::{Executor, Frames, TaskFailure, Value};
+use crate::spill::{OnDisk, SpillDir};
+
+enum Slot {
+    Memory { value: Value, stamp: u64 },
+    Disk(OnDisk),
+}
+
+/// What a look into the store found, without reading anything back from disk.
+pub enum Held {
+    Memory(Value),
+    Disk,
+}
+
+/// A value as the peer server finds it.
+pub enum Serve {
+    Frames(Result<Frames, TaskFailure>),
+    Disk(OnDisk),
+}
+
+/// Reads a spilled value's frames for a peer (the file stays).
+pub fn read_spilled(disk: &OnDisk) -> Result<Frames, TaskFailure> {
+    SpillDir::read(disk, false).map_err(|e| TaskFailure::message(format!("cannot read spilled value: {e}")))
+}
+
+/// Figures for heartbeats, logs and `scheduler_info()`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub memory_bytes: u64,
+    pub memory_values: u64,
+    pub disk_bytes: u64,
+    pub disk_values: u64,
+    /// Since the worker started: values (and bytes) written to disk and read back.
+    pub spilled_total: u64,
+    pub spilled_total_bytes: u64,
+    pub unspilled_total: u64,
+    pub unspilled_total_bytes: u64,
+}
+
+/// How a round of spilling ended.
+#[derive(Debug, Default)]
+pub struct SpillRound {
+    pub values: u64,
+    pub bytes: u64,
+    /// Writing failed (full disk, no permission): the value stayed in
+    /// memory; the caller backs off before trying again.
+    pub error: Option<String>,
+}
+
+struct Spilling {
+    dir: SpillDir,
+    /// Turns frames read back from disk into a value (the executor's codec).
+    executor: Arc<dyn Executor>,
+}
 
 #[derive(Default)]
 pub struct Store {
     inner: Mutex<Inner>,
+    spilling: Option<Spilling>,
 }
 
 #[derive(Default)]
 struct Inner {
-    values: FxHashMap<TaskId, Value>,
-    bytes: u64,
+    values: FxHashMap<TaskId, Slot>,
+    stats: StoreStats,
+    /// Values in memory by last use (oldest first); kept only when spilling.
+    lru: BTreeMap<u64, TaskId>,
+    next_stamp: u64,
+}
+
+impl Inner {
+    fn stamp(&mut self, id: TaskId, track: bool) -> u64 {
+        self.next_stamp += 1;
+        if track {
+            self.lru.insert(self.next_stamp, id);
+        }
+        self.next_stamp
+    }
+
+    /// Forgets a slot's bookkeeping (not the slot itself).
+    fn unaccount(&mut self, slot: &Slot) {
+        match slot {
+            Slot::Memory { value, stamp } => {
+                self.stats.memory_bytes -= value.size();
+                self.stats.memory_values -= 1;
+                self.lru.remove(stamp);
+            }
+            Slot::Disk(d) => {
+                self.stats.disk_bytes -= d.bytes;
+                self.stats.disk_values -= 1;
+            }
+        }
+    }
 }
 
 impl Store {
+    /// A store that can spill: to its own folder in `dir`, values read back
+    /// with `executor`'s codec.
+    pub fn with_spilling(dir: SpillDir, executor: Arc<dyn Executor>) -> Store {
+        Store { inner: Mutex::default(), spilling: Some(Spilling { dir, executor }) }
+    }
+
+    fn tracks(&self) -> bool {
+        self.spilling.is_some()
+    }
 
     pub fn insert_many(&self, values: Vec<(TaskId, Value)>) {
         if values.is_empty() {
             return;
         }
+        let track = self.tracks();
         let mut replaced = Vec::new();
         let mut g = self.inner.lock().unwrap();
         g.values.reserve(values.len());
         for (id, value) in values {
-            g.bytes += value.size();
-            if let Some(old) = g.values.insert(id, value) {
-                g.bytes -= old.size();
+            g.stats.memory_bytes += value.size();
+            g.stats.memory_values += 1;
+            let stamp = g.stamp(id, track);
+            if let Some(old) = g.values.insert(id, Slot::Memory { value, stamp }) {
+                g.unaccount(&old);
                 replaced.push(old);
             }
         }
         drop(g);
-        drop(replaced);
+        drop_slots(replaced);
     }
 
     pub fn remove_many(&self, ids: impl Iterator<Item = TaskId>) {
         let mut gone = Vec::new();
         let mut g = self.inner.lock().unwrap();
         for id in ids {
-            if let Some(v) = g.values.remove(&id) {
-                g.bytes -= v.size();
-                gone.push(v);
+            if let Some(slot) = g.values.remove(&id) {
+                g.unaccount(&slot);
+                gone.push(slot);
             }
         }
         // Values are dropped after the lock is released: dropping one may
         // wait for an executor's interpreter lock (a large Python value),
         // and nothing may wait for that while holding the store.
         drop(g);
-        drop(gone);
+        drop_slots(gone);
     }
 
-    /// Looks up many values under one lock.
-    pub fn get_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Value>> {
+    /// Which of these values are here, and the in-memory ones themselves;
+    /// reads nothing back from disk.
+    pub fn lookup_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Held>> {
         let g = self.inner.lock().unwrap();
-        ids.map(|id| g.values.get(&id).cloned()).collect()
+        ids.map(|id| {
+            g.values.get(&id).map(|slot| match slot {
+                Slot::Memory { value, .. } => Held::Memory(value.clone()),
+                Slot::Disk(_) => Held::Disk,
+            })
+        })
+        .collect()
     }
 
+    /// The values for a task to run on: in-memory ones are marked as just
+    /// used, spilled ones are read back into memory. `None` for a value that
+    /// is not here, or that could not be read back (logged).
+    pub fn load_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Value>> {
+        let track = self.tracks();
+        let mut on_disk = Vec::new();
+        let mut out: Vec<Option<Value>> = {
+            let mut g = self.inner.lock().unwrap();
+            ids.enumerate()
+                .map(|(i, id)| {
+                    let stamp = if track { g.stamp(id, true) } else { 0 };
+                    match g.values.get_mut(&id) {
+                        Some(Slot::Memory { value, stamp: old }) => {
+                            let value = value.clone();
+                            if track {
+                                let old = std::mem::replace(old, stamp);
+                                g.lru.remove(&old);
+                            }
+                            Some(value)
+                        }
+                        Some(Slot::Disk(d)) => {
+                            on_disk.push((i, id, d.clone()));
+                            g.lru.remove(&stamp);
+                            None
+                        }
+                        None => {
+                            g.lru.remove(&stamp);
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        for (i, id, disk) in on_disk {
+            out[i] = self.unspill(id, disk);
+        }
+        out
+    }
+
+    fn unspill(&self, id: TaskId, disk: OnDisk) -> Option<Value> {
+        let spilling = self.spilling.as_ref()?;
+        let value = match SpillDir::read(&disk, false) {
+            Ok(frames) => spilling.executor.deserialize(frames).map_err(|f| f.message),
+            Err(e) => Err(e.to_string()),
+        };
+        let value = match value {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(task = %id, path = %disk.path.display(), "cannot read a spilled value back: {e}");
+                return None;
+            }
+        };
+        let mut g = self.inner.lock().unwrap();
+        if matches!(g.values.get(&id), Some(Slot::Disk(d)) if d.path == disk.path) {
+            let stamp = g.stamp(id, true);
+            g.stats.disk_bytes -= disk.bytes;
+            g.stats.disk_values -= 1;
+            g.stats.memory_bytes += value.size();
+            g.stats.memory_values += 1;
+            g.stats.unspilled_total += 1;
+            g.stats.unspilled_total_bytes += disk.bytes;
+            g.values.insert(id, Slot::Memory { value: value.clone(), stamp });
+            drop(g);
+            // Readers that opened the file already keep their mapping.
+            SpillDir::remove(&disk);
+        }
+        Some(value)
+    }
+
+    /// What to send a peer or client for these values: in-memory values as
+    /// frames (`Err` when one cannot be serialised), spilled ones as where
+    /// they are on disk, for the caller to read when it is ready to send
+    /// ([`read_spilled`]); they stay on disk.
+    pub fn serve_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Serve>> {
+        let held: Vec<Option<Result<Value, OnDisk>>> = {
+            let g = self.inner.lock().unwrap();
+            ids.map(|id| {
+                g.values.get(&id).map(|slot| match slot {
+                    Slot::Memory { value, .. } => Ok(value.clone()),
+                    Slot::Disk(d) => Err(d.clone()),
+                })
+            })
+            .collect()
+        };
+        held.into_iter()
+            .map(|h| {
+                h.map(|h| match h {
+                    Ok(value) => Serve::Frames(value.to_frames()),
+                    Err(disk) => Serve::Disk(disk),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes least-recently-used values to disk while `more(memory_bytes)`
+    /// says so and values are left. A value that cannot be serialised stays
+    /// in memory (it is tried again after its next use); a write error ends
+    /// the round with the value still in memory: no value is lost.
+    pub fn spill_lru(&self, mut more: impl FnMut(u64) -> bool) -> SpillRound {
+        let mut round = SpillRound::default();
+        let Some(spilling) = self.spilling.as_ref() else { return round };
+        loop {
+            let (id, stamp, value) = {
+                let mut g = self.inner.lock().unwrap();
+                if !more(g.stats.memory_bytes) {
+                    break;
+                }
+                let Some((stamp, id)) = g.lru.pop_first() else { break };
+                match g.values.get(&id) {
+                    Some(Slot::Memory { value, stamp: s }) if *s == stamp => (id, stamp, value.clone()),
+                    _ => continue,
+                }
+            };
+            let frames = match value.to_frames() {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(task = %id, "cannot spill a value that does not serialise; it stays in memory: {}", e.message);
+                    continue;
+                }
+            };
+            drop(value);
+            let disk = match spilling.dir.write(id, &frames) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Back in line where it was: it goes first next time.
+                    let mut g = self.inner.lock().unwrap();
+                    if matches!(g.values.get(&id), Some(Slot::Memory { stamp: s, .. }) if *s == stamp) {
+                        g.lru.insert(stamp, id);
+                    }
+                    round.error = Some(format!("cannot spill to {}: {e}; the value stays in memory", spilling.dir.path().display()));
+                    break;
+                }
+            };
+            drop(frames);
+            let mut g = self.inner.lock().unwrap();
+            let unchanged = matches!(g.values.get(&id), Some(Slot::Memory { stamp: s, .. }) if *s == stamp);
+            if !unchanged {
+                // Used or released meanwhile: keep it as it is.
+                drop(g);
+                SpillDir::remove(&disk);
+                continue;
+            }
+            let bytes = disk.bytes;
+            let old = g.values.insert(id, Slot::Disk(disk)).expect("checked above");
+            if let Slot::Memory { value, .. } = &old {
+                g.stats.memory_bytes -= value.size();
+                g.stats.memory_values -= 1;
+            }
+            g.stats.disk_bytes += bytes;
+            g.stats.disk_values += 1;
+            g.stats.spilled_total += 1;
+            g.stats.spilled_total_bytes += bytes;
+            drop(g);
+            drop_slots(vec![old]);
+            round.values += 1;
+            round.bytes += bytes;
+        }
+        round
+    }
+
+    /// Bytes of values in memory.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().unwrap().bytes
+        self.inner.lock().unwrap().stats.memory_bytes
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.inner.lock().unwrap().stats
+    }
+
+    pub fn spill_dir(&self) -> Option<&std::path::Path> {
+        self.spilling.as_ref().map(|s| s.dir.path())
+    }
+}
+
+fn drop_slots(slots: Vec<Slot>) {
+    for slot in slots {
+        if let Slot::Disk(d) = &slot {
+            SpillDir::remove(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::NullExecutor;
+    use rdask_transport::bytes::Bytes;
+
+    fn value(n: usize, fill: u8) -> Value {
+        Value::Bytes(Bytes::from(vec![fill; n]))
+    }
+
+    fn spilling_store(tag: &str) -> (Store, std::path::PathBuf) {
+        let tmp = std::env::temp_dir().join(format!("rdask-store-{tag}-{}", std::process::id()));
+        (Store::with_spilling(SpillDir::new(Some(&tmp), "w"), Arc::new(NullExecutor::default())), tmp)
+    }
+
+    fn bytes_of(v: &Value) -> Vec<u8> {
+        match v {
+            Value::Bytes(b) => b.to_vec(),
+            Value::Object(_) => panic!("bytes expected"),
+        }
+    }
+
+    #[test]
+    fn least_recently_used_values_spill_first_and_come_back_intact() {
+        let (store, tmp) = spilling_store("lru");
+        let ids: Vec<TaskId> = (1..=4).map(TaskId::new).collect();
+        store.insert_many(ids.iter().map(|&id| (id, value(1000, id.as_num() as u8))).collect());
+        // Use 1 again: 2 is now the oldest.
+        store.load_many([ids[0]].into_iter());
+        let round = store.spill_lru(|mem| mem > 2000);
+        assert_eq!((round.values, round.bytes), (2, 2000));
+        let held = store.lookup_many(ids.iter().copied());
+        let on_disk: Vec<bool> = held.iter().map(|h| matches!(h, Some(Held::Disk))).collect();
+        assert_eq!(on_disk, vec![false, true, true, false], "2 and 3 were least recently used");
+        let s = store.stats();
+        assert_eq!((s.memory_bytes, s.disk_bytes, s.disk_values, s.spilled_total), (2000, 2000, 2, 2));
+
+        // A peer reads a spilled value: it stays on disk.
+        let served = store.serve_many([ids[1]].into_iter()).pop().flatten();
+        let Some(Serve::Disk(disk)) = served else { panic!("a spilled value is served from disk") };
+        assert_eq!(read_spilled(&disk).unwrap()[0].len(), 1000);
+        assert_eq!(store.stats().disk_values, 2);
+        // A task needs it: back in memory, with its bytes.
+        let loaded = store.load_many([ids[1], ids[2]].into_iter());
+        assert_eq!(bytes_of(loaded[0].as_ref().unwrap()), vec![2u8; 1000]);
+        assert_eq!(bytes_of(loaded[1].as_ref().unwrap()), vec![3u8; 1000]);
+        let s = store.stats();
+        assert_eq!((s.memory_bytes, s.disk_values, s.unspilled_total, s.unspilled_total_bytes), (4000, 0, 2, 2000));
+        store.remove_many(ids.into_iter());
+        assert_eq!(store.stats().memory_values, 0);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn releasing_a_spilled_value_deletes_its_file() {
+        let (store, tmp) = spilling_store("release");
+        store.insert_many(vec![(TaskId::new(9), value(10, 1))]);
+        assert_eq!(store.spill_lru(|_| true).values, 1);
+        let files = || std::fs::read_dir(store.spill_dir().unwrap()).unwrap().count();
+        assert_eq!(files(), 1);
+        store.remove_many([TaskId::new(9)].into_iter());
+        assert_eq!(files(), 0);
+        assert_eq!(store.stats(), StoreStats { spilled_total: 1, spilled_total_bytes: 10, ..Default::default() });
+        drop(store);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn a_failing_disk_keeps_the_value_in_memory() {
+        let blocker = std::env::temp_dir().join(format!("rdask-store-blocker-{}", std::process::id()));
+        std::fs::write(&blocker, b"x").unwrap();
+        let store = Store::with_spilling(SpillDir::new(Some(&blocker), "w"), Arc::new(NullExecutor::default()));
+        store.insert_many(vec![(TaskId::new(1), value(100, 5)), (TaskId::new(2), value(100, 6))]);
+        let round = store.spill_lru(|_| true);
+        assert_eq!(round.values, 0);
+        assert!(round.error.unwrap().contains("cannot spill"));
+        assert_eq!(store.stats().memory_values, 2);
+        // Still first in line, and readable.
+        let v = store.load_many([TaskId::new(1)].into_iter());
+        assert_eq!(bytes_of(v[0].as_ref().unwrap()), vec![5u8; 100]);
+        let _ = std::fs::remove_file(&blocker);
+    }
+
+    #[test]
+    fn without_spilling_nothing_is_ordered_or_written() {
+        let store = Store::default();
+        store.insert_many(vec![(TaskId::new(1), value(100, 5))]);
+        assert_eq!(store.spill_lru(|_| true).values, 0);
+        assert!(store.inner.lock().unwrap().lru.is_empty());
+        assert_eq!(store.bytes(), 100);
     }
 }

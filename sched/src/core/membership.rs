@@ -43,6 +43,7 @@ impl Core {
                 incoming_steals: 0,
                 last_seen_ms: now_ms,
                 leaving: false,
+                paused: false,
                 load: Default::default(),
             },
         );

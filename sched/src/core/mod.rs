@@ -63,6 +63,9 @@ pub struct Worker {
     /// The worker said it is leaving (`Leaving`): it gets no new work, and
     /// its departure suspects none of its tasks.
     pub leaving: bool,
+    /// Its memory is above the pause threshold: it gets no new work, and
+    /// idle workers may steal what it has queued.
+    pub paused: bool,
     /// What its last heartbeat said (for the dashboard and /metrics).
     pub load: rdask_transport::protocol::WorkerLoad,
 }
@@ -70,6 +73,11 @@ pub struct Worker {
 impl Worker {
     pub fn load(&self) -> u32 {
         self.processing.len() as u32
+    }
+
+    /// Whether new tasks may go to it.
+    pub fn takes_work(&self) -> bool {
+        !self.leaving && !self.paused
     }
 }
 
@@ -356,6 +364,14 @@ impl Core {
                 }
             }
             ArchivedFromWorkerMessage::Spans(_) => {}
+            ArchivedFromWorkerMessage::Paused(paused) => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    if w.paused != *paused {
+                        tracing::info!(worker = %worker, name = %w.name, "worker {}", if *paused { "paused (memory above its pause threshold)" } else { "resumed" });
+                    }
+                    w.paused = *paused;
+                }
+            }
             ArchivedFromWorkerMessage::Leaving => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     tracing::info!(worker = %worker, name = %w.name, "worker is leaving");
@@ -408,6 +424,8 @@ impl Core {
                 processing: w.processing.len() as u64,
                 stored_values: w.stored_values,
                 stored_bytes: w.stored_bytes,
+                paused: w.paused,
+                load: w.load,
             })
             .collect();
         workers.sort_by_key(|w| w.id);

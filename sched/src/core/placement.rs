@@ -15,10 +15,10 @@ const STEAL_MIN_QUEUE_PER_THREAD: u32 = 2;
 const MAX_STEAL_PER_ROUND: usize = 4096;
 
 impl Core {
-    /// Tasks the worker may hold; none for a worker that is leaving.
+    /// Tasks the worker may hold; none for a worker that is leaving or paused.
     fn capacity(&self, w: WorkerId) -> u32 {
         let w = &self.workers[&w];
-        if w.leaving {
+        if !w.takes_work() {
             return 0;
         }
         w.nthreads.max(1) * self.config.tasks_per_thread
@@ -32,7 +32,7 @@ impl Core {
         }
         for (id, w) in std::mem::take(&mut self.pending_assign) {
             let ok = self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready)
-                && self.workers.get(&w).is_some_and(|w| !w.leaving);
+                && self.workers.get(&w).is_some_and(|w| w.takes_work());
             if ok {
                 self.assign(comm, id, w);
             } else if self.tasks.get(id).is_some_and(|t| t.state == TaskState::Ready) {
@@ -188,6 +188,13 @@ impl Core {
         for (&id, w) in &self.workers {
             let load = w.load();
             if w.leaving {
+                continue;
+            }
+            if w.paused {
+                // It starts nothing: all it has queued may go elsewhere.
+                if load > 0 && w.steals_in_flight == 0 {
+                    busy.push((id, load));
+                }
                 continue;
             }
             if load < w.nthreads && w.incoming_steals == 0 {
