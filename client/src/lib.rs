@@ -117,7 +117,7 @@ impl Client {
             Ok(Err(TransportError::Unauthorized(reason))) => {
                 return Err(ClientError::Unauthorized { address: address.to_string(), reason })
             }
-            Ok(Err(e @ (TransportError::VersionMismatch { .. } | TransportError::Handshake(_)))) => {
+            Ok(Err(e @ (TransportError::VersionMismatch { .. } | TransportError::Handshake(_) | TransportError::Tls(_)))) => {
                 return Err(ClientError::Refused { address: address.to_string(), reason: e.to_string() })
             }
             Ok(Err(e)) => return Err(fail(e.to_string())),

@@ -14,6 +14,7 @@ from .cuda import GpuUnavailableError, LocalCUDACluster
 from .diagnostics import get_task_stream, performance_report
 from .future import Future, FutureCancelledError
 from .progress import progress
+from .security import Security
 from .worker import get_worker, rejoin, secede
 
 __version__ = "0.1.0"
@@ -22,5 +23,5 @@ __all__ = [
     "Client", "LocalCluster", "Future", "FutureCancelledError", "as_completed", "wait",
     "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
     "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker", "LocalCUDACluster", "GpuUnavailableError",
-    "get_task_stream", "performance_report",
+    "get_task_stream", "performance_report", "Security",
 ]

@@ -11,6 +11,7 @@ import threading
 import time
 
 from . import _rdask
+from .security import add_tls_flags, from_args
 from .config import add_memory_flags, parse_memory_limit, parse_resources, thresholds_from_args, total_memory
 
 
@@ -66,7 +67,7 @@ def scheduler_address(p: argparse.ArgumentParser, a) -> str | None:
             return None
     if address is None:
         p.error("give the scheduler address or --scheduler-file")
-    return address if "://" in address else "tcp://" + address
+    return address if "://" in address else f"{getattr(a, 'protocol', None) or 'tcp'}://" + address
 
 
 def run_nannies(nannies: list) -> int:
@@ -104,9 +105,6 @@ COSMETIC = {
 UNSUPPORTED = {
     "--preload": "preload scripts are not supported yet",
     "--preload-nanny": "preload scripts are not supported yet",
-    "--tls-ca-file": "TLS is not built yet (tcp with --token or --token-file only)",
-    "--tls-cert": "TLS is not built yet (tcp with --token or --token-file only)",
-    "--tls-key": "TLS is not built yet (tcp with --token or --token-file only)",
     "--listen-address": "give --host/--interface and --worker-port instead",
     "--contact-address": "workers advertise the address they listen on (--host/--interface)",
 }
@@ -117,7 +115,8 @@ def add_dask_flags(p: argparse.ArgumentParser, worker: bool):
     scheduler` / `dask worker` start: the ones that work here, and the rest
     listed in --help and answered clearly (see `check_dask_flags`)."""
     p.add_argument("--interface", default=None, help="network interface to listen on (e.g. ib0, eth0, lo)")
-    p.add_argument("--protocol", default="tcp", help="tcp (mpi under mpirun: use rdask-mpi)")
+    p.add_argument("--protocol", default=None, help="tcp, or tls (the default with --tls-cert); mpi under mpirun: use rdask-mpi")
+    add_tls_flags(p)
     p.add_argument("--pid-file", default=None, help="write this process's id here (removed at exit)")
     for flag, why in COSMETIC.items():
         takes_value = flag in ("--dashboard-prefix", "--nanny-port")
@@ -139,9 +138,26 @@ def check_dask_flags(prog: str, a) -> int | None:
     for flag, why in COSMETIC.items():
         if getattr(a, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
             print(f"{prog}: warning: {flag} is accepted and ignored" + (f" ({why})" if why else ""), file=sys.stderr)
-    if a.protocol not in ("tcp", "tcp://"):
-        print(f"{prog}: --protocol {a.protocol} is not supported here (tcp; MPI jobs use rdask-mpi)", file=sys.stderr)
+    try:
+        a.security = from_args(a)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    if a.protocol is None:
+        a.protocol = "tls" if a.security else "tcp"
+    a.protocol = a.protocol.replace("://", "")
+    if a.protocol not in ("tcp", "tls"):
+        print(f"{prog}: --protocol {a.protocol} is not supported here (tcp or tls; MPI jobs use rdask-mpi)", file=sys.stderr)
+        return 2
+    if a.protocol == "tls" and not a.security:
+        print(f"{prog}: --protocol tls needs --tls-ca-file, --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    if a.security:
+        try:
+            a.security.apply("worker" if prog.endswith("worker") else "scheduler")
+        except (OSError, _rdask.RdaskError, ValueError) as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
     if a.interface:
         addr = _rdask.interface_address(a.interface)
         if addr is None:
@@ -163,6 +179,10 @@ def check_dask_flags(prog: str, a) -> int | None:
 
         atexit.register(remove)
     return None
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_scheduler_file(path: str, address: str):
@@ -196,7 +216,8 @@ def scheduler_main(argv=None) -> int:
     dashboard = None if not a.dashboard or a.dashboard_address.lower() == "none" else a.dashboard_address
     _rdask.init_logging("info")
     try:
-        sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout, dashboard_address=dashboard)
+        sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout, dashboard_address=dashboard,
+                                 address=f"{a.protocol}://{_host_port(a.host, a.port)}")
     except OSError as e:
         print(f"rdask-scheduler: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
@@ -335,7 +356,8 @@ def worker_main(argv=None) -> int:
         s = specs[0]
         try:
             run(address, names[0], s["nthreads"], s["memory_limit"], resources, a.token, a.local_directory,
-                a.listen_host, a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], memory_thresholds=thresholds)
+                a.listen_host, a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], memory_thresholds=thresholds,
+                listen=f"{a.protocol}://{a.listen_host}:{worker_ports(a.worker_port, 1)[0]}")
         except (KeyboardInterrupt, Leave):
             pass
         except _rdask.RdaskError as e:
@@ -359,7 +381,7 @@ def worker_main(argv=None) -> int:
         nannies.append(Nanny(address, n, s["nthreads"], s["memory_limit"], resources, a.token, local, a.listen_host,
                              death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"], lifetime=life,
                              lifetime_restart=a.lifetime_restart, worker_port=ports[i],
-                             memory_thresholds=thresholds).start())
+                             memory_thresholds=thresholds, security=a.security, protocol=a.protocol).start())
     threads = sorted({s["nthreads"] for s in specs})
     print(f"rdask-worker: {nworkers} worker(s) x {'/'.join(map(str, threads))} thread(s) for {address}"
           f"{'' if a.bind else ' (unbound)'}", file=sys.stderr, flush=True)

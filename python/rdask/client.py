@@ -60,6 +60,7 @@ class Client:
         name: str | None = None,
         asynchronous: bool = False,
         direct_to_workers: bool | None = None,
+        security=None,
         **cluster_kwargs,
     ):
         if asynchronous:
@@ -74,7 +75,8 @@ class Client:
         if address is None:
             from .cluster import LocalCluster
 
-            self.cluster = LocalCluster(token=token, **cluster_kwargs)
+            self.cluster = LocalCluster(token=token, security=security, **cluster_kwargs)
+            security = self.cluster.security
             self._owns_cluster = True
             address = self.cluster.scheduler_address
         elif not isinstance(address, str):
@@ -82,8 +84,12 @@ class Client:
             address = address.scheduler_address
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments for a remote scheduler: {sorted(cluster_kwargs)}")
+        if security is None and getattr(self.cluster, "security", None) is not None:
+            security = self.cluster.security
+        if security is not None and security is not True and security.has_tls:
+            security.apply("client")
         if "://" not in address:
-            address = "tcp://" + address
+            address = ("tls://" if security is not None and security is not True and security.has_tls else "tcp://") + address
         token = token if token is not None else getattr(self.cluster, "token", None) or os.environ.get("RDASK_TOKEN")
         self.scheduler_address = address
         self.id = name or f"Client-{os.getpid()}-{id(self):x}"

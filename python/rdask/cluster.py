@@ -16,7 +16,7 @@ class LocalCluster:
                  processes: bool = True, memory_limit="auto", host: str = "127.0.0.1",
                  scheduler_port: int = 0, token: str | None = None, resources=None,
                  local_directory: str | None = None, silence_logs=True, timeout: float = 60.0,
-                 dashboard_address=":8787", **kwargs):
+                 dashboard_address=":8787", security=None, **kwargs):
         if kwargs:
             unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "worker_class", "interface"}
             if unknown:
@@ -41,7 +41,21 @@ class LocalCluster:
         self.timeout = timeout
         self.quiet = bool(silence_logs)
         # Dask's default is :8787; a port in use falls back to a free one.
-        self.scheduler = _rdask.Scheduler(host, scheduler_port, token, dashboard_address=dashboard_address)
+        # security=True: a throw-away CA and certificate, as distributed does.
+        if security is True:
+            from .security import Security
+
+            security = Security.temporary()
+        self.security = security if security and security.has_tls else None
+        self.protocol = "tls" if self.security else "tcp"
+        if kwargs.get("protocol") not in (None, "tcp", "tcp://", "tls", "tls://"):
+            raise ValueError(f"LocalCluster(protocol={kwargs['protocol']!r}) is not supported: tcp or tls")
+        if kwargs.get("protocol", "").startswith("tls") and not self.security:
+            raise ValueError("LocalCluster(protocol='tls') needs security=rdask.Security(...) or security=True")
+        if self.security:
+            self.security.apply("scheduler")
+        self.scheduler = _rdask.Scheduler(host, scheduler_port, token, dashboard_address=dashboard_address,
+                                          address=f"{self.protocol}://{host}:{scheduler_port}")
         self.scheduler_address = self.scheduler.address
         self.workers: dict[str, Nanny | threading.Thread] = {}
         self._next = 0
@@ -62,7 +76,8 @@ class LocalCluster:
         if self.processes:
             w = Nanny(self.scheduler_address, name, self.threads_per_worker, self.memory_limit,
                       self.resources, self.token, self.local_directory, self.host, quiet=False,
-                      memory_thresholds=self.memory_thresholds).start()
+                      memory_thresholds=self.memory_thresholds, security=self.security,
+                      protocol=self.protocol).start()
         else:
             from .worker import execute
             from .serialize import dumps, loads
@@ -71,7 +86,7 @@ class LocalCluster:
                 target=_rdask.run_worker,
                 args=(self.scheduler_address, execute, dumps, loads, name),
                 kwargs=dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
-                            resources=self.resources, listen=f"tcp://{self.host}:0", token=self.token,
+                            resources=self.resources, listen=f"{self.protocol}://{self.host}:0", token=self.token,
                             memory_thresholds=thresholds_tuple(self.memory_thresholds),
                             local_directory=self.local_directory),
                 name=f"rdask-worker-{name}", daemon=True)

@@ -93,14 +93,16 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="name prefix (workers are NAME-gpuI)")
     p.add_argument("--local-directory", default=None)
     p.add_argument("--death-timeout", type=float, default=30.0)
-    p.add_argument("--protocol", default="tcp", help="tcp (ucx once the UCX transport exists)")
+    p.add_argument("--protocol", default=None, help="tcp, or tls (the default with --tls-cert)")
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-bind", dest="bind", action="store_false")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
     from .config import add_memory_flags, thresholds_from_args
+    from .security import add_tls_flags, from_args
 
     add_token_args(p)
     add_memory_flags(p)
+    add_tls_flags(p)
     a, rest = p.parse_known_args(argv)
     for arg in rest:
         flag = arg.split("=", 1)[0]
@@ -109,8 +111,17 @@ def main(argv=None) -> int:
             return 2
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if a.protocol != "tcp":
-        print(f"rdask-cuda-worker: --protocol {a.protocol} is not supported yet (only tcp)", file=sys.stderr)
+    try:
+        security = from_args(a)
+        if security:
+            security.apply("worker")
+    except (ValueError, OSError, _rdask.RdaskError) as e:
+        print(f"rdask-cuda-worker: {e}", file=sys.stderr)
+        return 2
+    if a.protocol is None:
+        a.protocol = "tls" if security else "tcp"
+    if a.protocol not in ("tcp", "tls") or (a.protocol == "tls" and not security):
+        print(f"rdask-cuda-worker: --protocol {a.protocol} is not supported here (tcp, or tls with --tls-* files)", file=sys.stderr)
         return 2
     a.token = token_of(a)
     try:
@@ -138,7 +149,8 @@ def main(argv=None) -> int:
         local = os.path.join(a.local_directory, name) if a.local_directory else None
         nannies.append(Nanny(address, name, s["nthreads"], s["memory_limit"], resources, a.token, local,
                              a.listen_host, death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"],
-                             gpu=s["gpu_label"], env=_worker_env(s), memory_thresholds=thresholds).start())
+                             gpu=s["gpu_label"], env=_worker_env(s), memory_thresholds=thresholds,
+                             security=security, protocol=a.protocol).start())
     print(f"rdask-cuda-worker: {len(specs)} GPU worker(s) for {address}:\n{topology.describe_layout(specs)}",
           file=sys.stderr, flush=True)
     return run_nannies(nannies)

@@ -24,7 +24,8 @@ class Nanny:
                  max_restarts_per_minute: int = 10, quiet: bool = False, death_timeout: float = 30.0,
                  cpus: list | None = None, numa_node: int | None = None, gpu: str | None = None,
                  env: dict | None = None, lifetime: float | None = None, lifetime_restart: bool = False,
-                 worker_port: int = 0, memory_thresholds: dict | None = None):
+                 worker_port: int = 0, memory_thresholds: dict | None = None, security=None,
+                 protocol: str | None = None):
         from .config import MEMORY_THRESHOLDS, memory_thresholds as default_thresholds
 
         self.name = name
@@ -32,6 +33,12 @@ class Nanny:
                     "--nthreads", str(nthreads), "--memory-limit", str(int(memory_limit)),
                     "--listen-host", listen_host, "--connect-timeout", str(death_timeout),
                     "--listen-port", str(worker_port)]
+        # The worker listens for peers as the scheduler is reached (tcp or
+        # tls), with the same TLS identity.
+        if protocol:
+            self.cmd += ["--protocol", protocol]
+        if security is not None:
+            self.cmd += security.flags("worker")
         # The worker binds itself at start-up (before its threads exist).
         if cpus:
             self.cmd += ["--cpus", ",".join(map(str, cpus))]

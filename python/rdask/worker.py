@@ -177,7 +177,7 @@ def run(
         nthreads=nthreads,
         memory_limit=memory_limit,
         resources=resources,
-        listen=listen or f"tcp://{listen_host}:0",
+        listen=listen or f"{scheduler.split('://', 1)[0] if '://' in scheduler else 'tcp'}://{listen_host}:0",
         token=token,
         connect_timeout=connect_timeout,
         cpus=list(cpus or []),
@@ -204,7 +204,19 @@ def main(argv=None):
     p.add_argument("--numa-node", type=int, default=None, help="take memory from this NUMA node first")
     p.add_argument("--gpu", default=None, help="the GPU this worker drives (reported to the scheduler)")
     config.add_memory_flags(p)
+    p.add_argument("--protocol", default=None, help="tcp or tls (default: the scheduler address's)")
+    from .security import add_tls_flags, from_args
+
+    add_tls_flags(p)
     a = p.parse_args(argv)
+    try:
+        security = from_args(a)
+        if security:
+            security.apply("worker")
+    except (ValueError, OSError, _rdask.RdaskError) as e:
+        print(f"rdask worker {a.name}: {e}", file=sys.stderr)
+        return EXIT_CANNOT_JOIN
+    protocol = a.protocol or (a.scheduler.split("://", 1)[0] if "://" in a.scheduler else "tcp")
     from .config import parse_resources
     from .topology import parse_cpu_list
 
@@ -222,7 +234,7 @@ def main(argv=None):
             cpus=parse_cpu_list(a.cpus) if a.cpus else None,
             numa_node=a.numa_node,
             gpu=a.gpu,
-            listen=f"tcp://{a.listen_host}:{a.listen_port}",
+            listen=f"{protocol}://{a.listen_host}:{a.listen_port}",
             memory_thresholds=config.thresholds_from_args(a),
         )
     except (KeyboardInterrupt, Leave):

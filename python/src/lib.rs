@@ -8,6 +8,7 @@ mod frames;
 mod mpi;
 mod payload;
 mod scheduler;
+mod tls;
 mod topology;
 mod worker;
 
@@ -117,6 +118,8 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::secede, m)?)?;
     m.add_function(wrap_pyfunction!(payload::scalar_call, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(tls::configure_tls, m)?)?;
+    m.add_function(wrap_pyfunction!(tls::temporary_tls, m)?)?;
     m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(interface_address, m)?)?;
     m.add_function(wrap_pyfunction!(contact_ip, m)?)?;

@@ -123,6 +123,7 @@ pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
     let (scheme, _) = split_scheme(addr);
     match scheme {
         "tcp" => Ok(Arc::new(crate::tcp::TcpBackend)),
+        "tls" => Ok(Arc::new(crate::tls::TlsBackend)),
         "inproc" => Ok(Arc::new(crate::inproc::InProcBackend)),
         #[cfg(feature = "mpi")]
         "mpi" => Ok(Arc::new(crate::mpi::MpiBackend)),

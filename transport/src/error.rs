@@ -14,13 +14,15 @@ pub enum TransportError {
     #[error("handshake failed: {0}")]
     Handshake(String),
     /// The peer refused our token (wrong or missing).
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("not authorised: {0}")]
     Unauthorized(String),
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("connection closed by peer")]
     Closed,
-    #[error("unknown transport scheme in address {0:?} (expected tcp://host:port or inproc://name)")]
+    #[error("unknown transport scheme in address {0:?} (expected tcp://host:port, tls://host:port or inproc://name)")]
     UnknownScheme(String),
     #[error("invalid address {0:?}: {1}")]
     InvalidAddress(String, String),

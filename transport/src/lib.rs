@@ -15,6 +15,7 @@ pub mod netif;
 pub mod peer;
 pub mod protocol;
 pub mod tcp;
+pub mod tls;
 pub mod warn_limit;
 
 pub use backend::{connect, listen, Backend, Connection, FrameRead, FrameSender, Listener};

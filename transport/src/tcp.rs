@@ -6,8 +6,7 @@ use std::io::IoSlice;
 
 use bytes::BytesMut;
 use rkyv::util::AlignedVec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -46,61 +45,92 @@ impl Backend for TcpBackend {
 
     fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
         Box::pin(async move {
-            let listener = TcpListener::bind(host_port(addr)?).await?;
-            let bound = listener.local_addr()?;
-            let mut local = bound;
-            if local.ip().is_unspecified() {
-                // Bound to all interfaces: advertise an address other hosts
-                // can reach (a scheduler file on a shared file system is
-                // read by workers on other nodes).
-                local.set_ip(crate::netif::contact_ip());
-            }
+            crate::tls::check_plain_allowed(addr)?;
+            let (listener, bound, local) = bind(host_port(addr)?).await?;
             let (tx, rx) = mpsc::channel(256);
-            tokio::spawn(async move {
-                let mut last_warning: Option<std::time::Instant> = None;
-                loop {
-                    tokio::select! {
-                        _ = tx.closed() => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, peer)) => {
-                                let conn = wrap(stream, peer.to_string(), limits);
-                                if tx.send(conn).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                // EMFILE and friends: keep serving the connections we
-                                // have, retry shortly, and say so once in a while.
-                                if last_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(5)) {
-                                    tracing::warn!("accept failed (will retry): {e}");
-                                    last_warning = Some(std::time::Instant::now());
-                                }
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                }
-            });
+            let closed = tx.clone();
+            tokio::spawn(accept_loop(listener, async move { closed.closed().await }, move |stream, peer| {
+                let tx = tx.clone();
+                async move { tx.send(wrap(stream, peer, limits)).await.is_ok() }
+            }));
             Ok(Listener::new(format!("tcp://{local}"), rx, None).bound_to(format!("tcp://{bound}")))
         })
     }
 
     fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>> {
         Box::pin(async move {
+            crate::tls::check_plain_allowed(addr)?;
             let stream = TcpStream::connect(host_port(addr)?).await?;
             Ok(wrap(stream, addr.to_string(), limits))
         })
     }
 }
 
+/// Binds a listening socket: (listener, bound address, address to advertise).
+pub(crate) async fn bind(host_port: &str) -> Result<(TcpListener, std::net::SocketAddr, std::net::SocketAddr)> {
+    let listener = TcpListener::bind(host_port).await?;
+    let bound = listener.local_addr()?;
+    let mut local = bound;
+    if local.ip().is_unspecified() {
+        // Bound to all interfaces: advertise an address other hosts
+        // can reach (a scheduler file on a shared file system is
+        // read by workers on other nodes).
+        local.set_ip(crate::netif::contact_ip());
+    }
+    Ok((listener, bound, local))
+}
+
+/// Accepts connections until `closed` completes (the `Listener` was
+/// dropped: the port is let go at once) or `on_accept` returns false.
+/// Accept errors (EMFILE and friends) are retried.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, closed: impl std::future::Future<Output = ()>, on_accept: F)
+where
+    F: Fn(TcpStream, String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut last_warning: Option<std::time::Instant> = None;
+    tokio::pin!(closed);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut closed => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if !on_accept(stream, peer.to_string()).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                // Keep serving the connections we have, retry shortly, and
+                // say so once in a while.
+                if last_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(5)) {
+                    tracing::warn!("accept failed (will retry): {e}");
+                    last_warning = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 fn wrap(stream: TcpStream, peer: String, limits: Limits) -> Connection {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
+    wrap_io(read, write, peer, limits)
+}
+
+/// A connection over any byte stream (a TCP socket, or TLS over one).
+pub(crate) fn wrap_io<R, W>(read: R, write: W, peer: String, limits: Limits) -> Connection
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let peer_for_log = peer.clone();
     tokio::spawn(async move {
         if let Err(e) = writer_loop(write, rx).await {
-            tracing::debug!(peer = %peer_for_log, "tcp writer stopped: {e}");
+            tracing::debug!(peer = %peer_for_log, "writer stopped: {e}");
         }
     });
     Connection {
@@ -110,7 +140,7 @@ fn wrap(stream: TcpStream, peer: String, limits: Limits) -> Connection {
     }
 }
 
-async fn writer_loop(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>) -> std::io::Result<()> {
+async fn writer_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::UnboundedReceiver<Frame>) -> std::io::Result<()> {
     let mut batch: Vec<Frame> = Vec::new();
     let mut staging: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -140,7 +170,7 @@ enum Piece<'a> {
 /// Writes frames with as few syscalls as possible: small pieces (headers,
 /// small control messages and values) are copied into `staging`, large ones
 /// are written from their own buffers.
-async fn write_frames(write: &mut OwnedWriteHalf, frames: &[Frame], staging: &mut Vec<u8>) -> std::io::Result<()> {
+async fn write_frames<W: AsyncWrite + Unpin>(write: &mut W, frames: &[Frame], staging: &mut Vec<u8>) -> std::io::Result<()> {
     staging.clear();
     let mut pieces: Vec<Piece<'_>> = Vec::new();
     let stage = |staging: &mut Vec<u8>, pieces: &mut Vec<Piece<'_>>, start: usize| {
@@ -185,12 +215,12 @@ async fn write_frames(write: &mut OwnedWriteHalf, frames: &[Frame], staging: &mu
     Ok(())
 }
 
-struct TcpFrameReader {
-    reader: BufReader<OwnedReadHalf>,
+struct TcpFrameReader<R> {
+    reader: BufReader<R>,
     limits: Limits,
 }
 
-impl TcpFrameReader {
+impl<R: AsyncRead + Unpin + Send> TcpFrameReader<R> {
     async fn read_frame(&mut self) -> Result<Option<Frame>> {
         let mut fixed = [0u8; HEADER_LEN];
         // A clean close is only legal between frames.
@@ -288,7 +318,7 @@ impl TcpFrameReader {
     }
 }
 
-impl FrameRead for TcpFrameReader {
+impl<R: AsyncRead + Unpin + Send> FrameRead for TcpFrameReader<R> {
     fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>> {
         Box::pin(self.read_frame())
     }

@@ -277,7 +277,7 @@ pub async fn run_worker_until(
         let source = match tokio::time::timeout_at(deadline, register(info.clone())).await {
             Ok(Ok((conn, Ok(reg)))) => break (conn, reg),
             Ok(Ok((_, Err(refusal)))) => return Err(WorkerError::Refused(refusal)),
-            Ok(Err(e @ (TransportError::Handshake(_) | TransportError::VersionMismatch { .. } | TransportError::Unauthorized(_)))) => {
+            Ok(Err(e @ (TransportError::Handshake(_) | TransportError::VersionMismatch { .. } | TransportError::Unauthorized(_) | TransportError::Tls(_)))) => {
                 return Err(WorkerError::Connect { address: config.scheduler.clone(), source: e })
             }
             Ok(Err(e)) => e,
