@@ -35,6 +35,15 @@ pub struct Cluster {
     dir: PathBuf,
 }
 
+/// The TLS identity every process of the benchmark uses (`--tls`); unset: TCP.
+pub static TLS: std::sync::OnceLock<rdask_transport::tls::TlsFiles> = std::sync::OnceLock::new();
+
+fn tls_flags(cmd: &mut Command) {
+    if let Some(f) = TLS.get() {
+        cmd.arg("--tls-ca-file").arg(&f.ca_file).arg("--tls-cert").arg(&f.cert).arg("--tls-key").arg(&f.key);
+    }
+}
+
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("no exe dir")?.join(name);
@@ -51,7 +60,9 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("rdask-bench-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir)?;
         let file = dir.join("scheduler.json");
-        let scheduler = Command::new(binary("rdask-scheduler")?)
+        let mut scheduler = Command::new(binary("rdask-scheduler")?);
+        tls_flags(&mut scheduler);
+        let scheduler = scheduler
             .args(["--host", "127.0.0.1", "--port", "0", "--tasks-per-thread", &tasks_per_thread.to_string()])
             .args(["--dashboard-address", if dashboard { ":0" } else { "none" }])
             .arg("--scheduler-file")
@@ -85,6 +96,7 @@ impl Cluster {
                         name: format!("bench-{i}"),
                         nthreads: 1,
                         connect_timeout: Duration::from_secs(60),
+                        listen: if TLS.get().is_some() { "tls://127.0.0.1:0".into() } else { "tcp://127.0.0.1:0".into() },
                         ..Default::default()
                     };
                     let executor = if threaded { NullExecutor::threaded() } else { NullExecutor::default() };
@@ -95,7 +107,9 @@ impl Cluster {
                 let p = p.clamp(1, workers.max(1));
                 for i in 0..p {
                     let n = workers / p + usize::from(i < workers % p);
-                    let child = Command::new(binary("rdask-worker")?)
+                    let mut child = Command::new(binary("rdask-worker")?);
+                    tls_flags(&mut child);
+                    let child = child
                         .arg(&cluster.address)
                         .args(["--nworkers", &n.to_string(), "--nthreads", "1", "--memory-limit", "0"])
                         .args(["--name", &format!("bench-p{i}")])

@@ -50,6 +50,10 @@ struct Args {
     /// Tokio threads of this process (client and in-process workers).
     #[arg(long, default_value_t = 2)]
     runtime_threads: usize,
+    /// Every connection over TLS (a throw-away CA and certificate; mutual
+    /// authentication as in a real TLS cluster).
+    #[arg(long)]
+    tls: bool,
     /// The small CI form: correctness only, never judged on timing.
     #[arg(long)]
     ci: bool,
@@ -93,6 +97,14 @@ struct Report {
     pending: Option<PendingRow>,
 }
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -101,6 +113,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut args = Args::parse();
     rdask_transport::raise_fd_limit();
+    let _tls_dir = if args.tls {
+        let dir = std::env::temp_dir().join(format!("rdask-bench-tls-{}", std::process::id()));
+        let files = rdask_transport::tls::temporary_identity(&dir)?;
+        rdask_transport::tls::configure(Some(&files), false)?;
+        let _ = cluster::TLS.set(files);
+        eprintln!("rdask-bench: every connection over TLS (certificates in {})", dir.display());
+        Some(RemoveOnDrop(dir))
+    } else {
+        None
+    };
     if args.ci {
         args.graphs = vec!["tree-15".into(), "merge-20000".into(), "shuffle-48".into(), "chain-2000".into()];
         args.workers = vec![256];

@@ -78,3 +78,99 @@ def test_a_large_graph_survives_workers_killed_again_and_again():
         while len(client.scheduler_info()["workers"]) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert client.submit(inc, 41).result(timeout=60) == 42
+
+
+def slow_inc(x):
+    time.sleep(0.25)
+    return x + 1
+
+
+class NetNs:
+    """A network namespace joined to this one by a veth pair with private
+    addresses (10.231.N.1 here, 10.231.N.2 inside): a second host on this
+    machine, whose link can be cut. Needs root and iproute2."""
+
+    def __init__(self):
+        import shutil
+        import subprocess
+
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("network namespaces need root and iproute2")
+        n = os.getpid() % 200 + 20
+        self.name, self.outer, self.inner = f"rdask-part-{os.getpid()}", f"rdp{n}a", f"rdp{n}b"
+        self.host_ip, self.ns_ip = f"10.231.{n}.1", f"10.231.{n}.2"
+        self._run = lambda *a: subprocess.run(["ip", *a], capture_output=True, text=True)
+        steps = [
+            ("netns", "add", self.name),
+            ("link", "add", self.outer, "type", "veth", "peer", "name", self.inner),
+            ("link", "set", self.inner, "netns", self.name),
+            ("addr", "add", f"{self.host_ip}/30", "dev", self.outer),
+            ("link", "set", self.outer, "up"),
+            ("netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.inner),
+            ("netns", "exec", self.name, "ip", "link", "set", self.inner, "up"),
+            ("netns", "exec", self.name, "ip", "link", "set", "lo", "up"),
+        ]
+        for step in steps:
+            r = self._run(*step)
+            if r.returncode != 0:
+                self.close()
+                pytest.skip(f"cannot build a network namespace here (ip {' '.join(step)}: {r.stderr.strip()})")
+
+    def cut(self):
+        """Drops every packet between the namespace and here (the link stays up,
+        as when a switch port dies: no reset reaches either end)."""
+        r = self._run("link", "set", self.outer, "down")
+        assert r.returncode == 0, r.stderr
+
+    def close(self):
+        self._run("link", "del", self.outer)
+        self._run("netns", "del", self.name)
+
+
+def test_a_worker_cut_off_by_a_network_partition_is_dropped_and_its_work_redone(tmp_path):
+    """A worker in another network namespace loses its link mid-graph: the
+    scheduler hears nothing from it for --worker-timeout, drops it, and the
+    worker on this side recomputes what was lost. The answer is right."""
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import Command, wait_for
+
+    ns = NetNs()
+    bindir = os.path.dirname(sys.executable)
+    sched = workers_here = worker_there = None
+    try:
+        sched_file = tmp_path / "sched.json"
+        sched = Command([os.path.join(bindir, "rdask-scheduler"), "--host", ns.host_ip, "--port", "0",
+                         "--no-dashboard", "--worker-timeout", "4", "--scheduler-file", str(sched_file)],
+                        tmp_path / "scheduler.log")
+        wait_for(lambda: sched_file.exists(), 30, "scheduler file", sched)
+        address = json.loads(sched_file.read_text())["address"]
+        worker = [os.path.join(bindir, "rdask-worker"), address, "--nthreads", "2", "--memory-limit", "0"]
+        workers_here = Command(worker + ["--name", "here", "--listen-host", ns.host_ip], tmp_path / "here.log")
+        worker_there = Command(["ip", "netns", "exec", ns.name] + worker
+                               + ["--name", "there", "--listen-host", ns.ns_ip, "--no-nanny"], tmp_path / "there.log")
+        with Client(address, timeout=30, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+            assert set(names) == {"here", "there"}, names
+            parts = client.map(slow_inc, range(40), pure=False)
+            time.sleep(1.0)  # both workers are busy with the first tasks
+            ns.cut()
+            cut_at = time.monotonic()
+            total = client.submit(add_all, *parts, workers=[names["here"]], pure=False)
+            assert total.result(timeout=120) == sum(range(1, 41))
+            gone = [w["name"] for w in client.scheduler_info()["workers"].values()]
+            assert gone == ["here"], gone
+        assert "dropping worker" in sched.output(), sched.output()
+        print(f"partition to right answer: {time.monotonic() - cut_at:.1f} s", flush=True)
+    finally:
+        # `ip netns exec` runs the worker in its own place (exec): killing
+        # it kills the worker; the others leave on SIGTERM with their children.
+        if worker_there is not None:
+            worker_there.stop(signal.SIGKILL)
+        for c in (workers_here, sched):
+            if c is not None:
+                c.stop()
+        ns.close()

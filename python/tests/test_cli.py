@@ -504,7 +504,7 @@ def test_job_script_flags_work_warn_or_say_why(tmp_path):
             workers.stop(signal.SIGKILL)
         sched.stop(signal.SIGKILL)
     for command, args, why in (
-        (SCHEDULER, ["--tls-cert", "c.pem"], "--tls-cert is not supported: TLS"),
+        (SCHEDULER, ["--tls-cert", "c.pem"], "TLS needs --tls-ca-file and --tls-cert"),
         (WORKER, ["tcp://127.0.0.1:1", "--preload", "x.py"], "--preload is not supported"),
         (WORKER, ["tcp://127.0.0.1:1", "--contact-address", "tcp://10.0.0.1:9000"], "--contact-address is not supported"),
         (WORKER, ["tcp://127.0.0.1:1", "--protocol", "ucx"], "--protocol ucx is not supported"),

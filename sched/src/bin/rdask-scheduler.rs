@@ -37,6 +37,15 @@ struct Args {
     /// Turn the dashboard off (as `--dashboard-address none`).
     #[arg(long)]
     no_dashboard: bool,
+    /// CA certificate(s) of the cluster (PEM); with --tls-cert the scheduler listens on tls://.
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// This scheduler's certificate (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM), if not in --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,9 +66,13 @@ fn main() -> anyhow::Result<()> {
     config.worker_timeout = Duration::from_secs(args.worker_timeout.max(1));
     config.dashboard = (!args.no_dashboard && !args.dashboard_address.eq_ignore_ascii_case("none")).then(|| args.dashboard_address.clone());
 
+    let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
+    rdask_transport::tls::configure(tls.as_ref(), false)?;
+    let scheme = if tls.is_some() { "tls" } else { "tcp" };
+
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let addr = format!("tcp://{}:{}", args.host, args.port);
+        let addr = format!("{scheme}://{}:{}", args.host, args.port);
         let listener = rdask_transport::listen(&addr, Default::default())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

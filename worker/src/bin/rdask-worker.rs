@@ -47,6 +47,15 @@ struct Args {
     /// "null-threaded" (every task through the executor threads).
     #[arg(long, default_value = "null")]
     executor: String,
+    /// CA certificate(s) of the cluster (PEM); with --tls-cert workers listen on tls://.
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// This worker's certificate (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM), if not in --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn read_scheduler_file(path: &PathBuf) -> anyhow::Result<String> {
@@ -62,6 +71,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
+    rdask_transport::tls::configure(tls.as_ref(), false)?;
+    let scheme = if tls.is_some() { "tls" } else { "tcp" };
     rdask_transport::raise_fd_limit();
     let scheduler = match (&args.scheduler, &args.scheduler_file) {
         (Some(a), _) => a.clone(),
@@ -103,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                 nthreads: args.nthreads.max(1),
                 memory_limit,
                 resources: resources.clone(),
-                listen: format!("tcp://{}:0", args.listen_host),
+                listen: format!("{scheme}://{}:0", args.listen_host),
                 token: token.clone(),
                 connect_timeout: std::time::Duration::from_secs(args.death_timeout.max(1)),
                 ..Default::default()
