@@ -14,7 +14,7 @@ use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_connect, Role};
 use rdask_transport::peer::{FetchedValue, PeerPool};
 pub use rdask_transport::protocol::{ClusterInfo, StreamEvent};
-use rdask_transport::protocol::{ArchivedToClientMessage, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
+use rdask_transport::protocol::{ArchivedToClientMessage, CoordOp, CoordOutcome, FromClientMessage, KeyLocation, ToClientMessage, NO_FRAME};
 use rdask_transport::{ClientId, Frame, FrameSender, Limits, TransportError, WireMessage};
 use thiserror::Error;
 use tokio::sync::{oneshot, Notify};
@@ -67,6 +67,7 @@ struct Shared {
     who_has: HashMap<u64, oneshot::Sender<(Vec<KeyLocation>, Vec<String>)>>,
     info: HashMap<u64, oneshot::Sender<ClusterInfo>>,
     stream: HashMap<u64, oneshot::Sender<Vec<StreamEvent>>>,
+    coord: HashMap<u64, oneshot::Sender<(CoordOutcome, Vec<Bytes>)>>,
     errors: Vec<String>,
     disconnected: bool,
     /// Status changes of held keys, in arrival order, kept only once
@@ -143,6 +144,7 @@ impl Client {
                         sh.who_has.clear();
                         sh.info.clear();
                         sh.stream.clear();
+                        sh.coord.clear();
                         drop(sh);
                         c.notify_waiters();
                         break;
@@ -336,6 +338,41 @@ impl Client {
         self.request(msg, |sh| &mut sh.who_has, request_id).await
     }
 
+    /// A new id for a coordination request (to cancel it by, see [`Client::coord`]).
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A coordination operation (locks, variables, queues, ...): the outcome
+    /// and its data frames. A waiting operation may wait forever: bound it
+    /// with a timeout and [`Client::coord_cancel`].
+    pub async fn coord(&self, request_id: u64, op: CoordOp, value: Option<Bytes>) -> Result<(CoordOutcome, Vec<Bytes>), ClientError> {
+        let rx = {
+            let mut sh = self.shared.lock().unwrap();
+            if sh.disconnected {
+                return Err(ClientError::Disconnected);
+            }
+            let (tx, rx) = oneshot::channel();
+            sh.coord.insert(request_id, tx);
+            rx
+        };
+        let msg = FromClientMessage::Coord { request_id, op };
+        let frame = match value {
+            Some(v) => Frame::with_data(&msg, vec![v]),
+            None => Frame::from_message(&msg),
+        };
+        self.sender.send(frame).map_err(|_| ClientError::Disconnected)?;
+        rx.await.map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Asks the scheduler to stop waiting for `request_id`; its answer (the
+    /// grant that left already, or `Cancelled`) still arrives through the
+    /// pending [`Client::coord`] call.
+    pub fn coord_cancel(&self, request_id: u64) -> Result<(), ClientError> {
+        let id = self.next_request_id();
+        self.send_control(FromClientMessage::Coord { request_id: id, op: CoordOp::Cancel { request_id } })
+    }
+
     /// Fetches the values of finished keys directly from the workers.
     pub async fn gather(&self, keys: &[String]) -> Result<Vec<Vec<Bytes>>, ClientError> {
         // A value can be lost with its worker between "done" and the fetch;
@@ -527,6 +564,13 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
             if let ToClientMessage::TaskStream { events, .. } = ToClientMessage::decode(&frame.control)? {
                 if let Some(tx) = sh.stream.remove(&request_id.to_native()) {
                     let _ = tx.send(events);
+                }
+            }
+        }
+        ArchivedToClientMessage::Coord { request_id, .. } => {
+            if let ToClientMessage::Coord { outcome, .. } = ToClientMessage::decode(&frame.control)? {
+                if let Some(tx) = sh.coord.remove(&request_id.to_native()) {
+                    let _ = tx.send((outcome, frame.data.to_vec()));
                 }
             }
         }

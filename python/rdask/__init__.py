@@ -15,6 +15,7 @@ from .diagnostics import get_task_stream, performance_report
 from .future import Future, FutureCancelledError
 from .progress import progress
 from .security import Security
+from .coordination import Event, Lock, MultiLock, Queue, Semaphore, Variable, futures_of, print, warn
 from .worker import get_worker, rejoin, secede
 
 __version__ = "0.1.0"
@@ -24,4 +25,5 @@ __all__ = [
     "fire_and_forget", "get_client", "get_worker", "worker_client", "secede", "rejoin", "progress", "default_client",
     "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker", "LocalCUDACluster", "GpuUnavailableError",
     "get_task_stream", "performance_report", "Security",
+    "Lock", "Semaphore", "MultiLock", "Variable", "Event", "Queue", "futures_of", "print", "warn",
 ]

@@ -27,6 +27,8 @@ from .errors import scheduler_error
 from .keys import funcname, key_str
 from .serialize import dumps_function, dumps_payload, loads_error, loads_value
 from .packing import pack_futures, unpack_structure, flatten_futures
+from .client_methods import DistributedMethods
+from .coordination import CoordinationMethods, Forwarder
 
 logger = logging.getLogger("rdask.client")
 
@@ -41,7 +43,7 @@ def default_client() -> Client | None:
     return c if c is not None and c.status == "running" else None
 
 
-class Client:
+class Client(DistributedMethods, CoordinationMethods):
     """Connects to an rdask scheduler, or starts a `LocalCluster` when given
     no address. Mirrors `distributed.Client`: change the import, keep the code.
 
@@ -113,6 +115,12 @@ class Client:
         self._previous_default = None
         self._events = threading.Thread(target=self._event_loop, name="rdask-client-events", daemon=True)
         self._events.start()
+        # What tasks print or warn (rdask.print/warn) shows here; a worker's
+        # own client (inside tasks) does not take those messages.
+        self._forwarder = None
+        if worker_module._worker is None:
+            self._forwarder = Forwarder(self)
+            self._forwarder.start()
         _clients.add(self)
         if set_as_default:
             self._set_default()
@@ -664,6 +672,8 @@ class Client:
             return
         self._closing = True
         self.status = "closed"
+        if getattr(self, "_forwarder", None) is not None:
+            self._forwarder.stopped.set()
         if self._config is not None:
             try:
                 self._config.__exit__(None, None, None)

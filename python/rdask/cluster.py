@@ -3,12 +3,20 @@ processes, each under a nanny."""
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
+import uuid
 
 from . import _rdask
 from .config import memory_thresholds, parse_memory_limit, thresholds_tuple, total_memory
 from .nanny import Nanny
+
+logger = logging.getLogger("rdask.cluster")
 
 
 class LocalCluster:
@@ -16,11 +24,21 @@ class LocalCluster:
                  processes: bool = True, memory_limit="auto", host: str = "127.0.0.1",
                  scheduler_port: int = 0, token: str | None = None, resources=None,
                  local_directory: str | None = None, silence_logs=True, timeout: float = 60.0,
-                 dashboard_address=":8787", security=None, **kwargs):
+                 dashboard_address=":8787", security=None, name: str | None = None, **kwargs):
         if kwargs:
             unknown = set(kwargs) - {"asynchronous", "loop", "protocol", "worker_class", "interface"}
             if unknown:
                 raise TypeError(f"unexpected LocalCluster arguments: {sorted(unknown)}")
+        # As distributed: a short random name unless one is given.
+        self.name = str(name) if name is not None else uuid.uuid4().hex[:8]
+        self._log: collections.deque = collections.deque(maxlen=10_000)
+        interface = kwargs.get("interface")
+        if interface:
+            # As distributed: the cluster listens on that interface's address.
+            address = _rdask.interface_address(str(interface))
+            if address is None:
+                raise ValueError(f"LocalCluster(interface={interface!r}): no IPv4 address on that network interface")
+            host = address
         cpus = os.cpu_count() or 1
         if n_workers is None and threads_per_worker is None:
             n_workers, threads_per_worker = (cpus, 1) if (processes and cpus <= 4) else ((max(1, cpus // 2), 2) if processes else (1, cpus))
@@ -62,7 +80,29 @@ class LocalCluster:
         self._closed = False
         self._lock = threading.Lock()
         self._probe = None
-        self.scale(n_workers)
+        self._py_client = None
+        self._adaptive = None
+        # Files of Client.upload_file: every worker process this cluster
+        # starts (or restarts) puts this folder on its sys.path.
+        self._upload_dir = tempfile.mkdtemp(prefix="rdask-uploads-", dir=local_directory if local_directory
+                                            and os.path.isdir(local_directory) else None)
+        self._event("INFO", f"scheduler at {self.scheduler_address}"
+                    + (f", dashboard at {self.dashboard_link}" if self.dashboard_link else ", no dashboard"))
+        try:
+            self.scale(n_workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _event(self, level: str, message: str):
+        """A line of the cluster's own log (`get_logs()["Cluster"]`)."""
+        self._log.append((level, f"{time.strftime('%Y-%m-%d %H:%M:%S')} - rdask.cluster - {level} - {message}"))
+        logger.log(getattr(logging, level, logging.INFO), message)
+
+    def _worker_env(self) -> dict:
+        from .worker_extras import UPLOAD_DIR_ENV
+
+        return {UPLOAD_DIR_ENV: self._upload_dir}
 
     # ------------------------------------------------------------ workers
     def _client(self):
@@ -77,7 +117,7 @@ class LocalCluster:
             w = Nanny(self.scheduler_address, name, self.threads_per_worker, self.memory_limit,
                       self.resources, self.token, self.local_directory, self.host, quiet=False,
                       memory_thresholds=self.memory_thresholds, security=self.security,
-                      protocol=self.protocol).start()
+                      protocol=self.protocol, env=self._worker_env()).start()
         else:
             from .worker import execute
             from .serialize import dumps, loads
@@ -92,6 +132,7 @@ class LocalCluster:
                 name=f"rdask-worker-{name}", daemon=True)
             w.start()
         self.workers[name] = w
+        self._event("INFO", f"started worker {name}")
 
     def scale(self, n: int):
         """Starts or stops worker processes until there are `n`."""
@@ -103,9 +144,52 @@ class LocalCluster:
             if len(self.workers) > n:
                 if not self.processes:
                     raise NotImplementedError("scaling down is only supported with processes=True")
-                for name in sorted(self.workers, key=int)[n:]:
+                for name in sorted(self.workers, key=_name_order)[n:]:
                     self.workers.pop(name).stop()
+                    self._event("INFO", f"stopped worker {name}")
         self.wait_for_workers(n)
+
+    def scale_down(self, workers) -> list:
+        """Stops these workers (names or addresses) for good: each leaves
+        cleanly (its running tasks go elsewhere) and its nanny does not start
+        it again. Returns the names stopped."""
+        if isinstance(workers, str):
+            workers = [workers]
+        by_address = {w["address"]: str(w["name"]) for w in self._client().cluster_info()["workers"]}
+        names = [by_address.get(str(w), str(w)) for w in workers]
+        stopped = []
+        with self._lock:
+            for name in names:
+                w = self.workers.get(name)
+                if w is None:
+                    continue
+                if not isinstance(w, Nanny):
+                    raise NotImplementedError("stopping a worker is only supported with processes=True")
+                w._stopping.set()  # its nanny starts it no more, even while it leaves
+                stopped.append(self.workers.pop(name))
+        threads = [threading.Thread(target=w.stop, daemon=True) for w in stopped]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for w in stopped:
+            self._event("INFO", f"stopped worker {w.name}")
+        return [w.name for w in stopped]
+
+    def _restart_workers(self, timeout: float = 5.0) -> bool:
+        """Replaces every worker process by a new one (Client.restart); False
+        if the workers are threads of this process (nothing restarted)."""
+        with self._lock:
+            nannies = list(self.workers.values())
+        if not nannies or not all(isinstance(w, Nanny) for w in nannies):
+            return False
+        threads = [threading.Thread(target=w.restart, args=(timeout,), daemon=True) for w in nannies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._event("INFO", f"restarted {len(nannies)} worker(s)")
+        return True
 
     def wait_for_workers(self, n: int, timeout: float | None = None):
         import time
@@ -126,12 +210,62 @@ class LocalCluster:
 
         return Client(self)
 
+    def _python_client(self):
+        """A client of this cluster for the cluster's own requests (logs,
+        adaptive scaling); not the default client."""
+        with self._lock:
+            if self._py_client is None or self._py_client.status != "running":
+                from .client import Client
+
+                self._py_client = Client(self, set_as_default=False, timeout=self.timeout)
+            return self._py_client
+
+    def get_logs(self, cluster: bool = True, scheduler: bool = True, workers=True) -> dict:
+        """Logs as distributed's `Cluster.get_logs`: {"Cluster": [...],
+        "Scheduler": [...], worker address: [...]}, each a list of
+        (level, message). "Cluster" holds what this object did (workers
+        started, stopped, adaptive decisions); "Scheduler" only its address
+        and dashboard, as the Rust scheduler logs to stderr with `tracing`;
+        a worker's list holds the Python `logging` records of its process
+        (see `Client.get_worker_logs`). `workers` may name some workers."""
+        out: dict = {}
+        if cluster:
+            out["Cluster"] = list(self._log)
+        if scheduler:
+            out["Scheduler"] = [("INFO", f"rdask scheduler (Rust) at {self.scheduler_address}; dashboard "
+                                         f"{self.dashboard_link or 'off'}; its own log goes to this process's stderr")]
+        if workers:
+            out.update(self._python_client().get_worker_logs(workers=None if workers is True else workers))
+        return out
+
+    def adapt(self, minimum: int = 0, maximum: float = float("inf"), interval="1s", wait_count: int = 3,
+              Adaptive=None, **kwargs):
+        """Dask's adaptive mode: a background thread adds workers while tasks
+        wait (up to `maximum`) and stops idle ones after `wait_count`
+        checks in a row (never below `minimum`). Returns the Adaptive
+        object (`.stop()`); calling adapt again replaces it."""
+        from .adaptive import Adaptive as DefaultAdaptive
+
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        cls = Adaptive or DefaultAdaptive
+        self._adaptive = cls(self, minimum=minimum, maximum=maximum, interval=interval, wait_count=wait_count,
+                             **kwargs)
+        return self._adaptive
+
     @property
     def dashboard_link(self) -> str | None:
         """`http://host:port/status`, or None when the dashboard is off."""
         return self.scheduler.dashboard_link
 
     def close(self, timeout=None):
+        adaptive = getattr(self, "_adaptive", None)
+        if adaptive is not None:
+            adaptive.stop()
+        py_client = getattr(self, "_py_client", None)
+        if py_client is not None:
+            self._py_client = None
+            py_client.close()
         with self._lock:
             if self._closed:
                 return
@@ -150,6 +284,8 @@ class LocalCluster:
         for w in workers:
             if isinstance(w, threading.Thread):
                 w.join(timeout=5)
+        if getattr(self, "_upload_dir", None):
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -178,6 +314,11 @@ class LocalCluster:
     def _repr_html_(self):
         n, t, mem = self._summary()
         return cluster_widget("rdask LocalCluster", self.scheduler_address, self.dashboard_link, n, t, mem)
+
+
+def _name_order(name: str):
+    """Worker names in start order: numbers by value, others after."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 def _fmt_bytes(n: int) -> str:

@@ -187,4 +187,5 @@ class LocalCUDACluster(LocalCluster):
             raise RdaskError("LocalCUDACluster runs one process per GPU (processes=False is not supported)")
         self.workers[name] = Nanny(self.scheduler_address, name, s["nthreads"], s["memory_limit"], self.resources,
                                    self.token, self.local_directory, self.host, cpus=s["cpus"],
-                                   numa_node=s["numa"], gpu=s["gpu_label"], env=_worker_env(s)).start()
+                                   numa_node=s["numa"], gpu=s["gpu_label"],
+                                   env={**_worker_env(s), **self._worker_env()}).start()

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from .worker import EXIT_CANNOT_JOIN
+from .worker import EXIT_CANNOT_JOIN, EXIT_RESTART
 
 logger = logging.getLogger("rdask.nanny")
 
@@ -84,6 +84,8 @@ class Nanny:
         self._born = time.monotonic()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held while the process is replaced (restart) or a dead one handled.
+        self._spawn_lock = threading.Lock()
 
     def start(self):
         self._spawn()
@@ -129,28 +131,61 @@ class Nanny:
                     p.kill()
                     p.wait()
             if p is not None and p.poll() is not None and not self._stopping.is_set():
-                code = p.returncode
-                if code == 0:
-                    logger.info("worker %s exited cleanly (scheduler gone)", self.name)
-                    return
-                if code == EXIT_CANNOT_JOIN:
-                    # Starting it again would wait the same death timeout for
-                    # the same absent scheduler, forever.
-                    logger.error("worker %s could not reach its scheduler; not restarting it", self.name)
-                    print(f"rdask nanny: worker {self.name} could not reach its scheduler; giving up", file=sys.stderr)
-                    self.gave_up = True
-                    return
-                now = time.monotonic()
-                self.restarts = [t for t in self.restarts if now - t < 60] + [now]
-                if len(self.restarts) > self.max_restarts:
-                    logger.error("worker %s died %d times within a minute; giving up", self.name, len(self.restarts))
-                    print(f"rdask nanny: worker {self.name} died {len(self.restarts)} times within a minute; "
-                          "not restarting it again", file=sys.stderr)
-                    return
-                logger.warning("worker %s died (exit code %s); restarting it", self.name, code)
-                print(f"rdask nanny: worker {self.name} died (exit code {code}); restarting", file=sys.stderr)
-                self._spawn()
+                with self._spawn_lock:
+                    if p is not self.process:  # replaced by restart() meanwhile
+                        continue
+                    if not self._handle_exit(p):
+                        return
             self._stopping.wait(0.1)
+
+    def _handle_exit(self, p) -> bool:
+        """A worker process ended: starts it again or not; False when the
+        nanny should stop watching."""
+        code = p.returncode
+        if code == EXIT_RESTART:
+            logger.info("worker %s asked to be restarted", self.name)
+            self._spawn()
+            return True
+        if code == 0:
+            logger.info("worker %s exited cleanly (scheduler gone)", self.name)
+            return False
+        if code == EXIT_CANNOT_JOIN:
+            # Starting it again would wait the same death timeout for
+            # the same absent scheduler, forever.
+            logger.error("worker %s could not reach its scheduler; not restarting it", self.name)
+            print(f"rdask nanny: worker {self.name} could not reach its scheduler; giving up", file=sys.stderr)
+            self.gave_up = True
+            return False
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > self.max_restarts:
+            logger.error("worker %s died %d times within a minute; giving up", self.name, len(self.restarts))
+            print(f"rdask nanny: worker {self.name} died {len(self.restarts)} times within a minute; "
+                  "not restarting it again", file=sys.stderr)
+            return False
+        logger.warning("worker %s died (exit code %s); restarting it", self.name, code)
+        print(f"rdask nanny: worker {self.name} died (exit code {code}); restarting", file=sys.stderr)
+        self._spawn()
+        return True
+
+    def restart(self, timeout: float = 5.0) -> None:
+        """Replaces the worker process by a new one (`Client.restart`): the
+        old one is asked to leave (SIGTERM), killed after `timeout` s."""
+        with self._spawn_lock:
+            if self._stopping.is_set():
+                return
+            p = self.process
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            self._spawn()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._watch, name=f"rdask-nanny-{self.name}", daemon=True)
+            self._thread.start()
 
     @property
     def pid(self) -> int | None:

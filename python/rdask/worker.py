@@ -39,6 +39,8 @@ class WorkerInfo:
         self.cpus: list = []
         self.numa_node = None
         self.gpu = None
+        # Its listening address, once a `Client.run` told it.
+        self.address: str | None = None
 
     @property
     def current_key(self):
@@ -124,6 +126,17 @@ def execute(key: str, payload, inputs: list):
 # within its death timeout (or was refused): its nanny does not start it
 # again. (EX_TEMPFAIL of sysexits.h.)
 EXIT_CANNOT_JOIN = 75
+# Exit code of a worker that left because `Client.restart` asked it to: its
+# nanny starts it again at once (not counted as a crash).
+EXIT_RESTART = 76
+_restart_requested = False
+
+
+def request_restart():
+    """The next clean exit of this worker process (SIGTERM) exits with
+    EXIT_RESTART, so its nanny starts it again."""
+    global _restart_requested
+    _restart_requested = True
 
 
 class Leave(BaseException):
@@ -168,6 +181,9 @@ def run(
             print(f"rdask worker {name}: warning: {w}", file=sys.stderr)
     _worker = WorkerInfo(name, scheduler, nthreads, local_directory, token)
     _worker.cpus, _worker.numa_node, _worker.gpu = list(cpus or []), numa_node, gpu
+    from .worker_extras import on_worker_start
+
+    on_worker_start()
     _rdask.run_worker(
         scheduler,
         execute,
@@ -238,7 +254,7 @@ def main(argv=None):
             memory_thresholds=config.thresholds_from_args(a),
         )
     except (KeyboardInterrupt, Leave):
-        return 0
+        return EXIT_RESTART if _restart_requested else 0
     except _rdask.CannotJoinError as e:
         print(f"rdask worker {a.name}: {e}", file=sys.stderr)
         return EXIT_CANNOT_JOIN

@@ -291,6 +291,108 @@ impl Client {
         py.detach(move || client.cancel(&keys)).map_err(to_py_err)
     }
 
+    /// One coordination operation (`rdask.coordination`). `op` names a
+    /// `CoordOp` variant in snake case; waiting operations end after
+    /// `timeout` seconds (None: wait until granted; Ctrl-C stops the wait).
+    /// Returns `(kind, data, frames)`: kind is "done", "values" (data: the
+    /// futures' keys, frames: the values), "bool", "count", "names",
+    /// "cancelled" (timed out) or "error" (data: the message).
+    #[pyo3(signature = (op, name=None, names=None, key=None, keys=None, value=None, max_leases=1, count=0, lease=0, batch=0, replace=false, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn coord<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        name: Option<String>,
+        names: Option<Vec<String>>,
+        key: Option<String>,
+        keys: Option<Vec<String>>,
+        value: Option<Bound<'py, PyAny>>,
+        max_leases: u32,
+        count: u32,
+        lease: u64,
+        batch: u32,
+        replace: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<(String, Py<PyAny>, Vec<Py<Frame>>)> {
+        use rdask_transport::protocol::{CoordOp, CoordOutcome};
+        let client = self.inner()?;
+        let name = || name.clone().ok_or_else(|| PyValueError::new_err(format!("{op} needs a name")));
+        let op = match op {
+            "variable_set" => CoordOp::VariableSet { name: name()?, key },
+            "variable_get" => CoordOp::VariableGet { name: name()? },
+            "variable_delete" => CoordOp::VariableDelete { name: name()? },
+            "acquire" => CoordOp::Acquire { names: names.unwrap_or_default(), max_leases, count, lease },
+            "release" => CoordOp::Release { lease },
+            "leases" => CoordOp::Leases { name: name()? },
+            "event_set" => CoordOp::EventSet { name: name()? },
+            "event_clear" => CoordOp::EventClear { name: name()? },
+            "event_wait" => CoordOp::EventWait { name: name()? },
+            "event_is_set" => CoordOp::EventIsSet { name: name()? },
+            "queue_put" => CoordOp::QueuePut { name: name()?, key },
+            "queue_get" => CoordOp::QueueGet { name: name()?, batch },
+            "queue_size" => CoordOp::QueueSize { name: name()? },
+            "dataset_publish" => CoordOp::DatasetPublish { name: name()?, keys: keys.unwrap_or_default(), replace },
+            "dataset_get" => CoordOp::DatasetGet { name: name()? },
+            "dataset_delete" => CoordOp::DatasetDelete { name: name()? },
+            "dataset_list" => CoordOp::DatasetList,
+            other => return Err(PyValueError::new_err(format!("unknown coordination operation {other:?}"))),
+        };
+        let is_acquire = matches!(op, CoordOp::Acquire { .. });
+        let value = value.map(|v| py_to_bytes(&v)).transpose()?;
+        let request_id = client.next_request_id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = client.clone();
+        runtime().spawn(async move {
+            let _ = tx.send(c.coord(request_id, op, value).await);
+        });
+        let rx = std::sync::Mutex::new(rx);
+        let wait = |d: Duration| py.detach(|| rx.lock().unwrap().recv_timeout(d));
+        let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let mut cancelled = false;
+        let mut interrupted = None;
+        let result = loop {
+            match wait(Duration::from_millis(100)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(CommClosedError::new_err("the client stopped")),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if cancelled {
+                continue;
+            }
+            if let Err(e) = py.check_signals() {
+                interrupted = Some(e);
+            }
+            if interrupted.is_some() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                // The answer still comes: the grant already on its way, or Cancelled.
+                client.coord_cancel(request_id).map_err(to_py_err)?;
+                cancelled = true;
+            }
+        };
+        let (outcome, frames) = result.map_err(to_py_err)?;
+        if let Some(e) = interrupted {
+            if is_acquire && outcome == CoordOutcome::Done {
+                let c = client.clone();
+                let id = client.next_request_id();
+                runtime().spawn(async move {
+                    let _ = c.coord(id, CoordOp::Release { lease }, None).await;
+                });
+            }
+            return Err(e);
+        }
+        let none = py.None();
+        let (kind, data): (&str, Py<PyAny>) = match outcome {
+            CoordOutcome::Done => ("done", none),
+            CoordOutcome::Values(keys) => ("values", keys.into_pyobject(py)?.into_any().unbind()),
+            CoordOutcome::Bool(b) => ("bool", b.into_pyobject(py)?.to_owned().into_any().unbind()),
+            CoordOutcome::Count(n) => ("count", n.into_pyobject(py)?.into_any().unbind()),
+            CoordOutcome::Names(n) => ("names", n.into_pyobject(py)?.into_any().unbind()),
+            CoordOutcome::Cancelled => ("cancelled", none),
+            CoordOutcome::Error(m) => ("error", m.into_pyobject(py)?.into_any().unbind()),
+        };
+        Ok((kind.to_string(), data, frames_to_py(py, frames)?))
+    }
+
     /// The scheduler's view: `{"scheduler_id", "workers": [...], "tasks", ...}`.
     fn cluster_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let client = self.inner()?;

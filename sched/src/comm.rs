@@ -29,6 +29,8 @@ struct ClientOut {
     cancelled: Vec<String>,
     lost: Vec<String>,
     other: Vec<ToClientMessage>,
+    /// Replies that carry data frames (coordination values).
+    with_data: Vec<(ToClientMessage, Vec<Bytes>)>,
 }
 
 /// Where flushed frames go: the reactor's connections, or a test recorder.
@@ -136,6 +138,10 @@ impl Comm {
         self.clients.entry(client).or_default().other.push(msg);
     }
 
+    pub fn send_client_data(&mut self, client: ClientId, msg: ToClientMessage, data: Vec<Bytes>) {
+        self.clients.entry(client).or_default().with_data.push((msg, data));
+    }
+
     /// Drops anything queued for a worker that is gone.
     pub fn forget_worker(&mut self, worker: WorkerId) {
         self.workers.remove(&worker);
@@ -205,6 +211,9 @@ impl Comm {
             }
             for msg in out.other {
                 sink.to_client(client, Frame::from_message(&msg));
+            }
+            for (msg, data) in out.with_data {
+                sink.to_client(client, Frame::with_data(&msg, data));
             }
         }
     }

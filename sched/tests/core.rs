@@ -1105,3 +1105,40 @@ fn a_paused_worker_gets_no_new_tasks_gives_up_its_queue_and_resumes() {
     h.run_all();
     assert_eq!(h.in_memory(c).len(), 60);
 }
+
+#[test]
+fn coordination_locks_wait_cancel_and_come_back_when_a_client_leaves() {
+    use rdask_transport::protocol::{CoordOp, CoordOutcome, ToClientMessage};
+    let (mut h, _) = Harness::with_workers(1);
+    let (a, b) = (h.add_client(), h.add_client());
+    h.step();
+    h.take_client_msgs(a);
+    h.take_client_msgs(b);
+    let acquire = |lease| CoordOp::Acquire { names: vec!["L".into()], max_leases: 1, count: 0, lease };
+    let outcomes = |h: &mut Harness, c| -> Vec<(u64, CoordOutcome)> {
+        h.step();
+        h.take_client_msgs(c)
+            .into_iter()
+            .filter_map(|m| match m {
+                ToClientMessage::Coord { request_id, outcome } => Some((request_id, outcome)),
+                _ => None,
+            })
+            .collect()
+    };
+    h.client_msg(a, FromClientMessage::Coord { request_id: 1, op: acquire(1) });
+    assert_eq!(outcomes(&mut h, a), vec![(1, CoordOutcome::Done)]);
+    // b waits; a cancelled wait is answered Cancelled, once.
+    h.client_msg(b, FromClientMessage::Coord { request_id: 7, op: acquire(1) });
+    assert!(outcomes(&mut h, b).is_empty());
+    h.client_msg(b, FromClientMessage::Coord { request_id: 8, op: CoordOp::Cancel { request_id: 7 } });
+    assert_eq!(outcomes(&mut h, b), vec![(7, CoordOutcome::Cancelled)]);
+    h.client_msg(b, FromClientMessage::Coord { request_id: 9, op: CoordOp::Cancel { request_id: 7 } });
+    assert!(outcomes(&mut h, b).is_empty());
+    // b waits again; a leaves without releasing: b gets the lock.
+    h.client_msg(b, FromClientMessage::Coord { request_id: 10, op: acquire(2) });
+    assert!(outcomes(&mut h, b).is_empty());
+    h.remove_client(a);
+    assert_eq!(outcomes(&mut h, b), vec![(10, CoordOutcome::Done)]);
+    h.client_msg(b, FromClientMessage::Coord { request_id: 11, op: CoordOp::Leases { name: "L".into() } });
+    assert_eq!(outcomes(&mut h, b), vec![(11, CoordOutcome::Count(1))]);
+}

@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -50,6 +50,62 @@ pub enum FromClientMessage {
     TaskStream { request_id: u64, since_us: u64 },
     /// Clean goodbye; the client's keys are released.
     Close,
+    /// A coordination primitive (locks, semaphores, variables, events,
+    /// queues, published datasets) held by the scheduler; a value travels
+    /// as data frame 0. Answered with [`ToClientMessage::Coord`], at once or
+    /// (for the waiting operations) when it can be granted.
+    Coord { request_id: u64, op: CoordOp },
+}
+
+/// An operation on the scheduler's coordination state. Names are global to
+/// the scheduler; the state a client holds (leases, waits) goes with it.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum CoordOp {
+    /// Sets a variable to the value in data frame 0; `key`: the future it
+    /// holds, kept alive while it is the variable's value.
+    VariableSet { name: String, key: Option<String> },
+    /// Waits until the variable is set; answers `Value`.
+    VariableGet { name: String },
+    VariableDelete { name: String },
+    /// Takes a lease on `count` of `names` (all of them when `count` is 0),
+    /// each a semaphore of `max_leases` (1: a lock); waits until it can.
+    /// Answers `Done`. `lease` is the client's name for it.
+    Acquire { names: Vec<String>, max_leases: u32, count: u32, lease: u64 },
+    /// Gives a lease back; answers `Bool` (false: it was not held).
+    Release { lease: u64 },
+    /// Leases held now on a semaphore; answers `Count`.
+    Leases { name: String },
+    EventSet { name: String },
+    EventClear { name: String },
+    /// Waits until the event is set; answers `Done`.
+    EventWait { name: String },
+    EventIsSet { name: String },
+    /// Appends the value in data frame 0 (and the future `key` it holds).
+    QueuePut { name: String, key: Option<String> },
+    /// Waits for an item (or, with `batch` > 0, takes up to `batch` at once
+    /// without waiting); answers `Values`.
+    QueueGet { name: String, batch: u32 },
+    QueueSize { name: String },
+    /// Publishes `keys` (kept alive) with the value in data frame 0 under a name.
+    DatasetPublish { name: String, keys: Vec<String>, replace: bool },
+    DatasetGet { name: String },
+    DatasetDelete { name: String },
+    DatasetList,
+    /// Stops waiting for an earlier request: it is answered `Cancelled`
+    /// unless its answer left already (then the client gets that one).
+    Cancel { request_id: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum CoordOutcome {
+    Done,
+    /// Values in data frames 0.. with the future key each holds.
+    Values(Vec<Option<String>>),
+    Bool(bool),
+    Count(u64),
+    Names(Vec<String>),
+    Cancelled,
+    Error(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -123,6 +179,8 @@ pub enum ToClientMessage {
     WhoHas { request_id: u64, found: Vec<KeyLocation>, missing: Vec<String> },
     ClusterInfo { request_id: u64, info: ClusterInfo },
     TaskStream { request_id: u64, events: Vec<StreamEvent> },
+    /// The answer to a [`FromClientMessage::Coord`] request.
+    Coord { request_id: u64, outcome: CoordOutcome },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
 }

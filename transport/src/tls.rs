@@ -36,6 +36,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// The three command-line flags as one identity: none given is `None`;
+    /// the key defaults to the certificate file (which may hold both).
+    pub fn from_flags(ca_file: Option<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>> {
+        match (ca_file, cert, key) {
+            (None, None, None) => Ok(None),
+            (Some(ca_file), Some(cert), key) => Ok(Some(TlsFiles { key: key.unwrap_or_else(|| cert.clone()), ca_file, cert })),
+            _ => Err(bad("TLS needs --tls-ca-file and --tls-cert (and --tls-key unless the certificate file holds the key)".into())),
+        }
+    }
+}
+
 struct TlsState {
     acceptor: TlsAcceptor,
     connector: TlsConnector,

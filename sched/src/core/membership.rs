@@ -150,6 +150,7 @@ impl Core {
         self.unpin(comm, id, None);
         let Some(client) = self.clients.remove(&id) else { return };
         comm.forget_client(id);
+        self.coord_client_left(comm, id);
         let wanted: Vec<TaskId> = client.wanted.into_iter().collect();
         tracing::info!(client = %id, keys = wanted.len(), "client left; releasing its keys");
         for &t in &wanted {

@@ -2,6 +2,7 @@
 //! core, the outbox ([`Comm`]) and, where time matters, `now`. The reactor
 //! calls them; tests drive them directly.
 
+pub mod coord;
 mod lifecycle;
 pub mod membership;
 mod placement;
@@ -144,6 +145,8 @@ pub struct Core {
     /// task stream request on (a copy of each key per run is not free for
     /// micro-tasks nobody watches).
     pub stream_enabled: bool,
+    /// Locks, semaphores, variables, events, queues and datasets.
+    coord: coord::Coordination,
 }
 
 /// Task runs kept for the task stream (about 100 bytes each).
@@ -187,6 +190,7 @@ impl Core {
             stream: Default::default(),
             stream_workers: Default::default(),
             stream_enabled: false,
+            coord: Default::default(),
         }
     }
 
@@ -287,6 +291,10 @@ impl Core {
             }
             ArchivedFromClientMessage::Close => {
                 self.remove_client(comm, client);
+                Ok(())
+            }
+            ArchivedFromClientMessage::Coord { request_id, op } => {
+                self.on_coord(comm, client, request_id.to_native(), op, &frame.data);
                 Ok(())
             }
         }
@@ -432,7 +440,7 @@ impl Core {
         ClusterInfo {
             scheduler_id: self.scheduler_id.clone(),
             dashboard: self.dashboard.clone(),
-            clients: self.clients.len() as u64,
+            clients: self.clients.keys().filter(|c| **c != coord::COORD_CLIENT).count() as u64,
             workers,
             tasks: self.tasks.len() as u64,
             ready: self.ready.len() as u64,
