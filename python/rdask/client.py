@@ -65,8 +65,6 @@ class Client(DistributedMethods, CoordinationMethods):
         security=None,
         **cluster_kwargs,
     ):
-        if asynchronous:
-            raise NotImplementedError("rdask's Client is synchronous (asynchronous=True is not supported)")
         self.cluster = None
         self._owns_cluster = False
         if scheduler_file is not None and address is None:
@@ -109,7 +107,11 @@ class Client(DistributedMethods, CoordinationMethods):
         self._closing = False
         # dask looks at it when a client is passed as `scheduler=`; this
         # client is synchronous.
-        self.asynchronous = False
+        # Asynchronous mode: result(), gather(), scheduler_info(),
+        # wait_for_workers() and close() return awaitables, and futures are
+        # awaitable; values arrive through callbacks from the Rust runtime
+        # (no thread per wait). Futures are awaitable in either mode.
+        self.asynchronous = bool(asynchronous)
         self.status = "running"
         self._config = None
         self._previous_default = None
@@ -578,6 +580,8 @@ class Client(DistributedMethods, CoordinationMethods):
     # ------------------------------------------------------------ results
     def gather(self, futures, errors: str = "raise", direct=None, asynchronous=None):
         """Values of futures, in the same structure (lists, tuples, dicts)."""
+        if self.asynchronous if asynchronous is None else asynchronous:
+            return self._gather_async(futures, errors)
         if isinstance(futures, Iterator):
             return (self.gather(f, errors=errors) for f in futures)
         flat = flatten_futures(futures)
@@ -597,6 +601,83 @@ class Client(DistributedMethods, CoordinationMethods):
                 good.append(f)
         values = dict(zip((f._state.skey for f in good), self._gather_values(good)))
         return unpack_structure(futures, values, skip=(errors == "skip"))
+
+    # ------------------------------------------------------------ asyncio
+    async def _wait_async(self, futures: list):
+        """Until every future is done, without blocking the event loop: each
+        pending one resolves an asyncio future from its done-callback."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        waits = []
+        for f in futures:
+            if f.done():
+                continue
+            done = loop.create_future()
+
+            def resolve(_, done=done):
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+            f.add_done_callback(resolve)
+            waits.append(done)
+        if waits:
+            await asyncio.gather(*waits)
+
+    async def _gather_values_async(self, futures: list) -> list:
+        import asyncio
+
+        if not futures:
+            return []
+        keys = [f._state.skey for f in futures]
+        unique = list(dict.fromkeys(keys))
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+
+        def callback(ok, payload):
+            def settle():
+                if not arrived.done():
+                    (arrived.set_result if ok else arrived.set_exception)(payload)
+
+            loop.call_soon_threadsafe(settle)
+
+        self._rc.gather_async(unique, callback)
+        frames = await arrived
+        with _no_gc(len(unique)):
+            values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
+            return [values[k] for k in keys]
+
+    async def _gather_async(self, futures, errors: str = "raise"):
+        flat = flatten_futures(futures)
+        if not flat:
+            return futures
+        await self._wait_async(flat)
+        good = []
+        for f in flat:
+            st = f._state
+            if st.status == "error":
+                if errors == "raise":
+                    raise raisable(_with_remote_note(st.exception, st.traceback))
+            elif st.status == "cancelled":
+                if errors == "raise":
+                    raise FutureCancelledError(f.key)
+            else:
+                good.append(f)
+        values = dict(zip((f._state.skey for f in good), await self._gather_values_async(good)))
+        return unpack_structure(futures, values, skip=(errors == "skip"))
+
+    def __await__(self):
+        """`client = await Client(asynchronous=True)`: connected already."""
+
+        async def ready():
+            return self
+
+        return ready().__await__()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self._close_now()
 
     def _gather_values(self, futures: list) -> list:
         if not futures:
@@ -636,7 +717,12 @@ class Client(DistributedMethods, CoordinationMethods):
             keys = [f._state.skey for f in flatten_futures(futures)]
         return dict(self._rc.who_has(keys)) if keys else {}
 
-    def scheduler_info(self) -> dict:
+    def scheduler_info(self, **kwargs) -> dict:
+        if self.asynchronous:
+            return _completed(self._scheduler_info())
+        return self._scheduler_info()
+
+    def _scheduler_info(self) -> dict:
         info = self._rc.cluster_info()
         info["address"] = self.scheduler_address
         for w in info["workers"]:
@@ -656,17 +742,34 @@ class Client(DistributedMethods, CoordinationMethods):
         return info
 
     def nthreads(self) -> dict:
-        return {a: w["nthreads"] for a, w in self.scheduler_info()["workers"].items()}
+        return {a: w["nthreads"] for a, w in self._scheduler_info()["workers"].items()}
 
     ncores = nthreads
 
     def wait_for_workers(self, n_workers: int = 0, timeout: float | None = None):
+        if self.asynchronous:
+            return self._wait_for_workers_async(n_workers, timeout)
         self._rc.wait_for_workers(int(n_workers), float(timeout if timeout is not None else 3600.0))
+
+    async def _wait_for_workers_async(self, n_workers: int, timeout):
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._rc.cluster_info()["workers"]) < n_workers:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self._rc.cluster_info()['workers'])} of {n_workers} workers after {timeout} s")
+            await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------ lifecycle
     def close(self, timeout=None):
         """Closes the connection; the scheduler releases this client's keys.
-        A cluster this client started is closed with it."""
+        A cluster this client started is closed with it. (Asynchronous
+        client: awaitable.)"""
+        self._close_now()
+        if self.asynchronous:
+            return _completed(None)
+
+    def _close_now(self):
         global _default_client
         if self.status == "closed" and self._closing:
             return
@@ -695,7 +798,7 @@ class Client(DistributedMethods, CoordinationMethods):
     def shutdown(self):
         """Closes this client and the cluster it is connected to."""
         cluster = self.cluster
-        self.close()
+        self._close_now()
         if cluster is not None:
             cluster.close()
         elif self._rc is not None:
@@ -705,12 +808,12 @@ class Client(DistributedMethods, CoordinationMethods):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._close_now()
 
     def __del__(self):
         try:
             if self.status == "running":
-                self.close()
+                self._close_now()
         except Exception:
             pass
 
@@ -810,6 +913,10 @@ def _restrictions(workers, resources, loose: bool) -> list | None:
     return [(workers, resources, bool(loose))]
 
 
+async def _completed(value):
+    return value
+
+
 def _with_remote_note(exc: BaseException, tb: str | None) -> BaseException:
     if tb and not any("Remote traceback" in n for n in getattr(exc, "__notes__", [])):
         try:
@@ -849,6 +956,6 @@ def _read_scheduler_file(path: str, timeout: float) -> str:
 def _close_all():
     for c in list(_clients):
         try:
-            c.close()
+            c._close_now()
         except Exception:
             pass

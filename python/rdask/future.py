@@ -94,13 +94,35 @@ class Future(TaskRef):
     # -- results --------------------------------------------------------
     def result(self, timeout: float | None = None):
         """Waits and returns the value; raises the task's exception if it failed."""
+        if getattr(self.client, "asynchronous", False):
+            return self._result_async(timeout)
         self._wait(timeout)
         st = self._state
         if st.status == "error":
-            raise raisable(st.exception) if st.exception else RuntimeError(f"{self.key!r} failed")
+            from .client import _with_remote_note
+
+            # The remote traceback as a note, as gather() shows it.
+            raise raisable(_with_remote_note(st.exception, st.traceback)) if st.exception else RuntimeError(f"{self.key!r} failed")
         if st.status == "cancelled":
             raise FutureCancelledError(self.key, st.traceback or "cancelled")
         return self.client._gather_values([self])[0]
+
+    async def _result_async(self, timeout=None):
+        import asyncio
+
+        await asyncio.wait_for(self.client._wait_async([self]), timeout)
+        st = self._state
+        if st.status == "error":
+            from .client import _with_remote_note
+
+            raise raisable(_with_remote_note(st.exception, st.traceback)) if st.exception else RuntimeError(f"{self.key!r} failed")
+        if st.status == "cancelled":
+            raise FutureCancelledError(self.key, st.traceback or "cancelled")
+        return (await self.client._gather_values_async([self]))[0]
+
+    def __await__(self):
+        """`await future`: its result, without blocking the event loop."""
+        return self._result_async().__await__()
 
     def exception(self, timeout: float | None = None):
         self._wait(timeout)
@@ -159,5 +181,3 @@ class Future(TaskRef):
     def __eq__(self, other):
         return isinstance(other, Future) and other.key == self.key and other.client is self.client
 
-    def __await__(self):
-        raise NotImplementedError("rdask's Client is synchronous; use future.result()")

@@ -269,6 +269,32 @@ impl Client {
         values.into_iter().map(|frames| frames_to_py(py, frames)).collect()
     }
 
+    /// As `gather`, without waiting: `callback(True, [frames per key])` or
+    /// `callback(False, exception)` is called from the runtime's thread when
+    /// the values are here (the asynchronous client resolves an asyncio
+    /// future with it: no thread waits for it).
+    fn gather_async(&self, keys: Vec<String>, callback: Py<PyAny>) -> PyResult<()> {
+        let client = self.inner()?;
+        runtime().spawn(async move {
+            let result = client.gather(&keys).await;
+            Python::attach(|py| {
+                let args = match result {
+                    Ok(values) => values
+                        .into_iter()
+                        .map(|frames| frames_to_py(py, frames))
+                        .collect::<PyResult<Vec<_>>>()
+                        .and_then(|v| (true, v).into_pyobject(py).map(|t| t.into_any().unbind())),
+                    Err(e) => (false, to_py_err(e).into_value(py)).into_pyobject(py).map(|t| t.into_any().unbind()),
+                };
+                let called = args.and_then(|a| callback.call1(py, a.bind(py).cast::<PyTuple>()?.clone()));
+                if let Err(e) = called {
+                    e.print(py);
+                }
+            });
+        });
+        Ok(())
+    }
+
     /// Where the values of these keys live: `{key: [worker addresses]}` for
     /// keys in memory; keys the scheduler does not hold in memory are absent.
     fn who_has<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
