@@ -491,6 +491,12 @@ fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyRes
         wd.set_item("stored_values", w.stored_values)?;
         wd.set_item("stored_bytes", w.stored_bytes)?;
         wd.set_item("status", if w.paused { "paused" } else { "running" })?;
+        wd.set_item("local_directory", &w.placement.local_directory)?;
+        let res = PyDict::new(py);
+        for r in &w.resources {
+            res.set_item(&r.name, r.amount)?;
+        }
+        wd.set_item("resources", res)?;
         wd.set_item("memory", w.load.rss)?;
         wd.set_item("managed_bytes", w.load.stored_bytes)?;
         wd.set_item("spilled_bytes", w.load.spilled_bytes)?;

@@ -236,7 +236,7 @@ pub fn run_worker(
         listen: listen.to_string(),
         token,
         connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
-        placement: rdask_transport::protocol::Placement { host: String::new(), cpus: cpus.unwrap_or_default(), numa_node, gpu },
+        placement: rdask_transport::protocol::Placement { host: String::new(), cpus: cpus.unwrap_or_default(), numa_node, gpu, local_directory: String::new() },
         ..WorkerConfig::default()
     };
     let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads }) });

@@ -70,6 +70,8 @@ def test_twenty_100mb_arrays_on_a_1gb_worker_spill_and_come_back(tmp_path):
         info = settled()
         assert info["spilled_bytes"] >= 10 * 100 * MB, info
         assert info["metrics"]["spilled_bytes"]["disk"] == info["spilled_bytes"]
+        assert info["local_directory"] == str(tmp_path) and info["status"] == "running"
+        assert info["memory_limit"] == limit and isinstance(info["resources"], dict)
         assert info["managed_bytes"] <= 0.6 * limit + 100 * MB
         spill_dirs = [d for d in os.listdir(tmp_path) if d.startswith("rdask-spill-")]
         assert len(spill_dirs) == 1 and os.listdir(tmp_path / spill_dirs[0]), "values are spilled under --local-directory"

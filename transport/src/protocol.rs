@@ -211,6 +211,8 @@ pub struct Placement {
     pub numa_node: Option<u32>,
     /// Its GPU ("0: NVIDIA A100-SXM4-40GB (0000:07:00.0)"), for GPU workers.
     pub gpu: Option<String>,
+    /// Where it spills values (empty: the system's temporary directory).
+    pub local_directory: String,
 }
 
 /// `0-3,8,10-11`, the form of `taskset -c` and `/proc/PID/status`.
@@ -244,6 +246,7 @@ pub struct WorkerSummary {
     pub processing: u64,
     pub stored_values: u64,
     pub stored_bytes: u64,
+    pub resources: Vec<Resource>,
     /// Memory above its pause threshold.
     pub paused: bool,
     /// Its last heartbeat (memory in and out of spill, process memory).

@@ -631,6 +631,14 @@ fn samples_from_client() -> Vec<FromClientMessage> {
         FromClientMessage::Release { keys: vec!["some-released-key".into()] },
         FromClientMessage::WhoHas { request_id: 1, keys: vec!["x".into(), "y-is-long-enough".into()] },
         FromClientMessage::TaskStream { request_id: 2, since_us: 1_796_000_000_000_000 },
+        FromClientMessage::Coord {
+            request_id: 9,
+            op: rdask_transport::protocol::CoordOp::Acquire { names: vec!["lock-a".into(), "lock-b".into()], max_leases: 1, count: 0, lease: 4 },
+        },
+        FromClientMessage::Coord {
+            request_id: 10,
+            op: rdask_transport::protocol::CoordOp::QueuePut { name: "q".into(), key: Some("inc-7".into()) },
+        },
     ]
 }
 
@@ -659,6 +667,10 @@ fn samples_to_client() -> Vec<ToClientMessage> {
             found: vec![KeyLocation { key: "k".into(), task: TaskId(77), size: 8, addresses: vec!["tcp://127.0.0.1:4000".into()] }],
             missing: vec!["gone-missing-key".into()],
         },
+        ToClientMessage::Coord {
+            request_id: 10,
+            outcome: rdask_transport::protocol::CoordOutcome::Values(vec![Some("inc-7".into()), None]),
+        },
     ]
 }
 
@@ -675,6 +687,7 @@ fn samples_from_worker() -> Vec<FromWorkerMessage> {
                 cpus: vec![0, 1, 2, 3],
                 numa_node: Some(0),
                 gpu: Some("0: NVIDIA A100-SXM4-40GB (0000:07:00.0)".into()),
+                local_directory: "/scratch/rdask".into(),
             },
         }),
         FromWorkerMessage::Failed(vec![FailedTask { id: TaskId(9), message: "it broke badly".into(), payload: NO_FRAME }]),
@@ -682,6 +695,7 @@ fn samples_from_worker() -> Vec<FromWorkerMessage> {
         FromWorkerMessage::Executing { tasks: vec![TaskId(5), TaskId(6)], confirm: true },
         FromWorkerMessage::Leaving,
         FromWorkerMessage::Spans(vec![TaskSpan { id: TaskId(5), start_us: 1, stop_us: 2, thread: 0, ok: true }]),
+        FromWorkerMessage::Paused(true),
     ]
 }
 

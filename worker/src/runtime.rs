@@ -253,6 +253,7 @@ pub async fn run_worker_until(
         resources: config.resources.clone(),
         placement: rdask_transport::protocol::Placement {
             host: if config.placement.host.is_empty() { hostname() } else { config.placement.host.clone() },
+            local_directory: config.local_directory.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
             ..config.placement.clone()
         },
     };

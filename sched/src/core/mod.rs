@@ -434,6 +434,7 @@ impl Core {
                 stored_bytes: w.stored_bytes,
                 paused: w.paused,
                 load: w.load,
+                resources: w.resources.clone(),
             })
             .collect();
         workers.sort_by_key(|w| w.id);

@@ -48,7 +48,7 @@ fn worker_load() -> WorkerLoad {
 }
 
 fn placement() -> Placement {
-    Placement { host: "node1".into(), cpus: vec![0, 1, 2], numa_node: Some(0), gpu: Some("0: GPU".into()) }
+    Placement { host: "node1".into(), cpus: vec![0, 1, 2], numa_node: Some(0), gpu: Some("0: GPU".into()), local_directory: "/tmp".into() }
 }
 
 fn messages() -> Vec<(u8, Vec<u8>)> {
