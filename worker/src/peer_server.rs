@@ -104,8 +104,8 @@ async fn serve_one(
     while let Some(frame) = conn.receiver.recv().await? {
         let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control)?;
         let request_id = request_id.to_native();
-        let mut items = Vec::new();
-        let mut data: Vec<Bytes> = Vec::new();
+        let mut items = Vec::with_capacity(tasks.len());
+        let mut data: Vec<Bytes> = Vec::with_capacity(tasks.len());
         let mut chunk_bytes = 0u64;
         let served = store.serve_many(tasks.iter().map(|t| t.get()));
         for (n, (t, value)) in tasks.iter().zip(served).enumerate() {

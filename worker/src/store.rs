@@ -15,11 +15,6 @@ use rustc_hash::FxHashMap;
 use crate::executor::{Executor, Frames, TaskFailure, Value};
 use crate::spill::{OnDisk, SpillDir};
 
-enum Slot {
-    Memory { value: Value, stamp: u64 },
-    Disk(OnDisk),
-}
-
 /// What a look into the store found, without reading anything back from disk.
 pub enum Held {
     Memory(Value),
@@ -73,36 +68,50 @@ pub struct Store {
     spilling: Option<Spilling>,
 }
 
+/// In-memory values sit in `values` exactly as in a store that never
+/// spills (the hot path of micro-tasks pays nothing for spilling); spilled
+/// ones in `spilled`; use order only when spilling.
 #[derive(Default)]
 struct Inner {
-    values: FxHashMap<TaskId, Slot>,
+    values: FxHashMap<TaskId, Value>,
+    spilled: FxHashMap<TaskId, OnDisk>,
     stats: StoreStats,
-    /// Values in memory by last use (oldest first); kept only when spilling.
+    /// Last use of each in-memory value, and the values by last use
+    /// (oldest first); kept only when spilling.
+    stamps: FxHashMap<TaskId, u64>,
     lru: BTreeMap<u64, TaskId>,
     next_stamp: u64,
 }
 
 impl Inner {
-    fn stamp(&mut self, id: TaskId, track: bool) -> u64 {
+    /// Marks `id` (in memory) as just used.
+    fn touch(&mut self, id: TaskId) {
         self.next_stamp += 1;
-        if track {
-            self.lru.insert(self.next_stamp, id);
+        let stamp = self.next_stamp;
+        if let Some(old) = self.stamps.insert(id, stamp) {
+            self.lru.remove(&old);
         }
-        self.next_stamp
+        self.lru.insert(stamp, id);
     }
 
-    /// Forgets a slot's bookkeeping (not the slot itself).
-    fn unaccount(&mut self, slot: &Slot) {
-        match slot {
-            Slot::Memory { value, stamp } => {
-                self.stats.memory_bytes -= value.size();
-                self.stats.memory_values -= 1;
-                self.lru.remove(stamp);
-            }
-            Slot::Disk(d) => {
-                self.stats.disk_bytes -= d.bytes;
-                self.stats.disk_values -= 1;
-            }
+    fn forget_order(&mut self, id: TaskId) {
+        if let Some(old) = self.stamps.remove(&id) {
+            self.lru.remove(&old);
+        }
+    }
+
+    /// Takes `id` out (memory or disk); what was there is returned to be
+    /// dropped (or deleted) after the lock is released.
+    fn take(&mut self, id: TaskId, gone: &mut Vec<Value>, files: &mut Vec<OnDisk>) {
+        if let Some(v) = self.values.remove(&id) {
+            self.stats.memory_bytes -= v.size();
+            self.stats.memory_values -= 1;
+            self.forget_order(id);
+            gone.push(v);
+        } else if let Some(d) = self.spilled.remove(&id) {
+            self.stats.disk_bytes -= d.bytes;
+            self.stats.disk_values -= 1;
+            files.push(d);
         }
     }
 }
@@ -124,46 +133,53 @@ impl Store {
         }
         let track = self.tracks();
         let mut replaced = Vec::new();
+        let mut files = Vec::new();
         let mut g = self.inner.lock().unwrap();
         g.values.reserve(values.len());
         for (id, value) in values {
             g.stats.memory_bytes += value.size();
             g.stats.memory_values += 1;
-            let stamp = g.stamp(id, track);
-            if let Some(old) = g.values.insert(id, Slot::Memory { value, stamp }) {
-                g.unaccount(&old);
+            if let Some(old) = g.values.insert(id, value) {
+                g.stats.memory_bytes -= old.size();
+                g.stats.memory_values -= 1;
                 replaced.push(old);
+            }
+            if track {
+                g.touch(id);
+                if let Some(d) = g.spilled.remove(&id) {
+                    g.stats.disk_bytes -= d.bytes;
+                    g.stats.disk_values -= 1;
+                    files.push(d);
+                }
             }
         }
         drop(g);
-        drop_slots(replaced);
+        drop(replaced);
+        files.iter().for_each(SpillDir::remove);
     }
 
     pub fn remove_many(&self, ids: impl Iterator<Item = TaskId>) {
         let mut gone = Vec::new();
+        let mut files = Vec::new();
         let mut g = self.inner.lock().unwrap();
         for id in ids {
-            if let Some(slot) = g.values.remove(&id) {
-                g.unaccount(&slot);
-                gone.push(slot);
-            }
+            g.take(id, &mut gone, &mut files);
         }
         // Values are dropped after the lock is released: dropping one may
         // wait for an executor's interpreter lock (a large Python value),
         // and nothing may wait for that while holding the store.
         drop(g);
-        drop_slots(gone);
+        drop(gone);
+        files.iter().for_each(SpillDir::remove);
     }
 
     /// Which of these values are here, and the in-memory ones themselves;
     /// reads nothing back from disk.
     pub fn lookup_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Held>> {
         let g = self.inner.lock().unwrap();
-        ids.map(|id| {
-            g.values.get(&id).map(|slot| match slot {
-                Slot::Memory { value, .. } => Held::Memory(value.clone()),
-                Slot::Disk(_) => Held::Disk,
-            })
+        ids.map(|id| match g.values.get(&id) {
+            Some(v) => Some(Held::Memory(v.clone())),
+            None => g.spilled.contains_key(&id).then_some(Held::Disk),
         })
         .collect()
     }
@@ -177,26 +193,19 @@ impl Store {
         let mut out: Vec<Option<Value>> = {
             let mut g = self.inner.lock().unwrap();
             ids.enumerate()
-                .map(|(i, id)| {
-                    let stamp = if track { g.stamp(id, true) } else { 0 };
-                    match g.values.get_mut(&id) {
-                        Some(Slot::Memory { value, stamp: old }) => {
-                            let value = value.clone();
-                            if track {
-                                let old = std::mem::replace(old, stamp);
-                                g.lru.remove(&old);
-                            }
-                            Some(value)
+                .map(|(i, id)| match g.values.get(&id) {
+                    Some(v) => {
+                        let v = v.clone();
+                        if track {
+                            g.touch(id);
                         }
-                        Some(Slot::Disk(d)) => {
+                        Some(v)
+                    }
+                    None => {
+                        if let Some(d) = g.spilled.get(&id) {
                             on_disk.push((i, id, d.clone()));
-                            g.lru.remove(&stamp);
-                            None
                         }
-                        None => {
-                            g.lru.remove(&stamp);
-                            None
-                        }
+                        None
                     }
                 })
                 .collect()
@@ -221,15 +230,16 @@ impl Store {
             }
         };
         let mut g = self.inner.lock().unwrap();
-        if matches!(g.values.get(&id), Some(Slot::Disk(d)) if d.path == disk.path) {
-            let stamp = g.stamp(id, true);
+        if g.spilled.get(&id).is_some_and(|d| d.path == disk.path) {
+            g.spilled.remove(&id);
             g.stats.disk_bytes -= disk.bytes;
             g.stats.disk_values -= 1;
             g.stats.memory_bytes += value.size();
             g.stats.memory_values += 1;
             g.stats.unspilled_total += 1;
             g.stats.unspilled_total_bytes += disk.bytes;
-            g.values.insert(id, Slot::Memory { value: value.clone(), stamp });
+            g.values.insert(id, value.clone());
+            g.touch(id);
             drop(g);
             // Readers that opened the file already keep their mapping.
             SpillDir::remove(&disk);
@@ -244,11 +254,9 @@ impl Store {
     pub fn serve_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Serve>> {
         let held: Vec<Option<Result<Value, OnDisk>>> = {
             let g = self.inner.lock().unwrap();
-            ids.map(|id| {
-                g.values.get(&id).map(|slot| match slot {
-                    Slot::Memory { value, .. } => Ok(value.clone()),
-                    Slot::Disk(d) => Err(d.clone()),
-                })
+            ids.map(|id| match g.values.get(&id) {
+                Some(v) => Some(Ok(v.clone())),
+                None => g.spilled.get(&id).map(|d| Err(d.clone())),
             })
             .collect()
         };
@@ -277,7 +285,7 @@ impl Store {
                 }
                 let Some((stamp, id)) = g.lru.pop_first() else { break };
                 match g.values.get(&id) {
-                    Some(Slot::Memory { value, stamp: s }) if *s == stamp => (id, stamp, value.clone()),
+                    Some(value) if g.stamps.get(&id) == Some(&stamp) => (id, stamp, value.clone()),
                     _ => continue,
                 }
             };
@@ -294,7 +302,7 @@ impl Store {
                 Err(e) => {
                     // Back in line where it was: it goes first next time.
                     let mut g = self.inner.lock().unwrap();
-                    if matches!(g.values.get(&id), Some(Slot::Memory { stamp: s, .. }) if *s == stamp) {
+                    if g.values.contains_key(&id) && g.stamps.get(&id) == Some(&stamp) {
                         g.lru.insert(stamp, id);
                     }
                     round.error = Some(format!("cannot spill to {}: {e}; the value stays in memory", spilling.dir.path().display()));
@@ -303,7 +311,7 @@ impl Store {
             };
             drop(frames);
             let mut g = self.inner.lock().unwrap();
-            let unchanged = matches!(g.values.get(&id), Some(Slot::Memory { stamp: s, .. }) if *s == stamp);
+            let unchanged = g.values.contains_key(&id) && g.stamps.get(&id) == Some(&stamp);
             if !unchanged {
                 // Used or released meanwhile: keep it as it is.
                 drop(g);
@@ -311,17 +319,17 @@ impl Store {
                 continue;
             }
             let bytes = disk.bytes;
-            let old = g.values.insert(id, Slot::Disk(disk)).expect("checked above");
-            if let Slot::Memory { value, .. } = &old {
-                g.stats.memory_bytes -= value.size();
-                g.stats.memory_values -= 1;
-            }
+            let old = g.values.remove(&id).expect("checked above");
+            g.stamps.remove(&id);
+            g.stats.memory_bytes -= old.size();
+            g.stats.memory_values -= 1;
+            g.spilled.insert(id, disk);
             g.stats.disk_bytes += bytes;
             g.stats.disk_values += 1;
             g.stats.spilled_total += 1;
             g.stats.spilled_total_bytes += bytes;
             drop(g);
-            drop_slots(vec![old]);
+            drop(old);
             round.values += 1;
             round.bytes += bytes;
         }
@@ -339,14 +347,6 @@ impl Store {
 
     pub fn spill_dir(&self) -> Option<&std::path::Path> {
         self.spilling.as_ref().map(|s| s.dir.path())
-    }
-}
-
-fn drop_slots(slots: Vec<Slot>) {
-    for slot in slots {
-        if let Slot::Disk(d) = &slot {
-            SpillDir::remove(d);
-        }
     }
 }
 
