@@ -10,6 +10,7 @@ priority). Everything here that runs code on workers goes through `run`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -169,6 +170,22 @@ def _register_scheduler_names():
 _register_scheduler_names()
 
 
+def _awaitable_when_asynchronous(method):
+    """On an asynchronous client (`Client(asynchronous=True)`) the method
+    returns an awaitable: it runs in a thread (asyncio.to_thread), so the
+    event loop is not blocked while it waits for workers."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "asynchronous", False):
+            import asyncio
+
+            return asyncio.to_thread(method, self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 # ---------------------------------------------------------------- the mixin
 class DistributedMethods:
     """`distributed.Client` methods built on submit/who_has/cluster_info;
@@ -269,7 +286,7 @@ class DistributedMethods:
                     else RuntimeError(f"{f.key!r} failed on {a}")
         if errors and on_error == "raise":
             raise next(iter(errors.values()))
-        values = self.gather([futures[a] for a in good]) if good else []
+        values = self.gather([futures[a] for a in good], asynchronous=False) if good else []
         results = dict(zip(good, values))
         out = {}
         for a in futures:
@@ -287,6 +304,7 @@ class DistributedMethods:
         return self._dm_collect(self._dm_submit_run(function, args, kwargs or {}, targets), on_error, timeout)
 
     # -------------------------------------------------------- run
+    @_awaitable_when_asynchronous
     def run(self, function, *args, workers=None, wait: bool = True, nanny: bool = False, on_error: str = "raise",
             **kwargs):
         """Runs `function(*args, **kwargs)` on every worker (or those in
@@ -294,12 +312,16 @@ class DistributedMethods:
         A `function` that takes a `dask_worker` argument gets the worker
         (`rdask.get_worker()`). `on_error="raise"` raises the first error,
         `"return"` puts the exception in the dict, `"ignore"` leaves that
-        worker out. `wait=False` returns None at once.
+        worker out. `wait=False` returns None at once. (Asynchronous client:
+        an awaitable, as for the other methods of this class.)
 
         rdask runs it as a task pinned to each worker (ahead of queued
         tasks): it waits for a free thread of that worker, so a worker whose
         threads are all busy runs it when one finishes, and a paused worker
         when it resumes. A worker that leaves first gives CommClosedError."""
+        return self._dm_run_user(function, args, kwargs, workers, wait, nanny, on_error)
+
+    def _dm_run_user(self, function, args, kwargs, workers=None, wait=True, nanny=False, on_error="raise"):
         if nanny:
             raise NotImplementedError("Client.run(nanny=True): rdask's nannies are not reachable from the "
                                       "client (they have no RPC server); run on the workers instead")
@@ -324,6 +346,7 @@ class DistributedMethods:
             "use Client.run to run on workers, or scheduler_info() for the scheduler's state")
 
     # -------------------------------------------------------- upload_file
+    @_awaitable_when_asynchronous
     def upload_file(self, filename, load: bool = True) -> dict:
         """Sends a .py, .zip, .egg (or .pyz/.whl) file to every worker and
         makes it importable there (and imports it, with load=True, as
@@ -372,6 +395,7 @@ class DistributedMethods:
             seen.update(new)
 
     # -------------------------------------------------------- versions
+    @_awaitable_when_asynchronous
     def get_versions(self, check: bool = False, packages=None) -> dict:
         """{"scheduler": {...}, "workers": {address: {...}}, "client": {...}},
         each {"host": {...}, "packages": {"python": ..., "rdask": ..., "dask":
@@ -383,7 +407,7 @@ class DistributedMethods:
         ValueError naming the packages whose versions differ (python by
         major.minor, rdask, dask, cloudpickle) and warns for the others."""
         client = worker_extras.versions(packages)
-        workers = self.run(worker_extras.versions, packages)
+        workers = self._dm_run_user(worker_extras.versions, (packages,), {})
         if getattr(self.cluster, "scheduler", None) is not None:
             scheduler = {"host": client["host"],
                          "packages": {"python": client["packages"]["python"], "rdask": client["packages"]["rdask"]}}
@@ -400,6 +424,7 @@ class DistributedMethods:
         return result
 
     # -------------------------------------------------------- where keys are
+    @_awaitable_when_asynchronous
     def has_what(self, workers=None) -> dict:
         """{worker address: (keys...)} of the keys this client holds that are
         in memory there (every worker listed, the empty ones too). Keys of
@@ -417,6 +442,7 @@ class DistributedMethods:
                     out[a].append(by_skey.get(skey, skey))
         return {a: tuple(ks) for a, ks in out.items()}
 
+    @_awaitable_when_asynchronous
     def processing(self, workers=None) -> dict:
         """{worker address: (keys...)} of the tasks each worker is running or
         has queued, as far as the client knows.
@@ -439,12 +465,14 @@ class DistributedMethods:
                     out[a].append(st.key)
         return {a: tuple(ks) for a, ks in out.items()}
 
+    @_awaitable_when_asynchronous
     def processing_counts(self, workers=None) -> dict:
         """{worker address: number of tasks it is running or has queued}."""
         info = self._dm_workers()
         return {a: int(info[a]["processing"]) for a in self._dm_resolve(workers, info)}
 
     # -------------------------------------------------------- retire
+    @_awaitable_when_asynchronous
     def retire_workers(self, workers=None, close_workers: bool = True, remove: bool = True, timeout: float = 60.0,
                        **kwargs) -> dict:
         """Stops workers for good (addresses or names; default: the idle
@@ -519,6 +547,7 @@ class DistributedMethods:
         del copies
 
     # -------------------------------------------------------- restart
+    @_awaitable_when_asynchronous
     def restart(self, timeout: float | None = None, wait_for_workers: bool = True):
         """Restarts every worker process and forgets this client's work, as
         distributed does: all of this client's futures become cancelled
@@ -530,18 +559,21 @@ class DistributedMethods:
         as before are back (TimeoutError after `timeout`, default 60 s)."""
         self._check()
         timeout = 60.0 if timeout is None else float(timeout)
-        old = set(self._dm_workers())
+        info = self._dm_workers()
+        old = set(info)
         self._dm_cancel_all("was cancelled: Client.restart() restarted the workers")
         cluster = self.cluster
-        restarted = False
+        rest = list(old)
         if cluster is not None and hasattr(cluster, "_restart_workers"):
             if getattr(cluster, "processes", True) is False:
                 warnings.warn("Client.restart(): the workers of LocalCluster(processes=False) are threads of this "
                               "process and cannot be restarted; only the client's state was cleared")
                 return self
-            restarted = cluster._restart_workers()
-        if not restarted and old:
-            self._dm_run(worker_extras.leave_soon, kwargs={"restart": True}, targets=list(old), on_error="return",
+            if cluster._restart_workers():
+                # workers started elsewhere (rdask-worker) for this scheduler
+                rest = [a for a in old if a in info and str(info[a]["name"]) not in cluster.workers]
+        if rest:
+            self._dm_run(worker_extras.leave_soon, kwargs={"restart": True}, targets=rest, on_error="return",
                          timeout=timeout)
         if wait_for_workers:
             deadline = time.monotonic() + timeout
@@ -580,6 +612,7 @@ class DistributedMethods:
             self._run_callback(fn, fut)
 
     # -------------------------------------------------------- logs
+    @_awaitable_when_asynchronous
     def get_worker_logs(self, n: int | None = None, nanny: bool = False, workers=None) -> dict:
         """{worker address: [(level, message), ...]}, oldest first (the last
         `n`): the Python `logging` records of each worker process, kept in a
@@ -588,8 +621,9 @@ class DistributedMethods:
         if nanny:
             raise NotImplementedError("get_worker_logs(nanny=True): rdask's nannies are not reachable from the "
                                       "client; their log goes to the stderr of the process that runs them")
-        return self.run(worker_extras.read_logs, n, workers=workers)
+        return self._dm_run_user(worker_extras.read_logs, (n,), {}, workers)
 
+    @_awaitable_when_asynchronous
     def forward_logging(self, logger_name: str | None = None, level=logging.NOTSET):
         """Records logged on workers (by `logger_name` and its children, all
         loggers when None, at `level` or above) are handled again by the
