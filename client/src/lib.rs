@@ -68,6 +68,8 @@ struct Shared {
     info: HashMap<u64, oneshot::Sender<ClusterInfo>>,
     stream: HashMap<u64, oneshot::Sender<Vec<StreamEvent>>>,
     coord: HashMap<u64, oneshot::Sender<(CoordOutcome, Vec<Bytes>)>>,
+    processing: HashMap<u64, oneshot::Sender<Vec<(String, Vec<String>)>>>,
+    dropped: HashMap<u64, oneshot::Sender<u64>>,
     errors: Vec<String>,
     disconnected: bool,
     /// Status changes of held keys, in arrival order, kept only once
@@ -145,6 +147,8 @@ impl Client {
                         sh.info.clear();
                         sh.stream.clear();
                         sh.coord.clear();
+                        sh.processing.clear();
+                        sh.dropped.clear();
                         drop(sh);
                         c.notify_waiters();
                         break;
@@ -336,6 +340,19 @@ impl Client {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = FromClientMessage::WhoHas { request_id, keys: keys.to_vec() };
         self.request(msg, |sh| &mut sh.who_has, request_id).await
+    }
+
+    /// Per worker address, the keys it is running or has queued.
+    pub async fn processing(&self) -> Result<Vec<(String, Vec<String>)>, ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request(FromClientMessage::Processing { request_id }, |sh| &mut sh.processing, request_id).await
+    }
+
+    /// Drops copies of values (key, worker address) that have another copy;
+    /// returns how many went.
+    pub async fn drop_replicas(&self, items: Vec<(String, String)>) -> Result<u64, ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request(FromClientMessage::DropReplicas { request_id, items }, |sh| &mut sh.dropped, request_id).await
     }
 
     /// A new id for a coordination request (to cancel it by, see [`Client::coord`]).
@@ -565,6 +582,18 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
                 if let Some(tx) = sh.stream.remove(&request_id.to_native()) {
                     let _ = tx.send(events);
                 }
+            }
+        }
+        ArchivedToClientMessage::Processing { request_id, .. } => {
+            if let ToClientMessage::Processing { workers, .. } = ToClientMessage::decode(&frame.control)? {
+                if let Some(tx) = sh.processing.remove(&request_id.to_native()) {
+                    let _ = tx.send(workers);
+                }
+            }
+        }
+        ArchivedToClientMessage::ReplicasDropped { request_id, dropped } => {
+            if let Some(tx) = sh.dropped.remove(&request_id.to_native()) {
+                let _ = tx.send(dropped.to_native());
             }
         }
         ArchivedToClientMessage::Coord { request_id, .. } => {

@@ -22,6 +22,7 @@ import warnings
 from . import _rdask
 from . import worker_extras
 from .keys import funcname
+from .packing import flatten_futures
 
 logger = logging.getLogger("rdask.client")
 
@@ -444,26 +445,100 @@ class DistributedMethods:
 
     @_awaitable_when_asynchronous
     def processing(self, workers=None) -> dict:
-        """{worker address: (keys...)} of the tasks each worker is running or
-        has queued, as far as the client knows.
-
-        What is missing: rdask's scheduler tells clients how many tasks each
-        worker has (`scheduler_info()["workers"][addr]["processing"]`) but
-        not which, so the tuples only hold keys whose worker is certain: the
-        unfinished tasks this client pinned with `run`. The per-worker
-        counts are in `processing_counts()`."""
+        """{worker address: (keys...)} of the tasks each worker is running
+        or has queued (all clients' tasks, as the scheduler sees them)."""
         info = self._dm_workers()
         targets = self._dm_resolve(workers, info)
-        out: dict = {a: [] for a in targets}
-        pinned = self._dm_state("_dm_pinned", dict)
-        with self._lock:
-            for skey, a in list(pinned.items()):
-                st = self._states.get(skey)
-                if st is None or st.finished:
-                    del pinned[skey]
-                elif a in out:
-                    out[a].append(st.key)
-        return {a: tuple(ks) for a, ks in out.items()}
+        where = self._rc.processing()
+        return {a: tuple(where.get(a, ())) for a in targets}
+
+    # -------------------------------------------------------- replicas
+    def _dm_copy_to(self, placements: dict, timeout: float) -> None:
+        """{destination address: [futures]}: each destination fetches and
+        keeps a copy (a pinned task that depends on them)."""
+        copies = []
+        for dest, futs in placements.items():
+            if futs:
+                copies.append(self.submit(_keep_copy, *futs, key=f"replica-{uuid.uuid4().hex}", workers=[dest],
+                                          allow_other_workers=False, pure=False, priority=RUN_PRIORITY))
+        if copies and not self._wait_done([f._state for f in copies], timeout):
+            raise TimeoutError(f"copying values to other workers took over {timeout} s")
+        for c in copies:
+            if c._state.status == "error":
+                raise c._state.exception
+        del copies
+
+    @_awaitable_when_asynchronous
+    def replicate(self, futures, n: int | None = None, workers=None, branching_factor: int = 2, timeout: float = 120.0):
+        """Copies each future's value onto `n` workers (default: every
+        worker, or every one of `workers`); returns when they hold it."""
+        flat = flatten_futures(futures)
+        if not flat:
+            return
+        self._wait_done([f._state for f in flat], timeout)
+        info = self._dm_workers()
+        pool = self._dm_resolve(workers, info) if workers is not None else sorted(info)
+        want = len(pool) if n is None else min(int(n), len(pool))
+        where = dict(self._rc.who_has([f._state.skey for f in flat]))
+        placements: dict = {}
+        load = {a: 0 for a in pool}
+        for f in flat:
+            holders = set(where.get(f._state.skey, ()))
+            missing = want - len(holders & set(pool))
+            for dest in sorted((a for a in pool if a not in holders), key=lambda a: load[a])[:max(0, missing)]:
+                placements.setdefault(dest, []).append(f)
+                load[dest] += 1
+        self._dm_copy_to(placements, timeout)
+
+    @_awaitable_when_asynchronous
+    def rebalance(self, futures=None, workers=None, timeout: float = 120.0, **kwargs):
+        """Moves values so that each worker holds about the same number of
+        bytes of them: the values of `futures` (default: every value this
+        client holds) on `workers` (default: all). A value moves by a copy
+        to the receiving worker, then the sender's copy is dropped (never a
+        last copy)."""
+        if futures is None:
+            with self._lock:
+                states = [st for st in self._states.values() if st.status == "finished"]
+            flat = self._futures([st.key for st in states])
+        else:
+            flat = flatten_futures(futures)
+        if not flat:
+            return
+        info = self._dm_workers()
+        pool = self._dm_resolve(workers, info) if workers is not None else sorted(info)
+        if len(pool) < 2:
+            return
+        by_key = {f._state.skey: f for f in flat}
+        where = dict(self._rc.who_has(list(by_key)))
+        reported = self._rc.who_has_sizes(list(where))
+        sizes = {k: max(1, int(reported.get(k, 1))) for k in where}
+        held = {a: [] for a in pool}
+        for k, holders in where.items():
+            for a in holders:
+                if a in held:
+                    held[a].append(k)
+        load = {a: sum(sizes[k] for k in ks) for a, ks in held.items()}
+        mean = sum(load.values()) / len(pool)
+        moves: dict = {}
+        drops = []
+        for src in sorted(pool, key=lambda a: -load[a]):
+            for k in sorted(held[src], key=lambda k: -sizes[k]):
+                if load[src] - sizes[k] < mean - 1e-9:
+                    continue
+                dest = min(pool, key=lambda a: load[a])
+                if dest == src or load[dest] + sizes[k] > mean + 1e-9 and load[dest] > 0:
+                    continue
+                if dest in where[k]:
+                    continue
+                moves.setdefault(dest, []).append(by_key[k])
+                drops.append((k, src))
+                load[src] -= sizes[k]
+                load[dest] += sizes[k]
+                where[k] = list(where[k]) + [dest]
+        self._dm_copy_to(moves, timeout)
+        if drops:
+            self._rc.drop_replicas(drops)
 
     @_awaitable_when_asynchronous
     def processing_counts(self, workers=None) -> dict:

@@ -307,6 +307,17 @@ impl Client {
         Ok(d)
     }
 
+    /// `{key: size in bytes}` for keys in memory (the sizes workers reported).
+    fn who_has_sizes<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.inner()?;
+        let (found, _missing) = py.detach(move || runtime().block_on(client.who_has(&keys))).map_err(to_py_err)?;
+        let d = PyDict::new(py);
+        for loc in found {
+            d.set_item(loc.key, loc.size)?;
+        }
+        Ok(d)
+    }
+
     fn release(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
         let client = self.inner()?;
         py.detach(move || client.release(&keys)).map_err(to_py_err)
@@ -417,6 +428,23 @@ impl Client {
             CoordOutcome::Error(m) => ("error", m.into_pyobject(py)?.into_any().unbind()),
         };
         Ok((kind.to_string(), data, frames_to_py(py, frames)?))
+    }
+
+    /// `{worker address: [keys it runs or has queued]}`.
+    fn processing<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.inner()?;
+        let workers = py.detach(move || runtime().block_on(client.processing())).map_err(to_py_err)?;
+        let d = PyDict::new(py);
+        for (address, keys) in workers {
+            d.set_item(address, keys)?;
+        }
+        Ok(d)
+    }
+
+    /// Drops copies `(key, worker address)` that have another copy; returns how many went.
+    fn drop_replicas(&self, py: Python<'_>, items: Vec<(String, String)>) -> PyResult<u64> {
+        let client = self.inner()?;
+        py.detach(move || runtime().block_on(client.drop_replicas(items))).map_err(to_py_err)
     }
 
     /// The scheduler's view: `{"scheduler_id", "workers": [...], "tasks", ...}`.

@@ -179,14 +179,47 @@ def test_has_what_mirrors_who_has(dclient):
     assert list(dclient.has_what(workers=[one])) == [one]
 
 
-def test_processing_lists_pinned_tasks(dclient, tmp_path, poll):
+def slow_tag(tag, delay=1.0):
+    time.sleep(delay)
+    return tag
+
+
+def test_processing_lists_each_workers_tasks(dclient, poll):
     a, b = addresses(dclient)
-    assert dclient.processing() == {a: (), b: ()}
-    dclient.run(time.sleep, 1.0, wait=False)
+    poll(lambda: dclient.processing() == {a: (), b: ()}, 20, what="an idle cluster")
+    fa = dclient.submit(slow_tag, "on-a", workers=[a], pure=False)
+    fb = dclient.submit(slow_tag, "on-b", workers=[b], pure=False)
     busy = dclient.processing()
-    assert all(len(keys) == 1 and keys[0].startswith("run-sleep-") for keys in busy.values())
+    assert busy[a] == (fa.key,) and busy[b] == (fb.key,), busy
     assert all(n >= 1 for n in dclient.processing_counts().values())
-    poll(lambda: dclient.processing() == {a: (), b: ()}, 20, what="pinned tasks to finish")
+    dclient.gather([fa, fb])
+    poll(lambda: dclient.processing() == {a: (), b: ()}, 20, what="tasks to finish")
+
+
+def test_replicate_puts_copies_on_every_worker(dclient):
+    a, b = addresses(dclient)
+    xs = [dclient.submit(inc, i, workers=[a], pure=False) for i in range(4)]
+    dclient.gather(xs)
+    assert all(set(v) == {a} for v in dclient.who_has(xs).values())
+    dclient.replicate(xs)
+    assert all(set(v) == {a, b} for v in dclient.who_has(xs).values())
+    assert dclient.gather(xs) == [1, 2, 3, 4]
+
+
+def test_rebalance_moves_values_from_the_full_worker(dclient):
+    import numpy as np
+
+    a, b = addresses(dclient)
+    xs = [dclient.submit(np.full, 250_000, i, workers=[a], pure=False) for i in range(10)]
+    dclient.gather(xs)
+    dclient.rebalance(xs)
+    where = dclient.who_has(xs)
+    on_a = sum(1 for v in where.values() if a in v)
+    on_b = sum(1 for v in where.values() if b in v)
+    assert all(len(v) == 1 for v in where.values()), "moved, not copied"
+    assert 4 <= on_a <= 6 and 4 <= on_b <= 6, (on_a, on_b)
+    values = dclient.gather(xs)
+    assert [int(v[0]) for v in values] == list(range(10))
 
 
 # ---------------------------------------------------------------- logs

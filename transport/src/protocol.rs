@@ -55,6 +55,13 @@ pub enum FromClientMessage {
     /// as data frame 0. Answered with [`ToClientMessage::Coord`], at once or
     /// (for the waiting operations) when it can be granted.
     Coord { request_id: u64, op: CoordOp },
+    /// Which tasks each worker has (queued or running); answered with
+    /// [`ToClientMessage::Processing`].
+    Processing { request_id: u64 },
+    /// Drop these copies (`key` on the worker at `address`) where the value
+    /// has another copy (rebalancing); answered with
+    /// [`ToClientMessage::ReplicasDropped`] naming how many went.
+    DropReplicas { request_id: u64, items: Vec<(String, String)> },
 }
 
 /// An operation on the scheduler's coordination state. Names are global to
@@ -181,6 +188,9 @@ pub enum ToClientMessage {
     TaskStream { request_id: u64, events: Vec<StreamEvent> },
     /// The answer to a [`FromClientMessage::Coord`] request.
     Coord { request_id: u64, outcome: CoordOutcome },
+    /// Per worker address, the keys it is running or has queued.
+    Processing { request_id: u64, workers: Vec<(String, Vec<String>)> },
+    ReplicasDropped { request_id: u64, dropped: u64 },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
 }

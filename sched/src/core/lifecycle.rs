@@ -327,6 +327,25 @@ impl Core {
         }
     }
 
+    /// Drops the copy of `key` on the worker at `address` when another
+    /// copy remains (never the last one). True when it went.
+    pub(crate) fn drop_replica(&mut self, comm: &mut Comm, key: &str, address: &str) -> bool {
+        let Some(id) = self.lookup(key) else { return false };
+        let Some((&wid, _)) = self.workers.iter().find(|(_, w)| w.address == address) else { return false };
+        let t = &mut self.tasks[id];
+        if t.state != TaskState::Memory || t.holders.len() < 2 || !t.holders.contains(&wid) {
+            return false;
+        }
+        t.holders.retain(|h| *h != wid);
+        let size = t.size;
+        comm.release(wid, id);
+        if let Some(w) = self.workers.get_mut(&wid) {
+            w.stored_values = w.stored_values.saturating_sub(1);
+            w.stored_bytes = w.stored_bytes.saturating_sub(size);
+        }
+        true
+    }
+
     pub(crate) fn fetch_failed(&mut self, comm: &mut Comm, worker: WorkerId, task: TaskId, dep: TaskId, holder: WorkerId) {
         if let Some(dt) = self.tasks.get_mut(dep) {
             if let Some(pos) = dt.holders.iter().position(|h| *h == holder) {

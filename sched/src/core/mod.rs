@@ -293,6 +293,25 @@ impl Core {
                 self.remove_client(comm, client);
                 Ok(())
             }
+            ArchivedFromClientMessage::Processing { request_id } => {
+                let mut workers: Vec<(String, Vec<String>)> = self
+                    .worker_order
+                    .iter()
+                    .filter_map(|w| self.workers.get(w))
+                    .map(|w| (w.address.clone(), w.processing.iter().map(|t| String::from(&*self.tasks[*t].key)).collect()))
+                    .collect();
+                workers.sort();
+                comm.send_client(client, ToClientMessage::Processing { request_id: request_id.to_native(), workers });
+                Ok(())
+            }
+            ArchivedFromClientMessage::DropReplicas { request_id, items } => {
+                let mut dropped = 0;
+                for item in items.iter() {
+                    dropped += u64::from(self.drop_replica(comm, item.0.as_str(), item.1.as_str()));
+                }
+                comm.send_client(client, ToClientMessage::ReplicasDropped { request_id: request_id.to_native(), dropped });
+                Ok(())
+            }
             ArchivedFromClientMessage::Coord { request_id, op } => {
                 self.on_coord(comm, client, request_id.to_native(), op, &frame.data);
                 Ok(())
