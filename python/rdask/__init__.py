@@ -13,6 +13,7 @@ from .cluster import LocalCluster
 from .cuda import GpuUnavailableError, LocalCUDACluster
 from .diagnostics import get_task_stream, performance_report
 from .future import Future, FutureCancelledError
+from .plugins import NannyPlugin, PipInstall, SchedulerPlugin, UploadFile, WorkerPlugin
 from .progress import progress
 from .security import Security
 from .coordination import Event, Lock, MultiLock, Queue, Semaphore, Variable, futures_of, print, warn
@@ -26,4 +27,5 @@ __all__ = [
     "RdaskError", "CommClosedError", "AuthenticationError", "KilledWorker", "LocalCUDACluster", "GpuUnavailableError",
     "get_task_stream", "performance_report", "Security",
     "Lock", "Semaphore", "MultiLock", "Variable", "Event", "Queue", "futures_of", "print", "warn",
+    "WorkerPlugin", "SchedulerPlugin", "NannyPlugin", "PipInstall", "UploadFile",
 ]

@@ -139,7 +139,7 @@ def check_dask_flags(prog: str, a) -> int | None:
         if getattr(a, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
             print(f"{prog}: warning: {flag} is accepted and ignored" + (f" ({why})" if why else ""), file=sys.stderr)
     try:
-        a.security = from_args(a)
+        a.security = from_args(a)  # applied below, once the protocol is checked
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

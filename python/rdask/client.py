@@ -588,17 +588,7 @@ class Client(DistributedMethods, CoordinationMethods):
         if not flat:
             return futures
         self._wait_done([f._state for f in flat], None)
-        good = []
-        for f in flat:
-            st = f._state
-            if st.status == "error":
-                if errors == "raise":
-                    raise raisable(_with_remote_note(st.exception, st.traceback))
-            elif st.status == "cancelled":
-                if errors == "raise":
-                    raise FutureCancelledError(f.key)
-            else:
-                good.append(f)
+        good = _finished_ok(flat, errors)
         values = dict(zip((f._state.skey for f in good), self._gather_values(good)))
         return unpack_structure(futures, values, skip=(errors == "skip"))
 
@@ -651,17 +641,7 @@ class Client(DistributedMethods, CoordinationMethods):
         if not flat:
             return futures
         await self._wait_async(flat)
-        good = []
-        for f in flat:
-            st = f._state
-            if st.status == "error":
-                if errors == "raise":
-                    raise raisable(_with_remote_note(st.exception, st.traceback))
-            elif st.status == "cancelled":
-                if errors == "raise":
-                    raise FutureCancelledError(f.key)
-            else:
-                good.append(f)
+        good = _finished_ok(flat, errors)
         values = dict(zip((f._state.skey for f in good), await self._gather_values_async(good)))
         return unpack_structure(futures, values, skip=(errors == "skip"))
 
@@ -911,6 +891,23 @@ def _restrictions(workers, resources, loose: bool) -> list | None:
     workers = [str(w) for w in (workers or [])]
     resources = {str(k): float(v) for k, v in (resources or {}).items()}
     return [(workers, resources, bool(loose))]
+
+
+def _finished_ok(flat: list, errors: str) -> list:
+    """The done futures that have values; with errors="raise" the first
+    failed or cancelled one raises (the remote traceback as a note)."""
+    good = []
+    for f in flat:
+        st = f._state
+        if st.status == "error":
+            if errors == "raise":
+                raise raisable(_with_remote_note(st.exception, st.traceback))
+        elif st.status == "cancelled":
+            if errors == "raise":
+                raise FutureCancelledError(f.key)
+        else:
+            good.append(f)
+    return good
 
 
 async def _completed(value):

@@ -332,6 +332,7 @@ class DistributedMethods:
         info = self._dm_workers()
         targets = self._dm_resolve(workers, info)
         self._dm_push_uploads(targets)
+        self._dm_push_plugins(targets)
         futures = self._dm_submit_run(function, args, kwargs, targets)
         if not wait:
             from .api import fire_and_forget
@@ -392,6 +393,157 @@ class DistributedMethods:
             return
         for name, data in files:
             self._dm_run(worker_extras.install_upload, (name, data, "none"), targets=new)
+        with self._lock:
+            seen.update(new)
+
+    # -------------------------------------------------------- plugins
+    @_awaitable_when_asynchronous
+    def register_plugin(self, plugin, name: str | None = None, idempotent: bool | None = None) -> dict:
+        """Registers a worker plugin (`rdask.WorkerPlugin`, a duck-typed
+        object with `setup(worker)`, or a subclass instance of distributed's
+        WorkerPlugin) and runs its `setup(worker)` on every worker now;
+        returns {worker address: {"status": "OK"}} and raises the first
+        setup error. Registering under a name in use replaces that plugin
+        (its teardown runs first), unless `idempotent` (default: the
+        plugin's `idempotent` attribute, else False): then nothing happens
+        and {} comes back. `name` defaults to the plugin's `name` attribute,
+        else its class name and a random suffix.
+
+        Workers that join later set it up too: those a LocalCluster starts
+        or restarts (scale, a nanny restart, `restart`) when they start,
+        before they run any task; other workers (a remote cluster) the next
+        time this client calls `run` (or `upload_file`, `get_versions`,
+        `get_worker_logs`), as for `upload_file`.
+
+        Scheduler and nanny plugins raise NotImplementedError: the scheduler
+        is Rust and runs no Python, and nannies run no plugin code."""
+        from . import plugins
+
+        self._check()
+        plugin = plugins.from_distributed(plugin)
+        plugins.check_worker_plugin(plugin)
+        if getattr(self.cluster, "processes", True) is False:
+            raise NotImplementedError("worker plugins need worker processes: the workers of "
+                                      "LocalCluster(processes=False) are threads of this process, with no worker "
+                                      "object to set up")
+        name = str(name) if name is not None else plugins.plugin_name(plugin)
+        if idempotent is None:
+            idempotent = bool(getattr(plugin, "idempotent", False))
+        registry = self._dm_state("_dm_plugins", dict)
+        folder = self._dm_plugin_dir()
+        if idempotent and (name in registry or (folder and plugins.has_plugin_file(folder, name))):
+            return {}
+        record = plugins.make_record(name, plugin, idempotent)
+        before = self._dm_workers()
+        targets = list(before)
+        # workers this client has not seen get what it registered before
+        self._dm_push_uploads(targets)
+        self._dm_push_plugins(targets)
+        if folder:
+            plugins.write_plugin_file(folder, record)
+        with self._lock:
+            registry.pop(name, None)
+            registry[name] = record
+        out = self._dm_run(plugins.add_plugin, (record,), targets=targets, on_error="return")
+        seen = self._dm_state("_dm_plugin_seen", set)
+        with self._lock:
+            seen.update(targets)
+        return self._dm_plugin_results(out, len(before))
+
+    def _dm_plugin_results(self, out: dict, n_before: int, timeout: float = 60.0) -> dict:
+        """{address: {"status": "OK"}} from the results of add_plugin; raises
+        the first error; waits for the workers a plugin restarted."""
+        errors, restarting, ok = [], [], {}
+        for a, r in out.items():
+            if isinstance(r, _rdask.CommClosedError):
+                continue  # it left (or restarted) before answering
+            if isinstance(r, BaseException):
+                errors.append(r)
+                continue
+            ok[a] = {"status": "OK"}
+            if isinstance(r, dict) and r.get("restarting"):
+                restarting.append(a)
+        if restarting:
+            deadline = time.monotonic() + timeout
+            while True:
+                now = set(self._dm_workers())
+                if not (now & set(restarting)) and len(now) >= n_before:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(now)} of {n_before} workers back {timeout} s after a plugin "
+                                       "restarted them")
+                time.sleep(0.05)
+        if errors:
+            raise errors[0]
+        return ok
+
+    def register_worker_plugin(self, plugin=None, name: str | None = None, nanny: bool | None = None):
+        """The older name of `register_plugin` (distributed's). `nanny=True`
+        raises NotImplementedError (rdask's nannies run no plugin code)."""
+        from . import plugins
+
+        if nanny:
+            raise NotImplementedError(plugins.NANNY_REASON)
+        return self.register_plugin(plugin, name=name, idempotent=False)
+
+    @_awaitable_when_asynchronous
+    def unregister_worker_plugin(self, name: str, nanny: bool | None = None) -> dict:
+        """Removes a worker plugin: each worker runs its `teardown(worker)`,
+        and workers that join later no longer set it up. Raises ValueError
+        when no plugin of that name is registered, and the first teardown
+        error."""
+        from . import plugins
+
+        if nanny:
+            raise NotImplementedError(plugins.NANNY_REASON)
+        self._check()
+        name = str(name)
+        registry = self._dm_state("_dm_plugins", dict)
+        with self._lock:
+            known = registry.pop(name, None) is not None
+        folder = self._dm_plugin_dir()
+        if folder and plugins.remove_plugin_file(folder, name):
+            known = True
+        out = self._dm_run(plugins.remove_plugin, (name,), on_error="return")
+        errors, ok = [], {}
+        for a, r in out.items():
+            if isinstance(r, _rdask.CommClosedError):
+                continue
+            if isinstance(r, BaseException):
+                errors.append(r)
+                known = True
+                continue
+            ok[a] = {"status": "OK"}
+            known = known or bool(r.get("removed"))
+        if not known:
+            raise ValueError(f"The worker plugin {name} does not exist")
+        if errors:
+            raise errors[0]
+        return ok
+
+    def _dm_plugin_dir(self) -> str | None:
+        folder = getattr(self.cluster, "_plugin_dir", None)
+        return folder if folder and os.path.isdir(folder) else None
+
+    def _dm_push_plugins(self, targets):
+        """Gives workers this client has not seen since it registered its
+        plugins those plugins (the workers of a remote cluster that joined
+        later; a LocalCluster's have them from its folder and skip them)."""
+        from . import plugins
+
+        registry = self.__dict__.get("_dm_plugins")
+        if not registry:
+            return
+        seen = self._dm_state("_dm_plugin_seen", set)
+        with self._lock:
+            new = [a for a in targets if a not in seen]
+            records = list(registry.values())
+        if not new:
+            return
+        out = self._dm_run(plugins.sync_plugins, (records,), targets=new, on_error="return")
+        for a, r in out.items():
+            if isinstance(r, BaseException) and not isinstance(r, _rdask.CommClosedError):
+                logger.warning("worker plugins failed to set up on %s: %s", a, r)
         with self._lock:
             seen.update(new)
 

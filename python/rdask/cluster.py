@@ -86,6 +86,10 @@ class LocalCluster:
         # starts (or restarts) puts this folder on its sys.path.
         self._upload_dir = tempfile.mkdtemp(prefix="rdask-uploads-", dir=local_directory if local_directory
                                             and os.path.isdir(local_directory) else None)
+        # Worker plugins (Client.register_plugin), pickled: every worker
+        # process this cluster starts (or restarts) sets them up at start.
+        self._plugin_dir = tempfile.mkdtemp(prefix="rdask-plugins-", dir=local_directory if local_directory
+                                            and os.path.isdir(local_directory) else None)
         self._event("INFO", f"scheduler at {self.scheduler_address}"
                     + (f", dashboard at {self.dashboard_link}" if self.dashboard_link else ", no dashboard"))
         try:
@@ -100,9 +104,10 @@ class LocalCluster:
         logger.log(getattr(logging, level, logging.INFO), message)
 
     def _worker_env(self) -> dict:
+        from .plugins import PLUGIN_DIR_ENV
         from .worker_extras import UPLOAD_DIR_ENV
 
-        return {UPLOAD_DIR_ENV: self._upload_dir}
+        return {UPLOAD_DIR_ENV: self._upload_dir, PLUGIN_DIR_ENV: self._plugin_dir}
 
     # ------------------------------------------------------------ workers
     def _client(self):
@@ -284,8 +289,9 @@ class LocalCluster:
         for w in workers:
             if isinstance(w, threading.Thread):
                 w.join(timeout=5)
-        if getattr(self, "_upload_dir", None):
-            shutil.rmtree(self._upload_dir, ignore_errors=True)
+        for folder in (getattr(self, "_upload_dir", None), getattr(self, "_plugin_dir", None)):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-bind", dest="bind", action="store_false")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
     from .config import add_memory_flags, thresholds_from_args
-    from .security import add_tls_flags, from_args
+    from .security import add_tls_flags, apply_args
 
     add_token_args(p)
     add_memory_flags(p)
@@ -112,10 +112,8 @@ def main(argv=None) -> int:
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        security = from_args(a)
-        if security:
-            security.apply("worker")
-    except (ValueError, OSError, _rdask.RdaskError) as e:
+        security = apply_args(a)
+    except ValueError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 2
     if a.protocol is None:

@@ -100,6 +100,18 @@ def from_args(a) -> Security | None:
                     tls_worker_cert=cert, tls_worker_key=key)
 
 
+def apply_args(a, role: str = "worker") -> Security | None:
+    """Makes the command's TLS flags this process's identity and returns
+    them as a Security (None without flags); ValueError names what is wrong."""
+    try:
+        sec = from_args(a)
+        if sec:
+            sec.apply(role)
+        return sec
+    except (OSError, _rdask.RdaskError) as e:
+        raise ValueError(str(e)) from None
+
+
 def add_tls_flags(p):
     p.add_argument("--tls-ca-file", default=None, help="CA certificate(s) that sign this cluster's certificates (PEM)")
     p.add_argument("--tls-cert", default=None, help="this process's certificate (PEM); turns on tls://")

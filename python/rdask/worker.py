@@ -41,6 +41,8 @@ class WorkerInfo:
         self.gpu = None
         # Its listening address, once a `Client.run` told it.
         self.address: str | None = None
+        # Worker plugins by name (rdask.plugins; Client.register_plugin).
+        self.plugins: dict = {}
 
     @property
     def current_key(self):
@@ -90,11 +92,19 @@ def shared_client():
         return w._client
 
 
+# Set by rdask.plugins while a worker plugin has a `transition` hook:
+# called with (key, start, finish) before and after each task.
+_on_transition = None
+
+
 def execute(key: str, payload, inputs: list):
     """Runs one task. Returns (True, value, nbytes) or (False, message, error payload)."""
     w = _worker
     if w is not None:
         w._local.key = key
+    hook = _on_transition
+    if hook is not None:
+        hook(key, "ready", "executing")
     try:
         msg = pickle.loads(payload)
         kind = msg[0]
@@ -114,12 +124,15 @@ def execute(key: str, payload, inputs: list):
         size = nbytes(result)
         # Small results are pickled now, while this thread holds the GIL
         # anyway: serving them to a peer or client later then needs no GIL.
-        return (True, result, size, dumps(result) if size <= EAGER_BYTES else None)
+        out = (True, result, size, dumps(result) if size <= EAGER_BYTES else None)
     except Exception as e:
-        return (False, f"{type(e).__name__}: {e}", dumps_error(e))
+        out = (False, f"{type(e).__name__}: {e}", dumps_error(e))
     finally:
         if w is not None:
             w._local.key = None
+    if hook is not None:
+        hook(key, "executing", "memory" if out[0] else "error")
+    return out
 
 
 # Exit code of a worker process that could not reach or join its scheduler
@@ -184,24 +197,31 @@ def run(
     from .worker_extras import on_worker_start
 
     on_worker_start()
-    _rdask.run_worker(
-        scheduler,
-        execute,
-        dumps,
-        loads,
-        name,
-        nthreads=nthreads,
-        memory_limit=memory_limit,
-        resources=resources,
-        listen=listen or f"{scheduler.split('://', 1)[0] if '://' in scheduler else 'tcp'}://{listen_host}:0",
-        token=token,
-        connect_timeout=connect_timeout,
-        cpus=list(cpus or []),
-        numa_node=numa_node,
-        gpu=gpu,
-        memory_thresholds=thresholds_tuple(memory_thresholds or config.memory_thresholds()),
-        local_directory=local_directory,
-    )
+    try:
+        _rdask.run_worker(
+            scheduler,
+            execute,
+            dumps,
+            loads,
+            name,
+            nthreads=nthreads,
+            memory_limit=memory_limit,
+            resources=resources,
+            listen=listen or f"{scheduler.split('://', 1)[0] if '://' in scheduler else 'tcp'}://{listen_host}:0",
+            token=token,
+            connect_timeout=connect_timeout,
+            cpus=list(cpus or []),
+            numa_node=numa_node,
+            gpu=gpu,
+            memory_thresholds=thresholds_tuple(memory_thresholds or config.memory_thresholds()),
+            local_directory=local_directory,
+        )
+    finally:
+        # The worker left (or could not join): its plugins' teardown, best
+        # effort (a killed process runs none).
+        from .plugins import teardown_all
+
+        teardown_all()
 
 
 def main(argv=None):
@@ -221,15 +241,13 @@ def main(argv=None):
     p.add_argument("--gpu", default=None, help="the GPU this worker drives (reported to the scheduler)")
     config.add_memory_flags(p)
     p.add_argument("--protocol", default=None, help="tcp or tls (default: the scheduler address's)")
-    from .security import add_tls_flags, from_args
+    from .security import add_tls_flags, apply_args
 
     add_tls_flags(p)
     a = p.parse_args(argv)
     try:
-        security = from_args(a)
-        if security:
-            security.apply("worker")
-    except (ValueError, OSError, _rdask.RdaskError) as e:
+        apply_args(a)
+    except ValueError as e:
         print(f"rdask worker {a.name}: {e}", file=sys.stderr)
         return EXIT_CANNOT_JOIN
     protocol = a.protocol or (a.scheduler.split("://", 1)[0] if "://" in a.scheduler else "tcp")

@@ -272,9 +272,17 @@ def leave_soon(restart: bool = False, delay: float = 0.1) -> int:
 
 def on_worker_start():
     """Called by `rdask.worker.run` before the worker joins: captures the
-    process's Python log records and activates uploaded files."""
+    process's Python log records, activates uploaded files and sets up the
+    worker plugins of `$RDASK_PLUGIN_DIR` (rdask.plugins)."""
     install_log_buffer()
     try:
         activate_uploads()
     except Exception as e:  # never keeps a worker from starting
         logging.getLogger("rdask.worker").warning("could not activate uploaded files: %s", e)
+    if os.environ.get("RDASK_PLUGIN_DIR"):
+        try:
+            from .plugins import activate_plugins
+
+            activate_plugins()
+        except Exception as e:
+            logging.getLogger("rdask.worker").warning("could not set up worker plugins: %s", e)
