@@ -33,6 +33,13 @@ def _client_attempt(address: str, ca: str | None, cert: str | None, key: str | N
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _plain_tcp_afterwards():
+    """The TLS identity is process-wide: later tests of this session use plain TCP."""
+    yield
+    rdask._rdask.configure_tls(None, None, None, False)
+
+
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
     sec = Security.temporary(str(tmp_path_factory.mktemp("tls")))
