@@ -70,6 +70,7 @@ struct Shared {
     coord: HashMap<u64, oneshot::Sender<(CoordOutcome, Vec<Bytes>)>>,
     processing: HashMap<u64, oneshot::Sender<Vec<(String, Vec<String>)>>>,
     dropped: HashMap<u64, oneshot::Sender<u64>>,
+    host_calls: HashMap<u64, oneshot::Sender<(bool, String, Option<Bytes>)>>,
     errors: Vec<String>,
     disconnected: bool,
     /// Status changes of held keys, in arrival order, kept only once
@@ -149,6 +150,7 @@ impl Client {
                         sh.coord.clear();
                         sh.processing.clear();
                         sh.dropped.clear();
+                        sh.host_calls.clear();
                         drop(sh);
                         c.notify_waiters();
                         break;
@@ -340,6 +342,24 @@ impl Client {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = FromClientMessage::WhoHas { request_id, keys: keys.to_vec() };
         self.request(msg, |sh| &mut sh.who_has, request_id).await
+    }
+
+    /// Runs something in the scheduler's Python process (`kind`: run,
+    /// register_plugin, unregister_plugin): (ok, message, pickled result).
+    pub async fn scheduler_call(&self, kind: &str, name: &str, payload: Bytes) -> Result<(bool, String, Option<Bytes>), ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = {
+            let mut sh = self.shared.lock().unwrap();
+            if sh.disconnected {
+                return Err(ClientError::Disconnected);
+            }
+            let (tx, rx) = oneshot::channel();
+            sh.host_calls.insert(request_id, tx);
+            rx
+        };
+        let msg = FromClientMessage::SchedulerCall { request_id, kind: kind.to_string(), name: name.to_string() };
+        self.sender.send(Frame::with_data(&msg, vec![payload])).map_err(|_| ClientError::Disconnected)?;
+        rx.await.map_err(|_| ClientError::Disconnected)
     }
 
     /// Per worker address, the keys it is running or has queued.
@@ -589,6 +609,11 @@ fn handle_frame(shared: &Mutex<Shared>, frame: &Frame) -> Result<(), TransportEr
                 if let Some(tx) = sh.processing.remove(&request_id.to_native()) {
                     let _ = tx.send(workers);
                 }
+            }
+        }
+        ArchivedToClientMessage::SchedulerCallResult { request_id, ok, message } => {
+            if let Some(tx) = sh.host_calls.remove(&request_id.to_native()) {
+                let _ = tx.send((*ok, message.to_string(), frame.data.first().cloned()));
             }
         }
         ArchivedToClientMessage::ReplicasDropped { request_id, dropped } => {

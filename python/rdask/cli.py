@@ -215,12 +215,16 @@ def scheduler_main(argv=None) -> int:
     token = token_of(a)
     dashboard = None if not a.dashboard or a.dashboard_address.lower() == "none" else a.dashboard_address
     _rdask.init_logging("info")
+    from .scheduler_side import SchedulerSide
+
+    side = SchedulerSide()
     try:
         sched = _rdask.Scheduler(a.host, a.port, token, a.worker_timeout, dashboard_address=dashboard,
-                                 address=f"{a.protocol}://{_host_port(a.host, a.port)}")
+                                 address=f"{a.protocol}://{_host_port(a.host, a.port)}", python_side=side)
     except OSError as e:
         print(f"rdask-scheduler: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
         return 1
+    side.state.address = side.state.id = sched.address
     print(f"rdask-scheduler bound to {sched.bound_address}; clients and workers connect to {sched.address}",
           file=sys.stderr, flush=True)
     if sched.dashboard_link:

@@ -342,10 +342,35 @@ class DistributedMethods:
         return self._dm_collect(futures, on_error)
 
     def run_on_scheduler(self, function, *args, **kwargs):
-        """Not available: the rdask scheduler is Rust and runs no Python."""
-        raise NotImplementedError(
-            "Client.run_on_scheduler: the rdask scheduler is written in Rust and runs no Python code; "
-            "use Client.run to run on workers, or scheduler_info() for the scheduler's state")
+        """Runs `function(*args, **kwargs)` in the scheduler's process and
+        returns its result (a `dask_scheduler` argument gets the scheduler's
+        Python-side state: address, workers, clients, plugins). Works with
+        the Python `rdask-scheduler` and a LocalCluster; the Rust
+        `rdask-scheduler` binary has no Python and says so."""
+        import cloudpickle
+
+        return self._dm_scheduler_call("run", "", cloudpickle.dumps((function, args, kwargs)))
+
+    def _dm_scheduler_call(self, kind: str, name: str, payload: bytes):
+        import cloudpickle
+
+        from .serialize import loads_error
+
+        ok, message, frame = self._rc.scheduler_call(kind, name, payload)
+        if ok:
+            return cloudpickle.loads(bytes(frame)) if frame is not None else None
+        if frame is not None:
+            exc, tb = loads_error(frame, message)
+            from .client import _with_remote_note
+
+            raise _with_remote_note(exc, tb)
+        if "no Python side" in message:
+            raise NotImplementedError(message)
+        raise ValueError(message)
+
+    def unregister_scheduler_plugin(self, name):
+        """Removes a scheduler plugin (its `close` runs)."""
+        self._dm_scheduler_call("unregister_plugin", str(name), b"")
 
     # -------------------------------------------------------- upload_file
     @_awaitable_when_asynchronous
@@ -421,6 +446,14 @@ class DistributedMethods:
 
         self._check()
         plugin = plugins.from_distributed(plugin)
+        if plugins.is_scheduler_plugin(plugin):
+            import cloudpickle
+
+            name = str(name) if name is not None else plugins.plugin_name(plugin)
+            if idempotent is None:
+                idempotent = bool(getattr(plugin, "idempotent", False))
+            self._dm_scheduler_call("register_plugin", name, cloudpickle.dumps((plugin, bool(idempotent))))
+            return {}
         plugins.check_worker_plugin(plugin)
         if getattr(self.cluster, "processes", True) is False:
             raise NotImplementedError("worker plugins need worker processes: the workers of "

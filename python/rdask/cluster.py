@@ -72,9 +72,15 @@ class LocalCluster:
             raise ValueError("LocalCluster(protocol='tls') needs security=rdask.Security(...) or security=True")
         if self.security:
             self.security.apply("scheduler")
+        from .scheduler_side import SchedulerSide
+
+        # Where run_on_scheduler and scheduler plugins run (in this process).
+        self._scheduler_side = SchedulerSide()
         self.scheduler = _rdask.Scheduler(host, scheduler_port, token, dashboard_address=dashboard_address,
-                                          address=f"{self.protocol}://{host}:{scheduler_port}")
+                                          address=f"{self.protocol}://{host}:{scheduler_port}",
+                                          python_side=self._scheduler_side)
         self.scheduler_address = self.scheduler.address
+        self._scheduler_side.state.address = self._scheduler_side.state.id = self.scheduler_address
         self.workers: dict[str, Nanny | threading.Thread] = {}
         self._next = 0
         self._closed = False

@@ -83,7 +83,9 @@ def _serve_scheduler(host: str, port: int, token, scheduler_file, wait_for_clien
 
     _rdask.init_logging()
     address = f"mpi://0:{port}" if protocol == "mpi" else None
-    sched = _rdask.Scheduler(host, port, token, address=address)
+    from .scheduler_side import SchedulerSide
+
+    sched = _rdask.Scheduler(host, port, token, address=address, python_side=SchedulerSide())
     _rdask.mpi_broadcast(sched.address)
     if scheduler_file:
         write_scheduler_file(scheduler_file, sched.address)

@@ -298,6 +298,16 @@ def from_distributed(plugin):
     return plugin
 
 
+def is_scheduler_plugin(plugin) -> bool:
+    """A scheduler plugin: a SchedulerPlugin (rdask's or distributed's), or
+    an object with scheduler hooks and no `setup`."""
+    if isinstance(plugin, type) or isinstance(plugin, _types("NannyPlugin", NannyPlugin)):
+        return False
+    if isinstance(plugin, _types("SchedulerPlugin", SchedulerPlugin)):
+        return True
+    return not callable(getattr(plugin, "setup", None)) and any(callable(getattr(plugin, h, None)) for h in SCHEDULER_HOOKS)
+
+
 def check_worker_plugin(plugin) -> None:
     """Raises unless `plugin` is a worker plugin rdask can run."""
     if isinstance(plugin, type):

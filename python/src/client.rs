@@ -430,6 +430,20 @@ impl Client {
         Ok((kind.to_string(), data, frames_to_py(py, frames)?))
     }
 
+    /// Runs `kind` (run, register_plugin, unregister_plugin) with the pickled
+    /// `payload` in the scheduler's Python process: `(ok, message, frame|None)`.
+    fn scheduler_call(&self, py: Python<'_>, kind: String, name: String, payload: Bound<'_, PyAny>) -> PyResult<(bool, String, Option<Py<Frame>>)> {
+        let client = self.inner()?;
+        let payload = py_to_bytes(&payload)?;
+        let (ok, message, frame) =
+            py.detach(move || runtime().block_on(client.scheduler_call(&kind, &name, payload))).map_err(to_py_err)?;
+        let frame = match frame {
+            Some(f) => Some(frames_to_py(py, [f])?.remove(0)),
+            None => None,
+        };
+        Ok((ok, message, frame))
+    }
+
     /// `{worker address: [keys it runs or has queued]}`.
     fn processing<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let client = self.inner()?;

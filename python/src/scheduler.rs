@@ -20,7 +20,11 @@ impl Scheduler {
     /// `address` (e.g. `mpi://0:0`) overrides `host` and `port`.
     #[new]
     /// `dashboard_address` (`:8787`, `host:port`, `:0`) serves the dashboard; None: off.
-    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256, address=None, dashboard_address=None))]
+    /// `python_side`: called as `python_side(event, client_id, request_id, name, payload)` on a
+    /// thread of its own for `run_on_scheduler`, scheduler plugins and
+    /// membership events; returns `(ok, message, bytes|None)` for calls.
+    #[pyo3(signature = (host="127.0.0.1", port=0, token=None, worker_timeout=60.0, tasks_per_thread=256, address=None, dashboard_address=None, python_side=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         host: &str,
@@ -30,12 +34,21 @@ impl Scheduler {
         tasks_per_thread: u32,
         address: Option<String>,
         dashboard_address: Option<String>,
+        python_side: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let mut config = SchedulerConfig::default();
         config.token = token;
         config.worker_timeout = Duration::from_secs_f64(worker_timeout.max(0.1));
         config.core.tasks_per_thread = tasks_per_thread.max(1);
         config.dashboard = dashboard_address;
+        if let Some(side) = python_side {
+            let (link, messages, replies) = rdask_sched::reactor::HostLink::new();
+            config.host = Some(link);
+            std::thread::Builder::new()
+                .name("rdask-scheduler-python".into())
+                .spawn(move || serve_python_side(side, messages, replies))
+                .map_err(crate::os_error)?;
+        }
         let addr = address.unwrap_or_else(|| format!("tcp://{host}:{port}"));
         // The same allocator settings as the rdask-scheduler binary: without
         // them this process keeps the peak memory of a released graph.
@@ -84,6 +97,41 @@ impl Scheduler {
 
     fn __repr__(&self) -> String {
         format!("<rdask Scheduler {} ({})>", self.address, if self.handle.is_some() { "running" } else { "stopped" })
+    }
+}
+
+/// The scheduler's Python side: waits (without the GIL) for what the
+/// reactor sends, calls `side` for each, and sends call results back. Ends
+/// when the scheduler stops (its end of the channel goes).
+fn serve_python_side(
+    side: Py<PyAny>,
+    messages: std::sync::mpsc::Receiver<rdask_sched::reactor::HostMsg>,
+    replies: tokio::sync::mpsc::UnboundedSender<rdask_sched::reactor::HostReply>,
+) {
+    use rdask_sched::reactor::{HostMsg, HostReply};
+    while let Ok(msg) = messages.recv() {
+        Python::attach(|py| {
+            let empty = pyo3::types::PyBytes::new(py, b"");
+            let (event, client, request_id, name, payload) = match &msg {
+                HostMsg::Call(c) => (c.kind.clone(), c.client.0 as u64, c.request_id, c.name.clone(), pyo3::types::PyBytes::new(py, &c.payload)),
+                HostMsg::WorkerAdded(a) => ("worker_added".to_string(), 0, 0, a.clone(), empty),
+                HostMsg::WorkerRemoved(a) => ("worker_removed".to_string(), 0, 0, a.clone(), empty),
+                HostMsg::ClientAdded(c) => ("client_added".to_string(), c.0 as u64, 0, String::new(), empty),
+                HostMsg::ClientRemoved(c) => ("client_removed".to_string(), c.0 as u64, 0, String::new(), empty),
+            };
+            let result = side.call1(py, (event, client, request_id, name, payload));
+            let HostMsg::Call(call) = msg else {
+                if let Err(e) = result {
+                    e.print(py);
+                }
+                return;
+            };
+            let reply = match result.and_then(|r| r.extract::<(bool, String, Option<Vec<u8>>)>(py)) {
+                Ok((ok, message, payload)) => HostReply { client: call.client, request_id: call.request_id, ok, message, payload: payload.map(Into::into) },
+                Err(e) => HostReply { client: call.client, request_id: call.request_id, ok: false, message: format!("the scheduler's Python side failed: {e}"), payload: None },
+            };
+            let _ = replies.send(reply);
+        });
     }
 }
 

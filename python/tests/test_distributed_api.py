@@ -138,9 +138,42 @@ def test_run_without_waiting(dclient, tmp_path, poll):
     poll(lambda: (tmp_path / "ran").exists(), 20, what="run(wait=False) to have run")
 
 
-def test_run_on_scheduler_is_not_available(dclient):
-    with pytest.raises(NotImplementedError, match="Rust"):
-        dclient.run_on_scheduler(os.getpid)
+def scheduler_facts(dask_scheduler):
+    return dask_scheduler.address, sorted(dask_scheduler.workers), os.getpid()
+
+
+def test_run_on_scheduler_runs_in_the_schedulers_process(dclient, dcluster):
+    # The LocalCluster's scheduler lives in this process.
+    address, workers, pid = dclient.run_on_scheduler(scheduler_facts)
+    assert (address, pid) == (dcluster.scheduler_address, os.getpid())
+    assert workers == addresses(dclient)
+    assert dclient.run_on_scheduler(add, 1, y=2) == 3
+    with pytest.raises(ValueError, match="exploded on purpose") as e:
+        dclient.run_on_scheduler(explode)
+    assert any("Remote traceback" in n for n in getattr(e.value, "__notes__", []))
+
+
+def test_run_on_scheduler_of_the_rust_binary_says_why_not(tmp_path):
+    import json
+    import subprocess
+
+    binary = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "target", "release", "rdask-scheduler")
+    if not os.path.exists(binary):
+        pytest.skip("the Rust rdask-scheduler binary is not built")
+    sched_file = tmp_path / "s.json"
+    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "none",
+                             "--scheduler-file", str(sched_file)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        with Client(json.loads(sched_file.read_text())["address"], set_as_default=False) as c:
+            with pytest.raises(NotImplementedError, match="no Python side"):
+                c.run_on_scheduler(os.getpid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # ---------------------------------------------------------------- versions

@@ -326,18 +326,63 @@ def test_transition_async_setup_errors_and_duck_typing(monkeypatch):
         monkeypatch.setitem(sys.modules, "distributed.diagnostics.plugin", fake)
         c.register_plugin(DistSubclass())
         assert ("distributed-subclass", "0") in c.run(events)[addr]
-        with pytest.raises(NotImplementedError, match="Rust"):
-            c.register_plugin(type("S", (FakeDistSchedulerPlugin,), {})())
+        # a subclass of distributed's SchedulerPlugin runs on the scheduler
+        assert c.register_plugin(type("S", (FakeDistSchedulerPlugin,), {})(), name="dist-sched") == {}
+        c.unregister_scheduler_plugin("dist-sched")
         with pytest.raises(NotImplementedError, match="nann"):
             c.register_plugin(type("N", (FakeDistNannyPlugin,), {})())
 
 
-def test_scheduler_and_nanny_plugins_are_refused():
+class WatchWorkers(SchedulerPlugin):
+    """Records what the scheduler's Python side tells it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def start(self, scheduler):
+        self.seen.append(("start", scheduler.address))
+
+    def add_worker(self, scheduler=None, worker=None, **kwargs):
+        self.seen.append(("add", worker))
+
+    def remove_worker(self, scheduler=None, worker=None, **kwargs):
+        self.seen.append(("remove", worker))
+
+    def close(self):
+        self.seen.append(("close", None))
+
+
+def seen_by(name, dask_scheduler=None):
+    return list(dask_scheduler.plugins[name].seen)
+
+
+def test_a_scheduler_plugin_sees_workers_come_and_go():
     with quick_cluster(1) as cluster, Client(cluster, set_as_default=False) as c:
-        with pytest.raises(NotImplementedError, match="scheduler is written in Rust and runs no Python"):
-            c.register_plugin(MySchedulerPlugin())
-        with pytest.raises(NotImplementedError, match="scheduler is written in Rust"):
-            c.register_plugin(DuckSchedulerPlugin())
+        c.register_plugin(WatchWorkers(), name="watch")
+        assert c.run_on_scheduler(seen_by, "watch") == [("start", cluster.scheduler_address)]
+        cluster.scale(2)
+        c.wait_for_workers(2)
+        new = [a for a in c.scheduler_info()["workers"] if ("add", a) in c.run_on_scheduler(seen_by, "watch")]
+        assert len(new) == 1, c.run_on_scheduler(seen_by, "watch")
+        c.retire_workers(new)
+        deadline = time.time() + 20
+        while ("remove", new[0]) not in c.run_on_scheduler(seen_by, "watch") and time.time() < deadline:
+            time.sleep(0.1)
+        assert ("remove", new[0]) in c.run_on_scheduler(seen_by, "watch")
+        # idempotent registration keeps the running plugin; unregistering closes it
+        c.register_plugin(WatchWorkers(), name="watch", idempotent=True)
+        assert c.run_on_scheduler(seen_by, "watch")[0][0] == "start"
+        plugin_state = c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["watch"])
+        c.unregister_scheduler_plugin("watch")
+        assert plugin_state.seen[-1][0] in ("add", "remove", "start")
+        with pytest.raises(ValueError, match="Could not find plugin"):
+            c.unregister_scheduler_plugin("watch")
+        c.register_plugin(MySchedulerPlugin(), name="mine")
+        c.register_plugin(DuckSchedulerPlugin(), name="duck")
+
+
+def test_nanny_plugins_are_refused():
+    with quick_cluster(1) as cluster, Client(cluster, set_as_default=False) as c:
         with pytest.raises(NotImplementedError, match="nannies run no plugin code"):
             c.register_plugin(rdask.NannyPlugin())
         with pytest.raises(NotImplementedError, match="nannies"):

@@ -30,6 +30,54 @@ pub struct SchedulerConfig {
     pub max_events_per_tick: usize,
     /// Where to serve the dashboard (`host:port`, `:8787`, `:0`); None: off.
     pub dashboard: Option<String>,
+    /// The scheduler's Python side, when it runs inside a Python process
+    /// (`rdask-scheduler`, `LocalCluster`): `run_on_scheduler` and
+    /// scheduler plugins. None: such calls are refused with the reason.
+    pub host: Option<HostLink>,
+}
+
+/// What the reactor tells the scheduler's Python side.
+#[derive(Debug)]
+pub enum HostMsg {
+    Call(crate::core::HostCall),
+    WorkerAdded(String),
+    WorkerRemoved(String),
+    ClientAdded(ClientId),
+    ClientRemoved(ClientId),
+}
+
+/// The answer of the Python side to a [`HostMsg::Call`].
+#[derive(Debug)]
+pub struct HostReply {
+    pub client: ClientId,
+    pub request_id: u64,
+    pub ok: bool,
+    pub message: String,
+    pub payload: Option<rdask_transport::bytes::Bytes>,
+}
+
+/// Channels to the scheduler's Python side: messages go out on a plain
+/// channel (a thread of the host blocks on it), answers come back on a tokio
+/// one the reactor selects on.
+#[derive(Clone)]
+pub struct HostLink {
+    pub to_host: std::sync::mpsc::Sender<HostMsg>,
+    pub replies: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<HostReply>>>>,
+}
+
+impl std::fmt::Debug for HostLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostLink")
+    }
+}
+
+impl HostLink {
+    /// A link and the host's ends of it: (link, messages for the host, where its answers go).
+    pub fn new() -> (HostLink, std::sync::mpsc::Receiver<HostMsg>, mpsc::UnboundedSender<HostReply>) {
+        let (to_host, from_reactor) = std::sync::mpsc::channel();
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        (HostLink { to_host, replies: Arc::new(std::sync::Mutex::new(Some(reply_rx))) }, from_reactor, reply_tx)
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -41,6 +89,7 @@ impl Default for SchedulerConfig {
             progress_interval: Duration::from_secs(5),
             max_events_per_tick: 4096,
             dashboard: None,
+            host: None,
         }
     }
 }
@@ -137,11 +186,19 @@ pub async fn serve_with_dashboard(
     let mut addresses: FxHashMap<WorkerId, String> = FxHashMap::default();
     let mut housekeeping = tokio::time::interval(config.progress_interval.min(config.worker_timeout / 4));
     let mut last_logged = core.stats;
+    let host = config.host.clone();
+    let mut host_replies = host.as_ref().and_then(|h| h.replies.lock().unwrap().take());
 
     loop {
         tokio::select! {
             biased;
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            Some(reply) = async { match host_replies.as_mut() { Some(r) => r.recv().await, None => None } } => {
+                if let Some(s) = senders.clients.get(&reply.client) {
+                    let msg = ToClientMessage::SchedulerCallResult { request_id: reply.request_id, ok: reply.ok, message: reply.message };
+                    let _ = s.send(Frame::with_data(&msg, reply.payload.into_iter().collect()));
+                }
+            }
             // Only while a dashboard is on: one pass over the tasks.
             _ = snapshot_tick.tick(), if dashboard_task.is_some() => {
                 let link = dashboard_link.as_deref().unwrap_or("");
@@ -154,7 +211,7 @@ pub async fn serve_with_dashboard(
             _ = housekeeping.tick() => {
                 for w in core.silent_workers(now_ms(), config.worker_timeout.as_millis() as u64) {
                     tracing::warn!(worker = %w, "no message for {:?}; dropping worker", config.worker_timeout);
-                    drop_worker(&mut core, &mut comm, &mut senders, &mut addresses, w);
+                    drop_worker(&mut core, &mut comm, &mut senders, &mut addresses, w, host.as_ref());
                 }
                 if core.tasks.is_empty() && core.release_memory_if_idle() {
                     comm.release_spare();
@@ -173,11 +230,11 @@ pub async fn serve_with_dashboard(
             }
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms());
+                handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), host.as_ref());
                 let mut n = 1;
                 while n < config.max_events_per_tick {
                     match events.try_recv() {
-                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms()),
+                        Ok(ev) => handle(&mut core, &mut comm, &mut senders, &mut addresses, ev, now_ms(), host.as_ref()),
                         Err(_) => break,
                     }
                     n += 1;
@@ -185,6 +242,16 @@ pub async fn serve_with_dashboard(
             }
         }
         core.schedule(&mut comm);
+        for call in std::mem::take(&mut core.host_calls) {
+            let (client, request_id) = (call.client, call.request_id);
+            let sent = host.as_ref().is_some_and(|h| h.to_host.send(HostMsg::Call(call)).is_ok());
+            if !sent {
+                let message = "this scheduler has no Python side (the Rust rdask-scheduler binary): run_on_scheduler and \
+                               scheduler plugins need the Python rdask-scheduler or a LocalCluster"
+                    .to_string();
+                comm.send_client(client, ToClientMessage::SchedulerCallResult { request_id, ok: false, message });
+            }
+        }
         if !comm.is_empty() {
             comm.flush(&mut senders, &|w| addresses.get(&w).cloned());
         }
@@ -215,9 +282,18 @@ pub async fn serve_with_dashboard(
     );
 }
 
-fn drop_worker(core: &mut Core, comm: &mut Comm, senders: &mut Senders, addresses: &mut FxHashMap<WorkerId, String>, w: WorkerId) {
+fn drop_worker(
+    core: &mut Core,
+    comm: &mut Comm,
+    senders: &mut Senders,
+    addresses: &mut FxHashMap<WorkerId, String>,
+    w: WorkerId,
+    host: Option<&HostLink>,
+) {
     senders.workers.remove(&w);
-    addresses.remove(&w);
+    if let (Some(address), Some(h)) = (addresses.remove(&w), host) {
+        let _ = h.to_host.send(HostMsg::WorkerRemoved(address));
+    }
     core.remove_worker(comm, w);
 }
 
@@ -228,10 +304,17 @@ fn handle(
     addresses: &mut FxHashMap<WorkerId, String>,
     ev: Event,
     now_ms: u64,
+    host: Option<&HostLink>,
 ) {
+    let tell = |msg: HostMsg| {
+        if let Some(h) = host {
+            let _ = h.to_host.send(msg);
+        }
+    };
     match ev {
         Event::WorkerJoined { spec, sender, reply } => {
             let address = spec.address.clone();
+            tell(HostMsg::WorkerAdded(address.clone()));
             let id = core.add_worker(comm, spec, now_ms);
             senders.workers.insert(id, sender);
             addresses.insert(id, address);
@@ -246,11 +329,11 @@ fn handle(
                 if let Some(s) = senders.workers.get(&w) {
                     let _ = s.send(Frame::from_message(&ToWorkerMessage::Error { message: e.to_string() }));
                 }
-                drop_worker(core, comm, senders, addresses, w);
+                drop_worker(core, comm, senders, addresses, w, host);
             } else if core.workers.get(&w).is_some_and(|worker| worker.leaving) {
                 // Said goodbye: its tasks go elsewhere now, suspecting none,
                 // and the closed connection tells the worker it may go.
-                drop_worker(core, comm, senders, addresses, w);
+                drop_worker(core, comm, senders, addresses, w, host);
             }
         }
         Event::WorkerGone(w, reason) => {
@@ -261,13 +344,14 @@ fn handle(
                 } else {
                     tracing::info!(worker = %w, "worker connection closed");
                 }
-                drop_worker(core, comm, senders, addresses, w);
+                drop_worker(core, comm, senders, addresses, w, host);
             }
         }
         Event::ClientJoined { sender, reply } => {
             let id = core.add_client(comm);
             senders.clients.insert(id, sender);
             let _ = reply.send(id);
+            tell(HostMsg::ClientAdded(id));
         }
         Event::ClientFrame(c, frame) => {
             if !senders.clients.contains_key(&c) {
@@ -288,6 +372,7 @@ fn handle(
                     tracing::info!(client = %c, "client connection closed");
                 }
                 core.remove_client(comm, c);
+                tell(HostMsg::ClientRemoved(c));
             }
         }
     }

@@ -62,6 +62,12 @@ pub enum FromClientMessage {
     /// has another copy (rebalancing); answered with
     /// [`ToClientMessage::ReplicasDropped`] naming how many went.
     DropReplicas { request_id: u64, items: Vec<(String, String)> },
+    /// Python to run in the scheduler's process (`run_on_scheduler`,
+    /// scheduler plugins): `kind` names what (`run`, `register_plugin`,
+    /// `unregister_plugin`), the pickled payload is data frame 0. Answered
+    /// with [`ToClientMessage::SchedulerCallResult`]; a scheduler without a
+    /// Python side (the Rust binary) answers with an error.
+    SchedulerCall { request_id: u64, kind: String, name: String },
 }
 
 /// An operation on the scheduler's coordination state. Names are global to
@@ -191,6 +197,9 @@ pub enum ToClientMessage {
     /// Per worker address, the keys it is running or has queued.
     Processing { request_id: u64, workers: Vec<(String, Vec<String>)> },
     ReplicasDropped { request_id: u64, dropped: u64 },
+    /// The answer to `SchedulerCall`: the pickled result (or error) is data
+    /// frame 0 when there is one; `message` says what went wrong.
+    SchedulerCallResult { request_id: u64, ok: bool, message: String },
     /// A message the scheduler could not act on; the connection stays up.
     Error { message: String },
 }

@@ -147,6 +147,19 @@ pub struct Core {
     pub stream_enabled: bool,
     /// Locks, semaphores, variables, events, queues and datasets.
     coord: coord::Coordination,
+    /// Requests for the scheduler's Python side (`SchedulerCall`), for the
+    /// reactor to hand over (or refuse, when there is none).
+    pub host_calls: Vec<HostCall>,
+}
+
+/// A `SchedulerCall` from a client, for the scheduler's Python side.
+#[derive(Debug, Clone)]
+pub struct HostCall {
+    pub client: ClientId,
+    pub request_id: u64,
+    pub kind: String,
+    pub name: String,
+    pub payload: rdask_transport::bytes::Bytes,
 }
 
 /// Task runs kept for the task stream (about 100 bytes each).
@@ -191,6 +204,7 @@ impl Core {
             stream_workers: Default::default(),
             stream_enabled: false,
             coord: Default::default(),
+            host_calls: Vec::new(),
         }
     }
 
@@ -310,6 +324,16 @@ impl Core {
                     dropped += u64::from(self.drop_replica(comm, item.0.as_str(), item.1.as_str()));
                 }
                 comm.send_client(client, ToClientMessage::ReplicasDropped { request_id: request_id.to_native(), dropped });
+                Ok(())
+            }
+            ArchivedFromClientMessage::SchedulerCall { request_id, kind, name } => {
+                self.host_calls.push(HostCall {
+                    client,
+                    request_id: request_id.to_native(),
+                    kind: kind.to_string(),
+                    name: name.to_string(),
+                    payload: frame.data.first().cloned().unwrap_or_default(),
+                });
                 Ok(())
             }
             ArchivedFromClientMessage::Coord { request_id, op } => {
