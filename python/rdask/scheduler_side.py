@@ -122,6 +122,30 @@ class SchedulerSide:
         except Exception as e:
             return False, f"{type(e).__name__}: {e}", dumps_error(e)
 
+    @property
+    def wants_transitions(self) -> bool:
+        """Whether a plugin has a `transition` hook (the scheduler then sends
+        tasks that finish or fail)."""
+        from .plugins import SchedulerPlugin
+
+        def overridden(p):
+            fn = getattr(type(p), "transition", None)
+            return callable(fn) and fn is not SchedulerPlugin.transition
+
+        return any(overridden(p) for p in self.state.plugins.values())
+
+    def transitions(self, items):
+        """Tasks that finished or failed: `transition(key, start, finish)`."""
+        for name, plugin in list(self.state.plugins.items()):
+            fn = getattr(plugin, "transition", None)
+            if not callable(fn):
+                continue
+            try:
+                for key, start, finish in items:
+                    fn(key, start, finish)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in transition", name)
+
     def close(self):
         """The scheduler stops: plugins close."""
         for name in list(self.state.plugins):

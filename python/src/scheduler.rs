@@ -118,6 +118,13 @@ fn serve_python_side(
                 HostMsg::WorkerRemoved(a) => ("worker_removed".to_string(), 0, 0, a.clone(), empty),
                 HostMsg::ClientAdded(c) => ("client_added".to_string(), c.0 as u64, 0, String::new(), empty),
                 HostMsg::ClientRemoved(c) => ("client_removed".to_string(), c.0 as u64, 0, String::new(), empty),
+                HostMsg::Transitions(batch) => {
+                    let items: Vec<(&str, &str, &str)> = batch.iter().map(|(k, a, b)| (k.as_str(), *a, *b)).collect();
+                    if let Err(e) = side.call_method1(py, "transitions", (items,)) {
+                        e.print(py);
+                    }
+                    return;
+                }
             };
             let result = side.call1(py, (event, client, request_id, name, payload));
             let HostMsg::Call(call) = msg else {
@@ -126,9 +133,19 @@ fn serve_python_side(
                 }
                 return;
             };
+            let want_transitions = side.getattr(py, "wants_transitions").and_then(|w| w.extract::<bool>(py)).ok();
             let reply = match result.and_then(|r| r.extract::<(bool, String, Option<Vec<u8>>)>(py)) {
-                Ok((ok, message, payload)) => HostReply { client: call.client, request_id: call.request_id, ok, message, payload: payload.map(Into::into) },
-                Err(e) => HostReply { client: call.client, request_id: call.request_id, ok: false, message: format!("the scheduler's Python side failed: {e}"), payload: None },
+                Ok((ok, message, payload)) => {
+                    HostReply { client: call.client, request_id: call.request_id, ok, message, payload: payload.map(Into::into), want_transitions }
+                }
+                Err(e) => HostReply {
+                    client: call.client,
+                    request_id: call.request_id,
+                    ok: false,
+                    message: format!("the scheduler's Python side failed: {e}"),
+                    payload: None,
+                    want_transitions,
+                },
             };
             let _ = replies.send(reply);
         });

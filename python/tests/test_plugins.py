@@ -352,6 +352,35 @@ class WatchWorkers(SchedulerPlugin):
         self.seen.append(("close", None))
 
 
+class CountDone(SchedulerPlugin):
+    def __init__(self):
+        self.done = {}
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        self.done[finish] = self.done.get(finish, 0) + 1
+
+
+def boom(x):
+    raise ValueError(x)
+
+
+def counted(dask_scheduler=None):
+    return dict(dask_scheduler.plugins["count"].done)
+
+
+def test_a_scheduler_plugin_sees_tasks_finish_and_fail():
+    with quick_cluster(1) as cluster, Client(cluster, set_as_default=False) as c:
+        c.register_plugin(CountDone(), name="count")
+        c.gather(c.map(inc, range(10), pure=False))
+        with pytest.raises(ValueError):
+            c.submit(boom, 1, pure=False).result()
+        deadline = time.time() + 10
+        while c.run_on_scheduler(counted).get("erred", 0) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        got = c.run_on_scheduler(counted)
+        assert got.get("memory", 0) >= 10 and got.get("erred") == 1, got
+
+
 def seen_by(name, dask_scheduler=None):
     return list(dask_scheduler.plugins[name].seen)
 

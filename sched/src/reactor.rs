@@ -44,6 +44,9 @@ pub enum HostMsg {
     WorkerRemoved(String),
     ClientAdded(ClientId),
     ClientRemoved(ClientId),
+    /// Tasks that finished (`processing` → `memory`) or failed (→ `erred`),
+    /// while a plugin wants them.
+    Transitions(Vec<(String, &'static str, &'static str)>),
 }
 
 /// The answer of the Python side to a [`HostMsg::Call`].
@@ -54,6 +57,8 @@ pub struct HostReply {
     pub ok: bool,
     pub message: String,
     pub payload: Option<rdask_transport::bytes::Bytes>,
+    /// Set when the Python side's wish for task transitions changed.
+    pub want_transitions: Option<bool>,
 }
 
 /// Channels to the scheduler's Python side: messages go out on a plain
@@ -194,6 +199,9 @@ pub async fn serve_with_dashboard(
             biased;
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
             Some(reply) = async { match host_replies.as_mut() { Some(r) => r.recv().await, None => None } } => {
+                if let Some(want) = reply.want_transitions {
+                    core.host_transitions = want;
+                }
                 if let Some(s) = senders.clients.get(&reply.client) {
                     let msg = ToClientMessage::SchedulerCallResult { request_id: reply.request_id, ok: reply.ok, message: reply.message };
                     let _ = s.send(Frame::with_data(&msg, reply.payload.into_iter().collect()));
@@ -242,6 +250,12 @@ pub async fn serve_with_dashboard(
             }
         }
         core.schedule(&mut comm);
+        if !core.transitions_out.is_empty() {
+            let batch = std::mem::take(&mut core.transitions_out);
+            if let Some(h) = &host {
+                let _ = h.to_host.send(HostMsg::Transitions(batch));
+            }
+        }
         for call in std::mem::take(&mut core.host_calls) {
             let (client, request_id) = (call.client, call.request_id);
             let sent = host.as_ref().is_some_and(|h| h.to_host.send(HostMsg::Call(call)).is_ok());

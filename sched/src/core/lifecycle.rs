@@ -55,6 +55,9 @@ impl Core {
         self.unassign(id);
         self.stats.finished += 1;
         let t = &mut self.tasks[id];
+        if self.host_transitions {
+            self.transitions_out.push((String::from(&*t.key), "processing", "memory"));
+        }
         t.state = TaskState::Memory;
         t.size = size;
         t.holders.push(worker);
@@ -100,6 +103,9 @@ impl Core {
             return;
         }
         self.stats.failed += 1;
+        if self.host_transitions {
+            self.transitions_out.push((String::from(&*t.key), "processing", "erred"));
+        }
         let err = TaskError { failed_key: t.key.clone(), message: message.to_string(), payload };
         self.fail_with_dependents(comm, id, err);
     }

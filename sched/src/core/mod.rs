@@ -150,6 +150,11 @@ pub struct Core {
     /// Requests for the scheduler's Python side (`SchedulerCall`), for the
     /// reactor to hand over (or refuse, when there is none).
     pub host_calls: Vec<HostCall>,
+    /// Whether a scheduler plugin wants task transitions (then each task
+    /// that finishes or fails is queued in `transitions_out`); off, the
+    /// per-task cost is one flag test.
+    pub host_transitions: bool,
+    pub transitions_out: Vec<(String, &'static str, &'static str)>,
 }
 
 /// A `SchedulerCall` from a client, for the scheduler's Python side.
@@ -205,6 +210,8 @@ impl Core {
             stream_enabled: false,
             coord: Default::default(),
             host_calls: Vec::new(),
+            host_transitions: false,
+            transitions_out: Vec::new(),
         }
     }
 
