@@ -105,12 +105,7 @@ class Nanny:
                     and time.monotonic() - self._born >= self.lifetime):
                 print(f"rdask nanny: worker {self.name} reached its lifetime of {self.lifetime:g} s; "
                       + ("restarting it" if self.lifetime_restart else "stopping it"), file=sys.stderr)
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                _end(p, 30)
                 if not self.lifetime_restart:
                     return
                 self._spawn()
@@ -176,12 +171,7 @@ class Nanny:
                 return
             p = self.process
             if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                _end(p, timeout)
             self._spawn()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._watch, name=f"rdask-nanny-{self.name}", daemon=True)
@@ -198,14 +188,20 @@ class Nanny:
         self._stopping.set()
         p = self.process
         if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            _end(p, timeout)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
+
+
+def _end(p: subprocess.Popen, timeout: float) -> None:
+    """Asks the worker to leave (SIGTERM: it tells the scheduler), and kills
+    it if it is still there after `timeout` seconds."""
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def _rss(pid: int) -> int:

@@ -175,14 +175,9 @@ def notes(folder, what):
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)
+    from conftest import wait_until
+
+    return wait_until(predicate, timeout, 0.05, what)
 
 
 def build_wheel(folder, dist: str, value) -> str:
