@@ -95,6 +95,10 @@ impl Inner {
     }
 
     fn forget_order(&mut self, id: TaskId) {
+        // Without spilling there is no order to forget (and no hashing).
+        if self.stamps.is_empty() {
+            return;
+        }
         if let Some(old) = self.stamps.remove(&id) {
             self.lru.remove(&old);
         }
@@ -102,13 +106,14 @@ impl Inner {
 
     /// Takes `id` out (memory or disk); what was there is returned to be
     /// dropped (or deleted) after the lock is released.
+    #[inline]
     fn take(&mut self, id: TaskId, gone: &mut Vec<Value>, files: &mut Vec<OnDisk>) {
         if let Some(v) = self.values.remove(&id) {
             self.stats.memory_bytes -= v.size();
             self.stats.memory_values -= 1;
             self.forget_order(id);
             gone.push(v);
-        } else if let Some(d) = self.spilled.remove(&id) {
+        } else if let Some(d) = if self.spilled.is_empty() { None } else { self.spilled.remove(&id) } {
             self.stats.disk_bytes -= d.bytes;
             self.stats.disk_values -= 1;
             files.push(d);
@@ -134,7 +139,8 @@ impl Store {
         let track = self.tracks();
         let mut replaced = Vec::new();
         let mut files = Vec::new();
-        let mut g = self.inner.lock().unwrap();
+        let mut guard = self.inner.lock().unwrap();
+        let g = &mut *guard;
         g.values.reserve(values.len());
         for (id, value) in values {
             g.stats.memory_bytes += value.size();
@@ -153,7 +159,7 @@ impl Store {
                 }
             }
         }
-        drop(g);
+        drop(guard);
         drop(replaced);
         files.iter().for_each(SpillDir::remove);
     }
@@ -161,14 +167,26 @@ impl Store {
     pub fn remove_many(&self, ids: impl Iterator<Item = TaskId>) {
         let mut gone = Vec::new();
         let mut files = Vec::new();
-        let mut g = self.inner.lock().unwrap();
-        for id in ids {
-            g.take(id, &mut gone, &mut files);
+        let mut guard = self.inner.lock().unwrap();
+        if self.tracks() {
+            for id in ids {
+                guard.take(id, &mut gone, &mut files);
+            }
+        } else {
+            // Nothing is ever on disk or ordered: the map alone.
+            let g = &mut *guard;
+            for id in ids {
+                if let Some(v) = g.values.remove(&id) {
+                    g.stats.memory_bytes -= v.size();
+                    g.stats.memory_values -= 1;
+                    gone.push(v);
+                }
+            }
         }
         // Values are dropped after the lock is released: dropping one may
         // wait for an executor's interpreter lock (a large Python value),
         // and nothing may wait for that while holding the store.
-        drop(g);
+        drop(guard);
         drop(gone);
         files.iter().for_each(SpillDir::remove);
     }
