@@ -215,15 +215,19 @@ class Client(DistributedMethods, CoordinationMethods):
             self._rc.release(stale)
 
     def _flush_releases(self):
+        # The release is queued while the lock is held: a submission of the
+        # same key (which needs the lock to make its future) then goes out
+        # after it. Sent after the lock, it could overtake the submission,
+        # and the scheduler would drop the key the new future waits for.
         with self._lock:
             if not self._releasing:
                 return
             keys = list(self._releasing)
             self._releasing.clear()
-        try:
-            self._rc.release(keys)
-        except Exception:
-            pass
+            try:
+                self._rc.release(keys)
+            except Exception:
+                pass
 
     # ------------------------------------------------------------ events
     def _event_loop(self):

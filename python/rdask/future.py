@@ -135,7 +135,7 @@ class Future(TaskRef):
 
     def _wait(self, timeout):
         if not self.client._wait_done([self._state], timeout):
-            raise TimeoutError(f"{self.key!r} not done after {timeout} s")
+            raise TimeoutError(f"{self.key!r} not done after {timeout} s{_cluster_state(self.client)}")
 
     # -- control --------------------------------------------------------
     def cancel(self, **kwargs):
@@ -181,3 +181,15 @@ class Future(TaskRef):
     def __eq__(self, other):
         return isinstance(other, Future) and other.key == self.key and other.client is self.client
 
+
+
+def _cluster_state(client) -> str:
+    """What the scheduler says about its workers, for a timeout's message
+    (a paused or busy cluster explains most waits)."""
+    try:
+        info = client._rc.cluster_info()
+    except Exception:
+        return ""
+    workers = ", ".join(f"{w['name']}: {w['status']}, {w['processing']} tasks, {w['memory'] >> 20} MiB"
+                        for w in info["workers"])
+    return f" (scheduler: {info['tasks']} tasks, {info['ready']} ready; workers: {workers or 'none'})"

@@ -120,6 +120,13 @@ fn wrap(stream: TcpStream, peer: String, limits: Limits) -> Connection {
     wrap_io(read, write, peer, limits)
 }
 
+/// The TCP backend's frame reader over any byte stream: what a socket's
+/// receiving side runs, for the fuzzer to drive with arbitrary bytes.
+#[doc(hidden)]
+pub fn frame_reader_over<R: AsyncRead + Unpin + Send + 'static>(read: R, limits: Limits) -> Box<dyn FrameRead> {
+    Box::new(TcpFrameReader { reader: BufReader::with_capacity(READ_BUFFER, read), limits })
+}
+
 /// A connection over any byte stream (a TCP socket, or TLS over one).
 pub(crate) fn wrap_io<R, W>(read: R, write: W, peer: String, limits: Limits) -> Connection
 where

@@ -86,8 +86,15 @@ pub fn spawn_monitor(
         // Checked before, during and after each round of spilling: a round
         // that writes gigabytes must not let tasks pile up more meanwhile.
         let mut pauser = Pauser { name: &name, limit, pause, paused: false, queue: &queue, events: &events };
+        // Above this, cached receive buffers go first: they are not values,
+        // and nothing else can free them.
+        let tight = spill.or(pause).or(target).unwrap_or(limit);
         while !stop.load(Ordering::Relaxed) {
             let Some(store) = store.upgrade() else { return };
+            if rss() > tight && rdask_transport::bufpool::pooled_bytes() > 0 {
+                let freed = rdask_transport::bufpool::clear();
+                tracing::info!(worker = %name, "process memory is high: dropped {} of cached receive buffers", human(freed as u64));
+            }
             if !pauser.check(rss()) {
                 return;
             }
