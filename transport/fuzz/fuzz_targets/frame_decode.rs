@@ -12,7 +12,10 @@
 //!   `total - table - control`, `split_bytes`), reading from a slice cursor
 //!   instead of a socket.
 //!
-//! Both must agree (frame for frame, error for error), must never panic, and
+//! * the real reader itself (`tcp::frame_reader_over`, the TCP backend's
+//!   reader over an in-memory byte stream instead of a socket).
+//!
+//! All must agree (frame for frame, error for error), must never panic, and
 //! every frame they accept must respect the limits it was read under.
 //!
 //! Input: byte 0 picks the limit (the default 4 GiB, the 4 KiB pre-auth cap of
@@ -71,6 +74,30 @@ fn check_accepted(frame: &Frame, raw: &[u8], limits: &Limits) {
     assert_eq!(encode_frame(frame), raw, "re-encoding differs from the input");
 }
 
+thread_local! {
+    static RUNTIME: tokio::runtime::Runtime =
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+}
+
+/// The real reader over the stream: the frames it accepts, and whether it
+/// ended with an error (after them) or cleanly.
+fn real_reader(stream: &[u8], limits: &Limits) -> (Vec<Frame>, bool) {
+    let mut reader = rdask_transport::tcp::frame_reader_over(std::io::Cursor::new(stream.to_vec()), *limits);
+    RUNTIME.with(|rt| {
+        rt.block_on(async {
+            let mut frames = Vec::new();
+            for _ in 0..16 {
+                match reader.recv().await {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => return (frames, false),
+                    Err(_) => return (frames, true),
+                }
+            }
+            (frames, false)
+        })
+    })
+}
+
 fuzz_target!(|input: &[u8]| {
     let Some((&sel, rest)) = input.split_first() else { return };
     let (max, mut stream) = match sel % 3 {
@@ -84,11 +111,14 @@ fuzz_target!(|input: &[u8]| {
         }
     };
     let limits = Limits { max_frame_size: max, ..Limits::default() };
+    let (real, real_failed) = real_reader(stream, &limits);
+    let mut accepted = 0usize;
     // At most a few frames: each one is re-checked in full.
     for _ in 0..16 {
         let mirrored = tcp_like(stream, &limits);
         if stream.is_empty() {
             assert!(matches!(mirrored, Ok(None)));
+            assert!(!real_failed && real.len() == accepted, "the real reader disagrees at a clean end");
             return;
         }
         match decode_frame(stream, &limits) {
@@ -101,10 +131,15 @@ fuzz_target!(|input: &[u8]| {
                 assert_eq!(&same.control[..], &frame.control[..]);
                 assert_eq!(same.data, frame.data);
                 check_accepted(&frame, &stream[..taken], &limits);
+                let r = real.get(accepted).expect("the real reader refused a frame decode_frame accepts");
+                assert_eq!(&r.control[..], &frame.control[..], "the real reader read another control part");
+                assert_eq!(r.data, frame.data, "the real reader read other data frames");
+                accepted += 1;
                 stream = &stream[taken..];
             }
             Err(_) => {
                 assert!(mirrored.is_err(), "the TCP steps accepted a frame decode_frame refuses");
+                assert!(real.len() == accepted && real_failed, "the real reader accepted a frame decode_frame refuses");
                 return;
             }
         }
