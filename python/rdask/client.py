@@ -635,10 +635,7 @@ class Client(DistributedMethods, CoordinationMethods):
             loop.call_soon_threadsafe(settle)
 
         self._rc.gather_async(unique, callback)
-        frames = await arrived
-        with _no_gc(len(unique)):
-            values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
-            return [values[k] for k in keys]
+        return _values_of(keys, unique, await arrived)
 
     async def _gather_async(self, futures, errors: str = "raise"):
         flat = flatten_futures(futures)
@@ -678,9 +675,7 @@ class Client(DistributedMethods, CoordinationMethods):
             key, message, payload = e.args
             exc, tb = loads_error(payload, message)
             raise _with_remote_note(exc, tb) from None
-        with _no_gc(len(unique)):
-            values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
-            return [values[k] for k in keys]
+        return _values_of(keys, unique, frames)
 
     def cancel(self, futures, asynchronous=None, force: bool = False, reason=None, msg=None):
         flat = flatten_futures(futures)
@@ -895,6 +890,13 @@ def _restrictions(workers, resources, loose: bool) -> list | None:
     workers = [str(w) for w in (workers or [])]
     resources = {str(k): float(v) for k, v in (resources or {}).items()}
     return [(workers, resources, bool(loose))]
+
+
+def _values_of(keys: list, unique: list, frames: list) -> list:
+    """The values of `keys` from the frames fetched for `unique` (each key once)."""
+    with _no_gc(len(unique)):
+        values = {k: loads_value(fr) for k, fr in zip(unique, frames)}
+        return [values[k] for k in keys]
 
 
 def _finished_ok(flat: list, errors: str) -> list:

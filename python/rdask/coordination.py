@@ -13,11 +13,14 @@ the scheduler is told to stop waiting when one expires.
 from __future__ import annotations
 
 import builtins
+import io as _io
 import itertools
 import pickle
 import threading
 import uuid
 import warnings as _warnings
+
+import cloudpickle as _cloudpickle
 
 
 _FUTURE = "__rdask_future__"
@@ -37,11 +40,6 @@ def _call(client, op: str, **kw):
     if kind == "error":
         raise ValueError(data)
     return kind, data, frames
-
-
-import io as _io  # noqa: E402
-
-import cloudpickle as _cloudpickle  # noqa: E402
 
 
 class _Pickler(_cloudpickle.CloudPickler):
@@ -89,12 +87,32 @@ def _pack(client, value):
     return (value._state.skey if isinstance(value, Future) else None), data
 
 
-def _unpack(client, frame, key):
-    return _loads(client, frame)
-
-
 def _timeout_error(what: str, timeout):
     return TimeoutError(f"{what} timed out after {timeout} s")
+
+
+class _Named:
+    """A primitive named across the cluster: found again by name on another
+    client or in a task (it pickles as its name)."""
+
+    _prefix = "named"
+
+    def __init__(self, name: str | None = None, client=None):
+        self.name = name or f"{self._prefix}-{uuid.uuid4().hex}"
+        self._explicit_client = client
+
+    @property
+    def client(self):
+        return _client(self._explicit_client)
+
+    def __getstate__(self):
+        return self.name
+
+    def __setstate__(self, name):
+        self.__init__(name)
+
+    def __repr__(self):
+        return f"<{type(self).__name__}: {self.name}>"
 
 
 class Semaphore:
@@ -216,16 +234,10 @@ class MultiLock:
         self.release()
 
 
-class Variable:
+class Variable(_Named):
     """A named value held by the scheduler; `get` waits until it is set."""
 
-    def __init__(self, name: str | None = None, client=None):
-        self.name = name or f"variable-{uuid.uuid4().hex}"
-        self._explicit_client = client
-
-    @property
-    def client(self):
-        return _client(self._explicit_client)
+    _prefix = "variable"
 
     def set(self, value, timeout=None):
         client = self.client
@@ -234,34 +246,20 @@ class Variable:
 
     def get(self, timeout=None):
         client = self.client
-        kind, keys, frames = _call(client, "variable_get", name=self.name, timeout=timeout)
+        kind, _, frames = _call(client, "variable_get", name=self.name, timeout=timeout)
         if kind == "cancelled":
             raise _timeout_error(f"Variable {self.name!r}.get", timeout)
-        return _unpack(client, frames[0], keys[0])
+        return _loads(client, frames[0])
 
     def delete(self):
         _call(self.client, "variable_delete", name=self.name)
 
-    def __getstate__(self):
-        return self.name
-
-    def __setstate__(self, name):
-        self.__init__(name)
-
-    def __repr__(self):
-        return f"<Variable: {self.name}>"
 
 
-class Event:
+class Event(_Named):
     """A named flag held by the scheduler; `wait` blocks until it is set."""
 
-    def __init__(self, name: str | None = None, client=None):
-        self.name = name or f"event-{uuid.uuid4().hex}"
-        self._explicit_client = client
-
-    @property
-    def client(self):
-        return _client(self._explicit_client)
+    _prefix = "event"
 
     def set(self):
         _call(self.client, "event_set", name=self.name)
@@ -276,28 +274,17 @@ class Event:
         kind, _, _ = _call(self.client, "event_wait", name=self.name, timeout=timeout)
         return kind == "done"
 
-    def __getstate__(self):
-        return self.name
-
-    def __setstate__(self, name):
-        self.__init__(name)
-
-    def __repr__(self):
-        return f"<Event: {self.name}>"
 
 
-class Queue:
+class Queue(_Named):
     """A named FIFO held by the scheduler, shared by clients and tasks."""
+
+    _prefix = "queue"
 
     def __init__(self, name: str | None = None, client=None, maxsize: int = 0):
         if maxsize:
             raise NotImplementedError("Queue(maxsize=...) is not supported: rdask queues are unbounded")
-        self.name = name or f"queue-{uuid.uuid4().hex}"
-        self._explicit_client = client
-
-    @property
-    def client(self):
-        return _client(self._explicit_client)
+        super().__init__(name, client)
 
     def put(self, value, timeout=None):
         client = self.client
@@ -314,23 +301,15 @@ class Queue:
             n = 0
         else:
             n = int(batch)
-        kind, keys, frames = _call(client, "queue_get", name=self.name, batch=n, timeout=timeout)
+        kind, _, frames = _call(client, "queue_get", name=self.name, batch=n, timeout=timeout)
         if kind == "cancelled":
             raise _timeout_error(f"Queue {self.name!r}.get", timeout)
-        items = [_unpack(client, f, k) for f, k in zip(frames, keys)]
+        items = [_loads(client, f) for f in frames]
         return items if batch is not False else items[0]
 
     def qsize(self) -> int:
         return int(_call(self.client, "queue_size", name=self.name)[1])
 
-    def __getstate__(self):
-        return self.name
-
-    def __setstate__(self, name):
-        self.__init__(name)
-
-    def __repr__(self):
-        return f"<Queue: {self.name}>"
 
 
 # ---------------------------------------------------------------- datasets
