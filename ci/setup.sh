@@ -21,10 +21,11 @@ fi
 # System libraries the crates link against: hwloc 2.x (machine topology,
 # worker pinning) found through pkg-config, and libudev that its static link
 # flags name; OpenMPI (mpirun, and the library the Python build's `mpi`
-# feature links; rsmpi runs bindgen, hence libclang); Chromium for the
-# dashboard's browser test. Installed with apt
+# feature links; rsmpi runs bindgen, hence libclang); UCX (its headers for
+# the generated bindings of the `ucx` feature, ucx_perftest for the
+# benchmark); Chromium for the dashboard's browser test. Installed with apt
 # when missing.
-SYSTEM_PACKAGES=(pkg-config libhwloc-dev libudev-dev hwloc libopenmpi-dev openmpi-bin libclang-dev chromium)
+SYSTEM_PACKAGES=(pkg-config libhwloc-dev libudev-dev hwloc libopenmpi-dev openmpi-bin libclang-dev chromium libucx-dev ucx-utils)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

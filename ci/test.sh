@@ -9,6 +9,8 @@ source ci/setup.sh
 # One profile for everything: the benchmark needs release, and building a
 # second profile would double CI time on 2 cores.
 cargo build --release --workspace --bins --examples
+# setup.sh installed UCX: its tests must run, not skip.
+export RDASK_REQUIRE_UCX=1
 cargo test --release --workspace
 # 256 null workers over TCP, tree-15 and friends, plus workers in 4 processes
 # and a 200k-task pending-memory check: fails on any wrong result or leaked

@@ -18,20 +18,40 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// task writes them out, coalescing whatever has queued into one vectored write.
 #[derive(Clone)]
 pub struct FrameSender {
+    // Declared before `notify`: the last clone drops its channel end first,
+    // so a backend woken by the notifier's drop sees the channel closed.
     tx: mpsc::UnboundedSender<Frame>,
     limits: Limits,
+    notify: Option<Arc<dyn Notify>>,
+}
+
+/// Wakes a backend that does not poll the send queue from a tokio task (UCX:
+/// its engine thread sleeps on the library's event fd). Called after every
+/// queued frame; dropped with the last clone of the sender, which is how the
+/// backend learns the connection is closed on this side.
+pub trait Notify: Send + Sync {
+    fn notify(&self);
 }
 
 impl FrameSender {
     pub fn new(tx: mpsc::UnboundedSender<Frame>, limits: Limits) -> Self {
-        FrameSender { tx, limits }
+        FrameSender { tx, limits, notify: None }
+    }
+
+    /// A sender whose backend is woken by `notify` after each frame.
+    pub fn with_notify(tx: mpsc::UnboundedSender<Frame>, limits: Limits, notify: Arc<dyn Notify>) -> Self {
+        FrameSender { tx, limits, notify: Some(notify) }
     }
 
     /// Queues a frame. Fails at once for a frame over the size limit, or when
     /// the connection is gone.
     pub fn send(&self, frame: Frame) -> Result<()> {
         frame.check(&self.limits)?;
-        self.tx.send(frame).map_err(|_| TransportError::Closed)
+        self.tx.send(frame).map_err(|_| TransportError::Closed)?;
+        if let Some(n) = &self.notify {
+            n.notify();
+        }
+        Ok(())
     }
 
     pub fn is_closed(&self) -> bool {
@@ -132,7 +152,29 @@ pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
             addr.to_string(),
             "this rdask was built without MPI (cargo feature `mpi`)".into(),
         )),
+        #[cfg(all(feature = "ucx", ucx_bindings))]
+        "ucx" => Ok(Arc::new(crate::ucx::UcxBackend)),
+        #[cfg(not(all(feature = "ucx", ucx_bindings)))]
+        "ucx" => Err(TransportError::InvalidAddress(addr.to_string(), ucx_status().unwrap_err())),
         _ => Err(TransportError::UnknownScheme(addr.to_string())),
+    }
+}
+
+/// UCX's version when this process can use it (the library loads and a
+/// UCP worker starts), else one line saying what is missing. Used by
+/// `--protocol ucx|auto`.
+pub fn ucx_status() -> std::result::Result<String, String> {
+    #[cfg(all(feature = "ucx", ucx_bindings))]
+    {
+        crate::ucx::start().map_err(|e| e.to_string())
+    }
+    #[cfg(all(feature = "ucx", not(ucx_bindings)))]
+    {
+        Err("UCX is not available: this rdask was built without the UCX headers (install libucx-dev and rebuild)".into())
+    }
+    #[cfg(not(feature = "ucx"))]
+    {
+        Err("UCX is not available: this rdask was built without the `ucx` cargo feature".into())
     }
 }
 

@@ -22,7 +22,7 @@ pub enum TransportError {
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("connection closed by peer")]
     Closed,
-    #[error("unknown transport scheme in address {0:?} (expected tcp://host:port, tls://host:port or inproc://name)")]
+    #[error("unknown transport scheme in address {0:?} (expected tcp://host:port, tls://host:port, ucx://host:port or inproc://name)")]
     UnknownScheme(String),
     #[error("invalid address {0:?}: {1}")]
     InvalidAddress(String, String),

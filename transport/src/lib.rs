@@ -1,6 +1,6 @@
 //! rdask transport: the wire protocol, framing, handshake and the pluggable
 //! transport backends (TCP always; in-process for tests; UCX and MPI behind
-//! cargo features in later work).
+//! cargo features).
 
 pub mod backend;
 pub mod bufpool;
@@ -16,9 +16,11 @@ pub mod peer;
 pub mod protocol;
 pub mod tcp;
 pub mod tls;
+#[cfg(all(feature = "ucx", ucx_bindings))]
+pub mod ucx;
 pub mod warn_limit;
 
-pub use backend::{connect, listen, Backend, Connection, FrameRead, FrameSender, Listener};
+pub use backend::{connect, listen, ucx_status, Backend, Connection, FrameRead, FrameSender, Listener};
 pub use error::{Result, TransportError};
 pub use frame::{Frame, Limits};
 pub use handshake::{handshake_accept, handshake_connect, Role};

@@ -1,0 +1,1081 @@
+//! UCX backend (cargo feature `ucx`): `ucx://host:port` addresses over the
+//! system's libucx (UCP), so rdask runs over whatever UCX picks or
+//! `UCX_TLS` / `UCX_NET_DEVICES` name: InfiniBand, RoCE, shared memory, TCP.
+//!
+//! One engine thread per process owns the UCP context and worker
+//! (UCS_THREAD_MODE_SINGLE); every UCX call and callback runs on it. Other
+//! threads talk to it through a command channel and an eventfd. When idle it
+//! arms the worker and sleeps in poll(2) on UCX's event fd and that eventfd,
+//! so an idle process does not spin a core.
+//!
+//! Connections use UCX's client-server mode: a listener on a socket address,
+//! endpoints created from its connection requests, and `ucp_ep_create` with a
+//! socket address on the connecting side. A frame is one active message
+//! whose payload has exactly the TCP wire layout (header, length table,
+//! control, data; see frame.rs), sent as an iov: small pieces are copied
+//! into one staging buffer, large data frames are sent from their own
+//! buffers. UCX sends small messages eagerly and large ones by rendezvous;
+//! a rendezvous frame is received straight into the buffer that becomes the
+//! frames' `Bytes`. The 8-byte active-message header is a per-connection
+//! sequence number: rendezvous receives can complete out of order, and
+//! frames are handed up in order. A CLOSE message (after the last frame)
+//! ends a connection cleanly; an endpoint error (a peer that vanished) is an
+//! error on the reading side.
+//!
+//! The unsafe FFI lives in this file only; see docs/architecture.md for why
+//! the bindings are generated from the system's headers and loaded at run time.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{c_void, CStr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rkyv::util::AlignedVec;
+use tokio::sync::{mpsc, oneshot};
+use ucx_sys as sys;
+
+use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener, Notify};
+use crate::error::{Result, TransportError};
+use crate::frame::{check_lengths, split_bytes, FixedHeader, Frame, Limits, HEADER_LEN};
+
+const AM_FRAME: u32 = 1;
+const AM_CLOSE: u32 = 2;
+/// Pieces smaller than this are copied into the staging buffer rather than
+/// given their own iov entry.
+const COPY_BELOW: usize = 16 << 10;
+
+// ---------------------------------------------------------------- public API
+
+/// Starts UCX in this process (once) and returns its version, or says why
+/// UCX cannot be used here (no library, no usable transport).
+pub fn start() -> Result<String> {
+    engine().map(|e| e.version.clone())
+}
+
+/// Whether UCX can be used in this process (`--protocol auto`).
+pub fn available() -> bool {
+    start().is_ok()
+}
+
+pub struct UcxBackend;
+
+impl Backend for UcxBackend {
+    fn scheme(&self) -> &'static str {
+        "ucx"
+    }
+
+    fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
+        Box::pin(async move {
+            crate::tls::check_plain_allowed(addr)?;
+            let sock = resolve(addr).await?;
+            let e = engine()?;
+            let (incoming, rx) = mpsc::channel(256);
+            let (tx, reply) = oneshot::channel();
+            e.send(Cmd::Listen { addr: sock, incoming, handle: tokio::runtime::Handle::current(), limits, reply: tx })?;
+            let (id, bound) = reply.await.map_err(|_| TransportError::Closed)??;
+            let mut local = bound;
+            if local.ip().is_unspecified() {
+                local.set_ip(crate::netif::contact_ip());
+            }
+            Ok(Listener::new(format!("ucx://{local}"), rx, Some(Box::new(ListenerGuard(id)))).bound_to(format!("ucx://{bound}")))
+        })
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>> {
+        Box::pin(async move {
+            crate::tls::check_plain_allowed(addr)?;
+            let sock = resolve(addr).await?;
+            let e = engine()?;
+            let (tx, reply) = oneshot::channel();
+            e.send(Cmd::Connect { addr: sock, peer: addr.to_string(), handle: tokio::runtime::Handle::current(), limits, reply: tx })?;
+            reply.await.map_err(|_| TransportError::Closed)?
+        })
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let (scheme, rest) = split_scheme(addr);
+    if scheme != "ucx" {
+        return Err(TransportError::UnknownScheme(addr.to_string()));
+    }
+    if !rest.contains(':') {
+        return Err(TransportError::InvalidAddress(addr.to_string(), "expected ucx://host:port".into()));
+    }
+    tokio::net::lookup_host(rest)
+        .await?
+        .next()
+        .ok_or_else(|| TransportError::InvalidAddress(addr.to_string(), "the host name has no address".into()))
+}
+
+/// Stops the UCX listener when the `Listener` is dropped.
+struct ListenerGuard(u64);
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        if let Ok(e) = engine() {
+            let _ = e.send(Cmd::StopListener(self.0));
+        }
+    }
+}
+
+/// The reading half: frames the engine hands up, in order.
+struct ChannelReader {
+    rx: mpsc::UnboundedReceiver<Result<Option<Frame>>>,
+    max: Arc<AtomicU64>,
+}
+
+impl FrameRead for ChannelReader {
+    fn recv(&mut self) -> BoxFuture<'_, Result<Option<Frame>>> {
+        Box::pin(async move { self.rx.recv().await.unwrap_or(Ok(None)) })
+    }
+
+    fn set_max_frame_size(&mut self, max: u64) -> Option<u64> {
+        Some(self.max.swap(max, Ordering::Relaxed))
+    }
+}
+
+/// Wakes the engine for one connection's queued frames; its drop (with the
+/// last `FrameSender`) tells the engine this side is closed.
+struct SendNotifier(u64);
+
+impl Notify for SendNotifier {
+    fn notify(&self) {
+        if let Ok(e) = engine() {
+            let _ = e.send(Cmd::Ready(self.0));
+        }
+    }
+}
+
+impl Drop for SendNotifier {
+    fn drop(&mut self) {
+        self.notify();
+    }
+}
+
+// ---------------------------------------------------------------- the engine handle
+
+enum Cmd {
+    Listen {
+        addr: SocketAddr,
+        incoming: mpsc::Sender<Connection>,
+        handle: tokio::runtime::Handle,
+        limits: Limits,
+        reply: oneshot::Sender<Result<(u64, SocketAddr)>>,
+    },
+    StopListener(u64),
+    Connect { addr: SocketAddr, peer: String, handle: tokio::runtime::Handle, limits: Limits, reply: oneshot::Sender<Result<Connection>> },
+    /// Frames are queued on a connection (or its senders are all gone).
+    Ready(u64),
+}
+
+struct Engine {
+    cmds: Mutex<std_mpsc::Sender<Cmd>>,
+    /// eventfd the engine sleeps on beside UCX's own.
+    wake: i32,
+    version: String,
+}
+
+static ENGINE: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
+
+fn engine() -> Result<&'static Engine> {
+    let engine = ENGINE.get_or_init(|| {
+        if !sys::HEADERS {
+            return Err("this rdask was built without UCX (no libucx-dev headers at build time)".into());
+        }
+        // SAFETY: eventfd has no preconditions; the fd lives as long as the process.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
+        let (tx, rx) = std_mpsc::channel::<Cmd>();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let spawned = std::thread::Builder::new().name("rdask-ucx".into()).spawn(move || engine_thread(rx, wake, ready_tx));
+        if let Err(e) = spawned {
+            return Err(format!("cannot start the UCX thread: {e}"));
+        }
+        match ready_rx.recv() {
+            Ok(Ok(version)) => Ok(Engine { cmds: Mutex::new(tx), wake, version }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the UCX thread ended during start-up".into()),
+        }
+    });
+    engine.as_ref().map_err(|e| TransportError::Io(std::io::Error::new(std::io::ErrorKind::Unsupported, format!("UCX: {e}"))))
+}
+
+impl Engine {
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        self.cmds.lock().unwrap().send(cmd).map_err(|_| TransportError::Closed)?;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- callbacks
+//
+// UCX calls these on the engine thread from inside its progress function.
+// They only record what happened; the engine loop acts on it afterwards,
+// holding its state mutably without aliasing.
+
+enum Event {
+    Frame { ep: usize, seq: u64, data: Vec<u8> },
+    Rndv { ep: usize, seq: u64, desc: usize, len: usize },
+    Close { ep: usize, seq: u64 },
+    ConnRequest { listener: u64, request: usize },
+    EpError { ep: usize, status: sys::ucs_status_t },
+    SendDone { keep: usize, request: usize, status: sys::ucs_status_t },
+    RecvDone { keep: usize, request: usize, status: sys::ucs_status_t },
+    FlushDone { conn: u64, request: usize, status: sys::ucs_status_t },
+}
+
+thread_local! {
+    static EVENTS: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
+}
+
+fn push(ev: Event) {
+    EVENTS.with(|q| q.borrow_mut().push(ev));
+}
+
+unsafe extern "C" fn on_am(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    let param = &*param;
+    if header_length != 8 || param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 == 0 {
+        tracing::warn!(header_length, "UCX message without a sequence number or reply endpoint; dropped");
+        return sys::UCS_OK as sys::ucs_status_t;
+    }
+    let seq = u64::from_le_bytes(std::slice::from_raw_parts(header.cast::<u8>(), 8).try_into().unwrap());
+    let ep = param.reply_ep as usize;
+    if arg as usize == AM_CLOSE as usize {
+        push(Event::Close { ep, seq });
+        return sys::UCS_OK as sys::ucs_status_t;
+    }
+    if param.recv_attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
+        // Kept until the engine posts the receive (or releases it).
+        push(Event::Rndv { ep, seq, desc: data as usize, len: length });
+        return sys::UCS_INPROGRESS as sys::ucs_status_t;
+    }
+    let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
+    push(Event::Frame { ep, seq, data: bytes });
+    sys::UCS_OK as sys::ucs_status_t
+}
+
+unsafe extern "C" fn on_conn_request(request: sys::ucp_conn_request_h, arg: *mut c_void) {
+    push(Event::ConnRequest { listener: arg as u64, request: request as usize });
+}
+
+unsafe extern "C" fn on_ep_error(_arg: *mut c_void, ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    push(Event::EpError { ep: ep as usize, status });
+}
+
+unsafe extern "C" fn on_send(request: *mut c_void, status: sys::ucs_status_t, user_data: *mut c_void) {
+    push(Event::SendDone { keep: user_data as usize, request: request as usize, status });
+}
+
+unsafe extern "C" fn on_recv(request: *mut c_void, status: sys::ucs_status_t, _length: usize, user_data: *mut c_void) {
+    push(Event::RecvDone { keep: user_data as usize, request: request as usize, status });
+}
+
+unsafe extern "C" fn on_flush(request: *mut c_void, status: sys::ucs_status_t, user_data: *mut c_void) {
+    push(Event::FlushDone { conn: user_data as u64, request: request as usize, status });
+}
+
+fn status_text(lib: &sys::UcpLib, status: sys::ucs_status_t) -> String {
+    // SAFETY: ucs_status_string returns a static C string for any status.
+    unsafe { CStr::from_ptr(lib.ucs_status_string(status)).to_string_lossy().into_owned() }
+}
+
+// ---------------------------------------------------------------- engine state
+
+/// A frame being sent: the buffers UCX reads from, alive until it is done.
+struct SendKeep {
+    header: [u8; 8],
+    staging: Vec<u8>,
+    iov: Vec<sys::ucp_dt_iov_t>,
+    _frame: Option<Frame>,
+}
+
+/// A rendezvous receive in progress.
+struct RecvKeep {
+    conn: u64,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+enum Slot {
+    Receiving,
+    Ready(Result<Option<Frame>>),
+}
+
+struct Conn {
+    ep: sys::ucp_ep_h,
+    peer: String,
+    inbound: mpsc::UnboundedSender<Result<Option<Frame>>>,
+    outgoing: mpsc::UnboundedReceiver<Frame>,
+    max: Arc<AtomicU64>,
+    send_seq: u64,
+    next_in: u64,
+    arrived: BTreeMap<u64, Slot>,
+    /// The reading side got its end (close or error).
+    ended: bool,
+    /// We sent CLOSE (all our senders are gone).
+    closed_here: bool,
+    /// The peer sent CLOSE.
+    closed_there: bool,
+    connecting: Option<(oneshot::Sender<Result<Connection>>, Connection)>,
+}
+
+struct ListenerEntry {
+    handle: sys::ucp_listener_h,
+    incoming: mpsc::Sender<Connection>,
+    runtime: tokio::runtime::Handle,
+    limits: Limits,
+}
+
+struct State {
+    lib: &'static sys::UcpLib,
+    worker: sys::ucp_worker_h,
+    next_id: u64,
+    conns: HashMap<u64, Conn>,
+    by_ep: HashMap<usize, u64>,
+    listeners: HashMap<u64, ListenerEntry>,
+    /// Endpoint closes UCX has not finished.
+    closing: Vec<usize>,
+}
+
+fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
+    let (mut st, efd) = match init() {
+        Ok((st, efd, version)) => {
+            let _ = ready.send(Ok(version));
+            (st, efd)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut last_sweep = Instant::now();
+    loop {
+        let mut busy = false;
+        loop {
+            match cmds.try_recv() {
+                Ok(cmd) => {
+                    busy = true;
+                    st.command(cmd);
+                }
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                // The process is exiting.
+                Err(std_mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        loop {
+            // SAFETY: the worker is ours and used on this thread only.
+            let n = unsafe { st.lib.ucp_worker_progress(st.worker) };
+            let events = EVENTS.with(|q| std::mem::take(&mut *q.borrow_mut()));
+            if n == 0 && events.is_empty() {
+                break;
+            }
+            busy = true;
+            for ev in events {
+                st.event(ev);
+            }
+        }
+        st.finish_closes();
+        if last_sweep.elapsed() > Duration::from_secs(1) {
+            st.sweep();
+            last_sweep = Instant::now();
+        }
+        if busy {
+            continue;
+        }
+        if efd < 0 {
+            // No wake-up support in the transports UCX chose: poll gently.
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        // SAFETY: as above.
+        let armed = unsafe { st.lib.ucp_worker_arm(st.worker) };
+        if armed == sys::UCS_ERR_BUSY as sys::ucs_status_t {
+            continue;
+        }
+        let mut fds = [
+            libc::pollfd { fd: efd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds; eventfd reads into a valid u64.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 2, 1000);
+            let mut v: u64 = 0;
+            libc::read(wake, (&mut v as *mut u64).cast(), 8);
+        }
+    }
+}
+
+/// UCP context and worker with active messages and wake-ups; the handlers.
+fn init() -> std::result::Result<(State, i32, String), String> {
+    let lib = sys::library()?;
+    // SAFETY: plain UCP set-up calls with valid out-pointers; every struct is
+    // zeroed and only the fields named in its field mask are read by UCX.
+    unsafe {
+        let mut config = ptr::null_mut();
+        let s = lib.ucp_config_read(ptr::null(), ptr::null(), &mut config);
+        if s != sys::UCS_OK as sys::ucs_status_t {
+            return Err(format!("ucp_config_read: {} (check the UCX_* environment variables)", status_text(lib, s)));
+        }
+        // Shared memory between processes is used with peer-failure
+        // handling (rdask's endpoints ask for it) only when UCX is told it
+        // may (UCX 1.13); without this, a node's processes talk over TCP.
+        if std::env::var_os("UCX_MM_ERROR_HANDLING").is_none() {
+            let _ = lib.ucp_config_modify(config, c"MM_ERROR_HANDLING".as_ptr(), c"y".as_ptr());
+        }
+        let mut params: sys::ucp_params_t = std::mem::zeroed();
+        params.field_mask = (sys::UCP_PARAM_FIELD_FEATURES) as u64;
+        params.features = (sys::UCP_FEATURE_AM | if std::env::var_os("RDASK_UCX_NO_WAKEUP").is_some() { 0 } else { sys::UCP_FEATURE_WAKEUP }) as u64;
+        let mut context = ptr::null_mut();
+        let s = lib.ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config, &mut context);
+        lib.ucp_config_release(config);
+        if s != sys::UCS_OK as sys::ucs_status_t {
+            return Err(format!("ucp_init: {} (UCX_TLS={:?})", status_text(lib, s), std::env::var("UCX_TLS").unwrap_or_default()));
+        }
+        let mut wparams: sys::ucp_worker_params_t = std::mem::zeroed();
+        wparams.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
+        wparams.thread_mode = sys::UCS_THREAD_MODE_SINGLE;
+        let mut worker = ptr::null_mut();
+        let s = lib.ucp_worker_create(context, &wparams, &mut worker);
+        if s != sys::UCS_OK as sys::ucs_status_t {
+            return Err(format!("ucp_worker_create: {}", status_text(lib, s)));
+        }
+        for id in [AM_FRAME, AM_CLOSE] {
+            let mut h: sys::ucp_am_handler_param_t = std::mem::zeroed();
+            h.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+                | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+                | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG
+                | sys::UCP_AM_HANDLER_PARAM_FIELD_FLAGS) as u64;
+            h.id = id;
+            h.flags = sys::UCP_AM_FLAG_WHOLE_MSG;
+            h.cb = Some(on_am);
+            h.arg = id as usize as *mut c_void;
+            let s = lib.ucp_worker_set_am_recv_handler(worker, &h);
+            if s != sys::UCS_OK as sys::ucs_status_t {
+                return Err(format!("ucp_worker_set_am_recv_handler: {}", status_text(lib, s)));
+            }
+        }
+        let mut efd = -1;
+        if lib.ucp_worker_get_efd(worker, &mut efd) != sys::UCS_OK as sys::ucs_status_t {
+            tracing::info!("UCX gives no event fd with these transports; the UCX thread polls every 200 µs when idle");
+            efd = -1;
+        }
+        let (mut major, mut minor, mut release) = (0, 0, 0);
+        lib.ucp_get_version(&mut major, &mut minor, &mut release);
+        let version = format!("{major}.{minor}.{release}");
+        tracing::debug!(%version, "UCX started");
+        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new() };
+        Ok((st, efd, version))
+    }
+}
+
+fn io_error(lib: &sys::UcpLib, kind: std::io::ErrorKind, what: String, status: sys::ucs_status_t) -> TransportError {
+    TransportError::Io(std::io::Error::new(kind, format!("{what}: {}", status_text(lib, status))))
+}
+
+fn ok(s: sys::ucs_status_t) -> bool {
+    s == sys::UCS_OK as sys::ucs_status_t
+}
+
+impl State {
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Listen { addr, incoming, handle, limits, reply } => {
+                let _ = reply.send(self.listen(addr, incoming, handle, limits));
+            }
+            Cmd::StopListener(id) => {
+                if let Some(l) = self.listeners.remove(&id) {
+                    // SAFETY: a listener we created and destroy once.
+                    unsafe { self.lib.ucp_listener_destroy(l.handle) };
+                }
+            }
+            Cmd::Connect { addr, peer, handle, limits, reply } => self.connect(addr, peer, handle, limits, reply),
+            Cmd::Ready(id) => self.drain_outgoing(id),
+        }
+    }
+
+    fn listen(&mut self, addr: SocketAddr, incoming: mpsc::Sender<Connection>, runtime: tokio::runtime::Handle, limits: Limits) -> Result<(u64, SocketAddr)> {
+        let id = self.new_id();
+        let (storage, len) = to_sockaddr(addr);
+        // SAFETY: the sockaddr outlives the call (UCX copies it); the
+        // callback's argument is the listener id, not a pointer.
+        unsafe {
+            let mut p: sys::ucp_listener_params_t = std::mem::zeroed();
+            p.field_mask = (sys::UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | sys::UCP_LISTENER_PARAM_FIELD_CONN_HANDLER) as u64;
+            p.sockaddr.addr = (&storage as *const libc::sockaddr_storage).cast();
+            p.sockaddr.addrlen = len;
+            p.conn_handler.cb = Some(on_conn_request);
+            p.conn_handler.arg = id as usize as *mut c_void;
+            let mut handle = ptr::null_mut();
+            let s = self.lib.ucp_listener_create(self.worker, &p, &mut handle);
+            if !ok(s) {
+                let kind = if s == sys::UCS_ERR_BUSY as sys::ucs_status_t { std::io::ErrorKind::AddrInUse } else { std::io::ErrorKind::Other };
+                return Err(io_error(self.lib, kind, format!("cannot listen on ucx://{addr}"), s));
+            }
+            let mut attr: sys::ucp_listener_attr_t = std::mem::zeroed();
+            attr.field_mask = sys::UCP_LISTENER_ATTR_FIELD_SOCKADDR as u64;
+            let bound = if ok(self.lib.ucp_listener_query(handle, &mut attr)) {
+                from_sockaddr((&attr.sockaddr as *const sys::sockaddr_storage).cast()).unwrap_or(addr)
+            } else {
+                addr
+            };
+            self.listeners.insert(id, ListenerEntry { handle, incoming, runtime, limits });
+            Ok((id, bound))
+        }
+    }
+
+    /// A new endpoint for `ep_params` (plus error handling), or UCX's status.
+    fn create_ep(&self, params: &mut sys::ucp_ep_params_t) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
+        params.field_mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_handler.cb = Some(on_ep_error);
+        params.err_handler.arg = ptr::null_mut();
+        let mut ep = ptr::null_mut();
+        // SAFETY: valid worker and params; `ep` is an out-pointer.
+        let s = unsafe { self.lib.ucp_ep_create(self.worker, params, &mut ep) };
+        if ok(s) {
+            Ok(ep)
+        } else {
+            Err(s)
+        }
+    }
+
+    /// A connection on `ep`: the reading half goes up, the engine keeps the rest.
+    fn add_conn(&mut self, ep: sys::ucp_ep_h, peer: String, runtime: &tokio::runtime::Handle, limits: Limits) -> (u64, Connection) {
+        let id = self.new_id();
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let max = Arc::new(AtomicU64::new(limits.max_frame_size));
+        let _enter = runtime.enter();
+        let connection = Connection {
+            sender: FrameSender::with_notify(out_tx, limits, Arc::new(SendNotifier(id))),
+            receiver: Box::new(ChannelReader { rx: in_rx, max: max.clone() }),
+            peer: peer.clone(),
+        };
+        self.conns.insert(
+            id,
+            Conn {
+                ep,
+                peer,
+                inbound: in_tx,
+                outgoing: out_rx,
+                max,
+                send_seq: 0,
+                next_in: 0,
+                arrived: BTreeMap::new(),
+                ended: false,
+                closed_here: false,
+                closed_there: false,
+                connecting: None,
+            },
+        );
+        self.by_ep.insert(ep as usize, id);
+        (id, connection)
+    }
+
+    fn connect(&mut self, addr: SocketAddr, peer: String, runtime: tokio::runtime::Handle, limits: Limits, reply: oneshot::Sender<Result<Connection>>) {
+        let (storage, len) = to_sockaddr(addr);
+        // SAFETY: zeroed params with the fields named in the mask set; the
+        // sockaddr outlives the call.
+        let ep = unsafe {
+            let mut p: sys::ucp_ep_params_t = std::mem::zeroed();
+            p.field_mask = (sys::UCP_EP_PARAM_FIELD_SOCK_ADDR | sys::UCP_EP_PARAM_FIELD_FLAGS) as u64;
+            p.flags = sys::UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+            p.sockaddr.addr = (&storage as *const libc::sockaddr_storage).cast();
+            p.sockaddr.addrlen = len;
+            self.create_ep(&mut p)
+        };
+        let ep = match ep {
+            Ok(ep) => ep,
+            Err(s) => {
+                let _ = reply.send(Err(io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {peer}: connection refused or unreachable; UCX says"), s)));
+                return;
+            }
+        };
+        let (id, connection) = self.add_conn(ep, peer, &runtime, limits);
+        // The connection is handed out once the endpoint is wired up (a
+        // flush completes then), or fails with the endpoint's error.
+        // SAFETY: a live endpoint; the callback's user data is the conn id.
+        let request = unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA;
+            p.cb.send = Some(on_flush);
+            p.user_data = id as usize as *mut c_void;
+            self.lib.ucp_ep_flush_nbx(ep, &p)
+        };
+        let status = sys::ptr_status(request);
+        if status == sys::UCS_INPROGRESS as sys::ucs_status_t {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.connecting = Some((reply, connection));
+            }
+        } else if ok(status) {
+            let _ = reply.send(Ok(connection));
+        } else {
+            let _ = reply.send(Err(io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", connection.peer), status)));
+            self.destroy(id, true);
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Frame { ep, seq, data } => {
+                let Some(&id) = self.by_ep.get(&ep) else { return };
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                let item = parse(Bytes::from(data), c.max.load(Ordering::Relaxed)).map(Some);
+                c.arrived.insert(seq, Slot::Ready(item));
+                self.deliver(id);
+            }
+            Event::Rndv { ep, seq, desc, len } => self.rendezvous(ep, seq, desc as *mut c_void, len),
+            Event::Close { ep, seq } => {
+                let Some(&id) = self.by_ep.get(&ep) else { return };
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                c.arrived.insert(seq, Slot::Ready(Ok(None)));
+                self.deliver(id);
+            }
+            Event::ConnRequest { listener, request } => self.accept(listener, request as sys::ucp_conn_request_h),
+            Event::EpError { ep, status } => {
+                let Some(&id) = self.by_ep.get(&ep) else { return };
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                if let Some((reply, _)) = c.connecting.take() {
+                    let e = io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", c.peer), status);
+                    let _ = reply.send(Err(e));
+                } else if !c.ended {
+                    let e = io_error(self.lib, std::io::ErrorKind::ConnectionReset, format!("UCX connection to {} failed", c.peer), status);
+                    tracing::debug!(peer = %c.peer, "{e}");
+                    let _ = c.inbound.send(Err(e));
+                }
+                self.destroy(id, true);
+            }
+            Event::SendDone { keep, request, status } => {
+                // SAFETY: `keep` came from Box::into_raw in `send_frame` and
+                // is given back exactly once; the request is UCX's to free.
+                unsafe {
+                    drop(Box::from_raw(keep as *mut SendKeep));
+                    self.lib.ucp_request_free(request as *mut c_void);
+                }
+                if !ok(status) {
+                    tracing::debug!("UCX send failed: {}", status_text(self.lib, status));
+                }
+            }
+            Event::RecvDone { keep, request, status } => {
+                // SAFETY: as for SendDone, from `rendezvous`.
+                let keep = unsafe {
+                    self.lib.ucp_request_free(request as *mut c_void);
+                    Box::from_raw(keep as *mut RecvKeep)
+                };
+                self.received(*keep, status);
+            }
+            Event::FlushDone { conn, request, status } => {
+                // SAFETY: a request UCX handed to our callback.
+                unsafe { self.lib.ucp_request_free(request as *mut c_void) };
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                let Some((reply, connection)) = c.connecting.take() else { return };
+                if ok(status) {
+                    let _ = reply.send(Ok(connection));
+                    // Frames queued meanwhile go out now.
+                    self.drain_outgoing(conn);
+                } else {
+                    let e = io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", connection.peer), status);
+                    let _ = reply.send(Err(e));
+                    self.destroy(conn, true);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, listener: u64, request: sys::ucp_conn_request_h) {
+        let Some(l) = self.listeners.get(&listener) else {
+            // The listener was stopped meanwhile: a request nobody takes is
+            // rejected, so the peer hears at once.
+            return;
+        };
+        let (incoming, runtime, limits, lh) = (l.incoming.clone(), l.runtime.clone(), l.limits, l.handle);
+        // SAFETY: a connection request UCX handed us, used once.
+        let peer = unsafe {
+            let mut attr: sys::ucp_conn_request_attr_t = std::mem::zeroed();
+            attr.field_mask = sys::UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR as u64;
+            if ok(self.lib.ucp_conn_request_query(request, &mut attr)) {
+                from_sockaddr((&attr.client_address as *const sys::sockaddr_storage).cast()).map(|a| format!("ucx://{a}"))
+            } else {
+                None
+            }
+        }
+        .unwrap_or_else(|| "ucx://(unknown)".into());
+        if incoming.capacity() == 0 || incoming.is_closed() {
+            tracing::warn!(%peer, "UCX listener queue full or closed; refusing a connection");
+            // SAFETY: as above.
+            unsafe { self.lib.ucp_listener_reject(lh, request) };
+            return;
+        }
+        // SAFETY: zeroed params with the conn request named in the mask.
+        let ep = unsafe {
+            let mut p: sys::ucp_ep_params_t = std::mem::zeroed();
+            p.field_mask = sys::UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
+            p.conn_request = request;
+            self.create_ep(&mut p)
+        };
+        match ep {
+            Ok(ep) => {
+                let (id, connection) = self.add_conn(ep, peer, &runtime, limits);
+                if incoming.try_send(connection).is_err() {
+                    self.destroy(id, true);
+                }
+            }
+            Err(s) => tracing::warn!(%peer, "cannot accept a UCX connection: {}", status_text(self.lib, s)),
+        }
+    }
+
+    fn rendezvous(&mut self, ep: usize, seq: u64, desc: *mut c_void, len: usize) {
+        let release = |st: &State| {
+            // SAFETY: a descriptor UCX gave our handler, released once.
+            unsafe { st.lib.ucp_am_data_release(st.worker, desc) };
+        };
+        let Some(&id) = self.by_ep.get(&ep) else { return release(self) };
+        let Some(c) = self.conns.get_mut(&id) else { return release(self) };
+        let max = c.max.load(Ordering::Relaxed);
+        if c.ended || len as u64 > max {
+            if !c.ended {
+                c.arrived.insert(seq, Slot::Ready(Err(TransportError::FrameTooLarge { size: len as u64, max })));
+                self.deliver(id);
+            }
+            return release(self);
+        }
+        c.arrived.insert(seq, Slot::Receiving);
+        // Large values land in reused memory when there is some.
+        let mut buf = crate::bufpool::take(len, |_| {});
+        // SAFETY: UCX writes all `len` bytes before the buffer is read
+        // (completion is checked in `received`).
+        unsafe { buf.set_len(len) };
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, buf }));
+        // SAFETY: the buffer lives in `keep` until the receive completes.
+        let request = unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA | sys::UCP_OP_ATTR_FIELD_DATATYPE;
+            p.cb.recv_am = Some(on_recv);
+            p.user_data = keep.cast();
+            p.datatype = sys::dt_bytes();
+            self.lib.ucp_am_recv_data_nbx(self.worker, desc, (*keep).buf.as_mut_ptr().cast(), len, &p)
+        };
+        let status = sys::ptr_status(request);
+        if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
+            // SAFETY: completed at once (or failed): no callback will come.
+            let keep = unsafe { Box::from_raw(keep) };
+            self.received(*keep, status);
+        }
+    }
+
+    fn received(&mut self, keep: RecvKeep, status: sys::ucs_status_t) {
+        let Some(c) = self.conns.get_mut(&keep.conn) else { return };
+        let item = if ok(status) {
+            parse(crate::bufpool::into_bytes(keep.buf), c.max.load(Ordering::Relaxed)).map(Some)
+        } else {
+            Err(TransportError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!("UCX receive from {} failed: {}", c.peer, status_text(self.lib, status)),
+            )))
+        };
+        c.arrived.insert(keep.seq, Slot::Ready(item));
+        self.deliver(keep.conn);
+    }
+
+    /// Hands up, in order, every frame whose turn has come.
+    fn deliver(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        while let Some(Slot::Ready(_)) = c.arrived.get(&c.next_in) {
+            let Some(Slot::Ready(item)) = c.arrived.remove(&c.next_in) else { unreachable!() };
+            c.next_in += 1;
+            if c.ended {
+                continue;
+            }
+            match item {
+                Ok(Some(frame)) => {
+                    let _ = c.inbound.send(Ok(Some(frame)));
+                }
+                Ok(None) => {
+                    c.closed_there = true;
+                    c.ended = true;
+                    let _ = c.inbound.send(Ok(None));
+                }
+                Err(e) => {
+                    c.ended = true;
+                    let _ = c.inbound.send(Err(e));
+                }
+            }
+        }
+        if c.ended && !c.closed_there {
+            // A bad frame: the connection is unusable, as on TCP.
+            self.destroy(id, true);
+        } else if c.closed_here && c.closed_there {
+            self.destroy(id, false);
+        }
+    }
+
+    /// Sends what is queued on connection `id`; CLOSE once its senders are gone.
+    fn drain_outgoing(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.connecting.is_some() || c.closed_here {
+            return;
+        }
+        let mut frames = Vec::new();
+        let gone = loop {
+            match c.outgoing.try_recv() {
+                Ok(f) => frames.push(f),
+                Err(mpsc::error::TryRecvError::Empty) => break false,
+                Err(mpsc::error::TryRecvError::Disconnected) => break true,
+            }
+        };
+        let ep = c.ep;
+        for frame in frames {
+            let seq = self.conns.get_mut(&id).map(|c| {
+                c.send_seq += 1;
+                c.send_seq - 1
+            });
+            if let Some(seq) = seq {
+                self.send_am(ep, AM_FRAME, seq, Some(frame));
+            }
+        }
+        if gone {
+            let Some(c) = self.conns.get_mut(&id) else { return };
+            c.closed_here = true;
+            let seq = c.send_seq;
+            c.send_seq += 1;
+            let both = c.closed_there || c.inbound.is_closed();
+            self.send_am(ep, AM_CLOSE, seq, None);
+            if both {
+                self.destroy(id, false);
+            }
+        }
+    }
+
+    /// Sends one active message: the frame's wire layout as an iov.
+    fn send_am(&mut self, ep: sys::ucp_ep_h, am: u32, seq: u64, frame: Option<Frame>) {
+        let mut keep = Box::new(SendKeep { header: seq.to_le_bytes(), staging: Vec::new(), iov: Vec::new(), _frame: None });
+        if let Some(frame) = &frame {
+            // (start, end) in staging, or a borrowed slice.
+            enum Piece {
+                Staged(usize, usize),
+                Own(*const u8, usize),
+            }
+            let mut pieces: Vec<Piece> = Vec::new();
+            let staging = &mut keep.staging;
+            let mut stage_from = 0;
+            frame.encode_header(staging);
+            for part in std::iter::once(&frame.control[..]).chain(frame.data.iter().map(|d| &d[..])) {
+                if part.len() < COPY_BELOW {
+                    staging.extend_from_slice(part);
+                } else {
+                    if staging.len() > stage_from {
+                        pieces.push(Piece::Staged(stage_from, staging.len()));
+                    }
+                    stage_from = staging.len();
+                    pieces.push(Piece::Own(part.as_ptr(), part.len()));
+                }
+            }
+            if staging.len() > stage_from {
+                pieces.push(Piece::Staged(stage_from, staging.len()));
+            }
+            let base = staging.as_ptr();
+            keep.iov = pieces
+                .iter()
+                .map(|p| match *p {
+                    // SAFETY: offsets within `staging`, which is not touched again.
+                    Piece::Staged(s, e) => sys::ucp_dt_iov_t { buffer: unsafe { base.add(s) } as *mut c_void, length: e - s },
+                    Piece::Own(ptr, len) => sys::ucp_dt_iov_t { buffer: ptr as *mut c_void, length: len },
+                })
+                .collect();
+        }
+        keep._frame = frame;
+        let keep = Box::into_raw(keep);
+        // SAFETY: every buffer the message reads (header, staging, the
+        // frame's own data, the iov array) lives in `keep` until UCX says the
+        // send is done (SendDone) or it completed at once (below).
+        let request = unsafe {
+            let k = &*keep;
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA | sys::UCP_OP_ATTR_FIELD_FLAGS | sys::UCP_OP_ATTR_FIELD_DATATYPE;
+            p.flags = sys::UCP_AM_SEND_FLAG_REPLY;
+            p.cb.send = Some(on_send);
+            p.user_data = keep.cast();
+            let (buffer, count) = if k.iov.len() == 1 {
+                p.datatype = sys::dt_bytes();
+                (k.iov[0].buffer as *const c_void, k.iov[0].length)
+            } else {
+                p.datatype = sys::dt_iov();
+                (k.iov.as_ptr() as *const c_void, k.iov.len())
+            };
+            self.lib.ucp_am_send_nbx(ep, am, k.header.as_ptr().cast(), 8, buffer, count, &p)
+        };
+        let status = sys::ptr_status(request);
+        if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
+            // SAFETY: done (or failed) at once: no callback will come.
+            drop(unsafe { Box::from_raw(keep) });
+            if !ok(status) {
+                tracing::debug!("UCX send failed: {}", status_text(self.lib, status));
+            }
+        }
+    }
+
+    /// Closes connection `id`'s endpoint (forcibly after an error).
+    fn destroy(&mut self, id: u64, force: bool) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        self.by_ep.remove(&(c.ep as usize));
+        if !c.ended {
+            let _ = c.inbound.send(Ok(None));
+        }
+        // SAFETY: the endpoint is ours and closed once; pending rendezvous
+        // receives on it complete (with an error) through their callbacks.
+        let request = unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = if force { sys::UCP_EP_CLOSE_FLAG_FORCE } else { 0 };
+            self.lib.ucp_ep_close_nbx(c.ep, &p)
+        };
+        if sys::ptr_status(request) == sys::UCS_INPROGRESS as sys::ucs_status_t {
+            self.closing.push(request as usize);
+        }
+    }
+
+    fn finish_closes(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let lib = self.lib;
+        self.closing.retain(|&r| {
+            // SAFETY: requests from ucp_ep_close_nbx, freed once complete.
+            unsafe {
+                if lib.ucp_request_check_status(r as *mut c_void) == sys::UCS_INPROGRESS as sys::ucs_status_t {
+                    true
+                } else {
+                    lib.ucp_request_free(r as *mut c_void);
+                    false
+                }
+            }
+        });
+    }
+
+    /// Connections closed here whose reader has gone too: nothing more will
+    /// be read, so the endpoint goes.
+    fn sweep(&mut self) {
+        let done: Vec<u64> = self.conns.iter().filter(|(_, c)| c.closed_here && c.inbound.is_closed()).map(|(id, _)| *id).collect();
+        for id in done {
+            self.destroy(id, false);
+        }
+    }
+}
+
+/// One received message as a frame (the TCP wire layout, checked the same way).
+fn parse(buf: Bytes, max: u64) -> Result<Frame> {
+    let limits = Limits { max_frame_size: max, ..Limits::default() };
+    if buf.len() < HEADER_LEN {
+        return Err(TransportError::Malformed(format!("UCX message of {} bytes is shorter than a frame header", buf.len())));
+    }
+    let header = FixedHeader::parse(buf[..HEADER_LEN].try_into().unwrap(), &limits)?;
+    let table_end = HEADER_LEN + 8 * header.n_data as usize;
+    if buf.len() < table_end {
+        return Err(TransportError::Malformed("truncated length table".into()));
+    }
+    let lengths: Vec<u64> = buf[HEADER_LEN..table_end].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+    let total = check_lengths(&header, &lengths, &limits)?;
+    if total != buf.len() as u64 {
+        return Err(TransportError::Malformed(format!("UCX message of {} bytes, its header says {total}", buf.len())));
+    }
+    let control_end = table_end + header.control_len as usize;
+    let mut control = AlignedVec::with_capacity(header.control_len as usize);
+    control.extend_from_slice(&buf[table_end..control_end]);
+    Ok(Frame { control, data: split_bytes(buf.slice(control_end..), &lengths) })
+}
+
+fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data, valid zeroed, and large
+    // enough for either address family written into it.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        match addr {
+            SocketAddr::V4(a) => {
+                let sin = &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+                (storage, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+                sin6.sin6_scope_id = a.scope_id();
+                (storage, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `p` points to a sockaddr_storage filled by UCX.
+unsafe fn from_sockaddr(p: *const libc::sockaddr_storage) -> Option<SocketAddr> {
+    match (*p).ss_family as i32 {
+        libc::AF_INET => {
+            let sin = &*p.cast::<libc::sockaddr_in>();
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            let sin6 = &*p.cast::<libc::sockaddr_in6>();
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)), u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_frame;
+
+    #[test]
+    fn parse_takes_the_tcp_layout_and_refuses_mismatches() {
+        let mut control = AlignedVec::new();
+        control.extend_from_slice(b"hello");
+        let frame = Frame { control, data: vec![Bytes::from_static(b"abc"), Bytes::from(vec![7u8; 40_000])] };
+        let wire = Bytes::from(encode_frame(&frame));
+        let back = parse(wire.clone(), 1 << 30).unwrap();
+        assert_eq!(&back.control[..], b"hello");
+        assert_eq!(back.data.len(), 2);
+        assert_eq!(&back.data[0][..], b"abc");
+        assert_eq!(back.data[1].len(), 40_000);
+        assert!(matches!(parse(wire.slice(..wire.len() - 1), 1 << 30), Err(TransportError::Malformed(_))));
+        assert!(matches!(parse(wire.clone(), 1000), Err(TransportError::FrameTooLarge { .. })));
+        assert!(matches!(parse(Bytes::from_static(b"abc"), 1 << 30), Err(TransportError::Malformed(_))));
+    }
+
+    #[test]
+    fn socket_addresses_round_trip() {
+        for a in ["127.0.0.1:8786", "[::1]:9000", "0.0.0.0:0"] {
+            let a: SocketAddr = a.parse().unwrap();
+            let (s, _) = to_sockaddr(a);
+            assert_eq!(unsafe { from_sockaddr(&s) }, Some(a));
+        }
+    }
+}
