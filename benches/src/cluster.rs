@@ -38,10 +38,22 @@ pub struct Cluster {
 /// The TLS identity every process of the benchmark uses (`--tls`); unset: TCP.
 pub static TLS: std::sync::OnceLock<rdask_transport::tls::TlsFiles> = std::sync::OnceLock::new();
 
+/// The transport of every connection (`--protocol`): tcp (default) or ucx.
+pub static PROTOCOL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+fn scheme() -> &'static str {
+    if TLS.get().is_some() {
+        "tls"
+    } else {
+        PROTOCOL.get().copied().unwrap_or("tcp")
+    }
+}
+
 fn tls_flags(cmd: &mut Command) {
     if let Some(f) = TLS.get() {
         cmd.arg("--tls-ca-file").arg(&f.ca_file).arg("--tls-cert").arg(&f.cert).arg("--tls-key").arg(&f.key);
     }
+    cmd.args(["--protocol", scheme()]);
 }
 
 fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -96,7 +108,7 @@ impl Cluster {
                         name: format!("bench-{i}"),
                         nthreads: 1,
                         connect_timeout: Duration::from_secs(60),
-                        listen: if TLS.get().is_some() { "tls://127.0.0.1:0".into() } else { "tcp://127.0.0.1:0".into() },
+                        listen: format!("{}://127.0.0.1:0", scheme()),
                         ..Default::default()
                     };
                     let executor = if threaded { NullExecutor::threaded() } else { NullExecutor::default() };

@@ -54,6 +54,10 @@ struct Args {
     /// authentication as in a real TLS cluster).
     #[arg(long)]
     tls: bool,
+    /// Transport of every connection: tcp or ucx (UCX_TLS etc. pass through
+    /// to every process).
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
     /// The small CI form: correctness only, never judged on timing.
     #[arg(long)]
     ci: bool,
@@ -113,6 +117,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut args = Args::parse();
     rdask_transport::raise_fd_limit();
+    let protocol = rdask_transport::choose_scheme(Some(&args.protocol), false).map_err(anyhow::Error::msg)?;
+    let _ = cluster::PROTOCOL.set(protocol);
+    if protocol != "tcp" {
+        eprintln!("rdask-bench: every connection over {protocol}://");
+    }
     let _tls_dir = if args.tls {
         let dir = std::env::temp_dir().join(format!("rdask-bench-tls-{}", std::process::id()));
         let files = rdask_transport::tls::temporary_identity(&dir)?;

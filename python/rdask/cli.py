@@ -115,7 +115,9 @@ def add_dask_flags(p: argparse.ArgumentParser, worker: bool):
     scheduler` / `dask worker` start: the ones that work here, and the rest
     listed in --help and answered clearly (see `check_dask_flags`)."""
     p.add_argument("--interface", default=None, help="network interface to listen on (e.g. ib0, eth0, lo)")
-    p.add_argument("--protocol", default=None, help="tcp, or tls (the default with --tls-cert); mpi under mpirun: use rdask-mpi")
+    p.add_argument("--protocol", default=None,
+                   help="tcp, tls (the default with --tls-cert), ucx, or auto (ucx where available, else tcp); "
+                        "MPI jobs use rdask-mpi")
     add_tls_flags(p)
     p.add_argument("--pid-file", default=None, help="write this process's id here (removed at exit)")
     for flag, why in COSMETIC.items():
@@ -143,14 +145,16 @@ def check_dask_flags(prog: str, a) -> int | None:
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    if a.protocol is None:
-        a.protocol = "tls" if a.security else "tcp"
-    a.protocol = a.protocol.replace("://", "")
-    if a.protocol not in ("tcp", "tls"):
-        print(f"{prog}: --protocol {a.protocol} is not supported here (tcp or tls; MPI jobs use rdask-mpi)", file=sys.stderr)
-        return 2
-    if a.protocol == "tls" and not a.security:
-        print(f"{prog}: --protocol tls needs --tls-ca-file, --tls-cert and --tls-key", file=sys.stderr)
+    from .protocols import resolve, scheme_of
+
+    # A worker without --protocol speaks its scheduler address's protocol.
+    sched = getattr(a, "address", None) if prog.endswith("worker") else None
+    if a.protocol is None and sched and "://" in sched:
+        a.protocol = scheme_of(sched)
+    try:
+        a.protocol = resolve(a.protocol, a.security, report=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+    except ValueError as e:
+        print(f"{prog}: --protocol: {e}", file=sys.stderr)
         return 2
     if a.security:
         try:

@@ -65,11 +65,12 @@ class LocalCluster:
 
             security = Security.temporary()
         self.security = security if security and security.has_tls else None
-        self.protocol = "tls" if self.security else "tcp"
-        if kwargs.get("protocol") not in (None, "tcp", "tcp://", "tls", "tls://"):
-            raise ValueError(f"LocalCluster(protocol={kwargs['protocol']!r}) is not supported: tcp or tls")
-        if kwargs.get("protocol", "").startswith("tls") and not self.security:
-            raise ValueError("LocalCluster(protocol='tls') needs security=rdask.Security(...) or security=True")
+        from .protocols import resolve
+
+        try:
+            self.protocol = resolve(kwargs.get("protocol"), self.security)
+        except ValueError as e:
+            raise ValueError(f"LocalCluster(protocol={kwargs.get('protocol')!r}): {e}") from None
         if self.security:
             self.security.apply("scheduler")
         from .scheduler_side import SchedulerSide

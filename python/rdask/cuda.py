@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="name prefix (workers are NAME-gpuI)")
     p.add_argument("--local-directory", default=None)
     p.add_argument("--death-timeout", type=float, default=30.0)
-    p.add_argument("--protocol", default=None, help="tcp, or tls (the default with --tls-cert)")
+    p.add_argument("--protocol", default=None,
+                   help="tcp, tls (the default with --tls-cert), ucx, or auto (default: the scheduler address's)")
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-bind", dest="bind", action="store_false")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
@@ -116,10 +117,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 2
-    if a.protocol is None:
-        a.protocol = "tls" if security else "tcp"
-    if a.protocol not in ("tcp", "tls") or (a.protocol == "tls" and not security):
-        print(f"rdask-cuda-worker: --protocol {a.protocol} is not supported here (tcp, or tls with --tls-* files)", file=sys.stderr)
+    from .protocols import resolve, scheme_of
+
+    if a.protocol is None and a.address and "://" in a.address:
+        a.protocol = scheme_of(a.address)
+    try:
+        a.protocol = resolve(a.protocol, security, report=lambda line: print(f"rdask-cuda-worker: {line}", file=sys.stderr))
+    except ValueError as e:
+        print(f"rdask-cuda-worker: --protocol: {e}", file=sys.stderr)
         return 2
     a.token = token_of(a)
     try:

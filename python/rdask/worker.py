@@ -240,7 +240,7 @@ def main(argv=None):
     p.add_argument("--numa-node", type=int, default=None, help="take memory from this NUMA node first")
     p.add_argument("--gpu", default=None, help="the GPU this worker drives (reported to the scheduler)")
     config.add_memory_flags(p)
-    p.add_argument("--protocol", default=None, help="tcp or tls (default: the scheduler address's)")
+    p.add_argument("--protocol", default=None, help="tcp, tls or ucx (default: the scheduler address's)")
     from .security import add_tls_flags, apply_args
 
     add_tls_flags(p)

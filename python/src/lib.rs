@@ -83,6 +83,17 @@ fn interface_address(name: &str) -> Option<String> {
     rdask_transport::netif::interface_addresses().into_iter().find(|(n, _)| n == name).map(|(_, ip)| ip.to_string())
 }
 
+/// `(True, version)` when this process can use UCX (`ucx://`), else
+/// `(False, why)`: one line naming what is missing. Starts UCX's thread on
+/// first success (GIL released meanwhile).
+#[pyfunction]
+fn ucx_status(py: Python<'_>) -> (bool, String) {
+    match py.detach(rdask_transport::ucx_status) {
+        Ok(version) => (true, version),
+        Err(why) => (false, why),
+    }
+}
+
 /// The address other hosts reach this one at (first non-loopback IPv4 of an
 /// interface that is up; loopback if there is none).
 #[pyfunction]
@@ -123,6 +134,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(receive_pool_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(interface_address, m)?)?;
     m.add_function(wrap_pyfunction!(contact_ip, m)?)?;
+    m.add_function(wrap_pyfunction!(ucx_status, m)?)?;
     m.add_function(wrap_pyfunction!(key_prefix, m)?)?;
     m.add_function(wrap_pyfunction!(topology::read_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::describe_topology, m)?)?;

@@ -138,10 +138,10 @@ impl CommSink for Senders {
 /// when it names only a port): the listener and its `http://` link.
 pub async fn bind_dashboard(config: &SchedulerConfig, listener: &Listener) -> Result<Option<(tokio::net::TcpListener, String)>, SchedError> {
     let Some(addr) = &config.dashboard else { return Ok(None) };
-    // A TCP scheduler's own interface; all interfaces for other transports.
+    // The scheduler's own interface for IP transports; all interfaces for others (MPI).
     let (scheme, rest) = rdask_transport::backend::split_scheme(&listener.bound);
     let host = match (scheme, rest.rsplit_once(':')) {
-        ("tcp", Some((h, _))) if !h.is_empty() => h.trim_matches(['[', ']']).to_string(),
+        ("tcp" | "tls" | "ucx", Some((h, _))) if !h.is_empty() => h.trim_matches(['[', ']']).to_string(),
         _ => "0.0.0.0".to_string(),
     };
     let bound = crate::dashboard::bind(addr, &host).await?;

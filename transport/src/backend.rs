@@ -160,6 +160,33 @@ pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
     }
 }
 
+/// The scheme for a `--protocol` flag: `tcp`, `tls`, `ucx`, or `auto` (UCX
+/// when this process can use it, else TCP; logged). None means TLS when
+/// certificates are configured, else TCP. The error is one line for the user.
+pub fn choose_scheme(protocol: Option<&str>, tls: bool) -> std::result::Result<&'static str, String> {
+    let p = protocol.map(|p| p.trim_end_matches("://").to_ascii_lowercase());
+    match p.as_deref() {
+        None => Ok(if tls { "tls" } else { "tcp" }),
+        Some("tcp") => Ok("tcp"),
+        Some("tls") if tls => Ok("tls"),
+        Some("tls") => Err("--protocol tls needs --tls-ca-file, --tls-cert and --tls-key".into()),
+        Some("ucx") if tls => Err("--protocol ucx does not encrypt; with TLS certificates use --protocol tls".into()),
+        Some("ucx") => ucx_status().map(|_| "ucx").map_err(|e| format!("--protocol ucx: {e}")),
+        Some("auto") if tls => Ok("tls"),
+        Some("auto") => Ok(match ucx_status() {
+            Ok(version) => {
+                tracing::info!("--protocol auto: UCX {version} is available; using ucx://");
+                "ucx"
+            }
+            Err(why) => {
+                tracing::info!("--protocol auto: {why}; using tcp://");
+                "tcp"
+            }
+        }),
+        Some(other) => Err(format!("--protocol {other} is not supported: tcp, tls, ucx or auto")),
+    }
+}
+
 /// UCX's version when this process can use it (the library loads and a
 /// UCP worker starts), else one line saying what is missing. Used by
 /// `--protocol ucx|auto`.

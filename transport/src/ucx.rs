@@ -367,6 +367,8 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Send
         }
     };
     let mut last_sweep = Instant::now();
+    let mut last_busy = Instant::now();
+    let spin = Duration::from_micros(std::env::var("RDASK_UCX_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(20));
     loop {
         let mut busy = false;
         loop {
@@ -398,6 +400,14 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Send
             last_sweep = Instant::now();
         }
         if busy {
+            last_busy = Instant::now();
+            continue;
+        }
+        // Right after traffic the next message (a reply) usually follows
+        // within microseconds: keep polling for `spin` before sleeping,
+        // yielding the core between polls.
+        if last_busy.elapsed() < spin {
+            std::thread::yield_now();
             continue;
         }
         if efd < 0 {

@@ -37,6 +37,12 @@ struct Args {
     /// Turn the dashboard off (as `--dashboard-address none`).
     #[arg(long)]
     no_dashboard: bool,
+    /// tcp, tls (the default with --tls-cert), ucx, or auto (ucx where available, else tcp).
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Network interface whose IPv4 address to listen on (e.g. ib0, eth0, lo).
+    #[arg(long)]
+    interface: Option<String>,
     /// CA certificate(s) of the cluster (PEM); with --tls-cert the scheduler listens on tls://.
     #[arg(long)]
     tls_ca_file: Option<PathBuf>,
@@ -68,11 +74,15 @@ fn main() -> anyhow::Result<()> {
 
     let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
     rdask_transport::tls::configure(tls.as_ref(), false)?;
-    let scheme = if tls.is_some() { "tls" } else { "tcp" };
+    let scheme = rdask_transport::choose_scheme(args.protocol.as_deref(), tls.is_some()).map_err(anyhow::Error::msg)?;
+    let host = match &args.interface {
+        Some(name) => interface_ip(name)?,
+        None => args.host.clone(),
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let addr = format!("{scheme}://{}:{}", args.host, args.port);
+        let addr = format!("{scheme}://{host}:{}", args.port);
         let listener = rdask_transport::listen(&addr, Default::default())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -124,4 +134,13 @@ fn write_scheduler_file(path: &std::path::Path, address: &str, dashboard: Option
     std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+/// The IPv4 address of network interface `name`.
+fn interface_ip(name: &str) -> anyhow::Result<String> {
+    rdask_transport::netif::interface_addresses()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, ip)| ip.to_string())
+        .with_context(|| format!("no IPv4 address on network interface {name:?}"))
 }

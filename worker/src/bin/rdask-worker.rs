@@ -47,6 +47,12 @@ struct Args {
     /// "null-threaded" (every task through the executor threads).
     #[arg(long, default_value = "null")]
     executor: String,
+    /// tcp, tls, ucx or auto for the peer listener (default: the scheduler address's).
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Network interface whose IPv4 address to listen on (e.g. ib0, eth0, lo).
+    #[arg(long)]
+    interface: Option<String>,
     /// CA certificate(s) of the cluster (PEM); with --tls-cert workers listen on tls://.
     #[arg(long)]
     tls_ca_file: Option<PathBuf>,
@@ -73,12 +79,22 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
     rdask_transport::tls::configure(tls.as_ref(), false)?;
-    let scheme = if tls.is_some() { "tls" } else { "tcp" };
     rdask_transport::raise_fd_limit();
     let scheduler = match (&args.scheduler, &args.scheduler_file) {
         (Some(a), _) => a.clone(),
         (None, Some(f)) => read_scheduler_file(f)?,
         (None, None) => bail!("give the scheduler address or --scheduler-file"),
+    };
+    // Peers speak the scheduler's protocol unless told otherwise.
+    let protocol = args.protocol.clone().unwrap_or_else(|| rdask_transport::backend::split_scheme(&scheduler).0.to_string());
+    let scheme = rdask_transport::choose_scheme(Some(&protocol), tls.is_some()).map_err(anyhow::Error::msg)?;
+    let listen_host = match &args.interface {
+        Some(name) => rdask_transport::netif::interface_addresses()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ip)| ip.to_string())
+            .with_context(|| format!("no IPv4 address on network interface {name:?}"))?,
+        None => args.listen_host.clone(),
     };
     let executor = match args.executor.as_str() {
         "null" => NullExecutor::default(),
@@ -115,7 +131,7 @@ fn main() -> anyhow::Result<()> {
                 nthreads: args.nthreads.max(1),
                 memory_limit,
                 resources: resources.clone(),
-                listen: format!("{scheme}://{}:0", args.listen_host),
+                listen: format!("{scheme}://{listen_host}:0"),
                 token: token.clone(),
                 connect_timeout: std::time::Duration::from_secs(args.death_timeout.max(1)),
                 ..Default::default()
