@@ -42,7 +42,7 @@ use ucx_sys as sys;
 
 use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener, Notify};
 use crate::error::{Result, TransportError};
-use crate::frame::{check_lengths, split_bytes, FixedHeader, Frame, Limits, HEADER_LEN};
+use crate::frame::{check_lengths, FixedHeader, Frame, Limits, HEADER_LEN};
 
 const AM_FRAME: u32 = 1;
 const AM_CLOSE: u32 = 2;
@@ -225,8 +225,8 @@ impl Engine {
 // holding its state mutably without aliasing.
 
 enum Event {
-    Frame { ep: usize, seq: u64, data: Vec<u8> },
-    Rndv { ep: usize, seq: u64, desc: usize, len: usize },
+    Frame { ep: usize, seq: u64, prefix: Vec<u8>, data: Vec<u8> },
+    Rndv { ep: usize, seq: u64, prefix: Vec<u8>, desc: usize, len: usize },
     Close { ep: usize, seq: u64 },
     ConnRequest { listener: u64, request: usize },
     EpError { ep: usize, status: sys::ucs_status_t },
@@ -252,11 +252,14 @@ unsafe extern "C" fn on_am(
     param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
     let param = &*param;
-    if header_length != 8 || param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 == 0 {
+    if header_length < 8 || param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 == 0 {
         tracing::warn!(header_length, "UCX message without a sequence number or reply endpoint; dropped");
         return sys::UCS_OK as sys::ucs_status_t;
     }
-    let seq = u64::from_le_bytes(std::slice::from_raw_parts(header.cast::<u8>(), 8).try_into().unwrap());
+    let header = std::slice::from_raw_parts(header.cast::<u8>(), header_length);
+    let seq = u64::from_le_bytes(header[..8].try_into().unwrap());
+    // The frame's first bytes when they travel in the header (see `send_am`).
+    let prefix = header[8..].to_vec();
     let ep = param.reply_ep as usize;
     if arg as usize == AM_CLOSE as usize {
         push(Event::Close { ep, seq });
@@ -264,11 +267,11 @@ unsafe extern "C" fn on_am(
     }
     if param.recv_attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
         // Kept until the engine posts the receive (or releases it).
-        push(Event::Rndv { ep, seq, desc: data as usize, len: length });
+        push(Event::Rndv { ep, seq, prefix, desc: data as usize, len: length });
         return sys::UCS_INPROGRESS as sys::ucs_status_t;
     }
     let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
-    push(Event::Frame { ep, seq, data: bytes });
+    push(Event::Frame { ep, seq, prefix, data: bytes });
     sys::UCS_OK as sys::ucs_status_t
 }
 
@@ -301,7 +304,7 @@ fn status_text(lib: &sys::UcpLib, status: sys::ucs_status_t) -> String {
 
 /// A frame being sent: the buffers UCX reads from, alive until it is done.
 struct SendKeep {
-    header: [u8; 8],
+    header: Vec<u8>,
     staging: Vec<u8>,
     iov: Vec<sys::ucp_dt_iov_t>,
     _frame: Option<Frame>,
@@ -311,6 +314,7 @@ struct SendKeep {
 struct RecvKeep {
     conn: u64,
     seq: u64,
+    prefix: Vec<u8>,
     buf: Vec<u8>,
 }
 
@@ -353,6 +357,8 @@ struct State {
     listeners: HashMap<u64, ListenerEntry>,
     /// Endpoint closes UCX has not finished.
     closing: Vec<usize>,
+    /// Most frame bytes sent in an active message's header.
+    max_prefix: usize,
 }
 
 fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
@@ -491,7 +497,10 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         lib.ucp_get_version(&mut major, &mut minor, &mut release);
         let version = format!("{major}.{minor}.{release}");
         tracing::debug!(%version, "UCX started");
-        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new() };
+        let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
+        attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
+        let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(8).min(4096) } else { 0 };
+        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix };
         Ok((st, efd, version))
     }
 }
@@ -650,14 +659,14 @@ impl State {
 
     fn event(&mut self, ev: Event) {
         match ev {
-            Event::Frame { ep, seq, data } => {
+            Event::Frame { ep, seq, prefix, data } => {
                 let Some(&id) = self.by_ep.get(&ep) else { return };
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                let item = parse(Bytes::from(data), c.max.load(Ordering::Relaxed)).map(Some);
+                let item = parse(Bytes::from(prefix), Bytes::from(data), c.max.load(Ordering::Relaxed)).map(Some);
                 c.arrived.insert(seq, Slot::Ready(item));
                 self.deliver(id);
             }
-            Event::Rndv { ep, seq, desc, len } => self.rendezvous(ep, seq, desc as *mut c_void, len),
+            Event::Rndv { ep, seq, prefix, desc, len } => self.rendezvous(ep, seq, prefix, desc as *mut c_void, len),
             Event::Close { ep, seq } => {
                 let Some(&id) = self.by_ep.get(&ep) else { return };
                 let Some(c) = self.conns.get_mut(&id) else { return };
@@ -757,7 +766,7 @@ impl State {
         }
     }
 
-    fn rendezvous(&mut self, ep: usize, seq: u64, desc: *mut c_void, len: usize) {
+    fn rendezvous(&mut self, ep: usize, seq: u64, prefix: Vec<u8>, desc: *mut c_void, len: usize) {
         let release = |st: &State| {
             // SAFETY: a descriptor UCX gave our handler, released once.
             unsafe { st.lib.ucp_am_data_release(st.worker, desc) };
@@ -765,9 +774,9 @@ impl State {
         let Some(&id) = self.by_ep.get(&ep) else { return release(self) };
         let Some(c) = self.conns.get_mut(&id) else { return release(self) };
         let max = c.max.load(Ordering::Relaxed);
-        if c.ended || len as u64 > max {
+        if c.ended || (len + prefix.len()) as u64 > max {
             if !c.ended {
-                c.arrived.insert(seq, Slot::Ready(Err(TransportError::FrameTooLarge { size: len as u64, max })));
+                c.arrived.insert(seq, Slot::Ready(Err(TransportError::FrameTooLarge { size: (len + prefix.len()) as u64, max })));
                 self.deliver(id);
             }
             return release(self);
@@ -778,7 +787,7 @@ impl State {
         // SAFETY: UCX writes all `len` bytes before the buffer is read
         // (completion is checked in `received`).
         unsafe { buf.set_len(len) };
-        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, buf }));
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix, buf }));
         // SAFETY: the buffer lives in `keep` until the receive completes.
         let request = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
@@ -799,7 +808,7 @@ impl State {
     fn received(&mut self, keep: RecvKeep, status: sys::ucs_status_t) {
         let Some(c) = self.conns.get_mut(&keep.conn) else { return };
         let item = if ok(status) {
-            parse(crate::bufpool::into_bytes(keep.buf), c.max.load(Ordering::Relaxed)).map(Some)
+            parse(Bytes::from(keep.prefix), crate::bufpool::into_bytes(keep.buf), c.max.load(Ordering::Relaxed)).map(Some)
         } else {
             Err(TransportError::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
@@ -881,7 +890,7 @@ impl State {
 
     /// Sends one active message: the frame's wire layout as an iov.
     fn send_am(&mut self, ep: sys::ucp_ep_h, am: u32, seq: u64, frame: Option<Frame>) {
-        let mut keep = Box::new(SendKeep { header: seq.to_le_bytes(), staging: Vec::new(), iov: Vec::new(), _frame: None });
+        let mut keep = Box::new(SendKeep { header: seq.to_le_bytes().to_vec(), staging: Vec::new(), iov: Vec::new(), _frame: None });
         if let Some(frame) = &frame {
             // (start, end) in staging, or a borrowed slice.
             enum Piece {
@@ -906,7 +915,17 @@ impl State {
             if staging.len() > stage_from {
                 pieces.push(Piece::Staged(stage_from, staging.len()));
             }
-            let base = staging.as_ptr();
+            // The first staged bytes (header, length table, control and the
+            // small values) ride in the active message's header when they
+            // fit: the rest is then often one contiguous buffer, which UCX
+            // moves zero-copy by rendezvous (an iov payload it copies).
+            if let (Some(&Piece::Staged(0, e)), true) = (pieces.first(), pieces.len() > 1) {
+                if e <= self.max_prefix {
+                    keep.header.extend_from_slice(&staging[..e]);
+                    pieces.remove(0);
+                }
+            }
+            let base = keep.staging.as_ptr();
             keep.iov = pieces
                 .iter()
                 .map(|p| match *p {
@@ -928,14 +947,17 @@ impl State {
             p.flags = sys::UCP_AM_SEND_FLAG_REPLY;
             p.cb.send = Some(on_send);
             p.user_data = keep.cast();
-            let (buffer, count) = if k.iov.len() == 1 {
+            let (buffer, count) = if k.iov.is_empty() {
+                p.datatype = sys::dt_bytes();
+                (ptr::null(), 0)
+            } else if k.iov.len() == 1 {
                 p.datatype = sys::dt_bytes();
                 (k.iov[0].buffer as *const c_void, k.iov[0].length)
             } else {
                 p.datatype = sys::dt_iov();
                 (k.iov.as_ptr() as *const c_void, k.iov.len())
             };
-            self.lib.ucp_am_send_nbx(ep, am, k.header.as_ptr().cast(), 8, buffer, count, &p)
+            self.lib.ucp_am_send_nbx(ep, am, k.header.as_ptr().cast(), k.header.len(), buffer, count, &p)
         };
         let status = sys::ptr_status(request);
         if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
@@ -995,26 +1017,51 @@ impl State {
     }
 }
 
-/// One received message as a frame (the TCP wire layout, checked the same way).
-fn parse(buf: Bytes, max: u64) -> Result<Frame> {
+/// One received message as a frame: its bytes are `prefix` (from the
+/// message header) followed by `payload`, in the TCP wire layout, checked
+/// the same way. Data frames are views into whichever part holds them.
+fn parse(prefix: Bytes, payload: Bytes, max: u64) -> Result<Frame> {
     let limits = Limits { max_frame_size: max, ..Limits::default() };
-    if buf.len() < HEADER_LEN {
-        return Err(TransportError::Malformed(format!("UCX message of {} bytes is shorter than a frame header", buf.len())));
+    let split = prefix.len();
+    let len = split + payload.len();
+    let at = |r: std::ops::Range<usize>| -> Bytes {
+        if r.end <= split {
+            prefix.slice(r)
+        } else if r.start >= split {
+            payload.slice(r.start - split..r.end - split)
+        } else {
+            let mut v = Vec::with_capacity(r.len());
+            v.extend_from_slice(&prefix[r.start..]);
+            v.extend_from_slice(&payload[..r.end - split]);
+            Bytes::from(v)
+        }
+    };
+    if len < HEADER_LEN {
+        return Err(TransportError::Malformed(format!("UCX message of {len} bytes is shorter than a frame header")));
     }
-    let header = FixedHeader::parse(buf[..HEADER_LEN].try_into().unwrap(), &limits)?;
+    let header = FixedHeader::parse(at(0..HEADER_LEN)[..].try_into().unwrap(), &limits)?;
     let table_end = HEADER_LEN + 8 * header.n_data as usize;
-    if buf.len() < table_end {
+    if len < table_end {
         return Err(TransportError::Malformed("truncated length table".into()));
     }
-    let lengths: Vec<u64> = buf[HEADER_LEN..table_end].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+    let lengths: Vec<u64> = at(HEADER_LEN..table_end).chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     let total = check_lengths(&header, &lengths, &limits)?;
-    if total != buf.len() as u64 {
-        return Err(TransportError::Malformed(format!("UCX message of {} bytes, its header says {total}", buf.len())));
+    if total != len as u64 {
+        return Err(TransportError::Malformed(format!("UCX message of {len} bytes, its header says {total}")));
     }
     let control_end = table_end + header.control_len as usize;
     let mut control = AlignedVec::with_capacity(header.control_len as usize);
-    control.extend_from_slice(&buf[table_end..control_end]);
-    Ok(Frame { control, data: split_bytes(buf.slice(control_end..), &lengths) })
+    control.extend_from_slice(&at(table_end..control_end));
+    let mut pos = control_end;
+    let data = lengths
+        .iter()
+        .map(|&l| {
+            let d = at(pos..pos + l as usize);
+            pos += l as usize;
+            d
+        })
+        .collect();
+    Ok(Frame { control, data })
 }
 
 fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -1070,14 +1117,25 @@ mod tests {
         control.extend_from_slice(b"hello");
         let frame = Frame { control, data: vec![Bytes::from_static(b"abc"), Bytes::from(vec![7u8; 40_000])] };
         let wire = Bytes::from(encode_frame(&frame));
-        let back = parse(wire.clone(), 1 << 30).unwrap();
+        let back = parse(Bytes::new(), wire.clone(), 1 << 30).unwrap();
         assert_eq!(&back.control[..], b"hello");
         assert_eq!(back.data.len(), 2);
         assert_eq!(&back.data[0][..], b"abc");
         assert_eq!(back.data[1].len(), 40_000);
-        assert!(matches!(parse(wire.slice(..wire.len() - 1), 1 << 30), Err(TransportError::Malformed(_))));
-        assert!(matches!(parse(wire.clone(), 1000), Err(TransportError::FrameTooLarge { .. })));
-        assert!(matches!(parse(Bytes::from_static(b"abc"), 1 << 30), Err(TransportError::Malformed(_))));
+        // Split anywhere between header and payload: the same frame, and the
+        // large value is a view into the payload, not a copy.
+        for cut in [3, 8, 20, wire.len() - 40_000 - 3, wire.len() - 40_000, wire.len()] {
+            let back = parse(wire.slice(..cut), wire.slice(cut..), 1 << 30).unwrap();
+            assert_eq!(&back.control[..], b"hello", "cut at {cut}");
+            assert_eq!(&back.data[0][..], b"abc");
+            assert_eq!(back.data[1], frame.data[1]);
+        }
+        let cut = wire.len() - 40_000;
+        let payload = wire.slice(cut..);
+        assert_eq!(parse(wire.slice(..cut), payload.clone(), 1 << 30).unwrap().data[1].as_ptr(), payload.as_ptr());
+        assert!(matches!(parse(Bytes::new(), wire.slice(..wire.len() - 1), 1 << 30), Err(TransportError::Malformed(_))));
+        assert!(matches!(parse(Bytes::new(), wire.clone(), 1000), Err(TransportError::FrameTooLarge { .. })));
+        assert!(matches!(parse(Bytes::from_static(b"abc"), Bytes::new(), 1 << 30), Err(TransportError::Malformed(_))));
     }
 
     #[test]
