@@ -12,6 +12,8 @@ cargo build --release --workspace --bins --examples
 # setup.sh installed UCX: its tests must run, not skip.
 export RDASK_REQUIRE_UCX=1
 cargo test --release --workspace
+# A build without UCX still speaks TCP, and ucx:// says why not.
+cargo test --release -p rdask-transport --no-default-features --test backends
 # 256 null workers over TCP, tree-15 and friends, plus workers in 4 processes
 # and a 200k-task pending-memory check: fails on any wrong result or leaked
 # task, never on timing.

@@ -49,6 +49,9 @@ const AM_CLOSE: u32 = 2;
 /// Pieces smaller than this are copied into the staging buffer rather than
 /// given their own iov entry.
 const COPY_BELOW: usize = 16 << 10;
+/// A frame's first bytes go in the message header only when the rest is at
+/// least this large (see `send_am`).
+const PREFIX_MIN_REST: usize = 1 << 20;
 
 // ---------------------------------------------------------------- public API
 
@@ -253,7 +256,7 @@ unsafe extern "C" fn on_am(
 ) -> sys::ucs_status_t {
     let param = &*param;
     if header_length < 8 || param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 == 0 {
-        tracing::warn!(header_length, "UCX message without a sequence number or reply endpoint; dropped");
+        tracing::error!(header_length, "UCX message without a sequence number or reply endpoint; dropped");
         return sys::UCS_OK as sys::ucs_status_t;
     }
     let header = std::slice::from_raw_parts(header.cast::<u8>(), header_length);
@@ -919,7 +922,18 @@ impl State {
             // small values) ride in the active message's header when they
             // fit: the rest is then often one contiguous buffer, which UCX
             // moves zero-copy by rendezvous (an iov payload it copies).
-            if let (Some(&Piece::Staged(0, e)), true) = (pieces.first(), pieces.len() > 1) {
+            // Only for large remainders (sure to go by rendezvous): UCX 1.13
+            // delivers multi-fragment eager messages with a longer header
+            // without their reply endpoint, which names the connection.
+            let rest: usize = pieces
+                .iter()
+                .skip(1)
+                .map(|p| match *p {
+                    Piece::Staged(s, e) => e - s,
+                    Piece::Own(_, len) => len,
+                })
+                .sum();
+            if let (Some(&Piece::Staged(0, e)), true) = (pieces.first(), rest >= PREFIX_MIN_REST) {
                 if e <= self.max_prefix {
                     keep.header.extend_from_slice(&staging[..e]);
                     pieces.remove(0);

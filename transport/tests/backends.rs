@@ -101,6 +101,25 @@ async fn a_large_value_arrives_intact(scheme: &str) {
     assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &f);
 }
 
+async fn frames_with_large_control_messages_arrive_intact(scheme: &str) {
+    // A graph submission is one large control message: sizes around the
+    // eager/rendezvous switch, with and without a large value beside it.
+    let (client, mut server) = pair(scheme).await;
+    let mut frames = Vec::new();
+    for (i, control_len) in [20_000usize, 70_000, 300_000, 3 << 20].into_iter().enumerate() {
+        let mut control = AlignedVec::new();
+        control.extend_from_slice(&pattern(i as u8, control_len));
+        frames.push(Frame { control: control.clone(), data: vec![] });
+        frames.push(Frame { control, data: vec![pattern(9, 10), pattern(i as u8, 2 << 20)] });
+    }
+    for f in &frames {
+        client.sender.send(f.clone()).unwrap();
+    }
+    for want in &frames {
+        assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), want);
+    }
+}
+
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable(scheme: &str) {
     let limits = Limits { max_frame_size: 64 * 1024, ..Default::default() };
     let (client, mut server) = pair_with(scheme, limits, Limits::default()).await;
@@ -205,6 +224,12 @@ async fn a_peer_process_killed_mid_transfer_ends_its_connection_only(scheme: &st
         .spawn()
         .unwrap();
     let mut conn = tokio::time::timeout(WAIT, listener.accept()).await.expect("the child never connected").unwrap();
+    // Between processes UCX may pick other transports (shared memory) than
+    // inside one: large control messages first.
+    for n in [20_000usize, 300_000] {
+        let f = recv(&mut conn).await.unwrap().expect("the child closed at once");
+        assert_eq!(&f.control[..], &pattern(7, n)[..]);
+    }
     let first = recv(&mut conn).await.unwrap().expect("the child closed at once");
     assert_eq!(first.data[0].len(), 64 << 20);
     assert!(first.data[0].iter().step_by(4099).all(|b| *b == 0x5a), "the child's bytes arrive intact");
@@ -233,6 +258,11 @@ async fn a_peer_process_killed_mid_transfer_ends_its_connection_only(scheme: &st
 async fn child_peer() {
     let Ok(addr) = std::env::var("RDASK_TEST_PEER") else { return };
     let c = rdask_transport::connect(&addr, Limits::default()).await.unwrap();
+    for n in [20_000usize, 300_000] {
+        let mut control = AlignedVec::new();
+        control.extend_from_slice(&pattern(7, n));
+        c.sender.send(Frame { control, data: vec![] }).unwrap();
+    }
     let value = Bytes::from(vec![0x5au8; 64 << 20]);
     loop {
         if c.sender.send(Frame { control: control(), data: vec![value.clone()] }).is_err() {
@@ -266,7 +296,7 @@ fn ucx_cases_over_each_ucx_transport() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "UCX_TLS={tls}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("10 passed"), "UCX_TLS={tls}: not every case ran:\n{stdout}");
+        assert!(stdout.contains("11 passed"), "UCX_TLS={tls}: not every case ran:\n{stdout}");
     }
 }
 
@@ -305,6 +335,7 @@ over_backends!(
     frames_arrive_intact_and_in_order,
     a_frame_with_many_data_frames_arrives_intact,
     a_large_value_arrives_intact,
+    frames_with_large_control_messages_arrive_intact,
     oversized_send_fails_at_the_sender_and_the_connection_stays_usable,
     a_frame_over_the_receivers_limit_is_refused_there,
     the_handshake_runs_and_refuses_a_wrong_token,
@@ -313,3 +344,16 @@ over_backends!(
     a_dropped_listener_stops_accepting,
     a_peer_process_killed_mid_transfer_ends_its_connection_only,
 );
+
+/// Built without UCX (`--no-default-features`, as ci/test.sh also builds
+/// it): TCP works and `ucx://` fails with one line saying why.
+#[cfg(not(feature = "ucx"))]
+#[tokio::test]
+async fn without_the_ucx_feature_ucx_addresses_say_why() {
+    let why = rdask_transport::ucx_status().unwrap_err();
+    assert!(why.contains("built without") && !why.contains('\n'), "{why}");
+    let err = rdask_transport::connect("ucx://127.0.0.1:1", Limits::default()).await.err().expect("ucx:// must fail");
+    assert!(err.to_string().contains("built without"), "{err}");
+    assert_eq!(rdask_transport::choose_scheme(Some("auto"), false), Ok("tcp"));
+    assert!(rdask_transport::choose_scheme(Some("ucx"), false).unwrap_err().contains("--protocol ucx"));
+}
