@@ -16,11 +16,13 @@
 //! into one staging buffer, large data frames are sent from their own
 //! buffers. UCX sends small messages eagerly and large ones by rendezvous;
 //! a rendezvous frame is received straight into the buffer that becomes the
-//! frames' `Bytes`. The 8-byte active-message header is a per-connection
-//! sequence number: rendezvous receives can complete out of order, and
-//! frames are handed up in order. A CLOSE message (after the last frame)
-//! ends a connection cleanly; an endpoint error (a peer that vanished) is an
-//! error on the reading side.
+//! frames' `Bytes`. Each side first sends HELLO with its id for the
+//! connection (the only message that relies on UCX's reply endpoint to be
+//! placed); every later message names the receiver's connection by that id
+//! and carries a per-connection sequence number: rendezvous receives can
+//! complete out of order, and frames are handed up in order. A CLOSE message
+//! (after the last frame) ends a connection cleanly; an endpoint error (a
+//! peer that vanished) is an error on the reading side.
 //!
 //! The unsafe FFI lives in this file only; see docs/architecture.md for why
 //! the bindings are generated from the system's headers and loaded at run time.
@@ -44,8 +46,13 @@ use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, Fr
 use crate::error::{Result, TransportError};
 use crate::frame::{check_lengths, FixedHeader, Frame, Limits, HEADER_LEN};
 
+/// Header: receiver's connection id, sequence number, the frame's first bytes.
 const AM_FRAME: u32 = 1;
+/// Header: receiver's connection id, sequence number.
 const AM_CLOSE: u32 = 2;
+/// Header: the sender's id for this connection (sent with UCX's reply
+/// endpoint, which tells the receiver which endpoint it came on).
+const AM_HELLO: u32 = 3;
 /// Pieces smaller than this are copied into the staging buffer rather than
 /// given their own iov entry.
 const COPY_BELOW: usize = 16 << 10;
@@ -228,9 +235,10 @@ impl Engine {
 // holding its state mutably without aliasing.
 
 enum Event {
-    Frame { ep: usize, seq: u64, prefix: Vec<u8>, data: Vec<u8> },
-    Rndv { ep: usize, seq: u64, prefix: Vec<u8>, desc: usize, len: usize },
-    Close { ep: usize, seq: u64 },
+    Hello { ep: usize, remote: u64 },
+    Frame { conn: u64, seq: u64, prefix: Vec<u8>, data: Vec<u8> },
+    Rndv { conn: u64, seq: u64, prefix: Vec<u8>, desc: usize, len: usize },
+    Close { conn: u64, seq: u64 },
     ConnRequest { listener: u64, request: usize },
     EpError { ep: usize, status: sys::ucs_status_t },
     SendDone { keep: usize, request: usize, status: sys::ucs_status_t },
@@ -255,26 +263,27 @@ unsafe extern "C" fn on_am(
     param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
     let param = &*param;
-    if header_length < 8 || param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 == 0 {
-        tracing::error!(header_length, "UCX message without a sequence number or reply endpoint; dropped");
-        return sys::UCS_OK as sys::ucs_status_t;
-    }
     let header = std::slice::from_raw_parts(header.cast::<u8>(), header_length);
-    let seq = u64::from_le_bytes(header[..8].try_into().unwrap());
-    // The frame's first bytes when they travel in the header (see `send_am`).
-    let prefix = header[8..].to_vec();
-    let ep = param.reply_ep as usize;
-    if arg as usize == AM_CLOSE as usize {
-        push(Event::Close { ep, seq });
-        return sys::UCS_OK as sys::ucs_status_t;
+    let word = |i: usize| u64::from_le_bytes(header[8 * i..8 * i + 8].try_into().unwrap());
+    match arg as usize as u32 {
+        AM_HELLO if header_length == 8 && param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 != 0 => {
+            push(Event::Hello { ep: param.reply_ep as usize, remote: word(0) });
+        }
+        AM_CLOSE if header_length == 16 => push(Event::Close { conn: word(0), seq: word(1) }),
+        AM_FRAME if header_length >= 16 => {
+            let (conn, seq) = (word(0), word(1));
+            // The frame's first bytes when they travel in the header (see `send_am`).
+            let prefix = header[16..].to_vec();
+            if param.recv_attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
+                // Kept until the engine posts the receive (or releases it).
+                push(Event::Rndv { conn, seq, prefix, desc: data as usize, len: length });
+                return sys::UCS_INPROGRESS as sys::ucs_status_t;
+            }
+            let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
+            push(Event::Frame { conn, seq, prefix, data: bytes });
+        }
+        id => tracing::warn!(id, header_length, "malformed UCX message; dropped"),
     }
-    if param.recv_attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
-        // Kept until the engine posts the receive (or releases it).
-        push(Event::Rndv { ep, seq, prefix, desc: data as usize, len: length });
-        return sys::UCS_INPROGRESS as sys::ucs_status_t;
-    }
-    let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
-    push(Event::Frame { ep, seq, prefix, data: bytes });
     sys::UCS_OK as sys::ucs_status_t
 }
 
@@ -342,6 +351,8 @@ struct Conn {
     /// The peer sent CLOSE.
     closed_there: bool,
     connecting: Option<(oneshot::Sender<Result<Connection>>, Connection)>,
+    /// The peer's id for this connection (its HELLO); frames wait for it.
+    remote: Option<u64>,
 }
 
 struct ListenerEntry {
@@ -362,6 +373,7 @@ struct State {
     closing: Vec<usize>,
     /// Most frame bytes sent in an active message's header.
     max_prefix: usize,
+    id_key: std::collections::hash_map::RandomState,
 }
 
 fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
@@ -476,7 +488,7 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         if s != sys::UCS_OK as sys::ucs_status_t {
             return Err(format!("ucp_worker_create: {}", status_text(lib, s)));
         }
-        for id in [AM_FRAME, AM_CLOSE] {
+        for id in [AM_FRAME, AM_CLOSE, AM_HELLO] {
             let mut h: sys::ucp_am_handler_param_t = std::mem::zeroed();
             h.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
                 | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
@@ -502,10 +514,18 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         tracing::debug!(%version, "UCX started");
         let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
         attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
-        let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(8).min(4096) } else { 0 };
-        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix };
+        let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(16).min(4096) } else { 0 };
+        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix, id_key: Default::default() };
         Ok((st, efd, version))
     }
+}
+
+/// An active-message header: the receiver's connection id and a sequence number.
+fn header(conn: u64, seq: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&conn.to_le_bytes());
+    h.extend_from_slice(&seq.to_le_bytes());
+    h
 }
 
 fn io_error(lib: &sys::UcpLib, kind: std::io::ErrorKind, what: String, status: sys::ucs_status_t) -> TransportError {
@@ -517,9 +537,19 @@ fn ok(s: sys::ucs_status_t) -> bool {
 }
 
 impl State {
+    /// A connection id the peer cannot guess from the ones it was told
+    /// (frames name their connection by it).
     fn new_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
+        use std::hash::{BuildHasher, Hasher};
+        loop {
+            self.next_id += 1;
+            let mut h = self.id_key.build_hasher();
+            h.write_u64(self.next_id);
+            let id = h.finish();
+            if id != 0 && !self.conns.contains_key(&id) && !self.listeners.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn command(&mut self, cmd: Cmd) {
@@ -611,9 +641,12 @@ impl State {
                 closed_here: false,
                 closed_there: false,
                 connecting: None,
+                remote: None,
             },
         );
         self.by_ep.insert(ep as usize, id);
+        // UCX holds it until the endpoint is wired up.
+        self.send_am(ep, AM_HELLO, id.to_le_bytes().to_vec(), None, false);
         (id, connection)
     }
 
@@ -662,16 +695,21 @@ impl State {
 
     fn event(&mut self, ev: Event) {
         match ev {
-            Event::Frame { ep, seq, prefix, data } => {
+            Event::Hello { ep, remote } => {
                 let Some(&id) = self.by_ep.get(&ep) else { return };
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                c.remote = Some(remote);
+                // Frames queued meanwhile go out now.
+                self.drain_outgoing(id);
+            }
+            Event::Frame { conn: id, seq, prefix, data } => {
                 let Some(c) = self.conns.get_mut(&id) else { return };
                 let item = parse(Bytes::from(prefix), Bytes::from(data), c.max.load(Ordering::Relaxed)).map(Some);
                 c.arrived.insert(seq, Slot::Ready(item));
                 self.deliver(id);
             }
-            Event::Rndv { ep, seq, prefix, desc, len } => self.rendezvous(ep, seq, prefix, desc as *mut c_void, len),
-            Event::Close { ep, seq } => {
-                let Some(&id) = self.by_ep.get(&ep) else { return };
+            Event::Rndv { conn, seq, prefix, desc, len } => self.rendezvous(conn, seq, prefix, desc as *mut c_void, len),
+            Event::Close { conn: id, seq } => {
                 let Some(c) = self.conns.get_mut(&id) else { return };
                 c.arrived.insert(seq, Slot::Ready(Ok(None)));
                 self.deliver(id);
@@ -769,12 +807,11 @@ impl State {
         }
     }
 
-    fn rendezvous(&mut self, ep: usize, seq: u64, prefix: Vec<u8>, desc: *mut c_void, len: usize) {
+    fn rendezvous(&mut self, id: u64, seq: u64, prefix: Vec<u8>, desc: *mut c_void, len: usize) {
         let release = |st: &State| {
             // SAFETY: a descriptor UCX gave our handler, released once.
             unsafe { st.lib.ucp_am_data_release(st.worker, desc) };
         };
-        let Some(&id) = self.by_ep.get(&ep) else { return release(self) };
         let Some(c) = self.conns.get_mut(&id) else { return release(self) };
         let max = c.max.load(Ordering::Relaxed);
         if c.ended || (len + prefix.len()) as u64 > max {
@@ -860,6 +897,7 @@ impl State {
         if c.connecting.is_some() || c.closed_here {
             return;
         }
+        let Some(remote) = c.remote else { return };
         let mut frames = Vec::new();
         let gone = loop {
             match c.outgoing.try_recv() {
@@ -875,7 +913,7 @@ impl State {
                 c.send_seq - 1
             });
             if let Some(seq) = seq {
-                self.send_am(ep, AM_FRAME, seq, Some(frame));
+                self.send_am(ep, AM_FRAME, header(remote, seq), Some(frame), true);
             }
         }
         if gone {
@@ -884,7 +922,7 @@ impl State {
             let seq = c.send_seq;
             c.send_seq += 1;
             let both = c.closed_there || c.inbound.is_closed();
-            self.send_am(ep, AM_CLOSE, seq, None);
+            self.send_am(ep, AM_CLOSE, header(remote, seq), None, true);
             if both {
                 self.destroy(id, false);
             }
@@ -892,8 +930,8 @@ impl State {
     }
 
     /// Sends one active message: the frame's wire layout as an iov.
-    fn send_am(&mut self, ep: sys::ucp_ep_h, am: u32, seq: u64, frame: Option<Frame>) {
-        let mut keep = Box::new(SendKeep { header: seq.to_le_bytes().to_vec(), staging: Vec::new(), iov: Vec::new(), _frame: None });
+    fn send_am(&mut self, ep: sys::ucp_ep_h, am: u32, header: Vec<u8>, frame: Option<Frame>, may_prefix: bool) {
+        let mut keep = Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: None });
         if let Some(frame) = &frame {
             // (start, end) in staging, or a borrowed slice.
             enum Piece {
@@ -933,7 +971,7 @@ impl State {
                     Piece::Own(_, len) => len,
                 })
                 .sum();
-            if let (Some(&Piece::Staged(0, e)), true) = (pieces.first(), rest >= PREFIX_MIN_REST) {
+            if let (Some(&Piece::Staged(0, e)), true) = (pieces.first(), may_prefix && rest >= PREFIX_MIN_REST) {
                 if e <= self.max_prefix {
                     keep.header.extend_from_slice(&staging[..e]);
                     pieces.remove(0);
@@ -958,7 +996,7 @@ impl State {
             let k = &*keep;
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
             p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA | sys::UCP_OP_ATTR_FIELD_FLAGS | sys::UCP_OP_ATTR_FIELD_DATATYPE;
-            p.flags = sys::UCP_AM_SEND_FLAG_REPLY;
+            p.flags = if am == AM_HELLO { sys::UCP_AM_SEND_FLAG_REPLY } else { 0 };
             p.cb.send = Some(on_send);
             p.user_data = keep.cast();
             let (buffer, count) = if k.iov.is_empty() {
