@@ -3,9 +3,19 @@
 //! no driver), their locality, and the worker layout of
 //! `rdask-cuda-worker`: one worker per visible GPU on the cores closest to
 //! it. The launcher itself is Python (`rdask.cuda`), sharing the nanny and
-//! binding path of `rdask-worker`; the device data plane comes later.
+//! binding path of `rdask-worker`.
+//!
+//! The device data plane's building blocks: device memory behind one trait
+//! (`device.rs`, with a host-memory stand-in and, with the `cuda` feature,
+//! cudarc in `cuda.rs`), chunked staging for transfers (`staging.rs`) and
+//! device-to-host spilling under a device memory limit (`device_store.rs`).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
+pub mod device_store;
 pub mod nvml;
+pub mod staging;
 
 use rdask_worker::topology::layout::{per_gpu, Flags, WorkerSpec};
 use rdask_worker::topology::{Gpu, Topology};
@@ -22,6 +32,12 @@ pub enum GpuError {
     Nvml { what: String, reason: String },
     #[error("CUDA_VISIBLE_DEVICES={value:?} names no GPU of this machine: {reason}")]
     BadVisibleDevices { value: String, reason: String },
+    #[error("no CUDA: {reason}")]
+    NoCuda { reason: String },
+    #[error("out of device memory on {device}: {wanted} bytes wanted, about {free} free")]
+    OutOfMemory { device: String, wanted: u64, free: u64 },
+    #[error("device error while {what}: {reason}")]
+    Device { what: String, reason: String },
 }
 
 /// A GPU as NVML sees it.

@@ -1,0 +1,191 @@
+//! Device memory behind one trait: allocate, copy to and from host memory,
+//! and host staging buffers (page-locked on a GPU). Two implementations:
+//! [`HostStandIn`], which keeps "device" buffers in host memory and counts
+//! every copy (the staging and spilling logic is tested with it on any
+//! machine), and `CudaDevice` (cargo feature `cuda`, cudarc with the driver
+//! loaded at run time; `cuda.rs`).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::GpuError;
+
+/// A buffer in device memory.
+pub struct DeviceBuffer {
+    pub(crate) len: usize,
+    pub(crate) inner: DeviceInner,
+}
+
+pub(crate) enum DeviceInner {
+    Host(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<u8>),
+}
+
+impl DeviceBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({} bytes)", self.len)
+    }
+}
+
+/// Host memory that device copies go through.
+pub enum StagingBuffer {
+    Host(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Pinned(cudarc::driver::PinnedHostSlice<u8>),
+}
+
+impl StagingBuffer {
+    pub fn len(&self) -> usize {
+        match self {
+            StagingBuffer::Host(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            StagingBuffer::Pinned(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes (after any copy into them has completed).
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            StagingBuffer::Host(v) => v,
+            #[cfg(feature = "cuda")]
+            StagingBuffer::Pinned(p) => p.as_slice().expect("a staging buffer's copy failed"),
+        }
+    }
+}
+
+/// One device (a GPU, or the stand-in).
+pub trait Device: Send + Sync {
+    /// For logs and errors: "GPU 0 (NVIDIA H200)", "host stand-in".
+    fn describe(&self) -> String;
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer, GpuError>;
+    /// Copies `dst.len()` bytes of `src` from `offset` into `dst`.
+    fn copy_to_host(&self, src: &DeviceBuffer, offset: usize, dst: &mut StagingBuffer, len: usize) -> Result<(), GpuError>;
+    /// Copies `src` into `dst` at `offset`.
+    fn copy_from_host(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<(), GpuError>;
+    fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError>;
+    /// Gives a buffer back (dropping one frees it too; this also keeps the
+    /// stand-in's count right).
+    fn free(&self, buf: DeviceBuffer) {
+        drop(buf)
+    }
+}
+
+fn check_range(buf_len: usize, offset: usize, len: usize, what: &str) -> Result<(), GpuError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= buf_len => Ok(()),
+        _ => Err(GpuError::Device { what: what.into(), reason: format!("bytes {offset}..+{len} outside a buffer of {buf_len}") }),
+    }
+}
+
+/// "Device" memory in host memory, with an optional capacity, counting every
+/// copy: what the staging and spilling code does is visible to tests.
+#[derive(Default)]
+pub struct HostStandIn {
+    capacity: Option<u64>,
+    allocated: AtomicU64,
+    copies: AtomicUsize,
+    largest_copy: AtomicUsize,
+    staging_allocs: AtomicUsize,
+}
+
+impl HostStandIn {
+    /// A stand-in whose allocations fail past `capacity` bytes in use.
+    pub fn with_capacity(capacity: u64) -> Self {
+        HostStandIn { capacity: Some(capacity), ..Default::default() }
+    }
+
+    /// Device ↔ host copies made so far.
+    pub fn copies(&self) -> usize {
+        self.copies.load(Ordering::Relaxed)
+    }
+
+    /// The largest single copy: with staging in chunks, never a whole value.
+    pub fn largest_copy(&self) -> usize {
+        self.largest_copy.load(Ordering::Relaxed)
+    }
+
+    pub fn staging_allocs(&self) -> usize {
+        self.staging_allocs.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of "device" memory in use.
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, len: usize) {
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.largest_copy.fetch_max(len, Ordering::Relaxed);
+    }
+}
+
+impl Device for HostStandIn {
+    fn describe(&self) -> String {
+        "host stand-in".into()
+    }
+
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer, GpuError> {
+        let now = self.allocated.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        if let Some(cap) = self.capacity {
+            if now > cap {
+                self.allocated.fetch_sub(len as u64, Ordering::Relaxed);
+                return Err(GpuError::OutOfMemory { device: self.describe(), wanted: len as u64, free: cap.saturating_sub(now - len as u64) });
+            }
+        }
+        Ok(DeviceBuffer { len, inner: DeviceInner::Host(vec![0; len]) })
+    }
+
+    fn copy_to_host(&self, src: &DeviceBuffer, offset: usize, dst: &mut StagingBuffer, len: usize) -> Result<(), GpuError> {
+        check_range(src.len, offset, len, "copying to host")?;
+        check_range(dst.len(), 0, len, "copying to host")?;
+        #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
+        let (DeviceInner::Host(s), StagingBuffer::Host(d)) = (&src.inner, dst) else {
+            return Err(GpuError::Device { what: "copying to host".into(), reason: "not a stand-in buffer".into() });
+        };
+        d[..len].copy_from_slice(&s[offset..offset + len]);
+        self.count(len);
+        Ok(())
+    }
+
+    fn copy_from_host(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<(), GpuError> {
+        check_range(dst.len, offset, src.len(), "copying to the device")?;
+        #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
+        let DeviceInner::Host(d) = &mut dst.inner else {
+            return Err(GpuError::Device { what: "copying to the device".into(), reason: "not a stand-in buffer".into() });
+        };
+        d[offset..offset + src.len()].copy_from_slice(src);
+        self.count(src.len());
+        Ok(())
+    }
+
+    fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError> {
+        self.staging_allocs.fetch_add(1, Ordering::Relaxed);
+        Ok(StagingBuffer::Host(vec![0; len]))
+    }
+
+    fn free(&self, buf: DeviceBuffer) {
+        self.allocated.fetch_sub(buf.len as u64, Ordering::Relaxed);
+    }
+}
+
+/// A new device buffer holding `bytes` (one copy; for values that arrive
+/// whole, and tests).
+pub fn upload(device: &dyn Device, bytes: &[u8]) -> Result<DeviceBuffer, GpuError> {
+    let mut buf = device.alloc(bytes.len())?;
+    device.copy_from_host(&mut buf, 0, bytes)?;
+    Ok(buf)
+}

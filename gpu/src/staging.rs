@@ -1,0 +1,242 @@
+//! Moving a device value over the network without a whole-value host copy.
+//!
+//! Sending: the value is copied to host in chunks, each into a staging
+//! buffer from a small pool (page-locked memory on a GPU, so the copy runs at
+//! the bus's speed), and each chunk is handed to the network as `Bytes` that
+//! own the staging buffer: while the network writes chunk i, the device
+//! copies chunk i+1 into another buffer, and a buffer goes back to the pool
+//! when the network has dropped it. At most `depth` chunks of host memory are
+//! in use per pool, whatever the value's size.
+//!
+//! Receiving: chunks are copied into a device buffer of the value's size as
+//! they arrive ([`StageIn`]); a value that arrives short or long is an error.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+
+use crate::device::{Device, DeviceBuffer, StagingBuffer};
+use crate::GpuError;
+
+/// Default chunk: large enough for full bus speed, small enough to overlap.
+pub const DEFAULT_CHUNK: usize = 8 << 20;
+/// Default staging buffers per pool.
+pub const DEFAULT_DEPTH: usize = 4;
+
+/// A bounded pool of staging buffers for one device.
+pub struct StagingPool {
+    device: Arc<dyn Device>,
+    chunk: usize,
+    depth: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    free: Vec<StagingBuffer>,
+    created: usize,
+    in_use: usize,
+    most_in_use: usize,
+}
+
+impl StagingPool {
+    pub fn new(device: Arc<dyn Device>, chunk: usize, depth: usize) -> Arc<Self> {
+        Arc::new(StagingPool {
+            device,
+            chunk: chunk.max(1),
+            depth: depth.max(1),
+            state: Mutex::new(PoolState { free: Vec::new(), created: 0, in_use: 0, most_in_use: 0 }),
+            freed: Condvar::new(),
+        })
+    }
+
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// The most staging buffers in use at once so far.
+    pub fn most_in_use(&self) -> usize {
+        self.state.lock().unwrap().most_in_use
+    }
+
+    /// A free staging buffer; waits while `depth` are out (the network has
+    /// not yet written them), creating up to `depth` of them.
+    fn take(&self) -> Result<StagingBuffer, GpuError> {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if let Some(b) = st.free.pop() {
+                st.in_use += 1;
+                st.most_in_use = st.most_in_use.max(st.in_use);
+                return Ok(b);
+            }
+            if st.created < self.depth {
+                st.created += 1;
+                st.in_use += 1;
+                st.most_in_use = st.most_in_use.max(st.in_use);
+                drop(st);
+                return self.device.alloc_staging(self.chunk).inspect_err(|_| {
+                    let mut st = self.state.lock().unwrap();
+                    st.created -= 1;
+                    st.in_use -= 1;
+                });
+            }
+            st = self.freed.wait(st).unwrap();
+        }
+    }
+
+    fn give(&self, b: StagingBuffer) {
+        let mut st = self.state.lock().unwrap();
+        st.in_use -= 1;
+        st.free.push(b);
+        self.freed.notify_one();
+    }
+}
+
+/// A staged chunk handed to the network; its buffer returns to the pool
+/// when the network drops it.
+struct Staged {
+    buf: Option<StagingBuffer>,
+    len: usize,
+    pool: Arc<StagingPool>,
+}
+
+impl AsRef<[u8]> for Staged {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf.as_ref().expect("present until dropped").bytes()[..self.len]
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
+
+/// Sends `src` as chunks through `send` (which queues them on a connection
+/// and returns). Returns the number of chunks. Blocks while the pool's
+/// buffers are all on the wire: call it from a thread that may wait.
+pub fn stage_out<E: From<GpuError>>(pool: &Arc<StagingPool>, src: &DeviceBuffer, mut send: impl FnMut(Bytes) -> Result<(), E>) -> Result<usize, E> {
+    let mut chunks = 0;
+    let mut offset = 0;
+    while offset < src.len() {
+        let len = pool.chunk.min(src.len() - offset);
+        let mut buf = pool.take()?;
+        if let Err(e) = pool.device.copy_to_host(src, offset, &mut buf, len) {
+            pool.give(buf);
+            return Err(e.into());
+        }
+        send(Bytes::from_owner(Staged { buf: Some(buf), len, pool: pool.clone() }))?;
+        offset += len;
+        chunks += 1;
+    }
+    Ok(chunks)
+}
+
+/// A device value arriving in chunks.
+pub struct StageIn {
+    device: Arc<dyn Device>,
+    buf: Option<DeviceBuffer>,
+    filled: usize,
+}
+
+impl StageIn {
+    /// Allocates the value's device buffer (an out-of-memory error here is
+    /// the caller's cue to spill, see `DeviceStore::make_room`).
+    pub fn new(device: Arc<dyn Device>, len: usize) -> Result<Self, GpuError> {
+        let buf = device.alloc(len)?;
+        Ok(StageIn { device, buf: Some(buf), filled: 0 })
+    }
+
+    /// Copies the next chunk into place.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), GpuError> {
+        let buf = self.buf.as_mut().expect("present until finished");
+        if self.filled + chunk.len() > buf.len() {
+            return Err(GpuError::Device {
+                what: "receiving a device value".into(),
+                reason: format!("{} bytes arrived for a value of {}", self.filled + chunk.len(), buf.len()),
+            });
+        }
+        self.device.copy_from_host(buf, self.filled, chunk)?;
+        self.filled += chunk.len();
+        Ok(())
+    }
+
+    /// The value, once every byte has arrived.
+    pub fn finish(mut self) -> Result<DeviceBuffer, GpuError> {
+        let buf = self.buf.take().expect("present until finished");
+        if self.filled != buf.len() {
+            let reason = format!("only {} of {} bytes arrived", self.filled, buf.len());
+            self.device.free(buf);
+            return Err(GpuError::Device { what: "receiving a device value".into(), reason });
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for StageIn {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.device.free(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{upload, HostStandIn};
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_value_moves_in_chunks_through_at_most_depth_staging_buffers() {
+        let dev = Arc::new(HostStandIn::default());
+        let value = pattern((10 << 20) + 12345);
+        let src = upload(dev.as_ref(), &value).unwrap();
+        let pool = StagingPool::new(dev.clone(), 1 << 20, 3);
+        // The "network" writes chunks on another thread, a little behind.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+        let receiver_dev: Arc<dyn Device> = dev.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut into = StageIn::new(receiver_dev, (10 << 20) + 12345).unwrap();
+            for chunk in rx {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                into.push(&chunk).unwrap();
+            }
+            into.finish().unwrap()
+        });
+        let chunks = stage_out(&pool, &src, |b| tx.send(b).map_err(|_| GpuError::NoDevices)).unwrap();
+        drop(tx);
+        let got = receiver.join().unwrap();
+        assert_eq!(chunks, 11);
+        let mut back = StagingBuffer::Host(vec![0; got.len()]);
+        dev.copy_to_host(&got, 0, &mut back, got.len()).unwrap();
+        assert!(back.bytes() == &value[..], "the value arrived intact");
+        // Never a whole-value host copy on the way, and bounded host memory.
+        assert!(pool.most_in_use() <= 3, "{}", pool.most_in_use());
+        assert_eq!(dev.staging_allocs(), 3);
+        assert!(dev.largest_copy() <= (10 << 20) + 12345);
+        assert_eq!(dev.copies(), 1 + 11 + 11 + 1, "upload, 11 out, 11 in, the check");
+    }
+
+    #[test]
+    fn a_value_that_arrives_short_or_long_is_an_error_and_frees_its_buffer() {
+        let dev = Arc::new(HostStandIn::with_capacity(1000));
+        let mut s = StageIn::new(dev.clone(), 100).unwrap();
+        s.push(&[1; 60]).unwrap();
+        let e = s.finish().unwrap_err();
+        assert!(e.to_string().contains("only 60 of 100 bytes"), "{e}");
+        assert_eq!(dev.allocated(), 0);
+        let mut s = StageIn::new(dev.clone(), 100).unwrap();
+        assert!(s.push(&[1; 101]).unwrap_err().to_string().contains("101 bytes arrived"));
+        drop(s);
+        assert_eq!(dev.allocated(), 0);
+        // Out of device memory is a clear error, not a panic.
+        let e = StageIn::new(dev.clone(), 2000).err().unwrap();
+        assert!(e.to_string().contains("out of device memory"), "{e}");
+    }
+}
