@@ -507,7 +507,7 @@ def test_job_script_flags_work_warn_or_say_why(tmp_path):
         (SCHEDULER, ["--tls-cert", "c.pem"], "TLS needs --tls-ca-file and --tls-cert"),
         (WORKER, ["tcp://127.0.0.1:1", "--preload", "x.py"], "--preload is not supported"),
         (WORKER, ["tcp://127.0.0.1:1", "--contact-address", "tcp://10.0.0.1:9000"], "--contact-address is not supported"),
-        (WORKER, ["tcp://127.0.0.1:1", "--protocol", "ucx"], "--protocol ucx is not supported"),
+        (WORKER, ["tcp://127.0.0.1:1", "--protocol", "inproc"], "protocol 'inproc' is not supported"),
         (WORKER, ["tcp://127.0.0.1:1", "--nworkers", "2", "--worker-port", "9000"], "is one port for 2 workers"),
     ):
         out = subprocess.run([command, *args], capture_output=True, text=True, timeout=30)
