@@ -59,6 +59,9 @@ const COPY_BELOW: usize = 16 << 10;
 /// A frame's first bytes go in the message header only when the rest is at
 /// least this large (see `send_am`).
 const PREFIX_MIN_REST: usize = 1 << 20;
+/// Rendezvous bytes one connection receives at once (one frame of any size
+/// is always allowed).
+const RNDV_IN_FLIGHT: usize = 256 << 20;
 
 // ---------------------------------------------------------------- public API
 
@@ -353,6 +356,10 @@ struct Conn {
     connecting: Option<(oneshot::Sender<Result<Connection>>, Connection)>,
     /// The peer's id for this connection (its HELLO); frames wait for it.
     remote: Option<u64>,
+    /// Bytes of rendezvous receives in progress, and the frames waiting
+    /// their turn (sequence, prefix, UCX's descriptor, length).
+    rndv_bytes: usize,
+    rndv_waiting: std::collections::VecDeque<(u64, Vec<u8>, usize, usize)>,
 }
 
 struct ListenerEntry {
@@ -374,6 +381,11 @@ struct State {
     /// Most frame bytes sent in an active message's header.
     max_prefix: usize,
     id_key: std::collections::hash_map::RandomState,
+    /// Endpoints report a vanished peer (UCP_ERR_HANDLING_MODE_PEER). Off
+    /// (`RDASK_UCX_PEER_ERRORS=0`) UCX may use transports without failure
+    /// detection (faster on some), and a dead peer is noticed only by the
+    /// layers above (heartbeats, timeouts).
+    peer_errors: bool,
 }
 
 fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
@@ -512,10 +524,11 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         lib.ucp_get_version(&mut major, &mut minor, &mut release);
         let version = format!("{major}.{minor}.{release}");
         tracing::debug!(%version, "UCX started");
+        let peer_errors = std::env::var("RDASK_UCX_PEER_ERRORS").map_or(true, |v| v != "0");
         let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
         attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
         let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(16).min(4096) } else { 0 };
-        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix, id_key: Default::default() };
+        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix, id_key: Default::default(), peer_errors };
         Ok((st, efd, version))
     }
 }
@@ -601,7 +614,7 @@ impl State {
     /// A new endpoint for `ep_params` (plus error handling), or UCX's status.
     fn create_ep(&self, params: &mut sys::ucp_ep_params_t) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
         params.field_mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
-        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_mode = if self.peer_errors { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
         params.err_handler.cb = Some(on_ep_error);
         params.err_handler.arg = ptr::null_mut();
         let mut ep = ptr::null_mut();
@@ -642,6 +655,8 @@ impl State {
                 closed_there: false,
                 connecting: None,
                 remote: None,
+                rndv_bytes: 0,
+                rndv_waiting: Default::default(),
             },
         );
         self.by_ep.insert(ep as usize, id);
@@ -822,6 +837,19 @@ impl State {
             return release(self);
         }
         c.arrived.insert(seq, Slot::Receiving);
+        // Large frames are received a few at a time (as TCP reads them one
+        // after another): a peer that queues ten 1 GiB frames does not make
+        // this process allocate 10 GiB at once, and buffers get reused.
+        if c.rndv_bytes > 0 && c.rndv_bytes + len > RNDV_IN_FLIGHT {
+            c.rndv_waiting.push_back((seq, prefix, desc as usize, len));
+            return;
+        }
+        self.post_rndv(id, seq, prefix, desc, len);
+    }
+
+    fn post_rndv(&mut self, id: u64, seq: u64, prefix: Vec<u8>, desc: *mut c_void, len: usize) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.rndv_bytes += len;
         // Large values land in reused memory when there is some.
         let mut buf = crate::bufpool::take(len, |_| {});
         // SAFETY: UCX writes all `len` bytes before the buffer is read
@@ -846,6 +874,17 @@ impl State {
     }
 
     fn received(&mut self, keep: RecvKeep, status: sys::ucs_status_t) {
+        let Some(c) = self.conns.get_mut(&keep.conn) else { return };
+        c.rndv_bytes -= keep.buf.len();
+        loop {
+            let Some(c) = self.conns.get_mut(&keep.conn) else { return };
+            let Some(&(_, _, _, len)) = c.rndv_waiting.front() else { break };
+            if c.rndv_bytes > 0 && c.rndv_bytes + len > RNDV_IN_FLIGHT {
+                break;
+            }
+            let (seq, prefix, desc, len) = c.rndv_waiting.pop_front().unwrap();
+            self.post_rndv(keep.conn, seq, prefix, desc as *mut c_void, len);
+        }
         let Some(c) = self.conns.get_mut(&keep.conn) else { return };
         let item = if ok(status) {
             parse(Bytes::from(keep.prefix), crate::bufpool::into_bytes(keep.buf), c.max.load(Ordering::Relaxed)).map(Some)
@@ -1025,6 +1064,10 @@ impl State {
     fn destroy(&mut self, id: u64, force: bool) {
         let Some(c) = self.conns.remove(&id) else { return };
         self.by_ep.remove(&(c.ep as usize));
+        for (_, _, desc, _) in &c.rndv_waiting {
+            // SAFETY: descriptors UCX gave our handler and nobody received.
+            unsafe { self.lib.ucp_am_data_release(self.worker, *desc as *mut c_void) };
+        }
         if !c.ended {
             let _ = c.inbound.send(Ok(None));
         }

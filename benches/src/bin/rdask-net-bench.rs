@@ -141,9 +141,9 @@ fn run_pair(a: &Args, protocol: &str, tls: &str) -> anyhow::Result<serde_json::V
 
 /// ucx_perftest's "Final:" figure: overall bandwidth (MB/s) for *_bw tests,
 /// overall latency (µs) for *_lat tests.
-fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16) -> anyhow::Result<f64> {
+fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16, extra: &[&str]) -> anyhow::Result<f64> {
     let common = |cmd: &mut Command| {
-        cmd.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()]);
+        cmd.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()]).args(extra);
         with_tls(cmd, tls);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     };
@@ -191,18 +191,26 @@ fn bench(a: &Args) -> anyhow::Result<()> {
         eprintln!("ucx UCX_TLS={tls} ...");
         let r = run_pair(a, "ucx", tls)?;
         rows.push(serde_json::json!({"transport": "rdask ucx://", "ucx_tls": tls, "figures": r}));
-        let mut p = serde_json::Map::new();
-        for &mib in &a.sizes_mib {
+        // Its defaults (tag matching, busy polling, no failure handling),
+        // and rdask's way (active messages, peer-failure handling, sleeping
+        // on the event fd between events).
+        for (name, bw, lat, extra) in [
+            ("ucx_perftest tag_bw/tag_lat", "tag_bw", "tag_lat", &[][..]),
+            ("ucx_perftest ucp_am_* -e -E sleep", "ucp_am_bw", "ucp_am_lat", &["-e", "-E", "sleep"][..]),
+        ] {
+            let mut p = serde_json::Map::new();
+            for &mib in &a.sizes_mib {
+                port += 1;
+                p.insert(format!("bw_{mib}MiB_MBps"), perftest(bw, mib << 20, a.iters, tls, port, extra)?.into());
+            }
             port += 1;
-            p.insert(format!("bw_{mib}MiB_MBps"), perftest("tag_bw", mib << 20, a.iters, tls, port)?.into());
+            p.insert("lat_8B_us".into(), perftest(lat, 8, a.lat_iters, tls, port, extra)?.into());
+            rows.push(serde_json::json!({"transport": name, "ucx_tls": tls, "figures": p}));
         }
-        port += 1;
-        p.insert("lat_8B_us".into(), perftest("tag_lat", 8, a.lat_iters, tls, port)?.into());
-        rows.push(serde_json::json!({"transport": "ucx_perftest tag_bw/tag_lat", "ucx_tls": tls, "figures": p}));
     }
-    println!("{:<30} {:<10} {}", "transport", "UCX_TLS", "figures (bandwidth MB/s of 2^20 B; one-way latency µs)");
+    println!("{:<34} {:<10} {}", "transport", "UCX_TLS", "figures (bandwidth MB/s of 2^20 B; one-way latency µs)");
     for r in &rows {
-        println!("{:<30} {:<10} {}", r["transport"].as_str().unwrap(), r["ucx_tls"].as_str().unwrap_or("-"), r["figures"]);
+        println!("{:<34} {:<10} {}", r["transport"].as_str().unwrap(), r["ucx_tls"].as_str().unwrap_or("-"), r["figures"]);
     }
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
