@@ -998,10 +998,10 @@ impl State {
             // The first staged bytes (header, length table, control and the
             // small values) ride in the active message's header when they
             // fit: the rest is then often one contiguous buffer, which UCX
-            // moves zero-copy by rendezvous (an iov payload it copies).
-            // Only for large remainders (sure to go by rendezvous): UCX 1.13
-            // delivers multi-fragment eager messages with a longer header
-            // without their reply endpoint, which names the connection.
+            // can move zero-copy by rendezvous.
+            // Only before a large remainder (sure to go by rendezvous, where
+            // a contiguous buffer is what UCX moves without copying); other
+            // frames keep the plain layout.
             let rest: usize = pieces
                 .iter()
                 .skip(1)
