@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU machine check for the device data plane (issue 12), as one short
+# run (about 2 minutes on an H200). The GPU machine has no Rust toolchain,
+# so the binaries are built here and carried:
+#
+#   # here, once:
+#   echo /.gpu-bin/ >> .git/info/exclude
+#   cargo build --release -p rdask-bench --bin rdask-gpu-bench
+#   cargo test --release -p rdask-gpu --no-run --message-format=json \
+#     | python3 -c 'import sys,json; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and "rdask_gpu" in m["executable"]]' \
+#     | head -1 | xargs -I{} cp {} .gpu-bin/rdask-gpu-tests
+#   cp target/release/rdask-gpu-bench .gpu-bin/
+#   # then, with the device tool:
+#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-bin"], timeout_s=300)
+#
+# It prints the GPU, runs the rdask-gpu unit tests (on a GPU the CUDA test
+# opens GPU 0 and moves bytes through pinned staging), then rdask-gpu-bench:
+# staged D2H/H2D throughput against one whole pinned copy, a 1 GiB device
+# value over TCP against the same bytes from host memory, and spilling of
+# values 3x a 4 GiB device memory limit. Figures go to $OUT/gpu.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/rdask-device-check}
+mkdir -p "$out"
+echo "== nvidia-smi -L"; nvidia-smi -L || true
+echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
+echo "== rdask-gpu-bench"
+./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
+cat "$out/gpu.json"
