@@ -82,7 +82,7 @@ def _serve_scheduler(host: str, port: int, token, scheduler_file, wait_for_clien
     from .cli import write_scheduler_file
 
     _rdask.init_logging()
-    address = f"mpi://0:{port}" if protocol == "mpi" else None
+    address = f"mpi://0:{port}" if protocol == "mpi" else (f"ucx://{host}:{port}" if protocol == "ucx" else None)
     from .scheduler_side import SchedulerSide
 
     sched = _rdask.Scheduler(host, port, token, address=address, python_side=SchedulerSide())
@@ -130,6 +130,22 @@ def _serve_worker(rank: int, name: str | None, nthreads: int, memory_limit, loca
         return 1
 
 
+def _protocol(protocol: str | None) -> str:
+    """tcp, mpi, or what rdask.protocols makes of ucx/auto (the workers
+    follow the scheduler address's protocol)."""
+    protocol = (protocol or "tcp").rstrip(":/")
+    if protocol in ("tcp", "mpi"):
+        return protocol
+    if protocol not in ("ucx", "auto"):
+        raise RdaskError(f"protocol {protocol!r} is not supported under MPI (tcp, ucx, auto or mpi)")
+    from .protocols import resolve
+
+    try:
+        return resolve(protocol, None, report=lambda line: print(f"rdask-mpi: {line}", file=sys.stderr, flush=True))
+    except ValueError as e:
+        raise RdaskError(str(e)) from None
+
+
 def initialize(interface: str | None = None, nthreads: int = 1, local_directory: str | None = None,
                memory_limit="auto", nanny: bool = False, dashboard: bool = True, dashboard_address=None,
                protocol: str | None = None, worker_class=None, worker_options=None, comm=None, exit: bool = True,
@@ -141,9 +157,7 @@ def initialize(interface: str | None = None, nthreads: int = 1, local_directory:
     run the rest of the script as the client; `Client()` there connects to
     the job's scheduler. When the script ends, every rank shuts down and the
     job exits with the script's exit code."""
-    protocol = (protocol or "tcp").rstrip(":/")
-    if protocol not in ("tcp", "mpi"):
-        raise RdaskError(f"protocol {protocol!r} is not supported under MPI (tcp or mpi)")
+    protocol = _protocol(protocol)
     if nanny:
         raise RdaskError("nanny=True is not supported under MPI: a nanny forks its worker after MPI_Init; "
                          "each rank runs its worker in its own process")
@@ -196,8 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--nthreads", type=int, default=1)
     p.add_argument("--memory-limit", default="auto")
     p.add_argument("--local-directory", default=None)
-    p.add_argument("--protocol", default="tcp", choices=("tcp", "mpi"),
-                   help="what scheduler, workers and clients talk over: tcp (default) or mpi (mpi://RANK:PORT)")
+    p.add_argument("--protocol", default="tcp", choices=("tcp", "ucx", "auto", "mpi"),
+                   help="what scheduler, workers and clients talk over: tcp (default), ucx, auto (ucx where "
+                        "available, else tcp) or mpi (mpi://RANK:PORT)")
     p.add_argument("--name", default=None, help="worker name prefix (workers are NAME-RANK)")
     p.add_argument("--nanny", dest="nanny", action="store_true", help="not supported under MPI")
     p.add_argument("--no-nanny", dest="nanny", action="store_false")
@@ -211,6 +226,11 @@ def main(argv=None) -> int:
         # from workers listening on them).
         print("rdask-mpi: --protocol mpi needs the client inside the MPI job; use rdask.mpi.initialize(protocol=\"mpi\") "
               "in the script run by mpirun, or --protocol tcp here", file=sys.stderr)
+        return 2
+    try:
+        a.protocol = _protocol(a.protocol)
+    except RdaskError as e:
+        print(f"rdask-mpi: --protocol: {e}", file=sys.stderr)
         return 2
     if a.nanny:
         print("rdask-mpi: --nanny is not supported: a nanny forks its worker after MPI_Init; "

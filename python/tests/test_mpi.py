@@ -103,6 +103,30 @@ def test_scheduler_workers_and_client_talk_over_mpi(tmp_path):
     assert "all good" in out.stdout
 
 
+@pytest.mark.skipif(not _rdask.ucx_status()[0] and not os.environ.get("RDASK_REQUIRE_UCX"), reason="needs UCX")
+def test_an_mpi_job_over_ucx(tmp_path):
+    """protocol="ucx": the job's scheduler, workers and client talk UCX (the
+    HPC set-up: mpirun starts the job, UCX carries the data)."""
+    job = script(tmp_path, """
+    import sys
+    from rdask.mpi import initialize
+    initialize(interface="lo", protocol="ucx")
+    from rdask import Client
+    import numpy as np
+    c = Client()
+    assert c.scheduler_address.startswith("ucx://127.0.0.1:"), c.scheduler_address
+    addresses = [w["address"] for w in c.scheduler_info()["workers"].values()]
+    assert len(addresses) == 2 and all(a.startswith("ucx://") for a in addresses), addresses
+    a = c.submit(np.ones, 4_000_000, workers=["rank-2"], pure=False)
+    b = c.submit(np.sum, a, workers=["rank-3"], pure=False)
+    assert b.result() == 4_000_000 and a.result().sum() == 4_000_000
+    print("all good", flush=True)
+    """)
+    out = mpirun(4, sys.executable, job)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all good" in out.stdout
+
+
 def test_eight_ranks_on_two_cores(tmp_path):
     job = script(tmp_path, INITIALIZE + """
     c = Client()
