@@ -157,3 +157,33 @@ with rdask.LocalCluster(n_workers=2, threads_per_worker=1, protocol="ucx", dashb
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "UCX_TLS": "tcp"}, cwd=tmp_path)
     assert "RESULT ['tcp'] 90" in r.stdout, r.stdout + r.stderr
+
+
+def test_an_idle_ucx_scheduler_and_worker_do_not_spin(tmp_path):
+    """UCX progress sleeps on its event fd: idle processes use (almost) no CPU."""
+    import time
+
+    import psutil
+    from test_cli import start_scheduler, start_workers, wait_for
+
+    sched, sched_file = start_scheduler(tmp_path, "scheduler", "--no-dashboard", "--protocol", "ucx")
+    workers = None
+    try:
+        wait_for(lambda: os.path.exists(sched_file), 30, "scheduler file", sched)
+        with open(sched_file) as f:
+            address = json.load(f)["address"]
+        workers = start_workers(tmp_path, address, "--nworkers", "1", "--nthreads", "1", "--memory-limit", "0")
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert client.submit(inc, 1).result() == 2
+            procs = [psutil.Process(sched.proc.pid)] + psutil.Process(workers.proc.pid).children(recursive=True)
+            time.sleep(1)
+            before = [p.cpu_times() for p in procs]
+            time.sleep(3)
+            used = [sum(p.cpu_times()[:2]) - sum(b[:2]) for p, b in zip(procs, before)]
+        # A spinning progress thread would use ~3 s here.
+        assert all(u < 0.3 for u in used), used
+    finally:
+        if workers is not None:
+            workers.stop()
+        sched.stop()
