@@ -7,6 +7,7 @@ these tests instead of skipping them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,7 +81,11 @@ def test_a_killed_worker_is_replaced_by_recomputing_on_the_other(ucx_cluster):
         client.wait_for_workers(2, timeout=60)
 
 
-def test_cli_scheduler_and_workers_over_ucx(tmp_path):
+@contextlib.contextmanager
+def cli_ucx_cluster(tmp_path, nworkers: int):
+    """`rdask-scheduler --protocol ucx` and `rdask-worker ADDRESS` (no
+    --protocol: the workers follow the address's); yields (scheduler,
+    workers, client)."""
     from test_cli import start_scheduler, start_workers, wait_for
 
     sched, sched_file = start_scheduler(tmp_path, "scheduler", "--no-dashboard", "--protocol", "ucx")
@@ -90,17 +95,21 @@ def test_cli_scheduler_and_workers_over_ucx(tmp_path):
         with open(sched_file) as f:
             address = json.load(f)["address"]
         assert address.startswith("ucx://127.0.0.1:"), address
-        # No --protocol: the workers follow the scheduler address's.
-        workers = start_workers(tmp_path, address, "--nworkers", "2", "--nthreads", "1", "--memory-limit", "0")
+        workers = start_workers(tmp_path, address, "--nworkers", str(nworkers), "--nthreads", "1", "--memory-limit", "0")
         with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
-            assert all(a.startswith("ucx://") for a in client.scheduler_info()["workers"])
-            xs = client.map(inc, range(50))
-            assert client.submit(total, *xs).result() == sum(range(1, 51))
+            client.wait_for_workers(nworkers, timeout=60)
+            yield sched, workers, client
     finally:
         if workers is not None:
             workers.stop()
         sched.stop()
+
+
+def test_cli_scheduler_and_workers_over_ucx(tmp_path):
+    with cli_ucx_cluster(tmp_path, 2) as (_, _, client):
+        assert all(a.startswith("ucx://") for a in client.scheduler_info()["workers"])
+        xs = client.map(inc, range(50))
+        assert client.submit(total, *xs).result() == sum(range(1, 51))
 
 
 def _scheduler_with(tmp_path, protocol: str, env: dict) -> tuple[int, str, str]:
@@ -164,26 +173,13 @@ def test_an_idle_ucx_scheduler_and_worker_do_not_spin(tmp_path):
     import time
 
     import psutil
-    from test_cli import start_scheduler, start_workers, wait_for
 
-    sched, sched_file = start_scheduler(tmp_path, "scheduler", "--no-dashboard", "--protocol", "ucx")
-    workers = None
-    try:
-        wait_for(lambda: os.path.exists(sched_file), 30, "scheduler file", sched)
-        with open(sched_file) as f:
-            address = json.load(f)["address"]
-        workers = start_workers(tmp_path, address, "--nworkers", "1", "--nthreads", "1", "--memory-limit", "0")
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(1, timeout=60)
-            assert client.submit(inc, 1).result() == 2
-            procs = [psutil.Process(sched.proc.pid)] + psutil.Process(workers.proc.pid).children(recursive=True)
-            time.sleep(1)
-            before = [p.cpu_times() for p in procs]
-            time.sleep(3)
-            used = [sum(p.cpu_times()[:2]) - sum(b[:2]) for p, b in zip(procs, before)]
-        # A spinning progress thread would use ~3 s here.
-        assert all(u < 0.3 for u in used), used
-    finally:
-        if workers is not None:
-            workers.stop()
-        sched.stop()
+    with cli_ucx_cluster(tmp_path, 1) as (sched, workers, client):
+        assert client.submit(inc, 1).result() == 2
+        procs = [psutil.Process(sched.proc.pid)] + psutil.Process(workers.proc.pid).children(recursive=True)
+        time.sleep(1)
+        before = [p.cpu_times() for p in procs]
+        time.sleep(3)
+        used = [sum(p.cpu_times()[:2]) - sum(b[:2]) for p, b in zip(procs, before)]
+    # A spinning progress thread would use ~3 s here.
+    assert all(u < 0.3 for u in used), used

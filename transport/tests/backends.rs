@@ -6,19 +6,17 @@
 //! in child processes of this test binary with `UCX_TLS=tcp` and with shared
 //! memory (`ucx_cases_over_each_ucx_transport`).
 
+mod common;
+use common::{assert_same_frame, control, small_frame};
 use std::time::Duration;
 
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_accept, handshake_connect, Role};
 use rdask_transport::protocol::*;
 use rdask_transport::rkyv::util::AlignedVec;
-use rdask_transport::{Connection, Frame, Limits, TaskId, TransportError, WireMessage};
+use rdask_transport::{Connection, Frame, Limits, TransportError, WireMessage};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn control() -> AlignedVec {
-    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)] }.encode()
-}
 
 fn pattern(seed: u8, n: usize) -> Bytes {
     Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>())
@@ -28,19 +26,6 @@ fn mixed_frame(seed: u8) -> Frame {
     Frame {
         control: control(),
         data: vec![Bytes::new(), Bytes::from_static(b"x"), pattern(seed, 3 * 1024 * 1024 + 17), Bytes::new(), pattern(seed ^ 1, 40_000), pattern(seed ^ 2, 1000)],
-    }
-}
-
-fn small_frame() -> Frame {
-    Frame { control: control(), data: vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"defgh")] }
-}
-
-fn assert_same_frame(got: &Frame, want: &Frame) {
-    assert_eq!(&got.control[..], &want.control[..], "control bytes differ");
-    assert_eq!(got.data.len(), want.data.len(), "number of data frames differs");
-    for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
-        assert_eq!(g.len(), w.len(), "length of data frame {i} differs");
-        assert!(g == w, "bytes of data frame {i} differ");
     }
 }
 

@@ -6,6 +6,8 @@
 //! test wants. Every network wait is bounded, so a hang fails the test
 //! instead of stalling the suite.
 
+mod common;
+use common::{assert_same_frame, control, small_frame};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -60,11 +62,6 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A control message that is a real archive (any type works for framing).
-fn control() -> AlignedVec {
-    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)] }.encode()
-}
-
 /// A frame whose data frames include empty ones, tiny ones, one above the TCP
 /// writer's copy threshold and one of a few MB.
 fn mixed_frame() -> Frame {
@@ -79,20 +76,6 @@ fn mixed_frame() -> Frame {
             Bytes::from(pseudo_random(3, 1000)),
             Bytes::new(),
         ],
-    }
-}
-
-/// A small frame, for cutting at every byte position.
-fn small_frame() -> Frame {
-    Frame { control: control(), data: vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"defgh")] }
-}
-
-fn assert_same_frame(got: &Frame, want: &Frame) {
-    assert_eq!(&got.control[..], &want.control[..], "control bytes differ");
-    assert_eq!(got.data.len(), want.data.len(), "number of data frames differs");
-    for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
-        assert_eq!(g.len(), w.len(), "length of data frame {i} differs");
-        assert!(g == w, "bytes of data frame {i} differ");
     }
 }
 
