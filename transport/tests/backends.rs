@@ -123,6 +123,20 @@ async fn several_large_frames_queued_at_once_arrive_in_order(scheme: &str) {
     }
 }
 
+async fn a_malformed_frame_fails_its_connection_only(scheme: &str) {
+    // An empty control part is never valid: the receiver refuses the frame,
+    // the connection is done, the listener serves the next one.
+    let mut listener = rdask_transport::listen(&format!("{scheme}://127.0.0.1:0"), Limits::default()).await.unwrap();
+    let bad = rdask_transport::connect(&listener.address, Limits::default()).await.unwrap();
+    let mut server = tokio::time::timeout(WAIT, listener.accept()).await.expect("accept hung").unwrap();
+    bad.sender.send(Frame { control: AlignedVec::new(), data: vec![Bytes::from_static(b"junk")] }).unwrap();
+    assert!(matches!(recv(&mut server).await, Err(TransportError::Malformed(_))));
+    let good = rdask_transport::connect(&listener.address, Limits::default()).await.unwrap();
+    let mut server = tokio::time::timeout(WAIT, listener.accept()).await.expect("accept hung").unwrap();
+    good.sender.send(small_frame()).unwrap();
+    assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());
+}
+
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable(scheme: &str) {
     let limits = Limits { max_frame_size: 64 * 1024, ..Default::default() };
     let (client, mut server) = pair_with(scheme, limits, Limits::default()).await;
@@ -299,7 +313,7 @@ fn ucx_cases_over_each_ucx_transport() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "UCX_TLS={tls}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("12 passed"), "UCX_TLS={tls}: not every case ran:\n{stdout}");
+        assert!(stdout.contains("13 passed"), "UCX_TLS={tls}: not every case ran:\n{stdout}");
     }
 }
 
@@ -340,6 +354,7 @@ over_backends!(
     a_large_value_arrives_intact,
     frames_with_large_control_messages_arrive_intact,
     several_large_frames_queued_at_once_arrive_in_order,
+    a_malformed_frame_fails_its_connection_only,
     oversized_send_fails_at_the_sender_and_the_connection_stays_usable,
     a_frame_over_the_receivers_limit_is_refused_there,
     the_handshake_runs_and_refuses_a_wrong_token,
