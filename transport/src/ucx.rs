@@ -4,7 +4,8 @@
 //!
 //! One engine thread per process owns the UCP context and worker
 //! (UCS_THREAD_MODE_SINGLE); every UCX call and callback runs on it. Other
-//! threads talk to it through a command channel and an eventfd. When idle it
+//! threads queue commands and "frames waiting on connection N" for it, and
+//! write its eventfd only when it sleeps. When idle it
 //! arms the worker and sleeps in poll(2) on UCX's event fd and that eventfd,
 //! so an idle process does not spin a core.
 //!
@@ -32,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_void, CStr};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -160,7 +161,8 @@ struct SendNotifier(u64);
 impl Notify for SendNotifier {
     fn notify(&self) {
         if let Ok(e) = engine() {
-            let _ = e.send(Cmd::Ready(self.0));
+            e.shared.ready.lock().unwrap().push(self.0);
+            e.shared.wake_if_asleep();
         }
     }
 }
@@ -183,14 +185,36 @@ enum Cmd {
     },
     StopListener(u64),
     Connect { addr: SocketAddr, peer: String, handle: tokio::runtime::Handle, limits: Limits, reply: oneshot::Sender<Result<Connection>> },
-    /// Frames are queued on a connection (or its senders are all gone).
-    Ready(u64),
+}
+
+/// What other threads hand the engine: commands, and connections with
+/// queued frames (or whose senders are all gone). A sender writes the
+/// eventfd only when the engine sleeps: under load the engine is awake and
+/// a frame costs a push, not a system call.
+struct Shared {
+    cmds: Mutex<Vec<Cmd>>,
+    ready: Mutex<Vec<u64>>,
+    asleep: AtomicBool,
+    /// eventfd the engine sleeps on beside UCX's own.
+    wake: i32,
+}
+
+impl Shared {
+    fn wake_if_asleep(&self) {
+        if self.asleep.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.cmds.lock().unwrap().is_empty() || !self.ready.lock().unwrap().is_empty()
+    }
 }
 
 struct Engine {
-    cmds: Mutex<std_mpsc::Sender<Cmd>>,
-    /// eventfd the engine sleeps on beside UCX's own.
-    wake: i32,
+    shared: Arc<Shared>,
     version: String,
 }
 
@@ -206,14 +230,15 @@ fn engine() -> Result<&'static Engine> {
         if wake < 0 {
             return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
         }
-        let (tx, rx) = std_mpsc::channel::<Cmd>();
+        let shared = Arc::new(Shared { cmds: Mutex::new(Vec::new()), ready: Mutex::new(Vec::new()), asleep: AtomicBool::new(false), wake });
         let (ready_tx, ready_rx) = std_mpsc::channel();
-        let spawned = std::thread::Builder::new().name("rdask-ucx".into()).spawn(move || engine_thread(rx, wake, ready_tx));
+        let theirs = shared.clone();
+        let spawned = std::thread::Builder::new().name("rdask-ucx".into()).spawn(move || engine_thread(theirs, ready_tx));
         if let Err(e) = spawned {
             return Err(format!("cannot start the UCX thread: {e}"));
         }
         match ready_rx.recv() {
-            Ok(Ok(version)) => Ok(Engine { cmds: Mutex::new(tx), wake, version }),
+            Ok(Ok(version)) => Ok(Engine { shared, version }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("the UCX thread ended during start-up".into()),
         }
@@ -223,10 +248,8 @@ fn engine() -> Result<&'static Engine> {
 
 impl Engine {
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.cmds.lock().unwrap().send(cmd).map_err(|_| TransportError::Closed)?;
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+        self.shared.cmds.lock().unwrap().push(cmd);
+        self.shared.wake_if_asleep();
         Ok(())
     }
 }
@@ -388,7 +411,8 @@ struct State {
     peer_errors: bool,
 }
 
-fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
+fn engine_thread(shared: Arc<Shared>, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
+    let wake = shared.wake;
     let (mut st, efd) = match init() {
         Ok((st, efd, version)) => {
             let _ = ready.send(Ok(version));
@@ -404,15 +428,18 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Send
     let spin = Duration::from_micros(std::env::var("RDASK_UCX_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(20));
     loop {
         let mut busy = false;
-        loop {
-            match cmds.try_recv() {
-                Ok(cmd) => {
-                    busy = true;
-                    st.command(cmd);
-                }
-                Err(std_mpsc::TryRecvError::Empty) => break,
-                // The process is exiting.
-                Err(std_mpsc::TryRecvError::Disconnected) => return,
+        let cmds = std::mem::take(&mut *shared.cmds.lock().unwrap());
+        for cmd in cmds {
+            busy = true;
+            st.command(cmd);
+        }
+        let mut ready = std::mem::take(&mut *shared.ready.lock().unwrap());
+        if !ready.is_empty() {
+            busy = true;
+            ready.sort_unstable();
+            ready.dedup();
+            for id in ready {
+                st.drain_outgoing(id);
             }
         }
         loop {
@@ -448,9 +475,17 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Send
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
+        // From here senders write the eventfd; what they queued before is
+        // seen by the check.
+        shared.asleep.store(true, Ordering::SeqCst);
+        if shared.has_work() {
+            shared.asleep.store(false, Ordering::SeqCst);
+            continue;
+        }
         // SAFETY: as above.
         let armed = unsafe { st.lib.ucp_worker_arm(st.worker) };
         if armed == sys::UCS_ERR_BUSY as sys::ucs_status_t {
+            shared.asleep.store(false, Ordering::SeqCst);
             continue;
         }
         let mut fds = [
@@ -460,6 +495,7 @@ fn engine_thread(cmds: std_mpsc::Receiver<Cmd>, wake: i32, ready: std_mpsc::Send
         // SAFETY: two valid pollfds; eventfd reads into a valid u64.
         unsafe {
             libc::poll(fds.as_mut_ptr(), 2, 1000);
+            shared.asleep.store(false, Ordering::SeqCst);
             let mut v: u64 = 0;
             libc::read(wake, (&mut v as *mut u64).cast(), 8);
         }
@@ -577,7 +613,6 @@ impl State {
                 }
             }
             Cmd::Connect { addr, peer, handle, limits, reply } => self.connect(addr, peer, handle, limits, reply),
-            Cmd::Ready(id) => self.drain_outgoing(id),
         }
     }
 
