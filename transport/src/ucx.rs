@@ -72,11 +72,6 @@ pub fn start() -> Result<String> {
     engine().map(|e| e.version.clone())
 }
 
-/// Whether UCX can be used in this process (`--protocol auto`).
-pub fn available() -> bool {
-    start().is_ok()
-}
-
 pub struct UcxBackend;
 
 impl Backend for UcxBackend {
@@ -577,6 +572,10 @@ fn header(conn: u64, seq: u64) -> Vec<u8> {
     h
 }
 
+fn connect_error(lib: &sys::UcpLib, peer: &str, status: sys::ucs_status_t) -> TransportError {
+    io_error(lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {peer}: connection refused or unreachable; UCX says"), status)
+}
+
 fn io_error(lib: &sys::UcpLib, kind: std::io::ErrorKind, what: String, status: sys::ucs_status_t) -> TransportError {
     TransportError::Io(std::io::Error::new(kind, format!("{what}: {}", status_text(lib, status))))
 }
@@ -715,7 +714,7 @@ impl State {
         let ep = match ep {
             Ok(ep) => ep,
             Err(s) => {
-                let _ = reply.send(Err(io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {peer}: connection refused or unreachable; UCX says"), s)));
+                let _ = reply.send(Err(connect_error(self.lib, &peer, s)));
                 return;
             }
         };
@@ -738,7 +737,7 @@ impl State {
         } else if ok(status) {
             let _ = reply.send(Ok(connection));
         } else {
-            let _ = reply.send(Err(io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", connection.peer), status)));
+            let _ = reply.send(Err(connect_error(self.lib, &connection.peer, status)));
             self.destroy(id, true);
         }
     }
@@ -769,7 +768,7 @@ impl State {
                 let Some(&id) = self.by_ep.get(&ep) else { return };
                 let Some(c) = self.conns.get_mut(&id) else { return };
                 if let Some((reply, _)) = c.connecting.take() {
-                    let e = io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", c.peer), status);
+                    let e = connect_error(self.lib, &c.peer, status);
                     let _ = reply.send(Err(e));
                 } else if !c.ended {
                     let e = io_error(self.lib, std::io::ErrorKind::ConnectionReset, format!("UCX connection to {} failed", c.peer), status);
@@ -807,7 +806,7 @@ impl State {
                     // Frames queued meanwhile go out now.
                     self.drain_outgoing(conn);
                 } else {
-                    let e = io_error(self.lib, std::io::ErrorKind::ConnectionRefused, format!("cannot connect to {}: connection refused or unreachable; UCX says", connection.peer), status);
+                    let e = connect_error(self.lib, &connection.peer, status);
                     let _ = reply.send(Err(e));
                     self.destroy(conn, true);
                 }
