@@ -80,7 +80,7 @@ fn init_logging(level: Option<String>) {
 /// The IPv4 address of network interface `name` (e.g. "ib0", "lo"), or None.
 #[pyfunction]
 fn interface_address(name: &str) -> Option<String> {
-    rdask_transport::netif::interface_addresses().into_iter().find(|(n, _)| n == name).map(|(_, ip)| ip.to_string())
+    rdask_transport::netif::interface_ip(name).map(|ip| ip.to_string())
 }
 
 /// `(True, version)` when this process can use UCX (`ucx://`), else

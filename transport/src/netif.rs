@@ -35,6 +35,11 @@ pub fn interface_addresses() -> Vec<(String, Ipv4Addr)> {
     out
 }
 
+/// The IPv4 address of network interface `name` (`ib0`, `eth0`, `lo`).
+pub fn interface_ip(name: &str) -> Option<Ipv4Addr> {
+    interface_addresses().into_iter().find(|(n, _)| n == name).map(|(_, ip)| ip)
+}
+
 /// The address to advertise for a listener bound to all interfaces: the
 /// first non-loopback IPv4 address of an interface that is up (what a
 /// worker on another node of the cluster can reach), else loopback.

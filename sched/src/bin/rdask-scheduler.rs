@@ -138,9 +138,7 @@ fn write_scheduler_file(path: &std::path::Path, address: &str, dashboard: Option
 
 /// The IPv4 address of network interface `name`.
 fn interface_ip(name: &str) -> anyhow::Result<String> {
-    rdask_transport::netif::interface_addresses()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, ip)| ip.to_string())
+    rdask_transport::netif::interface_ip(name)
+        .map(|ip| ip.to_string())
         .with_context(|| format!("no IPv4 address on network interface {name:?}"))
 }

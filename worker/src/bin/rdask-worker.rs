@@ -89,10 +89,8 @@ fn main() -> anyhow::Result<()> {
     let protocol = args.protocol.clone().unwrap_or_else(|| rdask_transport::backend::split_scheme(&scheduler).0.to_string());
     let scheme = rdask_transport::choose_scheme(Some(&protocol), tls.is_some()).map_err(anyhow::Error::msg)?;
     let listen_host = match &args.interface {
-        Some(name) => rdask_transport::netif::interface_addresses()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, ip)| ip.to_string())
+        Some(name) => rdask_transport::netif::interface_ip(name)
+            .map(|ip| ip.to_string())
             .with_context(|| format!("no IPv4 address on network interface {name:?}"))?,
         None => args.listen_host.clone(),
     };
