@@ -4,6 +4,8 @@
 
 pub mod backend;
 pub mod bufpool;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod error;
 pub mod frame;
 pub mod handshake;

@@ -37,21 +37,8 @@ struct Args {
     /// Turn the dashboard off (as `--dashboard-address none`).
     #[arg(long)]
     no_dashboard: bool,
-    /// tcp, tls (the default with --tls-cert), ucx, or auto (ucx where available, else tcp).
-    #[arg(long)]
-    protocol: Option<String>,
-    /// Network interface whose IPv4 address to listen on (e.g. ib0, eth0, lo).
-    #[arg(long)]
-    interface: Option<String>,
-    /// CA certificate(s) of the cluster (PEM); with --tls-cert the scheduler listens on tls://.
-    #[arg(long)]
-    tls_ca_file: Option<PathBuf>,
-    /// This scheduler's certificate (PEM).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM), if not in --tls-cert.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    net: rdask_transport::cli::NetFlags,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,13 +59,7 @@ fn main() -> anyhow::Result<()> {
     config.worker_timeout = Duration::from_secs(args.worker_timeout.max(1));
     config.dashboard = (!args.no_dashboard && !args.dashboard_address.eq_ignore_ascii_case("none")).then(|| args.dashboard_address.clone());
 
-    let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
-    rdask_transport::tls::configure(tls.as_ref(), false)?;
-    let scheme = rdask_transport::choose_scheme(args.protocol.as_deref(), tls.is_some()).map_err(anyhow::Error::msg)?;
-    let host = match &args.interface {
-        Some(name) => interface_ip(name)?,
-        None => args.host.clone(),
-    };
+    let (scheme, host) = args.net.apply(None, &args.host).map_err(anyhow::Error::msg)?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -136,9 +117,3 @@ fn write_scheduler_file(path: &std::path::Path, address: &str, dashboard: Option
     Ok(())
 }
 
-/// The IPv4 address of network interface `name`.
-fn interface_ip(name: &str) -> anyhow::Result<String> {
-    rdask_transport::netif::interface_ip(name)
-        .map(|ip| ip.to_string())
-        .with_context(|| format!("no IPv4 address on network interface {name:?}"))
-}

@@ -47,21 +47,8 @@ struct Args {
     /// "null-threaded" (every task through the executor threads).
     #[arg(long, default_value = "null")]
     executor: String,
-    /// tcp, tls, ucx or auto for the peer listener (default: the scheduler address's).
-    #[arg(long)]
-    protocol: Option<String>,
-    /// Network interface whose IPv4 address to listen on (e.g. ib0, eth0, lo).
-    #[arg(long)]
-    interface: Option<String>,
-    /// CA certificate(s) of the cluster (PEM); with --tls-cert workers listen on tls://.
-    #[arg(long)]
-    tls_ca_file: Option<PathBuf>,
-    /// This worker's certificate (PEM).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM), if not in --tls-cert.
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    net: rdask_transport::cli::NetFlags,
 }
 
 fn read_scheduler_file(path: &PathBuf) -> anyhow::Result<String> {
@@ -77,8 +64,6 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let tls = rdask_transport::tls::TlsFiles::from_flags(args.tls_ca_file.clone(), args.tls_cert.clone(), args.tls_key.clone())?;
-    rdask_transport::tls::configure(tls.as_ref(), false)?;
     rdask_transport::raise_fd_limit();
     let scheduler = match (&args.scheduler, &args.scheduler_file) {
         (Some(a), _) => a.clone(),
@@ -86,14 +71,8 @@ fn main() -> anyhow::Result<()> {
         (None, None) => bail!("give the scheduler address or --scheduler-file"),
     };
     // Peers speak the scheduler's protocol unless told otherwise.
-    let protocol = args.protocol.clone().unwrap_or_else(|| rdask_transport::backend::split_scheme(&scheduler).0.to_string());
-    let scheme = rdask_transport::choose_scheme(Some(&protocol), tls.is_some()).map_err(anyhow::Error::msg)?;
-    let listen_host = match &args.interface {
-        Some(name) => rdask_transport::netif::interface_ip(name)
-            .map(|ip| ip.to_string())
-            .with_context(|| format!("no IPv4 address on network interface {name:?}"))?,
-        None => args.listen_host.clone(),
-    };
+    let (scheme, listen_host) =
+        args.net.apply(Some(rdask_transport::backend::split_scheme(&scheduler).0), &args.listen_host).map_err(anyhow::Error::msg)?;
     let executor = match args.executor.as_str() {
         "null" => NullExecutor::default(),
         "null-threaded" => NullExecutor::threaded(),
