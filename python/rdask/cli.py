@@ -145,14 +145,13 @@ def check_dask_flags(prog: str, a) -> int | None:
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    from .protocols import resolve, scheme_of
+    from .protocols import resolve
 
     # A worker without --protocol speaks its scheduler address's protocol.
     sched = getattr(a, "address", None) if prog.endswith("worker") else None
-    if a.protocol is None and sched and "://" in sched:
-        a.protocol = scheme_of(sched)
     try:
-        a.protocol = resolve(a.protocol, a.security, report=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+        a.protocol = resolve(a.protocol, a.security, report=lambda line: print(f"{prog}: {line}", file=sys.stderr),
+                             follow=sched)
     except ValueError as e:
         print(f"{prog}: --protocol: {e}", file=sys.stderr)
         return 2

@@ -117,12 +117,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 2
-    from .protocols import resolve, scheme_of
+    from .protocols import resolve
 
-    if a.protocol is None and a.address and "://" in a.address:
-        a.protocol = scheme_of(a.address)
     try:
-        a.protocol = resolve(a.protocol, security, report=lambda line: print(f"rdask-cuda-worker: {line}", file=sys.stderr))
+        a.protocol = resolve(a.protocol, security, report=lambda line: print(f"rdask-cuda-worker: {line}", file=sys.stderr),
+                             follow=a.address)
     except ValueError as e:
         print(f"rdask-cuda-worker: --protocol: {e}", file=sys.stderr)
         return 2

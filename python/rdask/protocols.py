@@ -16,14 +16,18 @@ logger = logging.getLogger("rdask")
 KNOWN = ("tcp", "tls", "ucx", "auto")
 
 
-def resolve(protocol: str | None, security=None, report=None) -> str:
-    """The scheme to use (``tcp``, ``tls`` or ``ucx``) for what was asked.
+def resolve(protocol: str | None, security=None, report=None, follow: str | None = None) -> str:
+    """The scheme to use (``tcp``, ``tls`` or ``ucx``) for what was asked;
+    without a protocol, that of the address ``follow`` (a worker speaks its
+    scheduler's) when it names one.
 
     Raises ValueError with one line saying why a choice cannot be used
     (UCX missing, TLS without certificates, an unknown name). What ``auto``
     chose goes to ``report`` (a callable taking one line; default: the
     ``rdask`` logger)."""
     report = report or logger.info
+    if protocol is None and follow and "://" in follow:
+        protocol = scheme_of(follow)
     p = (protocol or ("tls" if security else "tcp")).lower().replace("://", "")
     if p not in KNOWN:
         raise ValueError(f"protocol {p!r} is not supported: tcp, tls, ucx or auto (MPI jobs use rdask-mpi)")

@@ -138,6 +138,19 @@ pub fn split_scheme(addr: &str) -> (&str, &str) {
     }
 }
 
+/// The `host:port` of a `scheme://host:port` address (for the IP backends:
+/// TCP, TLS, UCX), or the error that names what is wrong with it.
+pub(crate) fn host_port<'a>(addr: &'a str, scheme: &str) -> Result<&'a str> {
+    let (given, rest) = split_scheme(addr);
+    if given != scheme {
+        return Err(TransportError::UnknownScheme(addr.to_string()));
+    }
+    if !rest.contains(':') {
+        return Err(TransportError::InvalidAddress(addr.to_string(), format!("expected {scheme}://host:port")));
+    }
+    Ok(rest)
+}
+
 /// The backend for an address, chosen by its scheme.
 pub fn backend_for(addr: &str) -> Result<Arc<dyn Backend>> {
     let (scheme, _) = split_scheme(addr);

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener};
+use crate::backend::{host_port, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener};
 use crate::error::{Result, TransportError};
 use crate::bufpool;
 use crate::frame::{check_lengths, split_bytes, split_data, FixedHeader, Frame, Limits, HEADER_LEN};
@@ -27,17 +27,6 @@ const READ_BUFFER: usize = 256 << 10;
 /// Receive buffers start at this size and at most double per step.
 const GROW_STEP: usize = 1 << 20;
 
-fn host_port(addr: &str) -> Result<&str> {
-    let (scheme, rest) = split_scheme(addr);
-    if scheme != "tcp" {
-        return Err(TransportError::UnknownScheme(addr.to_string()));
-    }
-    if !rest.contains(':') {
-        return Err(TransportError::InvalidAddress(addr.to_string(), "expected tcp://host:port".into()));
-    }
-    Ok(rest)
-}
-
 impl Backend for TcpBackend {
     fn scheme(&self) -> &'static str {
         "tcp"
@@ -46,7 +35,7 @@ impl Backend for TcpBackend {
     fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
         Box::pin(async move {
             crate::tls::check_plain_allowed(addr)?;
-            let (listener, bound, local) = bind(host_port(addr)?).await?;
+            let (listener, bound, local) = bind(host_port(addr, "tcp")?).await?;
             let (tx, rx) = mpsc::channel(256);
             let closed = tx.clone();
             tokio::spawn(accept_loop(listener, async move { closed.closed().await }, move |stream, peer| {
@@ -60,7 +49,7 @@ impl Backend for TcpBackend {
     fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>> {
         Box::pin(async move {
             crate::tls::check_plain_allowed(addr)?;
-            let stream = TcpStream::connect(host_port(addr)?).await?;
+            let stream = TcpStream::connect(host_port(addr, "tcp")?).await?;
             Ok(wrap(stream, addr.to_string(), limits))
         })
     }

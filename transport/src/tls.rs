@@ -18,7 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::backend::{split_scheme, Backend, BoxFuture, Connection, Listener};
+use crate::backend::{host_port, Backend, BoxFuture, Connection, Listener};
 use crate::error::{Result, TransportError};
 use crate::frame::Limits;
 use crate::tcp::{accept_loop, bind, wrap_io};
@@ -188,17 +188,6 @@ impl rustls::client::danger::ServerCertVerifier for CaOnly {
     }
 }
 
-fn host_port(addr: &str) -> Result<&str> {
-    let (scheme, rest) = split_scheme(addr);
-    if scheme != "tls" {
-        return Err(TransportError::UnknownScheme(addr.to_string()));
-    }
-    if !rest.contains(':') {
-        return Err(TransportError::InvalidAddress(addr.to_string(), "expected tls://host:port".into()));
-    }
-    Ok(rest)
-}
-
 pub struct TlsBackend;
 
 impl Backend for TlsBackend {
@@ -209,7 +198,7 @@ impl Backend for TlsBackend {
     fn listen<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Listener>> {
         Box::pin(async move {
             let tls = state(addr)?;
-            let (listener, bound, local) = bind(host_port(addr)?).await?;
+            let (listener, bound, local) = bind(host_port(addr, "tls")?).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(256);
             let closed = tx.clone();
             tokio::spawn(accept_loop(listener, async move { closed.closed().await }, move |stream, peer| {
@@ -239,7 +228,7 @@ impl Backend for TlsBackend {
     fn connect<'a>(&'a self, addr: &'a str, limits: Limits) -> BoxFuture<'a, Result<Connection>> {
         Box::pin(async move {
             let tls = state(addr)?;
-            let hp = host_port(addr)?;
+            let hp = host_port(addr, "tls")?;
             let host = hp.rsplit_once(':').map_or(hp, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(host.to_string()).map_err(|e| TransportError::InvalidAddress(addr.to_string(), e.to_string()))?;
             let stream = tokio::net::TcpStream::connect(hp).await?;

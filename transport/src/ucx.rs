@@ -43,7 +43,7 @@ use rkyv::util::AlignedVec;
 use tokio::sync::{mpsc, oneshot};
 use ucx_sys as sys;
 
-use crate::backend::{split_scheme, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener, Notify};
+use crate::backend::{host_port, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener, Notify};
 use crate::error::{Result, TransportError};
 use crate::frame::{check_lengths, FixedHeader, Frame, Limits, HEADER_LEN};
 
@@ -109,14 +109,7 @@ impl Backend for UcxBackend {
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr> {
-    let (scheme, rest) = split_scheme(addr);
-    if scheme != "ucx" {
-        return Err(TransportError::UnknownScheme(addr.to_string()));
-    }
-    if !rest.contains(':') {
-        return Err(TransportError::InvalidAddress(addr.to_string(), "expected ucx://host:port".into()));
-    }
-    tokio::net::lookup_host(rest)
+    tokio::net::lookup_host(host_port(addr, "ucx")?)
         .await?
         .next()
         .ok_or_else(|| TransportError::InvalidAddress(addr.to_string(), "the host name has no address".into()))
