@@ -153,6 +153,11 @@ async fn writer_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Unbounde
         }
         write_frames(&mut write, &batch, &mut staging).await?;
         batch.clear();
+        // A write may leave bytes inside the stream (TLS keeps the records
+        // of a partly accepted write in rustls's buffer): without a flush
+        // they would wait for the next frame, and a peer waiting for the
+        // end of this one would stall. On a plain socket this is a no-op.
+        write.flush().await?;
     }
     let _ = write.shutdown().await;
     Ok(())
@@ -359,5 +364,28 @@ fn advise_huge_pages_spare(spare: &mut [std::mem::MaybeUninit<u8>]) {
         unsafe {
             libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::FromPeerMessage;
+
+    /// A stream that keeps written bytes until it is flushed (as TLS keeps
+    /// records that the socket did not take) must still deliver a frame that
+    /// is followed by no other.
+    #[tokio::test]
+    async fn a_frame_left_in_a_buffering_stream_is_flushed() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_a_read, a_write) = tokio::io::split(a);
+        let (b_read, b_write) = tokio::io::split(b);
+        let sender = wrap_io(tokio::io::empty(), tokio::io::BufWriter::with_capacity(1 << 16, a_write), "a".into(), Limits::default());
+        let mut receiver = wrap_io(b_read, b_write, "b".into(), Limits::default());
+        let msg = FromPeerMessage::Data { request_id: 1, items: vec![], more: false };
+        sender.sender.send(Frame::with_data(&msg, vec![bytes::Bytes::from_static(b"tail")])).unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.receiver.recv()).await;
+        let frame = got.expect("the frame stayed in the writer's buffer").unwrap().unwrap();
+        assert_eq!(&frame.data[0][..], b"tail");
     }
 }

@@ -91,6 +91,27 @@ async fn mutual_tls_accepts_the_cluster_ca_and_refuses_everything_else() {
     let big: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 % 251) as u8).collect();
     assert_eq!(echo(&addr, &big).await.unwrap(), big);
 
+    // A reader that starts late fills the socket, so the sender's last write
+    // leaves TLS records inside rustls; they must still go out (a regression:
+    // they waited for a next frame that never came, a 60 s stall).
+    let mut slow = listen("tls://127.0.0.1:0", Limits::default()).await.unwrap();
+    let slow_addr = slow.address.clone();
+    tokio::spawn(async move {
+        while let Some(mut conn) = slow.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                while let Ok(Some(f)) = conn.receiver.recv().await {
+                    let _ = conn.sender.send(frame(&f.data[0]));
+                }
+            });
+        }
+    });
+    for size in [8 << 20, (8 << 20) + 12_345, 3 << 20] {
+        let payload = &big[..size.min(big.len())];
+        let back = tokio::time::timeout(std::time::Duration::from_secs(20), echo(&slow_addr, payload)).await;
+        assert_eq!(back.expect("the echo stalled").unwrap(), payload);
+    }
+
     // A client whose certificate another CA signed is refused by the server.
     configure(Some(&foreign_cert), false).unwrap();
     let err = echo(&addr, b"hello").await.unwrap_err();
