@@ -73,6 +73,23 @@ impl Device for CudaDevice {
         self.stream.synchronize().map_err(err("copying to the device"))
     }
 
+    fn address(&self, buf: &DeviceBuffer) -> u64 {
+        use cudarc::driver::DevicePtr;
+        match &buf.inner {
+            DeviceInner::Cuda(s) => s.device_ptr(&self.stream).0,
+            DeviceInner::Host(v) => v.as_ptr() as u64,
+        }
+    }
+
+    unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(err("reading device memory"))?;
+        // Arrays of other libraries are written on their own streams: wait
+        // for the device before reading (as CuPy's `.get()` does by default).
+        self.ctx.synchronize().map_err(err("reading device memory"))?;
+        // SAFETY: the caller guarantees the range is live device memory.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, ptr) }.map_err(err("reading device memory"))
+    }
+
     fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError> {
         // SAFETY: staging bytes are written by a copy before they are read.
         let p = unsafe { self.ctx.alloc_pinned::<u8>(len) }.map_err(err("allocating page-locked host memory"))?;

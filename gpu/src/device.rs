@@ -77,6 +77,15 @@ pub trait Device: Send + Sync {
     /// Copies `src` into `dst` at `offset`.
     fn copy_from_host(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<(), GpuError>;
     fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError>;
+    /// The address of `buf` as `__cuda_array_interface__` reports it.
+    fn address(&self, buf: &DeviceBuffer) -> u64;
+    /// Copies `dst.len()` bytes at device address `ptr` into `dst`: device
+    /// memory that another library owns (a CuPy, Numba or PyTorch array).
+    ///
+    /// # Safety
+    /// `ptr..ptr + dst.len()` must be memory of this device that stays
+    /// allocated until the call returns.
+    unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError>;
     /// Gives a buffer back (dropping one frees it too; this also keeps the
     /// stand-in's count right).
     fn free(&self, buf: DeviceBuffer) {
@@ -180,6 +189,53 @@ impl Device for HostStandIn {
     fn free(&self, buf: DeviceBuffer) {
         self.allocated.fetch_sub(buf.len as u64, Ordering::Relaxed);
     }
+
+    fn address(&self, buf: &DeviceBuffer) -> u64 {
+        match &buf.inner {
+            DeviceInner::Host(v) => v.as_ptr() as u64,
+            #[cfg(feature = "cuda")]
+            DeviceInner::Cuda(_) => 0,
+        }
+    }
+
+    unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError> {
+        if ptr == 0 && !dst.is_empty() {
+            return Err(GpuError::Device { what: "reading device memory".into(), reason: "null address".into() });
+        }
+        // The stand-in's "device" addresses are host addresses.
+        // SAFETY: the caller guarantees the range is readable.
+        unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, dst.as_mut_ptr(), dst.len()) };
+        self.count(dst.len());
+        Ok(())
+    }
+}
+
+/// The device of this process: with `RDASK_DEVICE=standin`, the host stand-in
+/// (tests and CPU-only machines exercising the device path); otherwise GPU 0
+/// of those `CUDA_VISIBLE_DEVICES` leaves visible (each `rdask-cuda-worker`
+/// process sees its own GPU first). Opened once; a failure says why, every
+/// time it is asked.
+pub fn process_device() -> Result<std::sync::Arc<dyn Device>, GpuError> {
+    static DEVICE: std::sync::OnceLock<Result<std::sync::Arc<dyn Device>, String>> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            if std::env::var("RDASK_DEVICE").is_ok_and(|v| v.trim() == "standin") {
+                return Ok(std::sync::Arc::new(HostStandIn::default()) as std::sync::Arc<dyn Device>);
+            }
+            open_gpu().map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|reason| GpuError::NoCuda { reason })
+}
+
+#[cfg(feature = "cuda")]
+fn open_gpu() -> Result<std::sync::Arc<dyn Device>, GpuError> {
+    crate::cuda::CudaDevice::open(0).map(|d| std::sync::Arc::new(d) as std::sync::Arc<dyn Device>)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu() -> Result<std::sync::Arc<dyn Device>, GpuError> {
+    Err(GpuError::NoCuda { reason: "rdask was built without the `cuda` feature".into() })
 }
 
 /// A new device buffer holding `bytes` (one copy; for values that arrive

@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -416,6 +416,20 @@ pub struct WorkerLoad {
     pub bytes_out: u64,
     pub in_per_s: f32,
     pub out_per_s: f32,
+    /// The device tier of a GPU worker (all zero elsewhere).
+    pub device: DeviceLoad,
+}
+
+/// A GPU worker's device memory: values on the device and its limit, device
+/// values moved to host memory now, and bytes moved each way since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Archive, Serialize, Deserialize)]
+pub struct DeviceLoad {
+    pub bytes: u64,
+    pub limit: u64,
+    pub spilled_bytes: u64,
+    pub spilled_values: u64,
+    pub spilled_total_bytes: u64,
+    pub unspilled_total_bytes: u64,
 }
 
 // ---------------------------------------------------------------- scheduler -> worker

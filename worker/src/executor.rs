@@ -52,6 +52,17 @@ pub trait ObjectValue: Send + Sync + 'static {
     /// pickling exception) when this object cannot be serialised.
     fn serialize(&self) -> Result<Vec<Bytes>, TaskFailure>;
     fn as_any(&self) -> &dyn Any;
+    /// Bytes of device (GPU) memory this value holds now: 0 for host
+    /// values and for device values moved to host memory.
+    fn device_bytes(&self) -> u64 {
+        0
+    }
+    /// Moves this value's device memory to host memory (device→host
+    /// spilling, `device_tier.rs`); returns the bytes moved. The value comes
+    /// back to the device when a task uses it.
+    fn move_to_host(&self) -> Result<u64, TaskFailure> {
+        Ok(0)
+    }
 }
 
 /// One task as handed to an executor thread.

@@ -1,6 +1,7 @@
 //! rdask worker runtime.
 
 pub mod config_parse;
+pub mod device_tier;
 pub mod error;
 pub mod executor;
 pub mod memory;

@@ -50,6 +50,10 @@ pub struct WorkerConfig {
     /// Where values spill (`--local-directory`); the system's temporary
     /// directory when unset.
     pub local_directory: Option<std::path::PathBuf>,
+    /// What this worker's values hold in device memory, and its
+    /// `--device-memory-limit` (a GPU worker; the executor's values report
+    /// to it). `None`: no device tier.
+    pub device: Option<Arc<crate::device_tier::DeviceLedger>>,
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +74,7 @@ impl Default for WorkerConfig {
             connect_timeout: Duration::from_secs(10),
             memory: Default::default(),
             local_directory: None,
+            device: None,
         }
     }
 }
@@ -203,11 +208,25 @@ pub async fn run_worker_until(
     let address = listener.address.clone();
     config.memory.validate().map_err(WorkerError::Config)?;
     let manage_memory = config.memory_limit > 0;
-    let store = Arc::new(if manage_memory && config.memory.spills() {
+    let store = if manage_memory && config.memory.spills() {
         Store::with_spilling(crate::spill::SpillDir::new(config.local_directory.as_deref(), &config.name), executor.clone())
     } else {
         Store::default()
-    });
+    };
+    let device_limit = config.device.as_ref().map_or(0, |d| d.limit());
+    let store = Arc::new(if device_limit > 0 { store.ordered() } else { store });
+    let _device_monitor = match &config.device {
+        Some(ledger) if device_limit > 0 => {
+            tracing::info!(name = %config.name, limit = %crate::memory::human(device_limit), "device memory limit: least recently used device values move to host memory above it");
+            Some(crate::device_tier::spawn_device_monitor(
+                config.name.clone(),
+                ledger.clone(),
+                Arc::downgrade(&store),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )?)
+        }
+        _ => None,
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (starting_tx, mut starting_rx) = mpsc::unbounded_channel::<TaskId>();
     let bytes_out = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -430,6 +449,7 @@ pub async fn run_worker_until(
                     spilled_values: stats.disk_values,
                     spilled_total_bytes: stats.spilled_total_bytes,
                     unspilled_total_bytes: stats.unspilled_total_bytes,
+                    device: device_load(st.config.device.as_deref()),
                     cpu_percent: cpu.percent(),
                     rss,
                     bytes_in,
@@ -841,6 +861,20 @@ impl State {
 }
 
 /// This machine's name, for the worker's registration.
+/// The device tier's figures for a heartbeat.
+fn device_load(ledger: Option<&crate::device_tier::DeviceLedger>) -> rdask_transport::protocol::DeviceLoad {
+    let Some(ledger) = ledger else { return Default::default() };
+    let s = ledger.stats();
+    rdask_transport::protocol::DeviceLoad {
+        bytes: s.device_bytes,
+        limit: s.limit,
+        spilled_bytes: s.on_host_bytes,
+        spilled_values: s.on_host_values,
+        spilled_total_bytes: s.spilled_total_bytes,
+        unspilled_total_bytes: s.unspilled_total_bytes,
+    }
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }

@@ -66,6 +66,9 @@ struct Spilling {
 pub struct Store {
     inner: Mutex<Inner>,
     spilling: Option<Spilling>,
+    /// Keep the use order without spilling to disk: device values move to
+    /// host memory least recently used first (`device_tier.rs`).
+    ordered: bool,
 }
 
 /// In-memory values sit in `values` exactly as in a store that never
@@ -125,11 +128,17 @@ impl Store {
     /// A store that can spill: to its own folder in `dir`, values read back
     /// with `executor`'s codec.
     pub fn with_spilling(dir: SpillDir, executor: Arc<dyn Executor>) -> Store {
-        Store { inner: Mutex::default(), spilling: Some(Spilling { dir, executor }) }
+        Store { inner: Mutex::default(), spilling: Some(Spilling { dir, executor }), ordered: false }
+    }
+
+    /// This store, keeping values in use order for device→host spilling.
+    pub fn ordered(mut self) -> Store {
+        self.ordered = true;
+        self
     }
 
     fn tracks(&self) -> bool {
-        self.spilling.is_some()
+        self.ordered || self.spilling.is_some()
     }
 
     pub fn insert_many(&self, values: Vec<(TaskId, Value)>) {
@@ -354,6 +363,35 @@ impl Store {
         round
     }
 
+    /// Moves values holding device memory to host memory, least recently
+    /// used first, while `ledger` is over its limit and such values are left.
+    /// A value that fails to move stays on the device (the error is in the
+    /// round); the others are still tried.
+    pub fn spill_device(&self, ledger: &crate::device_tier::DeviceLedger) -> SpillRound {
+        let mut round = SpillRound::default();
+        let mut from = 0u64;
+        while ledger.over_limit() {
+            let next = {
+                let g = self.inner.lock().unwrap();
+                g.lru.range(from..).find_map(|(&stamp, id)| match g.values.get(id) {
+                    Some(Value::Object(o)) if o.device_bytes() > 0 => Some((stamp, o.clone())),
+                    _ => None,
+                })
+            };
+            let Some((stamp, value)) = next else { break };
+            from = stamp + 1;
+            match value.move_to_host() {
+                Ok(bytes) if bytes > 0 => {
+                    round.values += 1;
+                    round.bytes += bytes;
+                }
+                Ok(_) => {}
+                Err(e) => round.error = Some(e.message),
+            }
+        }
+        round
+    }
+
     /// Bytes of values in memory.
     pub fn bytes(&self) -> u64 {
         self.inner.lock().unwrap().stats.memory_bytes
@@ -450,6 +488,75 @@ mod tests {
         let v = store.load_many([TaskId::new(1)].into_iter());
         assert_eq!(bytes_of(v[0].as_ref().unwrap()), vec![5u8; 100]);
         let _ = std::fs::remove_file(&blocker);
+    }
+
+    /// A value holding "device memory" that reports to a ledger as the
+    /// Python executor's values do.
+    struct DeviceValue {
+        bytes: u64,
+        on_device: std::sync::atomic::AtomicBool,
+        ledger: Arc<crate::device_tier::DeviceLedger>,
+        fail: bool,
+    }
+
+    impl crate::executor::ObjectValue for DeviceValue {
+        fn size(&self) -> u64 {
+            self.bytes
+        }
+        fn serialize(&self) -> Result<Vec<Bytes>, crate::executor::TaskFailure> {
+            Ok(vec![Bytes::from(vec![0u8; self.bytes as usize])])
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn device_bytes(&self) -> u64 {
+            if self.on_device.load(std::sync::atomic::Ordering::Relaxed) {
+                self.bytes
+            } else {
+                0
+            }
+        }
+        fn move_to_host(&self) -> Result<u64, crate::executor::TaskFailure> {
+            if self.fail {
+                return Err(crate::executor::TaskFailure::message("cannot copy"));
+            }
+            self.on_device.store(false, std::sync::atomic::Ordering::Relaxed);
+            self.ledger.moved_to_host(self.bytes);
+            Ok(self.bytes)
+        }
+    }
+
+    #[test]
+    fn device_values_move_to_host_least_recently_used_first() {
+        let ledger = crate::device_tier::DeviceLedger::new(2500);
+        let store = Store::default().ordered();
+        let dv = |bytes: u64, fail: bool| {
+            ledger.added(bytes);
+            Value::Object(Arc::new(DeviceValue { bytes, on_device: true.into(), ledger: ledger.clone(), fail }))
+        };
+        // 1..=4 on the device (1000 each), 5 a host value, 6 cannot move.
+        let ids: Vec<TaskId> = (1..=6).map(TaskId::new).collect();
+        store.insert_many(vec![(ids[0], dv(1000, false)), (ids[4], value(5000, 1)), (ids[1], dv(1000, false))]);
+        store.insert_many(vec![(ids[5], dv(1000, true)), (ids[2], dv(1000, false)), (ids[3], dv(1000, false))]);
+        assert_eq!(ledger.device_bytes(), 5000);
+        store.load_many([ids[0]].into_iter()); // 1 is now the most recent
+        let round = store.spill_device(&ledger);
+        assert!(round.error.as_deref() == Some("cannot copy"), "{:?}", round.error);
+        // Oldest first: 2 moves, 6 fails (stays), 3 and 4 move; 2000 <= 2500.
+        assert_eq!((round.values, round.bytes), (3, 3000));
+        let on_device: Vec<u64> = store
+            .lookup_many(ids.iter().copied())
+            .into_iter()
+            .map(|h| match h {
+                Some(Held::Memory(Value::Object(o))) => o.device_bytes(),
+                _ => u64::MAX,
+            })
+            .collect();
+        assert_eq!(on_device, vec![1000, 0, 0, 0, u64::MAX, 1000]);
+        let st = ledger.stats();
+        assert_eq!((st.device_bytes, st.on_host_bytes, st.on_host_values, st.spilled_total), (2000, 3000, 3, 3));
+        // Host memory is not touched by device spilling.
+        assert_eq!(store.stats().memory_values, 6);
     }
 
     #[test]
