@@ -131,16 +131,17 @@ class LocalCluster:
                       memory_thresholds=self.memory_thresholds, security=self.security,
                       protocol=self.protocol, env=self._worker_env()).start()
         else:
-            from .worker import execute
-            from .serialize import dumps, loads
+            from .worker import device_limit_from_env, execute
+            from .serialize import dumps, loads_sized
 
             w = threading.Thread(
                 target=_rdask.run_worker,
-                args=(self.scheduler_address, execute, dumps, loads, name),
+                args=(self.scheduler_address, execute, dumps, loads_sized, name),
                 kwargs=dict(nthreads=self.threads_per_worker, memory_limit=self.memory_limit,
                             resources=self.resources, listen=f"{self.protocol}://{self.host}:0", token=self.token,
                             memory_thresholds=thresholds_tuple(self.memory_thresholds),
-                            local_directory=self.local_directory),
+                            local_directory=self.local_directory,
+                            device_memory_limit=device_limit_from_env()),
                 name=f"rdask-worker-{name}", daemon=True)
             w.start()
         self.workers[name] = w

@@ -20,11 +20,17 @@ import cloudpickle
 
 from dask.sizeof import sizeof
 
+from . import device
+
 HIGHEST = 5
 
 
 def dumps(obj: Any) -> list:
-    """Object -> [header, *buffers] (buffers are zero-copy views)."""
+    """Object -> [header, *buffers] (buffers are zero-copy views); with
+    device arrays in it, [marked header, *buffers, *device frames]
+    (`rdask.device`)."""
+    if device.possible():
+        return device.dumps(obj, _host_frames)
     buffers: list = []
     try:
         header = pickle.dumps(obj, protocol=HIGHEST, buffer_callback=buffers.append)
@@ -33,6 +39,10 @@ def dumps(obj: Any) -> list:
     except Exception:
         buffers = []
         header = cloudpickle.dumps(obj, protocol=HIGHEST, buffer_callback=buffers.append)
+    return _host_frames(header, buffers)
+
+
+def _host_frames(header, buffers: list) -> list:
     frames = [header]
     for b in buffers:
         try:
@@ -44,12 +54,26 @@ def dumps(obj: Any) -> list:
 
 def loads(frames: list) -> tuple[Any, int]:
     """[header, *buffers] -> (object, estimated bytes)."""
-    obj = pickle.loads(frames[0], buffers=frames[1:])
+    obj = loads_value(frames)
     return obj, nbytes(obj)
 
 
+def loads_sized(frames: list) -> tuple[Any, int, int]:
+    """[header, *buffers] -> (object, estimated bytes, device bytes)."""
+    obj = loads_value(frames)
+    return obj, nbytes(obj), device_nbytes(obj)
+
+
 def loads_value(frames: list) -> Any:
+    if device.is_marked(frames[0]):
+        return device.loads(frames)
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def device_nbytes(obj: Any) -> int:
+    """Bytes of device memory `obj` holds (its device arrays, and those of
+    a list, tuple or dict it is); 0 where no device library is loaded."""
+    return device.nbytes(obj) if device.possible() else 0
 
 
 def nbytes(obj: Any) -> int:

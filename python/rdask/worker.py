@@ -15,7 +15,7 @@ from . import _rdask
 from . import config
 from .config import thresholds_tuple
 from .packing import unpack_deps
-from .serialize import dumps, dumps_error, loads, loads_function, nbytes
+from .serialize import device_nbytes, dumps, dumps_error, loads_function, loads_sized, nbytes
 
 CALL, NODE, DATA = 1, 2, 3
 EAGER_BYTES = 16 << 10
@@ -124,7 +124,7 @@ def execute(key: str, payload, inputs: list):
         size = nbytes(result)
         # Small results are pickled now, while this thread holds the GIL
         # anyway: serving them to a peer or client later then needs no GIL.
-        out = (True, result, size, dumps(result) if size <= EAGER_BYTES else None)
+        out = (True, result, size, dumps(result) if size <= EAGER_BYTES else None, device_nbytes(result))
     except Exception as e:
         out = (False, f"{type(e).__name__}: {e}", dumps_error(e))
     finally:
@@ -133,6 +133,18 @@ def execute(key: str, payload, inputs: list):
     if hook is not None:
         hook(key, "executing", "memory" if out[0] else "error")
     return out
+
+
+def device_limit_from_env() -> int | None:
+    """`RDASK_DEVICE_MEMORY_LIMIT` (bytes), set by `rdask-cuda-worker` for
+    each GPU worker; None when unset (not a GPU worker)."""
+    text = os.environ.get("RDASK_DEVICE_MEMORY_LIMIT", "").strip()
+    if not text:
+        return None
+    try:
+        return max(0, int(float(text)))
+    except ValueError:
+        raise ValueError(f"RDASK_DEVICE_MEMORY_LIMIT={text!r} is not a number of bytes") from None
 
 
 # Exit code of a worker process that could not reach or join its scheduler
@@ -177,9 +189,15 @@ def run(
     gpu: str | None = None,
     listen: str | None = None,
     memory_thresholds: dict | None = None,
+    device_memory_limit: int | None = None,
 ):
     """Runs this process as a worker until the scheduler goes away. On
-    SIGTERM (in the main thread) it leaves cleanly and raises `Leave`."""
+    SIGTERM (in the main thread) it leaves cleanly and raises `Leave`.
+
+    `device_memory_limit` (bytes; `RDASK_DEVICE_MEMORY_LIMIT`, which
+    `rdask-cuda-worker` sets, when not given) makes this a GPU worker: values
+    holding device memory count against it, and above it the least recently
+    used move to host memory (0: counted, never moved)."""
     global _worker
     _rdask.init_logging()
     if threading.current_thread() is threading.main_thread():
@@ -197,12 +215,14 @@ def run(
     from .worker_extras import on_worker_start
 
     on_worker_start()
+    if device_memory_limit is None:
+        device_memory_limit = device_limit_from_env()
     try:
         _rdask.run_worker(
             scheduler,
             execute,
             dumps,
-            loads,
+            loads_sized,
             name,
             nthreads=nthreads,
             memory_limit=memory_limit,
@@ -215,6 +235,7 @@ def run(
             gpu=gpu,
             memory_thresholds=thresholds_tuple(memory_thresholds or config.memory_thresholds()),
             local_directory=local_directory,
+            device_memory_limit=device_memory_limit,
         )
     finally:
         # The worker left (or could not join): its plugins' teardown, best

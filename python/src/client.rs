@@ -545,6 +545,15 @@ fn info_to_dict<'py>(py: Python<'py>, info: &rdask_client::ClusterInfo) -> PyRes
         wd.set_item("spilled_values", w.load.spilled_values)?;
         wd.set_item("spilled_total_bytes", w.load.spilled_total_bytes)?;
         wd.set_item("unspilled_total_bytes", w.load.unspilled_total_bytes)?;
+        // A GPU worker's device memory (zeros elsewhere): values on the
+        // device, its limit, device values moved to host memory, bytes moved.
+        let dev = &w.load.device;
+        wd.set_item("device_memory", dev.bytes)?;
+        wd.set_item("device_memory_limit", dev.limit)?;
+        wd.set_item("device_spilled_bytes", dev.spilled_bytes)?;
+        wd.set_item("device_spilled_values", dev.spilled_values)?;
+        wd.set_item("device_spilled_total_bytes", dev.spilled_total_bytes)?;
+        wd.set_item("device_unspilled_total_bytes", dev.unspilled_total_bytes)?;
         workers.append(wd)?;
     }
     d.set_item("workers", workers)?;

@@ -4,6 +4,7 @@
 //! call that waits.
 
 mod client;
+mod device;
 mod frames;
 mod mpi;
 mod payload;
@@ -123,6 +124,10 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnserializableValue", m.py().get_type::<UnserializableValue>())?;
     m.add("PROTOCOL_VERSION", rdask_transport::protocol::PROTOCOL_VERSION)?;
     m.add_class::<frames::Frame>()?;
+    m.add_class::<device::DeviceBuffer>()?;
+    m.add_function(wrap_pyfunction!(device::device_download, m)?)?;
+    m.add_function(wrap_pyfunction!(device::device_upload, m)?)?;
+    m.add_function(wrap_pyfunction!(device::device_name, m)?)?;
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<client::Client>()?;
     m.add_function(wrap_pyfunction!(worker::run_worker, m)?)?;

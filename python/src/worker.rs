@@ -4,13 +4,14 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 use rdask_transport::bytes::Bytes;
 use rdask_transport::protocol::Resource;
+use rdask_worker::device_tier::DeviceLedger;
 use rdask_worker::executor::{Frames, ObjectValue};
 use rdask_worker::{Executor, TaskFailure, TaskRun, Value, WorkerConfig};
 
@@ -27,15 +28,71 @@ struct PyExecutor {
 
 struct Codec {
     dumps: Py<PyAny>,
+    /// `frames -> (value, nbytes, device_nbytes)`.
     loads: Py<PyAny>,
+    /// The worker's device tier (a GPU worker), which values holding device
+    /// memory report to.
+    device: Option<Arc<DeviceLedger>>,
+}
+
+/// Where a value is: a Python object, or (a device value moved to host
+/// memory by device→host spilling) its frames, turned back into an object
+/// on the device when a task uses it.
+enum Placed {
+    Object(Py<PyAny>),
+    OnHost(Vec<Bytes>),
 }
 
 struct PyValue {
-    obj: Py<PyAny>,
+    /// Never held while Python code runs (that code may let other threads
+    /// take the interpreter lock, and one of them could wait for this).
+    placed: Mutex<Placed>,
     size: u64,
+    /// Device memory the object holds (CuPy, Numba, PyTorch arrays); 0 for
+    /// host values.
+    device: u64,
     /// Frames pickled when the task finished (small values only).
     frames: Option<Vec<Bytes>>,
     codec: Arc<Codec>,
+}
+
+impl PyValue {
+    fn new(obj: Py<PyAny>, size: u64, device: u64, frames: Option<Vec<Bytes>>, codec: Arc<Codec>) -> PyValue {
+        let device = if codec.device.is_some() { device } else { 0 };
+        if let Some(ledger) = &codec.device {
+            ledger.added(device);
+        }
+        PyValue { placed: Mutex::new(Placed::Object(obj)), size, device, frames, codec }
+    }
+
+    /// The object, brought back to the device first if it was moved to host.
+    fn object(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let frames = match &*self.placed.lock().unwrap() {
+            Placed::Object(o) => return Ok(o.clone_ref(py)),
+            Placed::OnHost(frames) => frames.clone(),
+        };
+        let (obj, _, _) = self.codec.load(py, frames)?;
+        let mut placed = self.placed.lock().unwrap();
+        match &*placed {
+            // Another thread brought it back meanwhile: use that one.
+            Placed::Object(o) => Ok(o.clone_ref(py)),
+            Placed::OnHost(_) => {
+                let old = std::mem::replace(&mut *placed, Placed::Object(obj.clone_ref(py)));
+                drop(placed);
+                if let Some(ledger) = &self.codec.device {
+                    ledger.moved_to_device(self.device);
+                }
+                drop(old);
+                Ok(obj)
+            }
+        }
+    }
+
+    fn dumps(&self, py: Python<'_>, obj: Py<PyAny>) -> PyResult<Vec<Bytes>> {
+        let frames = self.codec.dumps.call1(py, (obj,))?;
+        let frames = frames.bind(py).cast::<PyList>()?.clone();
+        frames.iter().map(|f| py_to_bytes(&f)).collect()
+    }
 }
 
 impl ObjectValue for PyValue {
@@ -47,12 +104,17 @@ impl ObjectValue for PyValue {
         if let Some(frames) = &self.frames {
             return Ok(frames.clone());
         }
+        if let Placed::OnHost(frames) = &*self.placed.lock().unwrap() {
+            return Ok(frames.clone());
+        }
         keep_thread_state();
         Python::attach(|py| {
             let run = || -> PyResult<Vec<Bytes>> {
-                let frames = self.codec.dumps.call1(py, (self.obj.clone_ref(py),))?;
-                let frames = frames.bind(py).cast::<PyList>()?.clone();
-                frames.iter().map(|f| py_to_bytes(&f)).collect()
+                let obj = match &*self.placed.lock().unwrap() {
+                    Placed::Object(o) => o.clone_ref(py),
+                    Placed::OnHost(frames) => return Ok(frames.clone()),
+                };
+                self.dumps(py, obj)
             };
             run().map_err(|e| failure_from(py, e))
         })
@@ -61,26 +123,66 @@ impl ObjectValue for PyValue {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn device_bytes(&self) -> u64 {
+        match &*self.placed.lock().unwrap() {
+            Placed::Object(_) => self.device,
+            Placed::OnHost(_) => 0,
+        }
+    }
+
+    fn move_to_host(&self) -> Result<u64, TaskFailure> {
+        if self.device == 0 {
+            return Ok(0);
+        }
+        keep_thread_state();
+        Python::attach(|py| {
+            let obj = match &*self.placed.lock().unwrap() {
+                Placed::Object(o) => o.clone_ref(py),
+                Placed::OnHost(_) => return Ok(0),
+            };
+            // Serialising copies the device frames to host memory.
+            let frames = self.dumps(py, obj.clone_ref(py)).map_err(|e| failure_from(py, e))?;
+            let mut placed = self.placed.lock().unwrap();
+            let same = matches!(&*placed, Placed::Object(o) if o.is(&obj));
+            if !same {
+                return Ok(0);
+            }
+            let old = std::mem::replace(&mut *placed, Placed::OnHost(frames));
+            drop(placed);
+            if let Some(ledger) = &self.codec.device {
+                ledger.moved_to_host(self.device);
+            }
+            drop((old, obj));
+            Ok(self.device)
+        })
+    }
 }
 
 impl Drop for PyValue {
     fn drop(&mut self) {
+        let placed = std::mem::replace(self.placed.get_mut().unwrap(), Placed::OnHost(Vec::new()));
+        if let Some(ledger) = &self.codec.device {
+            match &placed {
+                Placed::Object(_) => ledger.released(self.device),
+                Placed::OnHost(_) => ledger.released_on_host(self.device),
+            }
+        }
         // Dropped without the GIL, PyO3 defers the decref until some thread
         // next takes it; a worker that is idle would then keep a released
         // array (and its receive buffer, which the next large transfer could
-        // reuse) alive. Large values are let go of at once.
-        if self.size >= rdask_transport::bufpool::POOL_MIN as u64 {
-            keep_thread_state();
-            Python::attach(|py| {
-                let obj = std::mem::replace(&mut self.obj, py.None());
-                drop(obj);
-            });
+        // reuse, or its device memory) alive. Large values are let go of at once.
+        if let Placed::Object(obj) = placed {
+            if self.size >= rdask_transport::bufpool::POOL_MIN as u64 || self.device > 0 {
+                keep_thread_state();
+                Python::attach(|_py| drop(obj));
+            }
         }
     }
 }
 
 impl Codec {
-    fn load(&self, py: Python<'_>, frames: impl IntoIterator<Item = Bytes>) -> PyResult<(Py<PyAny>, u64)> {
+    fn load(&self, py: Python<'_>, frames: impl IntoIterator<Item = Bytes>) -> PyResult<(Py<PyAny>, u64, u64)> {
         let frames = frames_to_py(py, frames)?;
         self.loads.call1(py, (frames,))?.extract(py)
     }
@@ -88,10 +190,10 @@ impl Codec {
     fn to_py(&self, py: Python<'_>, value: &Value) -> PyResult<Py<PyAny>> {
         match value {
             Value::Object(o) => match o.as_any().downcast_ref::<PyValue>() {
-                Some(v) => Ok(v.obj.clone_ref(py)),
-                None => self.load(py, o.serialize().map_err(|f| RdaskError::new_err(f.message))?).map(|(v, _)| v),
+                Some(v) => v.object(py),
+                None => self.load(py, o.serialize().map_err(|f| RdaskError::new_err(f.message))?).map(|(v, _, _)| v),
             },
-            Value::Bytes(b) => self.load(py, [b.clone()]).map(|(v, _)| v),
+            Value::Bytes(b) => self.load(py, [b.clone()]).map(|(v, _, _)| v),
         }
     }
 }
@@ -155,12 +257,13 @@ impl Executor for PyExecutor {
                     } else {
                         Some(eager.try_iter()?.map(|f| py_to_bytes(&f?)).collect::<PyResult<Vec<_>>>()?)
                     };
-                    let value = PyValue {
-                        obj: out.get_item(1)?.unbind(),
-                        size: out.get_item(2)?.extract()?,
+                    let value = PyValue::new(
+                        out.get_item(1)?.unbind(),
+                        out.get_item(2)?.extract()?,
+                        out.get_item(4)?.extract()?,
                         frames,
-                        codec: self.codec.clone(),
-                    };
+                        self.codec.clone(),
+                    );
                     Ok(Ok(Value::Object(Arc::new(value))))
                 } else {
                     let message: String = out.get_item(1)?.extract()?;
@@ -177,8 +280,8 @@ impl Executor for PyExecutor {
     fn deserialize(&self, frames: Frames) -> Result<Value, TaskFailure> {
         keep_thread_state();
         Python::attach(|py| {
-            let (obj, size) = self.codec.load(py, frames).map_err(|e| failure_from(py, e))?;
-            Ok(Value::Object(Arc::new(PyValue { obj, size, frames: None, codec: self.codec.clone() })))
+            let (obj, size, device) = self.codec.load(py, frames).map_err(|e| failure_from(py, e))?;
+            Ok(Value::Object(Arc::new(PyValue::new(obj, size, device, None, self.codec.clone()))))
         })
     }
 }
@@ -198,7 +301,7 @@ pub fn secede() -> bool {
 /// first tells the scheduler it is leaving, so none of its tasks is
 /// suspected of killing it, and then the exception propagates.
 #[pyfunction]
-#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None, memory_thresholds=None, local_directory=None))]
+#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None, memory_thresholds=None, local_directory=None, device_memory_limit=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -219,12 +322,16 @@ pub fn run_worker(
     gpu: Option<String>,
     memory_thresholds: Option<(Option<f64>, Option<f64>, Option<f64>, Option<f64>)>,
     local_directory: Option<std::path::PathBuf>,
+    device_memory_limit: Option<u64>,
 ) -> PyResult<()> {
     let memory = match memory_thresholds {
         Some((target, spill, pause, terminate)) => rdask_worker::memory::MemoryThresholds { target, spill, pause, terminate },
         None => Default::default(),
     };
     memory.validate().map_err(pyo3::exceptions::PyValueError::new_err)?;
+    // A GPU worker counts its values' device memory (a limit of 0: counted,
+    // never spilled).
+    let device = device_memory_limit.map(DeviceLedger::new);
     let config = WorkerConfig {
         memory,
         local_directory,
@@ -237,9 +344,10 @@ pub fn run_worker(
         token,
         connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
         placement: rdask_transport::protocol::Placement { host: String::new(), cpus: cpus.unwrap_or_default(), numa_node, gpu, local_directory: String::new() },
+        device: device.clone(),
         ..WorkerConfig::default()
     };
-    let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads }) });
+    let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads, device }) });
     let (tx, rx) = std::sync::mpsc::channel();
     // `detach` wants `Sync` captures; the mutex is only ever taken here.
     let rx = std::sync::Mutex::new(rx);

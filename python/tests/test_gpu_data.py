@@ -1,0 +1,122 @@
+"""The GPU data plane on a machine without a GPU: with RDASK_DEVICE=standin
+the device is host memory (`rdask.testing.StandInArray`), and the whole
+device path runs as on CuPy arrays: device frames between workers and to
+the client, the device memory limit with device-to-host spilling and back,
+the figures in `scheduler_info()`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import rdask
+from rdask import Client, LocalCluster
+
+MB = 1 << 20
+
+
+def make(i, n):
+    from rdask.testing import StandInArray
+
+    return StandInArray(np.full(n, float(i)))
+
+
+def how_it_arrived(x):
+    """What a task sees of a device input: rdask's device memory (a
+    DeviceBuffer under the array) when it came as a device frame."""
+    return type(x).__name__, type(x._owner).__name__, float(x.array.sum())
+
+
+def total(*xs):
+    return sum(float(x.array.sum()) for x in xs)
+
+
+def _until(check, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = check()
+        if out:
+            return out
+        time.sleep(0.1)
+    return None
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setenv("RDASK_DEVICE", "standin")
+
+
+def test_device_values_travel_between_workers_and_to_the_client_as_device_frames(standin, monkeypatch):
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")  # counted, never moved
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.submit(make, 3, 1000, workers=[a])
+        seen = client.submit(how_it_arrived, x, workers=[b]).result()
+        assert seen == ("StandInArray", "DeviceBuffer", 3000.0)
+        back = x.result()
+        assert type(back._owner).__name__ == "DeviceBuffer" and np.array_equal(back.array, np.full(1000, 3.0))
+
+        def counted():
+            w = client.scheduler_info()["workers"][a]
+            return w if w["device_memory"] >= 8000 else None
+
+        info = _until(counted)
+        assert info, client.scheduler_info()["workers"][a]
+        assert info["device_memory_limit"] == 0 and info["device_spilled_total_bytes"] == 0
+        del x
+        assert _until(lambda: client.scheduler_info()["workers"][a]["device_memory"] == 0), "released values leave the device count"
+
+
+def test_device_values_three_times_the_limit_spill_to_host_and_come_back(standin, monkeypatch):
+    limit = 8 * MB
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(limit))
+    n = MB // 8  # 1 MiB per value
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        parts = client.map(make, range(24), n=n)
+        rdask.wait(parts)
+
+        def settled():
+            w = next(iter(client.scheduler_info()["workers"].values()))
+            ok = w["device_memory"] <= limit and w["device_spilled_bytes"] + w["device_memory"] == 24 * MB
+            return w if ok else None
+
+        info = _until(settled)
+        assert info, next(iter(client.scheduler_info()["workers"].values()))
+        assert info["device_spilled_values"] >= 16 and info["device_spilled_total_bytes"] >= 16 * MB
+        # Tasks need them again: they come back to the device.
+        sums = client.map(total, *[parts[i::6] for i in range(6)])
+        assert sum(client.gather(sums)) == sum(float(i) * n for i in range(24))
+        w = _until(lambda: (lambda w: w if w["device_unspilled_total_bytes"] >= 16 * MB else None)(
+            next(iter(client.scheduler_info()["workers"].values()))))
+        assert w, "spilled values were brought back for the tasks"
+
+
+def test_without_a_device_the_device_path_says_why():
+    code = (
+        "import numpy as np, rdask\n"
+        "from rdask import _rdask, serialize\n"
+        "from rdask.testing import StandInArray\n"
+        "try:\n"
+        "    _rdask.device_name()\n"
+        "except rdask.GpuUnavailableError as e:\n"
+        "    print('name:', e)\n"
+        "try:\n"
+        "    serialize.dumps(StandInArray(np.ones(3)))\n"
+        "except rdask.GpuUnavailableError as e:\n"
+        "    print('dumps:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RDASK_DEVICE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all("no CUDA" in line and "libcuda" in line for line in lines), out.stdout
+
+
+def test_cpu_workers_report_no_device_memory(client):
+    for w in client.scheduler_info()["workers"].values():
+        assert (w["device_memory"], w["device_memory_limit"], w["device_spilled_bytes"]) == (0, 0, 0)
