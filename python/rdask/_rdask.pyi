@@ -19,6 +19,21 @@ class Frame:
     def __bytes__(self) -> bytes: ...
     def __buffer__(self, flags: int) -> memoryview: ...
 
+class DeviceBuffer:
+    """Device memory rdask allocated for an arriving device frame; CuPy,
+    Numba and PyTorch wrap it without a copy."""
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]: ...
+
+def device_download(address: int, nbytes: int) -> Frame:
+    """Copies device memory at `address` (kept alive by the caller) to a host frame."""
+def device_upload(data: Any, shape: list[int], typestr: str) -> DeviceBuffer:
+    """Copies a host frame into new device memory described as a C-order array."""
+def device_name() -> str:
+    """This process's device ("GPU 0", "host stand-in"); raises GpuUnavailableError."""
+
 class Scheduler:
     """A scheduler serving on its own thread of this process."""
     def __init__(
@@ -91,9 +106,9 @@ def configure_tls(ca_file: str | None = None, cert: str | None = None, key: str 
 def temporary_tls(dir: str) -> tuple[str, str, str]: ...
 def run_worker(
     scheduler: str,
-    execute: Callable[[str, Frame, list[Any]], tuple[bool, Any, Any]],
+    execute: Callable[[str, Frame, list[Any]], tuple[Any, ...]],
     dumps: Callable[[Any], list[Any]],
-    loads: Callable[[list[Frame]], tuple[Any, int]],
+    loads: Callable[[list[Frame]], tuple[Any, int, int]],
     name: str,
     nthreads: int = 1,
     memory_limit: int = 0,
@@ -107,6 +122,7 @@ def run_worker(
     gpu: str | None = None,
     memory_thresholds: tuple[float | None, float | None, float | None, float | None] | None = None,
     local_directory: str | None = None,
+    device_memory_limit: int | None = None,
 ) -> None: ...
 def secede() -> bool: ...
 def receive_pool_bytes() -> int: ...

@@ -23,7 +23,7 @@ GpuUnavailableError = _rdask.GpuUnavailableError
 
 # dask-cuda flags that mean nothing here yet, and why.
 UNSUPPORTED = {
-    "--rmm-pool-size": "rdask has no RMM pool; device memory is the GPU data plane's (not built yet)",
+    "--rmm-pool-size": "rdask has no RMM pool; device values are allocated by their library (CuPy, ...) and by rdask on arrival",
     "--rmm-maximum-pool-size": "rdask has no RMM pool",
     "--rmm-managed-memory": "rdask has no RMM pool",
     "--rmm-async": "rdask has no RMM pool",
