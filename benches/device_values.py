@@ -77,9 +77,9 @@ def main(argv=None):
     import rdask
     from rdask import Client, LocalCluster
 
-    limit = a.limit_mib * MB
-    os.environ["RDASK_DEVICE_MEMORY_LIMIT"] = str(limit)
     result = {"array": a.array, "host": platform.node(), "limit_mib": a.limit_mib}
+    # Moves with device memory counted but no limit (nothing spills).
+    os.environ["RDASK_DEVICE_MEMORY_LIMIT"] = "0"
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
         workers = sorted(client.scheduler_info()["workers"])
         dev = move(client, workers, a.move_mib, a.array, a.repeat)
@@ -89,6 +89,10 @@ def main(argv=None):
         print(f"move {a.move_mib} MiB worker->worker: device value {dev:.3f} s "
               f"({result['move']['device_mb_s']:.0f} MB/s), host value {host:.3f} s ({result['move']['host_mb_s']:.0f} MB/s)")
 
+    limit = a.limit_mib * MB
+    os.environ["RDASK_DEVICE_MEMORY_LIMIT"] = str(limit)
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        workers = sorted(client.scheduler_info()["workers"])
         count = 3 * a.limit_mib // a.value_mib
         n = a.value_mib * MB // 8
         t = time.perf_counter()

@@ -27,3 +27,16 @@ echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
 echo "== rdask-gpu-bench"
 ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
 cat "$out/gpu.json"
+# The Python device path (device frames, device memory limit) on CuPy arrays:
+# needs the rdask abi3 wheel and dask's wheels carried in .gpu-wheels (the
+# machine's Python has CuPy but no dask; the device README says how to carry
+# wheels). Skipped without them.
+echo "== benches/device_values.py --array cupy"
+if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
+  python3 -m venv --system-site-packages /tmp/rdask-venv
+  /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/rdask-*.whl
+  /tmp/rdask-venv/bin/python benches/device_values.py --array cupy --move-mib 1024 --limit-mib 4096 \
+    --value-mib 512 --out "$out/device-values.json"
+else
+  echo "skipped: no wheels in .gpu-wheels"
+fi

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use rdask_gpu::device::{process_device, Device};
-use rdask_transport::bytes::Bytes;
 
 use crate::frames::{py_to_bytes, Frame};
 use crate::GpuUnavailableError;
@@ -77,13 +76,19 @@ impl Drop for DeviceBuffer {
 #[pyfunction]
 pub fn device_download(py: Python<'_>, address: u64, nbytes: usize) -> PyResult<Frame> {
     let dev = device()?;
-    let mut host = vec![0u8; nbytes];
-    if nbytes > 0 {
-        // SAFETY: the Python caller holds the array whose interface gave
-        // `address` and `nbytes` (it is an argument of the serialiser's call).
-        py.detach(|| unsafe { dev.read_raw(address, &mut host) }).map_err(device_error)?;
-    }
-    Ok(Frame { data: Bytes::from(host) })
+    let host = py.detach(|| {
+        // Large frames land in reused, already mapped memory when there is
+        // some (fresh pages cost a fault each on first touch).
+        let mut host = rdask_transport::bufpool::take(nbytes, |_| {});
+        host.resize(nbytes, 0);
+        if nbytes > 0 {
+            // SAFETY: the Python caller holds the array whose interface gave
+            // `address` and `nbytes` (it is an argument of the serialiser's call).
+            unsafe { dev.read_raw(address, &mut host) }?;
+        }
+        Ok::<_, rdask_gpu::GpuError>(host)
+    });
+    Ok(Frame { data: rdask_transport::bufpool::into_bytes(host.map_err(device_error)?) })
 }
 
 /// A host frame (bytes-like) copied into new device memory, described as an
