@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import numpy as np
 import pytest
 
@@ -120,3 +121,30 @@ def test_without_a_device_the_device_path_says_why():
 def test_cpu_workers_report_no_device_memory(client):
     for w in client.scheduler_info()["workers"].values():
         assert (w["device_memory"], w["device_memory_limit"], w["device_spilled_bytes"]) == (0, 0, 0)
+
+
+def test_device_values_go_on_to_disk_under_the_host_limit_and_come_back(standin, monkeypatch, tmp_path):
+    # Device limit 8 MiB; host: values above 0.6 of 64 MiB go to disk (the
+    # process-memory thresholds are off: a Python worker's own RSS is near
+    # that limit).
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(8 * MB))
+    n = MB // 8
+    config = {"distributed.worker.memory.target": 0.6, "distributed.worker.memory.spill": False,
+              "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
+    with dask.config.set(config), LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=64 * MB,
+                                               local_directory=str(tmp_path), dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        parts = client.map(make, range(64), n=n)
+        rdask.wait(parts)
+
+        def settled():
+            w = next(iter(client.scheduler_info()["workers"].values()))
+            return w if w["spilled_values"] >= 20 and w["device_memory"] <= 8 * MB else None
+
+        info = _until(settled)
+        assert info, next(iter(client.scheduler_info()["workers"].values()))
+        assert info["device_spilled_total_bytes"] > 0 and info["spilled_total_bytes"] >= 20 * MB
+        sums = client.map(total, *[parts[i::16] for i in range(16)])
+        assert sum(client.gather(sums)) == sum(float(i) * n for i in range(64))
+        # Read back from disk, the values were device arrays again.
+        assert client.submit(how_it_arrived, parts[0]).result()[:2] == ("StandInArray", "DeviceBuffer")
