@@ -39,6 +39,10 @@ impl Device for CudaDevice {
     }
 
     fn alloc(&self, len: usize) -> Result<DeviceBuffer, GpuError> {
+        if len == 0 {
+            // CUDA refuses empty allocations; an empty array needs no memory.
+            return Ok(DeviceBuffer { len, inner: DeviceInner::Host(Vec::new()) });
+        }
         // SAFETY: the bytes are written (copies in) before anything reads them.
         match unsafe { self.stream.alloc::<u8>(len) } {
             Ok(s) => Ok(DeviceBuffer { len, inner: DeviceInner::Cuda(s) }),
@@ -77,7 +81,7 @@ impl Device for CudaDevice {
         use cudarc::driver::DevicePtr;
         match &buf.inner {
             DeviceInner::Cuda(s) => s.device_ptr(&self.stream).0,
-            DeviceInner::Host(v) => v.as_ptr() as u64,
+            DeviceInner::Host(_) => 0, // an empty buffer
         }
     }
 

@@ -192,6 +192,8 @@ impl Device for HostStandIn {
 
     fn address(&self, buf: &DeviceBuffer) -> u64 {
         match &buf.inner {
+            // Empty arrays have no memory: address 0, as the interface allows.
+            DeviceInner::Host(v) if v.is_empty() => 0,
             DeviceInner::Host(v) => v.as_ptr() as u64,
             #[cfg(feature = "cuda")]
             DeviceInner::Cuda(_) => 0,
@@ -242,6 +244,8 @@ fn open_gpu() -> Result<std::sync::Arc<dyn Device>, GpuError> {
 /// whole, and tests).
 pub fn upload(device: &dyn Device, bytes: &[u8]) -> Result<DeviceBuffer, GpuError> {
     let mut buf = device.alloc(bytes.len())?;
-    device.copy_from_host(&mut buf, 0, bytes)?;
+    if !bytes.is_empty() {
+        device.copy_from_host(&mut buf, 0, bytes)?;
+    }
     Ok(buf)
 }

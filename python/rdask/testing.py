@@ -45,6 +45,11 @@ class StandInArray:
         flat = np.frombuffer(raw, dtype=dtype)
         return cls(flat.reshape(cai["shape"]), owner=buf)
 
+    def __reduce__(self):
+        # Pickled as the NumPy array it holds (a task argument, say); the
+        # device path (rdask.device) never gets here.
+        return StandInArray, (self.array,)
+
     def __array__(self, dtype=None, copy=None):
         return self.array if dtype is None else self.array.astype(dtype)
 

@@ -6,10 +6,12 @@ the figures in `scheduler_info()`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import dask
 import numpy as np
@@ -77,7 +79,7 @@ def test_device_values_three_times_the_limit_spill_to_host_and_come_back(standin
     limit = 8 * MB
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(limit))
     n = MB // 8  # 1 MiB per value
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         parts = client.map(make, range(24), n=n)
         rdask.wait(parts)
 
@@ -89,6 +91,23 @@ def test_device_values_three_times_the_limit_spill_to_host_and_come_back(standin
         info = _until(settled)
         assert info, next(iter(client.scheduler_info()["workers"].values()))
         assert info["device_spilled_values"] >= 16 and info["device_spilled_total_bytes"] >= 16 * MB
+        # The dashboard shows the same: /metrics for Prometheus, the workers page's data.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        base = cluster.dashboard_link.rsplit("/", 1)[0]
+
+        def metrics():  # published a little after the heartbeat
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+                m = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+            return m if m["dask_worker_device_moved_to_host_bytes_total"] >= 16 * MB else None
+
+        samples = _until(metrics)
+        assert samples, "the dashboard's metrics show the device memory moved to host"
+        assert samples["dask_worker_device_memory_limit_bytes"] == limit
+        assert 0 < samples["dask_worker_device_memory_bytes"] <= limit
+        with urllib.request.urlopen(base + "/api/snapshot", timeout=10) as r:
+            row = json.loads(r.read())["workers"][0]
+        assert row["device_limit"] == limit and row["device_spilled_bytes"] >= 16 * MB
         # Tasks need them again: they come back to the device.
         sums = client.map(total, *[parts[i::6] for i in range(6)])
         assert sum(client.gather(sums)) == sum(float(i) * n for i in range(24))
@@ -148,3 +167,22 @@ def test_device_values_go_on_to_disk_under_the_host_limit_and_come_back(standin,
         assert sum(client.gather(sums)) == sum(float(i) * n for i in range(64))
         # Read back from disk, the values were device arrays again.
         assert client.submit(how_it_arrived, parts[0]).result()[:2] == ("StandInArray", "DeviceBuffer")
+
+
+def test_scattered_device_values_reach_in_process_workers_as_device_arrays(standin, monkeypatch):
+    from rdask.testing import StandInArray
+
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.scatter(StandInArray(np.arange(10.0).reshape(2, 5)), workers=[a])
+        assert client.submit(how_it_arrived, x, workers=[a]).result() == ("StandInArray", "DeviceBuffer", 45.0)
+        assert client.submit(how_it_arrived, x, workers=[b]).result() == ("StandInArray", "DeviceBuffer", 45.0)
+        # As a task's argument it is pickled into the task (as NumPy), and still works.
+        assert client.submit(how_it_arrived, x.result(), pure=False).result()[::2] == ("StandInArray", 45.0)
+        back = x.result()
+        assert back.array.shape == (2, 5) and back.array.dtype == np.float64 and back.array[1, 4] == 9.0
+        empty = client.scatter(StandInArray(np.zeros((0, 3), dtype=np.int32)), workers=[a])
+        got = client.submit(lambda e: (e.array.shape, e.array.dtype.str), empty).result()
+        assert got == ((0, 3), "<i4")

@@ -48,6 +48,10 @@ pub fn render(s: &Snapshot) -> String {
     gauge("dask_worker_process_rss_bytes", "Resident memory of each worker's process", "gauge", &per_worker(&|w| w.rss as f64));
     gauge("dask_worker_transfer_incoming_bytes_total", "Value bytes each worker fetched from peers", "counter", &per_worker(&|w| w.bytes_in as f64));
     gauge("dask_worker_transfer_outgoing_bytes_total", "Value bytes each worker served to peers and clients", "counter", &per_worker(&|w| w.bytes_out as f64));
+    gauge("dask_worker_device_memory_bytes", "Bytes of device (GPU) memory each worker's values hold", "gauge", &per_worker(&|w| w.device_bytes as f64));
+    gauge("dask_worker_device_memory_limit_bytes", "Device memory limit of each worker (0: none, or not a GPU worker)", "gauge", &per_worker(&|w| w.device_limit as f64));
+    gauge("dask_worker_device_spilled_bytes", "Bytes of device values each worker holds in host memory now", "gauge", &per_worker(&|w| w.device_spilled_bytes as f64));
+    gauge("dask_worker_device_moved_to_host_bytes_total", "Device bytes each worker moved to host memory since it started", "counter", &per_worker(&|w| w.device_spilled_total_bytes as f64));
     gauge("dask_worker_cpu_percent", "CPU use of each worker's process, percent of one core", "gauge", &per_worker(&|w| w.cpu_percent as f64));
     out
 }

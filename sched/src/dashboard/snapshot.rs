@@ -79,6 +79,12 @@ pub struct WorkerRow {
     pub in_per_s: f32,
     pub out_per_s: f32,
     pub last_seen_s: f64,
+    /// A GPU worker's device memory (zeros elsewhere): values on the device,
+    /// its limit, device values moved to host memory now and bytes moved.
+    pub device_bytes: u64,
+    pub device_limit: u64,
+    pub device_spilled_bytes: u64,
+    pub device_spilled_total_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -162,6 +168,10 @@ pub fn snapshot(core: &Core, now_ms: u64, wall_us: u64, address: &str, dashboard
             in_per_s: w.load.in_per_s,
             out_per_s: w.load.out_per_s,
             last_seen_s: now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0,
+            device_bytes: w.load.device.bytes,
+            device_limit: w.load.device.limit,
+            device_spilled_bytes: w.load.device.spilled_bytes,
+            device_spilled_total_bytes: w.load.device.spilled_total_bytes,
         })
         .collect();
     workers.sort_by_key(|w| w.id);
