@@ -57,6 +57,17 @@ impl StagingBuffer {
         self.len() == 0
     }
 
+    /// The bytes to copy into.
+    pub fn bytes_mut(&mut self) -> Result<&mut [u8], GpuError> {
+        match self {
+            StagingBuffer::Host(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            StagingBuffer::Pinned(p) => p
+                .as_mut_slice()
+                .map_err(|e| GpuError::Device { what: "using a staging buffer".into(), reason: format!("{e:?}") }),
+        }
+    }
+
     /// The bytes (after any copy into them has completed).
     pub fn bytes(&self) -> &[u8] {
         match self {

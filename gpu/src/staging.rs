@@ -134,6 +134,56 @@ pub fn stage_out<E: From<GpuError>>(pool: &Arc<StagingPool>, src: &DeviceBuffer,
     Ok(chunks)
 }
 
+/// Device memory that another library owns (the arrays of a value being
+/// sent), read off the device one staging chunk at a time: each chunk is
+/// copied into a buffer of `pool` and handed out as `Bytes` that return the
+/// buffer when dropped, so at most the pool's depth of chunks is in host
+/// memory, and the copy of a chunk overlaps the sending of the ones before.
+pub struct RawSource {
+    pool: Arc<StagingPool>,
+    parts: std::collections::VecDeque<(u64, u64)>,
+    offset: u64,
+}
+
+impl RawSource {
+    /// `parts`: (device address, bytes) in sending order.
+    ///
+    /// # Safety
+    /// Every part must stay allocated device memory of the pool's device
+    /// until the source is dropped (the caller keeps its arrays alive).
+    pub unsafe fn new(pool: Arc<StagingPool>, parts: Vec<(u64, u64)>) -> RawSource {
+        RawSource { pool, parts: parts.into_iter().filter(|p| p.1 > 0).collect(), offset: 0 }
+    }
+
+    /// Bytes still to come.
+    pub fn remaining(&self) -> u64 {
+        self.parts.iter().map(|p| p.1).sum::<u64>() - self.offset
+    }
+
+    /// The next chunk (never spanning two parts), or `None` at the end.
+    /// Blocks while all of the pool's buffers are out.
+    pub fn next_chunk(&mut self) -> Result<Option<Bytes>, GpuError> {
+        let Some(&(address, len)) = self.parts.front() else { return Ok(None) };
+        let n = (self.pool.chunk as u64).min(len - self.offset) as usize;
+        let mut buf = self.pool.take()?;
+        let read = buf.bytes_mut().and_then(|dst| {
+            // SAFETY: `new`'s contract keeps the part allocated; the range
+            // lies inside it.
+            unsafe { self.pool.device.read_raw(address + self.offset, &mut dst[..n]) }
+        });
+        if let Err(e) = read {
+            self.pool.give(buf);
+            return Err(e);
+        }
+        self.offset += n as u64;
+        if self.offset == len {
+            self.parts.pop_front();
+            self.offset = 0;
+        }
+        Ok(Some(Bytes::from_owner(Staged { buf: Some(buf), len: n, pool: self.pool.clone() })))
+    }
+}
+
 /// A device value arriving in chunks.
 pub struct StageIn {
     device: Arc<dyn Device>,
@@ -221,6 +271,38 @@ mod tests {
         assert_eq!(dev.staging_allocs(), 3);
         assert!(dev.largest_copy() <= (10 << 20) + 12345);
         assert_eq!(dev.copies(), 1 + 11 + 11 + 1, "upload, 11 out, 11 in, the check");
+    }
+
+    #[test]
+    fn memory_of_another_library_leaves_in_chunks_of_at_most_depth_buffers() {
+        let dev = Arc::new(HostStandIn::default());
+        // Two "arrays" whose memory the caller owns (stand-in addresses are host addresses).
+        let (a, b) = (pattern((3 << 20) + 5), pattern(1 << 20));
+        let pool = StagingPool::new(dev.clone(), 1 << 20, 2);
+        // SAFETY: `a` and `b` outlive the source.
+        let mut src = unsafe { RawSource::new(pool.clone(), vec![(a.as_ptr() as u64, a.len() as u64), (0, 0), (b.as_ptr() as u64, b.len() as u64)]) };
+        assert_eq!(src.remaining(), (4 << 20) + 5);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+        let network = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for chunk in rx {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                got.push(chunk.len());
+                drop(chunk);
+            }
+            got
+        });
+        let mut joined = Vec::new();
+        while let Some(chunk) = src.next_chunk().unwrap() {
+            joined.extend_from_slice(&chunk);
+            tx.send(chunk).unwrap();
+        }
+        drop(tx);
+        let sizes = network.join().unwrap();
+        assert_eq!(sizes, vec![1 << 20, 1 << 20, 1 << 20, 5, 1 << 20], "chunks never span two arrays");
+        assert!(joined[..a.len()] == a[..] && joined[a.len()..] == b[..]);
+        assert!(pool.most_in_use() <= 2 && dev.staging_allocs() == 2, "{}", pool.most_in_use());
+        assert_eq!(src.remaining(), 0);
     }
 
     #[test]

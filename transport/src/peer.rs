@@ -34,7 +34,14 @@ pub type Fetched = (TaskId, FetchedValue);
 
 /// Requests waiting for their answer, with the items of the answer's parts
 /// that arrived so far.
-type Pending = Arc<Mutex<Option<HashMap<u64, (oneshot::Sender<Result<Vec<Fetched>>>, Vec<Fetched>)>>>>;
+type Pending = Arc<Mutex<Option<HashMap<u64, Waiting>>>>;
+
+struct Waiting {
+    tx: oneshot::Sender<Result<Vec<Fetched>>>,
+    so_far: Vec<Fetched>,
+    /// The last item's value continues in the next item (`DataItem::partial`).
+    open: bool,
+}
 
 pub struct PeerConnection {
     sender: FrameSender,
@@ -66,8 +73,8 @@ impl PeerConnection {
             tracing::debug!(peer = %addr, "peer connection ended: {err}");
             // Fail everything still waiting, and refuse new requests.
             if let Some(map) = reader_pending.lock().unwrap().take() {
-                for (_, (tx, _)) in map {
-                    let _ = tx.send(Err(TransportError::Closed));
+                for (_, w) in map {
+                    let _ = w.tx.send(Err(TransportError::Closed));
                 }
             }
         });
@@ -83,7 +90,7 @@ impl PeerConnection {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
-            Some(map) => map.insert(request_id, (tx, Vec::new())),
+            Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new(), open: false }),
             None => return Err(TransportError::Closed),
         };
         self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks }))?;
@@ -95,7 +102,9 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
     let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
     let mut out = Vec::with_capacity(items.len());
+    let mut partial = Vec::with_capacity(items.len());
     for item in items.iter() {
+        partial.push(item.partial);
         if !item.found {
             out.push((item.id.get(), FetchedValue::Missing));
             continue;
@@ -118,20 +127,36 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let mut guard = pending.lock().unwrap();
     let Some(map) = guard.as_mut() else { return Ok(()) };
     let id = request_id.to_native();
-    if *more {
-        if let Some((_, so_far)) = map.get_mut(&id) {
-            so_far.extend(out);
-        }
+    let Some(w) = map.get_mut(&id) else { return Ok(()) };
+    if w.so_far.is_empty() && !*more && !partial.iter().any(|p| *p) {
+        // The whole answer in one message (the common case): no joining.
+        let w = map.remove(&id).expect("present");
+        drop(guard);
+        let _ = w.tx.send(Ok(out));
         return Ok(());
     }
-    if let Some((tx, mut so_far)) = map.remove(&id) {
-        drop(guard);
-        if so_far.is_empty() {
-            so_far = out;
+    for ((task, value), partial) in out.into_iter().zip(partial) {
+        let joined = w.open && w.so_far.last().is_some_and(|(t, _)| *t == task);
+        if !joined {
+            w.so_far.push((task, value));
         } else {
-            so_far.extend(out);
+            let last = &mut w.so_far.last_mut().expect("checked").1;
+            match (last, value) {
+                (FetchedValue::Value(frames), FetchedValue::Value(more)) => frames.extend(more),
+                // A value that failed half-way (its copy off a device) is that failure.
+                (last, other) => *last = other,
+            }
         }
-        let _ = tx.send(Ok(so_far));
+        w.open = partial;
+    }
+    if !*more {
+        let w = map.remove(&id).expect("present");
+        drop(guard);
+        if w.open {
+            let _ = w.tx.send(Err(TransportError::Invalid("an answer ended inside a value sent in parts".into())));
+        } else {
+            let _ = w.tx.send(Ok(w.so_far));
+        }
     }
     Ok(())
 }

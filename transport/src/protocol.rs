@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -531,6 +531,11 @@ pub struct DataItem {
     /// 1 and that frame, if any, is the executor's error payload (the
     /// pickled exception).
     pub error: Option<String>,
+    /// The value's frames continue in the next item, which names the same
+    /// task and comes first in the next message of this answer (a device
+    /// value sent in staging chunks as they are copied off the device); the
+    /// requester joins them.
+    pub partial: bool,
 }
 
 // ---------------------------------------------------------------- encode / access

@@ -713,9 +713,9 @@ fn samples_from_peer() -> Vec<FromPeerMessage> {
     vec![FromPeerMessage::Data {
         request_id: 1,
         items: vec![
-            DataItem { id: TaskId(1), found: true, first: 0, count: 2, error: None },
-            DataItem { id: TaskId(2), found: false, first: 0, count: 0, error: None },
-            DataItem { id: TaskId(3), found: true, first: 2, count: 1, error: Some("TypeError: cannot pickle".into()) },
+            DataItem { id: TaskId(1), found: true, first: 0, count: 2, error: None, partial: false },
+            DataItem { id: TaskId(2), found: false, first: 0, count: 0, error: None, partial: false },
+            DataItem { id: TaskId(3), found: true, first: 2, count: 1, error: Some("TypeError: cannot pickle".into()), partial: false },
         ],
         more: true,
     }]

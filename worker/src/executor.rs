@@ -63,6 +63,26 @@ pub trait ObjectValue: Send + Sync + 'static {
     fn move_to_host(&self) -> Result<u64, TaskFailure> {
         Ok(0)
     }
+    /// For a peer, this value as frames whose device parts are read off the
+    /// device in chunks while they are sent (`Staged`), instead of all at
+    /// once into host memory. `None`: use [`ObjectValue::serialize`].
+    fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
+        None
+    }
+}
+
+/// A value served in parts: its first frames, then the frames `chunks`
+/// yields (each a separate frame of the value, in order).
+pub struct Staged {
+    pub head: Vec<Bytes>,
+    pub chunks: Box<dyn ChunkSource>,
+}
+
+/// The chunks of a value that is being copied off a device.
+pub trait ChunkSource: Send {
+    /// The next chunk, or `None` at the end. May block (for a free staging
+    /// buffer, and for the copy): call it where blocking is allowed.
+    fn next_chunk(&mut self) -> Result<Option<Bytes>, TaskFailure>;
 }
 
 /// One task as handed to an executor thread.

@@ -114,6 +114,18 @@ async fn serve_one(
             // go out; a large in-memory one waits its turn the same way.
             let mut permit = None;
             let value = match value {
+                Some(Serve::Staged(staged)) => {
+                    // What came before goes first: answers keep the request's order.
+                    if !items.is_empty() {
+                        let reply = FromPeerMessage::Data { request_id, items: std::mem::take(&mut items), more: true };
+                        conn.sender.send(Frame::with_data(&reply, std::mem::take(&mut data)))?;
+                    }
+                    sent.fetch_add(chunk_bytes, std::sync::atomic::Ordering::Relaxed);
+                    chunk_bytes = 0;
+                    let bytes = send_staged(&conn.sender, request_id, id, staged).await?;
+                    sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 Some(Serve::Disk(disk)) => {
                     permit = Some(budget.take(disk.bytes).await);
                     Some(read_spilled(&disk))
@@ -133,11 +145,11 @@ async fn serve_one(
                     if count == 1 {
                         data.push(e.payload);
                     }
-                    items.push(DataItem { id, found: true, first, count, error: Some(e.message) });
+                    items.push(DataItem { id, found: true, first, count, error: Some(e.message), partial: false });
                     continue;
                 }
                 None => {
-                    items.push(DataItem { id, found: false, first: 0, count: 0, error: None });
+                    items.push(DataItem { id, found: false, first: 0, count: 0, error: None, partial: false });
                     continue;
                 }
             };
@@ -145,7 +157,7 @@ async fn serve_one(
             if permit.is_none() && bytes >= BUDGET_FROM {
                 permit = Some(budget.take(bytes).await);
             }
-            items.push(DataItem { id, found: true, first, count: frames.len() as u32, error: None });
+            items.push(DataItem { id, found: true, first, count: frames.len() as u32, error: None, partial: false });
             match permit {
                 Some(p) => data.extend(SendBudget::attach(frames, p)),
                 None => data.extend(frames),
@@ -163,4 +175,48 @@ async fn serve_one(
         conn.sender.send(Frame::with_data(&reply, data))?;
     }
     Ok(())
+}
+
+/// Sends a device value as it is copied off the device: its first frames,
+/// then one message per staging chunk (each chunk's buffer goes back to its
+/// pool when the transport has written it, which is what paces the copies),
+/// then a closing item. Every message has `more` set; the answer's last
+/// message closes the request. A copy that fails closes the value with the
+/// error instead. Returns the bytes sent.
+async fn send_staged(
+    sender: &rdask_transport::FrameSender,
+    request_id: u64,
+    id: rdask_transport::TaskId,
+    staged: crate::executor::Staged,
+) -> rdask_transport::Result<u64> {
+    let crate::executor::Staged { head, mut chunks } = staged;
+    let item = |count: usize, partial: bool, error: Option<String>| DataItem { id, found: true, first: 0, count: count as u32, error, partial };
+    let message = |item: DataItem| FromPeerMessage::Data { request_id, items: vec![item], more: true };
+    let mut bytes: u64 = head.iter().map(|f| f.len() as u64).sum();
+    sender.send(Frame::with_data(&message(item(head.len(), true, None)), head))?;
+    loop {
+        let (back, next) = tokio::task::spawn_blocking(move || {
+            let next = chunks.next_chunk();
+            (chunks, next)
+        })
+        .await
+        .expect("a staging copy does not panic");
+        chunks = back;
+        match next {
+            Ok(Some(chunk)) => {
+                bytes += chunk.len() as u64;
+                sender.send(Frame::with_data(&message(item(1, true, None)), vec![chunk]))?;
+            }
+            Ok(None) => {
+                sender.send(Frame::from_message(&message(item(0, false, None))))?;
+                return Ok(bytes);
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, "cannot copy a device value for a peer: {}", e.message);
+                let payload: Vec<Bytes> = if e.payload.is_empty() { vec![] } else { vec![e.payload] };
+                sender.send(Frame::with_data(&message(item(payload.len(), false, Some(e.message))), payload))?;
+                return Ok(bytes);
+            }
+        }
+    }
 }

@@ -25,6 +25,8 @@ pub enum Held {
 pub enum Serve {
     Frames(Result<Frames, TaskFailure>),
     Disk(OnDisk),
+    /// A device value, sent in chunks as they are copied off the device.
+    Staged(crate::executor::Staged),
 }
 
 /// Reads a spilled value's frames for a peer (the file stays).
@@ -290,6 +292,11 @@ impl Store {
         held.into_iter()
             .map(|h| {
                 h.map(|h| match h {
+                    Ok(Value::Object(o)) if o.device_bytes() > 0 => match o.staged() {
+                        Some(Ok(staged)) => Serve::Staged(staged),
+                        Some(Err(e)) => Serve::Frames(Err(e)),
+                        None => Serve::Frames(o.serialize().map(Frames::from_vec)),
+                    },
                     Ok(value) => Serve::Frames(value.to_frames()),
                     Err(disk) => Serve::Disk(disk),
                 })

@@ -43,7 +43,7 @@ async fn good_peer() -> String {
                     let items: Vec<DataItem> = tasks
                         .iter()
                         .enumerate()
-                        .map(|(i, t)| DataItem { id: t.get(), found: true, first: i as u32, count: 1, error: None })
+                        .map(|(i, t)| DataItem { id: t.get(), found: true, first: i as u32, count: 1, error: None, partial: false })
                         .collect();
                     let data = items.iter().map(|_| Bytes::copy_from_slice(&41u64.to_le_bytes())).collect();
                     let reply = FromPeerMessage::Data { request_id: request_id.to_native(), items, more: false };

@@ -169,8 +169,8 @@ fn messages() -> Vec<(u8, Vec<u8>)> {
         FromPeerMessage::Data {
             request_id: 1,
             items: vec![
-                DataItem { id: t, found: true, first: 0, count: 2, error: None },
-                DataItem { id: TaskId(8), found: true, first: 2, count: 1, error: Some("cannot pickle".into()) },
+                DataItem { id: t, found: true, first: 0, count: 2, error: None, partial: false },
+                DataItem { id: TaskId(8), found: true, first: 2, count: 1, error: Some("cannot pickle".into()), partial: false },
             ],
             more: true,
         },
