@@ -29,8 +29,10 @@ class DeviceBuffer:
 
 def device_download(address: int, nbytes: int) -> Frame:
     """Copies device memory at `address` (kept alive by the caller) to a host frame."""
-def device_upload(data: Any, shape: list[int], typestr: str) -> DeviceBuffer:
-    """Copies a host frame into new device memory described as a C-order array."""
+def device_upload(frames: list[Any], shape: list[int], typestr: str) -> DeviceBuffer:
+    """Copies host frames (an array's bytes, whole or in chunks) into new device memory described as a C-order array."""
+def staging_stats() -> dict[str, int]:
+    """Device values this process sent in staging chunks: values, chunks, bytes, most_buffers, chunk_bytes."""
 def device_name() -> str:
     """This process's device ("GPU 0", "host stand-in"); raises GpuUnavailableError."""
 
@@ -123,6 +125,7 @@ def run_worker(
     memory_thresholds: tuple[float | None, float | None, float | None, float | None] | None = None,
     local_directory: str | None = None,
     device_memory_limit: int | None = None,
+    dumps_staged: Callable[[Any], tuple[list[Any], list[tuple[int, int]], Any] | None] | None = None,
 ) -> None: ...
 def secede() -> bool: ...
 def receive_pool_bytes() -> int: ...

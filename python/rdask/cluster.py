@@ -132,7 +132,7 @@ class LocalCluster:
                       protocol=self.protocol, env=self._worker_env()).start()
         else:
             from .worker import device_limit_from_env, execute
-            from .serialize import dumps, loads_sized
+            from .serialize import dumps, dumps_staged, loads_sized
 
             w = threading.Thread(
                 target=_rdask.run_worker,
@@ -141,7 +141,7 @@ class LocalCluster:
                             resources=self.resources, listen=f"{self.protocol}://{self.host}:0", token=self.token,
                             memory_thresholds=thresholds_tuple(self.memory_thresholds),
                             local_directory=self.local_directory,
-                            device_memory_limit=device_limit_from_env()),
+                            device_memory_limit=device_limit_from_env(), dumps_staged=dumps_staged),
                 name=f"rdask-worker-{name}", daemon=True)
             w.start()
         self.workers[name] = w

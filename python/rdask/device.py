@@ -11,8 +11,13 @@ another copy (`cupy.asarray`, `numba.cuda.as_cuda_array`, `torch.as_tensor`).
 
 Frame layout of a value holding device arrays:
 
-    [b"RDV1" + <u32 host buffers> + <u32 device frames> + pickle,
+    [b"RDV1" + <u32 host buffers H> + <u32 device arrays D> + D x <u64 bytes> + pickle,
      *host buffers (pickle protocol 5 out-of-band), *device frames]
+
+Each device array's bytes are one or more consecutive frames (a worker
+sending a large device value cuts it into staging chunks as it copies it off
+the device, `dumps_staged`); its size in the header says how many bytes, and
+so which frames, are its. An empty array has no frame.
 
 A plain pickle never starts with b"RDV1" (protocol 5 starts with 0x80), so
 values without device arrays keep the plain layout and cost nothing extra.
@@ -36,6 +41,7 @@ import cloudpickle
 
 MARK = b"RDV1"
 _HEAD = struct.Struct("<4sII")
+_SIZE = struct.Struct("<Q")
 
 # type -> function(DeviceBuffer) -> object of that type
 _registry: dict[type, Callable] = {}
@@ -149,36 +155,48 @@ class _DeviceFrames:
         from . import _rdask
 
         n = _nbytes_of(cai)
-        self.device_frames.append(_rdask.device_download(cai["data"][0], n))
-        index = len(self.device_frames) - 1
+        self.sizes.append(n)
+        if self.download:
+            if n:
+                self.device_frames.append(_rdask.device_download(cai["data"][0], n))
+        else:
+            # Read later, in chunks, while the value is sent: kept alive until then.
+            self.device_frames.append((cai["data"][0], n))
+            self.keep.append(obj)
+        index = len(self.sizes) - 1
         return _from_device_frame, (index, _rebuilder(obj), tuple(cai["shape"]), cai["typestr"])
+
+    def _start(self, download: bool):
+        self.device_frames: list = []
+        self.sizes: list = []
+        self.keep: list = []
+        self.download = download
 
 
 class _Pickler(_DeviceFrames, pickle.Pickler):
-    def __init__(self, file, buffers: list):
+    def __init__(self, file, buffers: list, download: bool = True):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
-        self.device_frames: list = []
+        self._start(download)
 
     def reducer_override(self, obj):
         return self._device_reduce(obj)
 
 
 class _CloudPickler(_DeviceFrames, cloudpickle.Pickler):
-    def __init__(self, file, buffers: list):
+    def __init__(self, file, buffers: list, download: bool = True):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
-        self.device_frames = []
+        self._start(download)
 
     def reducer_override(self, obj):
         out = self._device_reduce(obj)
         return super().reducer_override(obj) if out is NotImplemented else out
 
 
-def dumps(obj: Any, host_frames: Callable) -> list:
-    """`rdask.serialize.dumps` where device arrays may be in `obj`."""
+def _pickle(obj: Any, download: bool):
     for cls in (_Pickler, _CloudPickler):
         buffers: list = []
         f = io.BytesIO()
-        p = cls(f, buffers)
+        p = cls(f, buffers, download)
         try:
             p.dump(obj)
         except Exception:
@@ -188,11 +206,30 @@ def dumps(obj: Any, host_frames: Callable) -> list:
         header = f.getvalue()
         if cls is _Pickler and b"__main__" in header:
             continue
-        if not p.device_frames:
-            return host_frames(header, buffers)
-        marked = _HEAD.pack(MARK, len(buffers), len(p.device_frames)) + header
-        return host_frames(marked, buffers) + p.device_frames
+        if p.sizes:
+            sizes = b"".join(_SIZE.pack(n) for n in p.sizes)
+            header = _HEAD.pack(MARK, len(buffers), len(p.sizes)) + sizes + header
+        return header, buffers, p
     raise AssertionError("unreachable")
+
+
+def dumps(obj: Any, host_frames: Callable) -> list:
+    """`rdask.serialize.dumps` where device arrays may be in `obj`: their
+    bytes are copied off the device now, one frame per array."""
+    header, buffers, p = _pickle(obj, download=True)
+    return host_frames(header, buffers) + p.device_frames
+
+
+def dumps_staged(obj: Any, host_frames: Callable):
+    """For a worker sending `obj` to a peer: `(frames, parts, keep)`, where
+    `frames` are the value's frames but for its device arrays, `parts` the
+    (device address, bytes) the worker reads in staging chunks while it
+    sends, and `keep` what must stay alive meanwhile. None when `obj` holds
+    no device array."""
+    header, buffers, p = _pickle(obj, download=False)
+    if not p.sizes:
+        return None
+    return host_frames(header, buffers), p.device_frames, p.keep
 
 
 def is_marked(head) -> bool:
@@ -200,14 +237,28 @@ def is_marked(head) -> bool:
 
 
 def loads(frames: list) -> Any:
-    """The inverse of `dumps` for a marked header: device frames go back
-    into device memory."""
+    """The inverse of `dumps` for a marked header: each device array's
+    frames go into new device memory."""
     head = memoryview(frames[0])
     _, nhost, ndev = _HEAD.unpack_from(head)
+    start = _HEAD.size + ndev * _SIZE.size
+    sizes = [_SIZE.unpack_from(head, _HEAD.size + i * _SIZE.size)[0] for i in range(ndev)]
+    groups, at = [], 1 + nhost
+    for n in sizes:
+        group, got = [], 0
+        while got < n:
+            if at >= len(frames):
+                raise ValueError(f"a device value arrived short: {got} of {n} bytes of an array")
+            group.append(frames[at])
+            got += len(frames[at])
+            at += 1
+        if got != n:
+            raise ValueError(f"a device array's frames hold {got} bytes, its header says {n}")
+        groups.append(group)
     outer = getattr(_local, "frames", None)
-    _local.frames = frames[1 + nhost:1 + nhost + ndev]
+    _local.frames = groups
     try:
-        return pickle.loads(head[_HEAD.size:], buffers=frames[1:1 + nhost])
+        return pickle.loads(head[start:], buffers=frames[1:1 + nhost])
     finally:
         _local.frames = outer
 
@@ -215,5 +266,4 @@ def loads(frames: list) -> Any:
 def _from_device_frame(index: int, rebuild: Callable, shape: tuple, typestr: str):
     from . import _rdask
 
-    frame = _local.frames[index]
-    return rebuild(_rdask.device_upload(frame, list(shape), typestr))
+    return rebuild(_rdask.device_upload(_local.frames[index], list(shape), typestr))

@@ -42,6 +42,13 @@ def dumps(obj: Any) -> list:
     return _host_frames(header, buffers)
 
 
+def dumps_staged(obj: Any):
+    """For a worker sending a device value to a peer: its frames but for its
+    device arrays, which the worker copies off the device in chunks while it
+    sends (`rdask.device.dumps_staged`); None when there are none."""
+    return device.dumps_staged(obj, _host_frames) if device.possible() else None
+
+
 def _host_frames(header, buffers: list) -> list:
     frames = [header]
     for b in buffers:

@@ -15,7 +15,7 @@ from . import _rdask
 from . import config
 from .config import thresholds_tuple
 from .packing import unpack_deps
-from .serialize import device_nbytes, dumps, dumps_error, loads_function, loads_sized, nbytes
+from .serialize import device_nbytes, dumps, dumps_error, dumps_staged, loads_function, loads_sized, nbytes
 
 CALL, NODE, DATA = 1, 2, 3
 EAGER_BYTES = 16 << 10
@@ -236,6 +236,7 @@ def run(
             memory_thresholds=thresholds_tuple(memory_thresholds or config.memory_thresholds()),
             local_directory=local_directory,
             device_memory_limit=device_memory_limit,
+            dumps_staged=dumps_staged,
         )
     finally:
         # The worker left (or could not join): its plugins' teardown, best

@@ -10,11 +10,13 @@
 //! the host-memory stand-in, whose "device addresses" are host addresses
 //! (how the device path is tested on machines without a GPU).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use rdask_gpu::device::{process_device, Device};
+use rdask_gpu::staging::StageIn;
 
 use crate::frames::{py_to_bytes, Frame};
 use crate::GpuUnavailableError;
@@ -91,13 +93,23 @@ pub fn device_download(py: Python<'_>, address: u64, nbytes: usize) -> PyResult<
     Ok(Frame { data: rdask_transport::bufpool::into_bytes(host.map_err(device_error)?) })
 }
 
-/// A host frame (bytes-like) copied into new device memory, described as an
+/// Host frames (bytes-like: an array's bytes whole, or its staging chunks in
+/// order) copied into new device memory one after the other, described as an
 /// array of `shape` and `typestr` (C order).
 #[pyfunction]
-pub fn device_upload(py: Python<'_>, data: &Bound<'_, PyAny>, shape: Vec<usize>, typestr: String) -> PyResult<DeviceBuffer> {
+pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<usize>, typestr: String) -> PyResult<DeviceBuffer> {
     let dev = device()?;
-    let bytes = py_to_bytes(data)?;
-    let buf = py.detach(|| rdask_gpu::device::upload(&*dev, &bytes)).map_err(device_error)?;
+    let chunks = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
+    let total = chunks.iter().map(|c| c.len()).sum();
+    let buf = py
+        .detach(|| {
+            let mut into = StageIn::new(dev.clone(), total)?;
+            for chunk in &chunks {
+                into.push(chunk)?;
+            }
+            into.finish()
+        })
+        .map_err(device_error)?;
     let address = dev.address(&buf);
     Ok(DeviceBuffer { nbytes: buf.len(), buf: std::sync::Mutex::new(Some(buf)), device: dev, address, shape, typestr })
 }
@@ -107,4 +119,26 @@ pub fn device_upload(py: Python<'_>, data: &Bound<'_, PyAny>, shape: Vec<usize>,
 #[pyfunction]
 pub fn device_name() -> PyResult<String> {
     Ok(device()?.describe())
+}
+
+/// What this process's workers sent in staging chunks (`staging_stats()`).
+pub(crate) static STAGED_VALUES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static STAGED_CHUNKS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static STAGED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// The most staging buffers one value had in use at once.
+pub(crate) static MOST_BUFFERS: AtomicU64 = AtomicU64::new(0);
+
+/// Device values this process sent to peers in staging chunks since it
+/// started: `{"values", "chunks", "bytes", "most_buffers", "chunk_bytes"}`
+/// (`most_buffers`: the most staging buffers one value used at once, which
+/// bounds the host memory of a transfer to `most_buffers * chunk_bytes`).
+#[pyfunction]
+pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("values", STAGED_VALUES.load(Ordering::Relaxed))?;
+    d.set_item("chunks", STAGED_CHUNKS.load(Ordering::Relaxed))?;
+    d.set_item("bytes", STAGED_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("most_buffers", MOST_BUFFERS.load(Ordering::Relaxed))?;
+    d.set_item("chunk_bytes", rdask_gpu::staging::DEFAULT_CHUNK)?;
+    Ok(d)
 }

@@ -4,6 +4,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use pyo3::types::{PyList, PyTuple};
 use rdask_transport::bytes::Bytes;
 use rdask_transport::protocol::Resource;
 use rdask_worker::device_tier::DeviceLedger;
-use rdask_worker::executor::{Frames, ObjectValue};
+use rdask_gpu::staging::{RawSource, StagingPool};
+use rdask_worker::executor::{ChunkSource, Frames, ObjectValue, Staged};
 use rdask_worker::{Executor, TaskFailure, TaskRun, Value, WorkerConfig};
 
 use crate::frames::{frames_to_py, py_to_bytes, Frame};
@@ -28,6 +30,10 @@ struct PyExecutor {
 
 struct Codec {
     dumps: Py<PyAny>,
+    /// `value -> (frames, [(device address, bytes)], keep) | None`: a device
+    /// value's frames but for its device arrays, which are read in staging
+    /// chunks while they are sent (`rdask.device.dumps_staged`).
+    dumps_staged: Option<Py<PyAny>>,
     /// `frames -> (value, nbytes, device_nbytes)`.
     loads: Py<PyAny>,
     /// The worker's device tier (a GPU worker), which values holding device
@@ -131,6 +137,37 @@ impl ObjectValue for PyValue {
         }
     }
 
+    fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
+        if self.device < STAGE_FROM {
+            return None;
+        }
+        let dumps_staged = self.codec.dumps_staged.as_ref()?;
+        let device = rdask_gpu::device::process_device().ok()?;
+        keep_thread_state();
+        Python::attach(|py| {
+            let obj = match &*self.placed.lock().unwrap() {
+                Placed::Object(o) => o.clone_ref(py),
+                Placed::OnHost(_) => return None,
+            };
+            let run = || -> PyResult<Option<Staged>> {
+                let out = dumps_staged.call1(py, (obj,))?;
+                if out.is_none(py) {
+                    return Ok(None);
+                }
+                let (frames, parts, keep): (Vec<Bound<'_, PyAny>>, Vec<(u64, u64)>, Py<PyAny>) = out.extract(py)?;
+                let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
+                // A pool per value: a peer that stops reading holds up only
+                // its own transfer.
+                let pool = StagingPool::new(device, STAGING_CHUNK, STAGING_DEPTH);
+                // SAFETY: `keep` holds the arrays whose memory the parts
+                // name, and lives as long as the source.
+                let raw = unsafe { RawSource::new(pool.clone(), parts) };
+                Ok(Some(Staged { head, chunks: Box::new(DeviceChunks { raw, pool, keep: Some(keep) }) }))
+            };
+            run().map_err(|e| failure_from(py, e)).transpose()
+        })
+    }
+
     fn move_to_host(&self) -> Result<u64, TaskFailure> {
         if self.device == 0 {
             return Ok(0);
@@ -156,6 +193,46 @@ impl ObjectValue for PyValue {
             drop((old, obj));
             Ok(self.device)
         })
+    }
+}
+
+/// Device values of at least this size go to peers in staging chunks as
+/// they are copied off the device; smaller ones in one copy.
+const STAGE_FROM: u64 = 16 << 20;
+const STAGING_CHUNK: usize = rdask_gpu::staging::DEFAULT_CHUNK;
+const STAGING_DEPTH: usize = rdask_gpu::staging::DEFAULT_DEPTH;
+
+/// The chunks of a device value being sent, and the Python objects that
+/// keep its device memory alive meanwhile.
+struct DeviceChunks {
+    raw: RawSource,
+    pool: Arc<StagingPool>,
+    keep: Option<Py<PyAny>>,
+}
+
+impl ChunkSource for DeviceChunks {
+    fn next_chunk(&mut self) -> Result<Option<Bytes>, TaskFailure> {
+        let chunk = self.raw.next_chunk().map_err(|e| TaskFailure::message(format!("cannot copy a device value off the device: {e}")))?;
+        match &chunk {
+            Some(c) => {
+                crate::device::STAGED_CHUNKS.fetch_add(1, Ordering::Relaxed);
+                crate::device::STAGED_BYTES.fetch_add(c.len() as u64, Ordering::Relaxed);
+            }
+            None => {
+                crate::device::STAGED_VALUES.fetch_add(1, Ordering::Relaxed);
+                crate::device::MOST_BUFFERS.fetch_max(self.pool.most_in_use() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+impl Drop for DeviceChunks {
+    fn drop(&mut self) {
+        if let Some(keep) = self.keep.take() {
+            keep_thread_state();
+            Python::attach(|_py| drop(keep));
+        }
     }
 }
 
@@ -301,7 +378,7 @@ pub fn secede() -> bool {
 /// first tells the scheduler it is leaving, so none of its tasks is
 /// suspected of killing it, and then the exception propagates.
 #[pyfunction]
-#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None, memory_thresholds=None, local_directory=None, device_memory_limit=None))]
+#[pyo3(signature = (scheduler, execute, dumps, loads, name, nthreads=1, memory_limit=0, resources=None, listen="tcp://127.0.0.1:0", token=None, connect_timeout=10.0, on_start=None, cpus=None, numa_node=None, gpu=None, memory_thresholds=None, local_directory=None, device_memory_limit=None, dumps_staged=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -323,6 +400,7 @@ pub fn run_worker(
     memory_thresholds: Option<(Option<f64>, Option<f64>, Option<f64>, Option<f64>)>,
     local_directory: Option<std::path::PathBuf>,
     device_memory_limit: Option<u64>,
+    dumps_staged: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let memory = match memory_thresholds {
         Some((target, spill, pause, terminate)) => rdask_worker::memory::MemoryThresholds { target, spill, pause, terminate },
@@ -347,7 +425,7 @@ pub fn run_worker(
         device: device.clone(),
         ..WorkerConfig::default()
     };
-    let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, loads, device }) });
+    let executor = Arc::new(PyExecutor { execute, codec: Arc::new(Codec { dumps, dumps_staged, loads, device }) });
     let (tx, rx) = std::sync::mpsc::channel();
     // `detach` wants `Sync` captures; the mutex is only ever taken here.
     let rx = std::sync::Mutex::new(rx);

@@ -29,6 +29,12 @@ def make(i, n):
     return StandInArray(np.full(n, float(i)))
 
 
+def make_empty():
+    from rdask.testing import StandInArray
+
+    return StandInArray(np.zeros((0, 3), dtype=np.int32))
+
+
 def how_it_arrived(x):
     """What a task sees of a device input: rdask's device memory (a
     DeviceBuffer under the array) when it came as a device frame."""
@@ -176,13 +182,44 @@ def test_scattered_device_values_reach_in_process_workers_as_device_arrays(stand
     with LocalCluster(n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
-        x = client.scatter(StandInArray(np.arange(10.0).reshape(2, 5)), workers=[a])
-        assert client.submit(how_it_arrived, x, workers=[a]).result() == ("StandInArray", "DeviceBuffer", 45.0)
-        assert client.submit(how_it_arrived, x, workers=[b]).result() == ("StandInArray", "DeviceBuffer", 45.0)
-        # As a task's argument it is pickled into the task (as NumPy), and still works.
-        assert client.submit(how_it_arrived, x.result(), pure=False).result()[::2] == ("StandInArray", 45.0)
+        # Scattered data is a task's payload (pickled as NumPy); the worker
+        # that does not hold it fetches it from the one that does, as device frames.
+        x = client.scatter(StandInArray(np.arange(10.0).reshape(2, 5)))
+        seen = {client.submit(how_it_arrived, x, workers=[w], pure=False).result() for w in (a, b)}
+        assert ("StandInArray", "DeviceBuffer", 45.0) in seen and len({s[2] for s in seen}) == 1, seen
         back = x.result()
         assert back.array.shape == (2, 5) and back.array.dtype == np.float64 and back.array[1, 4] == 9.0
-        empty = client.scatter(StandInArray(np.zeros((0, 3), dtype=np.int32)), workers=[a])
-        got = client.submit(lambda e: (e.array.shape, e.array.dtype.str), empty).result()
-        assert got == ((0, 3), "<i4")
+        empty = client.submit(make_empty, workers=[a])
+        got = client.submit(lambda e: (e.array.shape, e.array.dtype.str, type(e._owner).__name__), empty, workers=[b]).result()
+        assert got == ((0, 3), "<i4", "DeviceBuffer")
+
+
+def make_pattern(n):
+    from rdask.testing import StandInArray
+
+    return StandInArray(np.arange(n, dtype=np.float64) % 1000.0), StandInArray(np.full(5, 7, dtype=np.int16))
+
+
+def check_pattern(pair):
+    big, small = pair
+    want = np.arange(big.array.size, dtype=np.float64) % 1000.0
+    return (type(big._owner).__name__, bool(np.array_equal(big.array, want)), small.array.tolist(),
+            type(small._owner).__name__)
+
+
+def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monkeypatch):
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    n = (40 * MB + 12_344) // 8  # a little over 40 MiB: 6 chunks of 8 MiB at most
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.submit(make_pattern, n, workers=[a])
+        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        big, small = x.result()  # the client is a requester too
+        assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
+        stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
+        chunk = stats["chunk_bytes"]
+        # Two requests (worker b, the client); per value the big array's
+        # chunks and one for the small array (chunks never span arrays).
+        assert stats["values"] == 2 and stats["chunks"] == 2 * (-(-(n * 8) // chunk) + 1), stats
+        assert stats["bytes"] == 2 * (n * 8 + 10), stats
+        assert 1 <= stats["most_buffers"] <= 4, "host memory of a transfer stays within the staging pool"
