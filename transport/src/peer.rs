@@ -102,9 +102,9 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
     let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
     let mut out = Vec::with_capacity(items.len());
-    let mut partial = Vec::with_capacity(items.len());
+    let mut any_partial = false;
     for item in items.iter() {
-        partial.push(item.partial);
+        any_partial |= item.partial;
         if !item.found {
             out.push((item.id.get(), FetchedValue::Missing));
             continue;
@@ -128,14 +128,14 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     let Some(map) = guard.as_mut() else { return Ok(()) };
     let id = request_id.to_native();
     let Some(w) = map.get_mut(&id) else { return Ok(()) };
-    if w.so_far.is_empty() && !*more && !partial.iter().any(|p| *p) {
+    if w.so_far.is_empty() && !*more && !any_partial {
         // The whole answer in one message (the common case): no joining.
         let w = map.remove(&id).expect("present");
         drop(guard);
         let _ = w.tx.send(Ok(out));
         return Ok(());
     }
-    for ((task, value), partial) in out.into_iter().zip(partial) {
+    for ((task, value), partial) in out.into_iter().zip(items.iter().map(|i| i.partial)) {
         let joined = w.open && w.so_far.last().is_some_and(|(t, _)| *t == task);
         if !joined {
             w.so_far.push((task, value));
