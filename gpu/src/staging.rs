@@ -199,6 +199,11 @@ impl StageIn {
         Ok(StageIn { device, buf: Some(buf), filled: 0 })
     }
 
+    /// Bytes copied in so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
     /// Copies the next chunk into place.
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), GpuError> {
         let buf = self.buf.as_mut().expect("present until finished");

@@ -33,6 +33,10 @@ def device_upload(frames: list[Any], shape: list[int], typestr: str) -> DeviceBu
     """Copies host frames (an array's bytes, whole or in chunks) into new device memory described as a C-order array."""
 def staging_stats() -> dict[str, int]:
     """Device values this process sent in staging chunks: values, chunks, bytes, most_buffers, chunk_bytes."""
+def device_claim(frame: Any, shape: list[int], typestr: str) -> DeviceBuffer:
+    """The device array that arrived in parts and that a handle frame stands for (once)."""
+def receive_stats() -> dict[str, int]:
+    """Values received in parts with their chunks copied into device memory on arrival: values, chunks."""
 def device_name() -> str:
     """This process's device ("GPU 0", "host stand-in"); raises GpuUnavailableError."""
 

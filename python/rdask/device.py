@@ -232,16 +232,27 @@ def dumps_staged(obj: Any, host_frames: Callable):
     return host_frames(header, buffers), p.device_frames, p.keep
 
 
+# A header whose device frames are handles of arrays that arrived in parts
+# and are in device memory already (the receiving process copied each
+# staging chunk there as it came; `_rdask.device_claim`).
+RESIDENT = b"RDVD"
+
+
 def is_marked(head) -> bool:
-    return len(head) >= _HEAD.size and bytes(memoryview(head)[:4]) == MARK
+    return len(head) >= _HEAD.size and bytes(memoryview(head)[:4]) in (MARK, RESIDENT)
 
 
 def loads(frames: list) -> Any:
     """The inverse of `dumps` for a marked header: each device array's
     frames go into new device memory."""
     head = memoryview(frames[0])
-    _, nhost, ndev = _HEAD.unpack_from(head)
+    mark, nhost, ndev = _HEAD.unpack_from(head)
     start = _HEAD.size + ndev * _SIZE.size
+    if mark == RESIDENT:
+        handles = frames[1 + nhost:]
+        if len(handles) != ndev:
+            raise ValueError(f"{len(handles)} device array handles for {ndev} arrays")
+        return _load(head[start:], frames[1:1 + nhost], [("claim", h) for h in handles])
     sizes = [_SIZE.unpack_from(head, _HEAD.size + i * _SIZE.size)[0] for i in range(ndev)]
     groups, at = [], 1 + nhost
     for n in sizes:
@@ -254,11 +265,15 @@ def loads(frames: list) -> Any:
             at += 1
         if got != n:
             raise ValueError(f"a device array's frames hold {got} bytes, its header says {n}")
-        groups.append(group)
+        groups.append(("upload", group))
+    return _load(head[start:], frames[1:1 + nhost], groups)
+
+
+def _load(pickled, buffers, arrays: list):
     outer = getattr(_local, "frames", None)
-    _local.frames = groups
+    _local.frames = arrays
     try:
-        return pickle.loads(head[start:], buffers=frames[1:1 + nhost])
+        return pickle.loads(pickled, buffers=buffers)
     finally:
         _local.frames = outer
 
@@ -266,4 +281,7 @@ def loads(frames: list) -> Any:
 def _from_device_frame(index: int, rebuild: Callable, shape: tuple, typestr: str):
     from . import _rdask
 
-    return rebuild(_rdask.device_upload(_local.frames[index], list(shape), typestr))
+    how, what = _local.frames[index]
+    if how == "claim":
+        return rebuild(_rdask.device_claim(what, list(shape), typestr))
+    return rebuild(_rdask.device_upload(what, list(shape), typestr))

@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use rdask_gpu::device::{process_device, Device};
 use rdask_gpu::staging::StageIn;
+use rdask_transport::bytes::Bytes;
 
 use crate::frames::{py_to_bytes, Frame};
 use crate::GpuUnavailableError;
@@ -140,5 +141,184 @@ pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("bytes", STAGED_BYTES.load(Ordering::Relaxed))?;
     d.set_item("most_buffers", MOST_BUFFERS.load(Ordering::Relaxed))?;
     d.set_item("chunk_bytes", rdask_gpu::staging::DEFAULT_CHUNK)?;
+    Ok(d)
+}
+
+// ------------------------------------------------------------ receiving in parts
+
+/// Device arrays that arrived in parts and wait for the serialiser to claim
+/// them (`device_claim`), by handle id.
+static ARRIVED: std::sync::Mutex<Option<std::collections::HashMap<u64, (rdask_gpu::device::DeviceBuffer, Arc<dyn Device>)>>> =
+    std::sync::Mutex::new(None);
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+/// Values received in parts, and chunks copied into device memory on arrival.
+static RECEIVED_VALUES: AtomicU64 = AtomicU64::new(0);
+static RECEIVED_CHUNKS: AtomicU64 = AtomicU64::new(0);
+
+/// The marker of a header whose device frames are handles of arrays already
+/// in device memory (rewritten from `RDV1` by [`DeviceParts::finish`]).
+const RESIDENT: &[u8; 4] = b"RDVD";
+const HANDLE: &[u8; 4] = b"RDVH";
+
+/// A frame standing for an arrived device array; dropping the last copy of
+/// it frees the array if nobody claimed it.
+struct HandleFrame {
+    bytes: [u8; 12],
+    id: u64,
+}
+
+impl AsRef<[u8]> for HandleFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for HandleFrame {
+    fn drop(&mut self) {
+        let gone = ARRIVED.lock().unwrap().as_mut().and_then(|m| m.remove(&self.id));
+        if let Some((buf, dev)) = gone {
+            dev.free(buf);
+        }
+    }
+}
+
+/// `RDV1` header: (host buffers, array sizes).
+fn parse_header(h: &[u8]) -> Option<(usize, Vec<u64>)> {
+    if h.len() < 12 || &h[..4] != MARK {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap()) as usize;
+    let (nhost, ndev) = (word(4), word(8));
+    let end = 12usize.checked_add(ndev.checked_mul(8)?)?;
+    if h.len() < end {
+        return None;
+    }
+    Some((nhost, (0..ndev).map(|j| u64::from_le_bytes(h[12 + 8 * j..20 + 8 * j].try_into().unwrap())).collect()))
+}
+
+const MARK: &[u8; 4] = b"RDV1";
+
+/// Copies the staging chunks of arriving device values into device memory
+/// as they come (installed for every peer connection of this process).
+pub(crate) struct DeviceSink;
+
+impl rdask_transport::peer::PartSink for DeviceSink {
+    fn begin(&self, head: &[Bytes]) -> Option<Box<dyn rdask_transport::peer::PartReceiver>> {
+        let (nhost, sizes) = parse_header(head.first()?)?;
+        if head.len() != 1 + nhost {
+            return None;
+        }
+        let dev = process_device().ok()?;
+        Some(Box::new(DeviceParts { dev, head: head.to_vec(), sizes, current: None, done: Vec::new() }))
+    }
+}
+
+struct DeviceParts {
+    dev: Arc<dyn Device>,
+    head: Vec<Bytes>,
+    sizes: Vec<u64>,
+    current: Option<StageIn>,
+    done: Vec<rdask_gpu::device::DeviceBuffer>,
+}
+
+impl DeviceParts {
+    /// Empty arrays have no frames: they are complete as soon as they are next.
+    fn skip_empty(&mut self) -> Result<(), rdask_gpu::GpuError> {
+        while self.current.is_none() && self.done.len() < self.sizes.len() && self.sizes[self.done.len()] == 0 {
+            self.done.push(self.dev.alloc(0)?);
+        }
+        Ok(())
+    }
+
+    fn push_bytes(&mut self, mut chunk: &[u8]) -> Result<(), String> {
+        while !chunk.is_empty() {
+            self.skip_empty().map_err(|e| e.to_string())?;
+            let j = self.done.len();
+            let Some(&size) = self.sizes.get(j) else {
+                return Err("more bytes arrived than the value's header says".into());
+            };
+            let into = match &mut self.current {
+                Some(s) => s,
+                None => self.current.insert(StageIn::new(self.dev.clone(), size as usize).map_err(|e| e.to_string())?),
+            };
+            let room = (size - into.filled() as u64) as usize;
+            let take = room.min(chunk.len());
+            into.push(&chunk[..take]).map_err(|e| e.to_string())?;
+            chunk = &chunk[take..];
+            if take == room {
+                let full = self.current.take().expect("present").finish().map_err(|e| e.to_string())?;
+                self.done.push(full);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl rdask_transport::peer::PartReceiver for DeviceParts {
+    fn push(&mut self, frames: &[Bytes]) -> Result<(), String> {
+        for f in frames {
+            self.push_bytes(f)?;
+            RECEIVED_CHUNKS.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<rdask_transport::peer::Frames, String> {
+        self.skip_empty().map_err(|e| e.to_string())?;
+        if self.current.is_some() || self.done.len() != self.sizes.len() {
+            return Err(format!("a device value arrived short: {} of {} arrays", self.done.len(), self.sizes.len()));
+        }
+        let mut header = self.head[0].to_vec();
+        header[..4].copy_from_slice(RESIDENT);
+        let mut frames: rdask_transport::peer::Frames = std::iter::once(Bytes::from(header)).chain(self.head[1..].iter().cloned()).collect();
+        let mut arrived = ARRIVED.lock().unwrap();
+        let map = arrived.get_or_insert_with(Default::default);
+        for buf in std::mem::take(&mut self.done) {
+            let id = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
+            map.insert(id, (buf, self.dev.clone()));
+            let mut bytes = [0u8; 12];
+            bytes[..4].copy_from_slice(HANDLE);
+            bytes[4..].copy_from_slice(&id.to_le_bytes());
+            frames.push(Bytes::from_owner(HandleFrame { bytes, id }));
+        }
+        RECEIVED_VALUES.fetch_add(1, Ordering::Relaxed);
+        Ok(frames)
+    }
+}
+
+impl Drop for DeviceParts {
+    fn drop(&mut self) {
+        for buf in self.done.drain(..) {
+            self.dev.free(buf);
+        }
+    }
+}
+
+/// The device array an arrived handle frame stands for, as a `DeviceBuffer`
+/// of `shape` and `typestr` (each handle can be claimed once).
+#[pyfunction]
+pub fn device_claim(frame: &Bound<'_, PyAny>, shape: Vec<usize>, typestr: String) -> PyResult<DeviceBuffer> {
+    let b = py_to_bytes(frame)?;
+    if b.len() != 12 || &b[..4] != HANDLE {
+        return Err(crate::RdaskError::new_err("not a device array handle"));
+    }
+    let id = u64::from_le_bytes(b[4..].try_into().unwrap());
+    let (buf, device) = ARRIVED
+        .lock()
+        .unwrap()
+        .as_mut()
+        .and_then(|m| m.remove(&id))
+        .ok_or_else(|| crate::RdaskError::new_err("this device array was claimed already (or freed)"))?;
+    let address = device.address(&buf);
+    Ok(DeviceBuffer { nbytes: buf.len(), buf: std::sync::Mutex::new(Some(buf)), device, address, shape, typestr })
+}
+
+/// Values this process received in parts with their chunks copied into
+/// device memory on arrival: `{"values", "chunks"}`.
+#[pyfunction]
+pub fn receive_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("values", RECEIVED_VALUES.load(Ordering::Relaxed))?;
+    d.set_item("chunks", RECEIVED_CHUNKS.load(Ordering::Relaxed))?;
     Ok(d)
 }

@@ -129,6 +129,9 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device::device_upload, m)?)?;
     m.add_function(wrap_pyfunction!(device::device_name, m)?)?;
     m.add_function(wrap_pyfunction!(device::staging_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(device::device_claim, m)?)?;
+    m.add_function(wrap_pyfunction!(device::receive_stats, m)?)?;
+    rdask_transport::peer::set_part_sink(std::sync::Arc::new(device::DeviceSink));
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<client::Client>()?;
     m.add_function(wrap_pyfunction!(worker::run_worker, m)?)?;

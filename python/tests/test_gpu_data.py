@@ -223,3 +223,7 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
         assert stats["values"] == 2 and stats["chunks"] == 2 * (-(-(n * 8) // chunk) + 1), stats
         assert stats["bytes"] == 2 * (n * 8 + 10), stats
         assert 1 <= stats["most_buffers"] <= 4, "host memory of a transfer stays within the staging pool"
+        # The receivers copied each chunk into device memory as it came.
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got == {"values": 1, "chunks": stats["chunks"] // 2}, got
+        assert rdask._rdask.receive_stats()["values"] >= 1, "the client too"

@@ -43,6 +43,30 @@ struct Waiting {
     open: bool,
 }
 
+/// Takes the parts of a value sent in parts (a device value, staging chunk
+/// by staging chunk) as they arrive, instead of joining their frames in host
+/// memory: the Python extension copies each chunk into device memory.
+pub trait PartSink: Send + Sync {
+    /// A value's first part (its head frames); `None` leaves the value to
+    /// be joined in host memory.
+    fn begin(&self, head: &[Bytes]) -> Option<Box<dyn PartReceiver>>;
+}
+
+/// One value arriving in parts.
+pub trait PartReceiver: Send {
+    /// The frames of the next part.
+    fn push(&mut self, frames: &[Bytes]) -> std::result::Result<(), String>;
+    /// The value's frames, once every part arrived.
+    fn finish(self: Box<Self>) -> std::result::Result<Frames, String>;
+}
+
+static PART_SINK: std::sync::OnceLock<Arc<dyn PartSink>> = std::sync::OnceLock::new();
+
+/// Sets this process's part sink (once; later calls change nothing).
+pub fn set_part_sink(sink: Arc<dyn PartSink>) {
+    let _ = PART_SINK.set(sink);
+}
+
 pub struct PeerConnection {
     sender: FrameSender,
     pending: Pending,
@@ -59,10 +83,12 @@ impl PeerConnection {
         let mut receiver = conn.receiver;
         let addr = address.to_string();
         tokio::spawn(async move {
+            // Values arriving in parts, by request (only this task sees them).
+            let mut parts: HashMap<u64, Box<dyn PartReceiver>> = HashMap::new();
             let err = loop {
                 match receiver.recv().await {
                     Ok(Some(frame)) => {
-                        if let Err(e) = dispatch(&reader_pending, frame) {
+                        if let Err(e) = dispatch(&reader_pending, &mut parts, frame) {
                             break e;
                         }
                     }
@@ -98,7 +124,7 @@ impl PeerConnection {
     }
 }
 
-fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
+fn dispatch(pending: &Pending, parts: &mut HashMap<u64, Box<dyn PartReceiver>>, frame: Frame) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
     let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
     let mut out = Vec::with_capacity(items.len());
@@ -138,13 +164,39 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     for ((task, value), partial) in out.into_iter().zip(items.iter().map(|i| i.partial)) {
         let joined = w.open && w.so_far.last().is_some_and(|(t, _)| *t == task);
         if !joined {
+            if let (true, FetchedValue::Value(head), Some(sink)) = (partial, &value, PART_SINK.get()) {
+                if let Some(r) = sink.begin(head) {
+                    parts.insert(id, r);
+                }
+            }
             w.so_far.push((task, value));
         } else {
             let last = &mut w.so_far.last_mut().expect("checked").1;
-            match (last, value) {
-                (FetchedValue::Value(frames), FetchedValue::Value(more)) => frames.extend(more),
+            match (last, value, parts.get_mut(&id)) {
+                (last @ FetchedValue::Value(_), FetchedValue::Value(more), Some(r)) => {
+                    // Into the sink as it arrives; the head stays as it was.
+                    if let Err(e) = r.push(&more) {
+                        parts.remove(&id);
+                        *last = FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() };
+                    }
+                }
+                (FetchedValue::Value(frames), FetchedValue::Value(more), None) => frames.extend(more),
                 // A value that failed half-way (its copy off a device) is that failure.
-                (last, other) => *last = other,
+                (last, other, _) => {
+                    parts.remove(&id);
+                    *last = other;
+                }
+            }
+        }
+        if !partial {
+            if let Some(r) = parts.remove(&id) {
+                let last = &mut w.so_far.last_mut().expect("an item was just added or joined").1;
+                if matches!(last, FetchedValue::Value(_)) {
+                    *last = match r.finish() {
+                        Ok(frames) => FetchedValue::Value(frames),
+                        Err(e) => FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() },
+                    };
+                }
             }
         }
         w.open = partial;
@@ -152,6 +204,7 @@ fn dispatch(pending: &Pending, frame: Frame) -> Result<()> {
     if !*more {
         let w = map.remove(&id).expect("present");
         drop(guard);
+        parts.remove(&id);
         if w.open {
             let _ = w.tx.send(Err(TransportError::Invalid("an answer ended inside a value sent in parts".into())));
         } else {
