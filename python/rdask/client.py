@@ -490,29 +490,36 @@ class Client(DistributedMethods, CoordinationMethods):
             return [t for t in tasks if (st := states.get(t[0])) is None or st.status == "cancelled"]
 
     def scatter(self, data, workers=None, broadcast: bool = False, direct=None, hash: bool = True, timeout=None):
-        """Puts local data on the cluster; returns futures of the same shape."""
+        """Puts local data on the cluster; returns futures of the same shape.
+        `workers=` places it on those workers (names, addresses or hosts);
+        `broadcast=True` then copies it onto every worker (of `workers`)."""
         self._check()
         from dask.base import tokenize
         import uuid
+
+        restrictions = _restrictions(workers, None, False)
+        restriction = 0 if restrictions else None
 
         def one(value, key=None):
             if key is None:
                 tok = tokenize(value) if hash else uuid.uuid4().hex
                 key = f"{type(value).__name__}-{tok}"
-            return key, (key_str(key), [], dumps_payload((DATA, value)), 0, None, True, 0)
+            return key, (key_str(key), [], dumps_payload((DATA, value)), 0, None, True, 0, restriction)
+
+        def send(items):
+            futs = self._send([t for _, t in items], [k for k, _ in items], restrictions)
+            if broadcast and futs:
+                self.replicate(futs, workers=workers)
+            return futs
 
         if isinstance(data, dict):
-            items = [one(v, k) for k, v in data.items()]
-            futs = self._send([t for _, t in items], [k for k, _ in items])
-            return dict(zip(data.keys(), futs))
+            return dict(zip(data.keys(), send([one(v, k) for k, v in data.items()])))
         if isinstance(data, (list, tuple, set, frozenset)):
-            items = [one(v) for v in data]
-            futs = self._send([t for _, t in items], [k for k, _ in items])
+            futs = send([one(v) for v in data])
             return type(data)(futs) if not isinstance(data, (set, frozenset)) else futs
         if isinstance(data, Iterator):
-            return [self.scatter(x) for x in data]
-        k, t = one(data)
-        return self._send([t], [k])[0]
+            return [self.scatter(x, workers=workers, broadcast=broadcast, hash=hash) for x in data]
+        return send([one(data)])[0]
 
     # ------------------------------------------------------------ dask graphs
     def _graph_to_futures(self, dsk, keys, priority: int = 0, retries: int = 0) -> dict:

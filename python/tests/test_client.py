@@ -279,6 +279,18 @@ def test_scatter_list_dict_and_single(client):
     assert client.scatter(arr).key == single.key
 
 
+def test_scatter_places_data_on_the_workers_named_and_broadcasts(client):
+    a, b = sorted(client.scheduler_info()["workers"])
+    for w in (a, b):
+        futs = client.scatter([f"on-{w}-{i}" for i in range(4)], workers=[w], hash=False)
+        wait(futs)
+        holders = client.who_has(futs)
+        assert all(holders[f.key] == [w] for f in futs), holders
+    every = client.scatter({"everywhere": 5}, broadcast=True)["everywhere"]
+    assert sorted(client.who_has([every])[every.key]) == [a, b]
+    assert client.submit(add, every, 1, workers=[a]).result(timeout=30) == 6
+
+
 # ---------------------------------------------------------------- as_completed / wait
 def test_as_completed_yields_every_future(client):
     futures = client.map(slow_inc, range(6), delay=0.05)
