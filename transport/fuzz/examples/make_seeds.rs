@@ -44,7 +44,8 @@ fn hello(role: Role, token: Option<&'static str>) -> Frame {
 }
 
 fn worker_load() -> WorkerLoad {
-    WorkerLoad { running: 2, queued: 5, stored_bytes: 1 << 20, cpu_percent: 150.0, rss: 1 << 30, ..WorkerLoad::default() }
+    let device = DeviceLoad { bytes: 1 << 30, limit: 2 << 30, spilled_bytes: 1 << 20, spilled_values: 1, ..DeviceLoad::default() };
+    WorkerLoad { running: 2, queued: 5, stored_bytes: 1 << 20, cpu_percent: 150.0, rss: 1 << 30, device, ..WorkerLoad::default() }
 }
 
 fn placement() -> Placement {
@@ -101,6 +102,7 @@ fn messages() -> Vec<(u8, Vec<u8>)> {
                     processing: 1,
                     stored_values: 2,
                     stored_bytes: 3,
+                    resources: vec![Resource { name: "GPU".into(), amount: 1.0 }],
                     paused: false,
                     load: worker_load(),
                 }],
@@ -171,6 +173,7 @@ fn messages() -> Vec<(u8, Vec<u8>)> {
             items: vec![
                 DataItem { id: t, found: true, first: 0, count: 2, error: None, partial: false },
                 DataItem { id: TaskId(8), found: true, first: 2, count: 1, error: Some("cannot pickle".into()), partial: false },
+                DataItem { id: TaskId(9), found: true, first: 3, count: 1, error: None, partial: true },
             ],
             more: true,
         },
