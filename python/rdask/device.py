@@ -63,8 +63,18 @@ def possible() -> bool:
     return bool(_registry) or "cupy" in m or "numba.cuda" in m or "torch" in m
 
 
+_ITEMSIZE: dict[str, int] = {}
+
+
 def _itemsize(typestr: str) -> int:
-    return int(typestr[2:])
+    """Bytes per element of an array-interface type string ("<f8", "|b1",
+    "<M8[ns]", "|V16", ...)."""
+    n = _ITEMSIZE.get(typestr)
+    if n is None:
+        import numpy as np
+
+        n = _ITEMSIZE[typestr] = np.dtype(typestr).itemsize
+    return n
 
 
 def _interface(obj) -> dict | None:

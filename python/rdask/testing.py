@@ -41,7 +41,13 @@ class StandInArray:
         `cupy.asarray` wraps a GPU one)."""
         cai = buf.__cuda_array_interface__
         dtype = np.dtype(cai["typestr"])
-        raw = (ctypes.c_char * buf.nbytes).from_address(cai["data"][0]) if buf.nbytes else b""
+        if buf.nbytes:
+            raw = (ctypes.c_char * buf.nbytes).from_address(cai["data"][0])
+            # The NumPy array keeps `raw` alive and `raw` the buffer: a view
+            # that outlives this object still points at live memory.
+            raw._rdask_owner = buf
+        else:
+            raw = b""
         flat = np.frombuffer(raw, dtype=dtype)
         return cls(flat.reshape(cai["shape"]), owner=buf)
 

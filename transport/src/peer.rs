@@ -39,8 +39,6 @@ type Pending = Arc<Mutex<Option<HashMap<u64, Waiting>>>>;
 struct Waiting {
     tx: oneshot::Sender<Result<Vec<Fetched>>>,
     so_far: Vec<Fetched>,
-    /// The last item's value continues in the next item (`DataItem::partial`).
-    open: bool,
 }
 
 /// Takes the parts of a value sent in parts (a device value, staging chunk
@@ -84,11 +82,11 @@ impl PeerConnection {
         let addr = address.to_string();
         tokio::spawn(async move {
             // Values arriving in parts, by request (only this task sees them).
-            let mut parts: HashMap<u64, Box<dyn PartReceiver>> = HashMap::new();
+            let mut opens: HashMap<u64, Open> = HashMap::new();
             let err = loop {
                 match receiver.recv().await {
                     Ok(Some(frame)) => {
-                        if let Err(e) = dispatch(&reader_pending, &mut parts, frame) {
+                        if let Err(e) = dispatch(&reader_pending, &mut opens, frame) {
                             break e;
                         }
                     }
@@ -116,7 +114,7 @@ impl PeerConnection {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
-            Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new(), open: false }),
+            Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new() }),
             None => return Err(TransportError::Closed),
         };
         self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks }))?;
@@ -124,88 +122,134 @@ impl PeerConnection {
     }
 }
 
-fn dispatch(pending: &Pending, parts: &mut HashMap<u64, Box<dyn PartReceiver>>, frame: Frame) -> Result<()> {
+/// A value of a request that is arriving in parts (only the connection's
+/// reader sees these).
+struct Open {
+    task: TaskId,
+    /// Where its parts go as they arrive; `None`: joined in host memory.
+    sink: Option<Box<dyn PartReceiver>>,
+    /// It failed already: later parts are dropped.
+    failed: bool,
+}
+
+/// What an item does to the answer being gathered.
+enum Step {
+    New(Fetched),
+    /// More frames of the last value.
+    Extend(Frames),
+    /// The last value is now this (finished by its sink, or failed).
+    Replace(FetchedValue),
+    /// Taken by the sink; nothing changes in the answer yet.
+    Nothing,
+}
+
+fn receive_error(e: String) -> FetchedValue {
+    FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() }
+}
+
+fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
     let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
-    let mut out = Vec::with_capacity(items.len());
-    let mut any_partial = false;
+    let id = request_id.to_native();
+    let mut steps = Vec::with_capacity(items.len());
+    let mut joining = opens.contains_key(&id);
     for item in items.iter() {
-        any_partial |= item.partial;
-        if !item.found {
-            out.push((item.id.get(), FetchedValue::Missing));
-            continue;
-        }
-        let first = item.first.to_native() as usize;
-        let count = item.count.to_native() as usize;
-        let frames = first
-            .checked_add(count)
-            .and_then(|end| frame.data.get(first..end))
-            .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..+{count} of {}", frame.data.len())))?;
-        let value = match item.error.as_ref() {
-            None => FetchedValue::Value(frames.iter().cloned().collect()),
-            Some(message) => FetchedValue::Unserializable {
-                message: message.to_string(),
-                payload: frames.first().cloned().unwrap_or_default(),
-            },
+        let task = item.id.get();
+        let value = if !item.found {
+            FetchedValue::Missing
+        } else {
+            let first = item.first.to_native() as usize;
+            let count = item.count.to_native() as usize;
+            let frames = first
+                .checked_add(count)
+                .and_then(|end| frame.data.get(first..end))
+                .ok_or_else(|| TransportError::Invalid(format!("data item names frames {first}..+{count} of {}", frame.data.len())))?;
+            match item.error.as_ref() {
+                None => FetchedValue::Value(frames.iter().cloned().collect()),
+                Some(message) => FetchedValue::Unserializable {
+                    message: message.to_string(),
+                    payload: frames.first().cloned().unwrap_or_default(),
+                },
+            }
         };
-        out.push((item.id.get(), value));
+        // Parts go to their sink here, outside the lock: a copy into device
+        // memory must not hold up the requests waiting on this connection.
+        let Some(open) = opens.get_mut(&id) else {
+            if item.partial {
+                let sink = match (&value, PART_SINK.get()) {
+                    (FetchedValue::Value(head), Some(sink)) => sink.begin(head),
+                    _ => None,
+                };
+                let failed = !matches!(value, FetchedValue::Value(_));
+                opens.insert(id, Open { task, sink, failed });
+                joining = true;
+            }
+            steps.push(Step::New((task, value)));
+            continue;
+        };
+        if open.task != task {
+            return Err(TransportError::Invalid(format!("the parts of task {} were interrupted by task {task}", open.task)));
+        }
+        let step = match (value, open.failed) {
+            (FetchedValue::Value(_), true) => Step::Nothing,
+            (FetchedValue::Value(frames), false) => match &mut open.sink {
+                Some(r) => match r.push(&frames) {
+                    Ok(()) => Step::Nothing,
+                    Err(e) => {
+                        (open.sink, open.failed) = (None, true);
+                        Step::Replace(receive_error(e))
+                    }
+                },
+                None => Step::Extend(frames),
+            },
+            // A value that failed half-way (its copy off a device) is that failure.
+            (other, _) => {
+                (open.sink, open.failed) = (None, true);
+                Step::Replace(other)
+            }
+        };
+        steps.push(step);
+        if !item.partial {
+            let open = opens.remove(&id).expect("present");
+            if let (Some(r), false) = (open.sink, open.failed) {
+                steps.push(Step::Replace(r.finish().map(FetchedValue::Value).unwrap_or_else(receive_error)));
+            }
+        }
     }
     let mut guard = pending.lock().unwrap();
     let Some(map) = guard.as_mut() else { return Ok(()) };
-    let id = request_id.to_native();
-    let Some(w) = map.get_mut(&id) else { return Ok(()) };
-    if w.so_far.is_empty() && !*more && !any_partial {
+    let Some(w) = map.get_mut(&id) else {
+        opens.remove(&id);
+        return Ok(());
+    };
+    if w.so_far.is_empty() && !*more && !joining {
         // The whole answer in one message (the common case): no joining.
         let w = map.remove(&id).expect("present");
         drop(guard);
+        let out = steps.into_iter().map(|s| if let Step::New(f) = s { f } else { unreachable!("no parts") }).collect();
         let _ = w.tx.send(Ok(out));
         return Ok(());
     }
-    for ((task, value), partial) in out.into_iter().zip(items.iter().map(|i| i.partial)) {
-        let joined = w.open && w.so_far.last().is_some_and(|(t, _)| *t == task);
-        if !joined {
-            if let (true, FetchedValue::Value(head), Some(sink)) = (partial, &value, PART_SINK.get()) {
-                if let Some(r) = sink.begin(head) {
-                    parts.insert(id, r);
+    for step in steps {
+        match step {
+            Step::New(f) => w.so_far.push(f),
+            Step::Extend(more) => {
+                if let Some((_, FetchedValue::Value(frames))) = w.so_far.last_mut() {
+                    frames.extend(more);
                 }
             }
-            w.so_far.push((task, value));
-        } else {
-            let last = &mut w.so_far.last_mut().expect("checked").1;
-            match (last, value, parts.get_mut(&id)) {
-                (last @ FetchedValue::Value(_), FetchedValue::Value(more), Some(r)) => {
-                    // Into the sink as it arrives; the head stays as it was.
-                    if let Err(e) = r.push(&more) {
-                        parts.remove(&id);
-                        *last = FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() };
-                    }
-                }
-                (FetchedValue::Value(frames), FetchedValue::Value(more), None) => frames.extend(more),
-                // A value that failed half-way (its copy off a device) is that failure.
-                (last, other, _) => {
-                    parts.remove(&id);
-                    *last = other;
+            Step::Replace(v) => {
+                if let Some((_, last)) = w.so_far.last_mut() {
+                    *last = v;
                 }
             }
+            Step::Nothing => {}
         }
-        if !partial {
-            if let Some(r) = parts.remove(&id) {
-                let last = &mut w.so_far.last_mut().expect("an item was just added or joined").1;
-                if matches!(last, FetchedValue::Value(_)) {
-                    *last = match r.finish() {
-                        Ok(frames) => FetchedValue::Value(frames),
-                        Err(e) => FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() },
-                    };
-                }
-            }
-        }
-        w.open = partial;
     }
     if !*more {
         let w = map.remove(&id).expect("present");
         drop(guard);
-        parts.remove(&id);
-        if w.open {
+        if opens.remove(&id).is_some() {
             let _ = w.tx.send(Err(TransportError::Invalid("an answer ended inside a value sent in parts".into())));
         } else {
             let _ = w.tx.send(Ok(w.so_far));

@@ -64,3 +64,78 @@ async fn values_sent_in_parts_are_joined_in_order() {
         assert_eq!(got[3].1, FetchedValue::Unserializable { message: "device copy failed".into(), payload: bytes("payload") });
     }
 }
+
+/// A sink for heads that start with "SINK": it joins the parts itself into
+/// one frame, and fails on a part that reads "bad".
+struct TestSink;
+struct Joined(Vec<u8>);
+
+impl rdask_transport::peer::PartSink for TestSink {
+    fn begin(&self, head: &[Bytes]) -> Option<Box<dyn rdask_transport::peer::PartReceiver>> {
+        head[0].starts_with(b"SINK").then(|| Box::new(Joined(head[0].to_vec())) as Box<dyn rdask_transport::peer::PartReceiver>)
+    }
+}
+
+impl rdask_transport::peer::PartReceiver for Joined {
+    fn push(&mut self, frames: &[Bytes]) -> Result<(), String> {
+        for f in frames {
+            if &f[..] == b"bad" {
+                return Err("no room on the device".into());
+            }
+            self.0.extend_from_slice(f);
+        }
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<rdask_transport::peer::Frames, String> {
+        Ok(std::iter::once(Bytes::from(self.0)).collect())
+    }
+}
+
+/// Task 5 goes through the sink; task 6 fails in it half-way (its later
+/// parts are dropped); asking for task 7 gets parts interrupted by another
+/// task, which breaks the connection.
+async fn sink_holder() -> String {
+    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
+    let address = listener.address.clone();
+    tokio::spawn(async move {
+        while let Some(mut conn) = listener.accept().await {
+            tokio::spawn(async move {
+                handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
+                while let Ok(Some(frame)) = conn.receiver.recv().await {
+                    let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control).unwrap();
+                    let (request_id, first) = (request_id.to_native(), tasks[0].get().0);
+                    let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
+                        conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
+                    };
+                    if first == 7 {
+                        send(vec![item(7, 0, 1, true, None)], vec![bytes("SINK7")], true);
+                        send(vec![item(8, 0, 1, false, None)], vec![bytes("other")], false);
+                        continue;
+                    }
+                    send(vec![item(5, 0, 1, true, None)], vec![bytes("SINK:")], true);
+                    send(vec![item(5, 0, 1, true, None)], vec![bytes("a")], true);
+                    send(vec![item(5, 0, 0, false, None), item(6, 0, 1, true, None)], vec![bytes("SINK6")], true);
+                    send(vec![item(6, 0, 1, true, None)], vec![bytes("bad")], true);
+                    send(vec![item(6, 0, 1, true, None)], vec![bytes("late")], true);
+                    send(vec![item(6, 0, 0, false, None)], vec![], false);
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_part_sink_takes_parts_as_they_arrive_and_its_failures_stick() {
+    rdask_transport::peer::set_part_sink(std::sync::Arc::new(TestSink));
+    let conn = PeerConnection::connect(&sink_holder().await, None, Default::default()).await.unwrap();
+    let got = conn.fetch(vec![TaskId(5), TaskId(6)]).await.unwrap();
+    assert_eq!(got[0], (TaskId(5), FetchedValue::Value(std::iter::once(bytes("SINK:a")).collect())));
+    match &got[1].1 {
+        FetchedValue::Unserializable { message, .. } => assert!(message.contains("no room on the device"), "{message}"),
+        other => panic!("the sink's failure is the value's: {other:?}"),
+    }
+    let err = conn.fetch(vec![TaskId(7)]).await.unwrap_err().to_string();
+    assert!(!err.is_empty());
+    assert!(conn.is_closed(), "parts interrupted by another task break the connection");
+}

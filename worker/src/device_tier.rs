@@ -142,14 +142,18 @@ impl DeviceLedger {
     }
 }
 
+/// After a round with a value that could not move, wait this long.
+const BACKOFF_AFTER_ERROR: Duration = Duration::from_secs(5);
+
 /// Spills device values to host memory whenever the ledger is over its
 /// limit, until the store is dropped or `stop` is set. Checks at least every
 /// 100 ms, and at once when a value pushes the ledger over.
 pub fn spawn_device_monitor(name: String, ledger: Arc<DeviceLedger>, store: Weak<Store>, stop: Arc<AtomicBool>) -> std::io::Result<StopOnDrop> {
     let guard = StopOnDrop { stop: stop.clone(), ledger: ledger.clone() };
     std::thread::Builder::new().name(format!("{name}-device")).spawn(move || {
+        let mut quiet_until = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            if ledger.over_limit() {
+            if ledger.over_limit() && std::time::Instant::now() >= quiet_until {
                 let Some(store) = store.upgrade() else { return };
                 let round = store.spill_device(&ledger);
                 if round.values > 0 {
@@ -166,7 +170,9 @@ pub fn spawn_device_monitor(name: String, ledger: Arc<DeviceLedger>, store: Weak
                     );
                 }
                 if let Some(e) = round.error {
-                    tracing::error!(worker = %name, "cannot move a device value to host memory: {e}");
+                    // Values that cannot move would be tried every 100 ms: back off.
+                    tracing::error!(worker = %name, "cannot move a device value to host memory: {e}; trying again in {BACKOFF_AFTER_ERROR:?}");
+                    quiet_until = std::time::Instant::now() + BACKOFF_AFTER_ERROR;
                 }
             }
             ledger.wait_over(crate::memory::MONITOR_INTERVAL);

@@ -209,14 +209,18 @@ async fn send_staged(
             }
             Ok(None) => {
                 sender.send(Frame::from_message(&message(item(0, false, None))))?;
-                return Ok(bytes);
+                break;
             }
             Err(e) => {
                 tracing::warn!(task = %id, "cannot copy a device value for a peer: {}", e.message);
                 let payload: Vec<Bytes> = if e.payload.is_empty() { vec![] } else { vec![e.payload] };
                 sender.send(Frame::with_data(&message(item(payload.len(), false, Some(e.message))), payload))?;
-                return Ok(bytes);
+                break;
             }
         }
     }
+    // Letting go of the source may take an interpreter lock (it keeps the
+    // arrays alive): not on this event loop.
+    tokio::task::spawn_blocking(move || drop(chunks));
+    Ok(bytes)
 }
