@@ -60,7 +60,14 @@ def possible() -> bool:
     """Whether this process may hold device arrays (a device library is
     imported or a type registered)."""
     m = sys.modules
-    return bool(_registry) or "cupy" in m or "numba.cuda" in m or "torch" in m
+    if _registry or "cupy" in m or "numba.cuda" in m:
+        return True
+    # PyTorch is often imported for CPU work: only once it has used CUDA.
+    torch = m.get("torch")
+    try:
+        return torch is not None and torch.cuda.is_initialized()
+    except Exception:
+        return False
 
 
 _ITEMSIZE: dict[str, int] = {}
