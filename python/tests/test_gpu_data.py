@@ -207,10 +207,14 @@ def check_pattern(pair):
             type(small._owner).__name__)
 
 
-def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monkeypatch):
+@pytest.mark.parametrize("protocol", ["tcp", "ucx"])
+def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monkeypatch, protocol):
+    if protocol == "ucx" and not rdask._rdask.ucx_status()[0]:
+        pytest.skip(f"UCX is not usable here: {rdask._rdask.ucx_status()[1]}")
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
     n = (40 * MB + 12_344) // 8  # a little over 40 MiB: 6 chunks of 8 MiB at most
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
+            Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         x = client.submit(make_pattern, n, workers=[a])
         assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
