@@ -30,6 +30,53 @@ pub struct StagingPool {
     depth: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// Where its buffers go when it is dropped, and where it looks before
+    /// allocating (page-locked memory is slow to allocate and to free).
+    cache: Option<Arc<StagingCache>>,
+}
+
+/// Staging buffers kept between pools: a transfer gets a pool of its own
+/// (a peer that stops reading holds up only its own buffers), and the
+/// buffers outlive it here for the next transfer. Bounded.
+pub struct StagingCache {
+    free: Mutex<Vec<StagingBuffer>>,
+    max: usize,
+}
+
+impl StagingCache {
+    pub fn new(max: usize) -> Arc<StagingCache> {
+        Arc::new(StagingCache { free: Mutex::new(Vec::new()), max })
+    }
+
+    fn take(&self, len: usize) -> Option<StagingBuffer> {
+        let mut free = self.free.lock().unwrap();
+        let i = free.iter().position(|b| b.len() == len)?;
+        Some(free.swap_remove(i))
+    }
+
+    /// Buffers held now.
+    pub fn len(&self) -> usize {
+        self.free.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for StagingPool {
+    fn drop(&mut self) {
+        if let Some(cache) = &self.cache {
+            let mut st = self.state.lock().unwrap();
+            let mut free = cache.free.lock().unwrap();
+            while free.len() < cache.max {
+                match st.free.pop() {
+                    Some(b) => free.push(b),
+                    None => break,
+                }
+            }
+        }
+    }
 }
 
 struct PoolState {
@@ -41,12 +88,19 @@ struct PoolState {
 
 impl StagingPool {
     pub fn new(device: Arc<dyn Device>, chunk: usize, depth: usize) -> Arc<Self> {
+        Self::with_cache(device, chunk, depth, None)
+    }
+
+    /// A pool that takes buffers from `cache` before allocating and leaves
+    /// them there when it is dropped.
+    pub fn with_cache(device: Arc<dyn Device>, chunk: usize, depth: usize, cache: Option<Arc<StagingCache>>) -> Arc<Self> {
         Arc::new(StagingPool {
             device,
             chunk: chunk.max(1),
             depth: depth.max(1),
             state: Mutex::new(PoolState { free: Vec::new(), created: 0, in_use: 0, most_in_use: 0 }),
             freed: Condvar::new(),
+            cache,
         })
     }
 
@@ -74,6 +128,9 @@ impl StagingPool {
                 st.in_use += 1;
                 st.most_in_use = st.most_in_use.max(st.in_use);
                 drop(st);
+                if let Some(b) = self.cache.as_ref().and_then(|c| c.take(self.chunk)) {
+                    return Ok(b);
+                }
                 return self.device.alloc_staging(self.chunk).inspect_err(|_| {
                     let mut st = self.state.lock().unwrap();
                     st.created -= 1;
@@ -308,6 +365,26 @@ mod tests {
         assert!(joined[..a.len()] == a[..] && joined[a.len()..] == b[..]);
         assert!(pool.most_in_use() <= 2 && dev.staging_allocs() == 2, "{}", pool.most_in_use());
         assert_eq!(src.remaining(), 0);
+    }
+
+    #[test]
+    fn pools_of_one_transfer_each_reuse_buffers_through_the_cache() {
+        let dev = Arc::new(HostStandIn::default());
+        let cache = StagingCache::new(3);
+        let data = pattern(5 << 20);
+        for round in 0..3 {
+            let pool = StagingPool::with_cache(dev.clone(), 1 << 20, 2, Some(cache.clone()));
+            // SAFETY: `data` outlives the source.
+            let mut src = unsafe { RawSource::new(pool, vec![(data.as_ptr() as u64, data.len() as u64)]) };
+            let mut joined = Vec::new();
+            while let Some(chunk) = src.next_chunk().unwrap() {
+                joined.extend_from_slice(&chunk);
+            }
+            assert!(joined == data, "round {round}");
+            drop(src);
+            assert_eq!(cache.len(), dev.staging_allocs(), "the pool's buffers wait in the cache");
+            assert_eq!(dev.staging_allocs(), 1, "only the first transfer allocated (one buffer: chunks were let go at once)");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use pyo3::types::{PyList, PyTuple};
 use rdask_transport::bytes::Bytes;
 use rdask_transport::protocol::Resource;
 use rdask_worker::device_tier::DeviceLedger;
-use rdask_gpu::staging::{RawSource, StagingPool};
+use rdask_gpu::staging::{RawSource, StagingCache, StagingPool};
 use rdask_worker::executor::{ChunkSource, Frames, ObjectValue, Staged};
 use rdask_worker::{Executor, TaskFailure, TaskRun, Value, WorkerConfig};
 
@@ -156,9 +156,9 @@ impl ObjectValue for PyValue {
                 }
                 let (frames, parts, keep): (Vec<Bound<'_, PyAny>>, Vec<(u64, u64)>, Py<PyAny>) = out.extract(py)?;
                 let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
-                // A pool per value: a peer that stops reading holds up only
-                // its own transfer.
-                let pool = StagingPool::new(device, STAGING_CHUNK, STAGING_DEPTH);
+                // A pool per value (a peer that stops reading holds up only
+                // its own transfer), its buffers kept between transfers.
+                let pool = StagingPool::with_cache(device, STAGING_CHUNK, STAGING_DEPTH, Some(staging_cache()));
                 // SAFETY: `keep` holds the arrays whose memory the parts
                 // name, and lives as long as the source.
                 let raw = unsafe { RawSource::new(pool.clone(), parts) };
@@ -201,6 +201,12 @@ impl ObjectValue for PyValue {
 const STAGE_FROM: u64 = 16 << 20;
 const STAGING_CHUNK: usize = rdask_gpu::staging::DEFAULT_CHUNK;
 const STAGING_DEPTH: usize = rdask_gpu::staging::DEFAULT_DEPTH;
+
+/// Staging buffers kept between transfers (8 of 8 MiB at most).
+fn staging_cache() -> Arc<StagingCache> {
+    static CACHE: std::sync::OnceLock<Arc<StagingCache>> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| StagingCache::new(8)).clone()
+}
 
 /// The chunks of a device value being sent, and the Python objects that
 /// keep its device memory alive meanwhile.
