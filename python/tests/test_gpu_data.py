@@ -253,3 +253,24 @@ def test_device_frames_round_trip_any_dtype_and_nested(standin):
     view = np.asarray(serialize.loads_value(serialize.dumps(grid)))
     del back
     assert (view == grid.array).all()
+
+
+def test_a_requester_killed_mid_transfer_leaves_the_sender_serving(standin, monkeypatch):
+    import signal
+
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    n = 192 * MB // 8
+    with LocalCluster(n_workers=3, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster, timeout=30) as client:
+        by_name = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+        holder, victim, other = by_name["0"], by_name["1"], by_name["2"]
+        x = client.submit(make_pattern, n, workers=[holder])
+        rdask.wait(x)
+        client.submit(check_pattern, x, workers=[victim], pure=False)  # starts a 192 MiB fetch
+        time.sleep(0.05)
+        os.kill(cluster.workers["1"].pid, signal.SIGKILL)
+        # The holder goes on serving the value, in chunks, to everyone else.
+        got = client.submit(check_pattern, x, workers=[other], pure=False).result(timeout=60)
+        assert got == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        big, _ = x.result(timeout=60)
+        assert big.array[-1] == (n - 1) % 1000.0
