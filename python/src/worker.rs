@@ -137,6 +137,11 @@ impl ObjectValue for PyValue {
         }
     }
 
+    fn serialize_may_block(&self) -> bool {
+        // Frames pickled when the task finished are served as they are.
+        self.frames.is_none() || self.device > 0
+    }
+
     fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
         if self.device < STAGE_FROM {
             return None;

@@ -69,6 +69,12 @@ pub trait ObjectValue: Send + Sync + 'static {
     fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
         None
     }
+    /// Whether serialising this value may take long (running an
+    /// interpreter, copying off a device): the peer server then does it on
+    /// a thread that may block, not on its event loop.
+    fn serialize_may_block(&self) -> bool {
+        false
+    }
 }
 
 /// A value served in parts: its first frames, then the frames `chunks`

@@ -107,7 +107,14 @@ async fn serve_one(
         let mut items = Vec::with_capacity(tasks.len());
         let mut data: Vec<Bytes> = Vec::with_capacity(tasks.len());
         let mut chunk_bytes = 0u64;
-        let served = store.serve_many(tasks.iter().map(|t| t.get()));
+        let held = store.hold_many(tasks.iter().map(|t| t.get()));
+        // Pickling a large Python object, say, would stall this event loop
+        // (and the worker's heartbeats with it).
+        let served = if Store::serving_may_block(&held) {
+            tokio::task::spawn_blocking(move || Store::serve_held(held)).await.expect("serialising does not panic")
+        } else {
+            Store::serve_held(held)
+        };
         for (n, (t, value)) in tasks.iter().zip(served).enumerate() {
             let id = t.get();
             // A spilled value is read from disk only when the budget lets it

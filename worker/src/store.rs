@@ -281,14 +281,27 @@ impl Store {
     /// they are on disk, for the caller to read when it is ready to send
     /// ([`read_spilled`]); they stay on disk.
     pub fn serve_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Serve>> {
-        let held: Vec<Option<Result<Value, OnDisk>>> = {
-            let g = self.inner.lock().unwrap();
-            ids.map(|id| match g.values.get(&id) {
-                Some(v) => Some(Ok(v.clone())),
-                None => g.spilled.get(&id).map(|d| Err(d.clone())),
-            })
-            .collect()
-        };
+        Self::serve_held(self.hold_many(ids))
+    }
+
+    /// What `serve_many` serves, taken from the store (cheap, under its
+    /// lock); [`Store::serve_held`] then serialises (maybe slow, without it).
+    pub fn hold_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Result<Value, OnDisk>>> {
+        let g = self.inner.lock().unwrap();
+        ids.map(|id| match g.values.get(&id) {
+            Some(v) => Some(Ok(v.clone())),
+            None => g.spilled.get(&id).map(|d| Err(d.clone())),
+        })
+        .collect()
+    }
+
+    /// Whether serving these may take a while (an object to serialise, or
+    /// device memory to stage): then not on an event loop.
+    pub fn serving_may_block(held: &[Option<Result<Value, OnDisk>>]) -> bool {
+        held.iter().any(|h| matches!(h, Some(Ok(Value::Object(o))) if o.serialize_may_block()))
+    }
+
+    pub fn serve_held(held: Vec<Option<Result<Value, OnDisk>>>) -> Vec<Option<Serve>> {
         held.into_iter()
             .map(|h| {
                 h.map(|h| match h {
