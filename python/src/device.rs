@@ -148,8 +148,8 @@ pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 
 /// Device arrays that arrived in parts and wait for the serialiser to claim
 /// them (`device_claim`), by handle id.
-static ARRIVED: std::sync::Mutex<Option<std::collections::HashMap<u64, (rdask_gpu::device::DeviceBuffer, Arc<dyn Device>)>>> =
-    std::sync::Mutex::new(None);
+type Arrived = std::collections::HashMap<u64, (rdask_gpu::device::DeviceBuffer, Arc<dyn Device>)>;
+static ARRIVED: std::sync::Mutex<Option<Arrived>> = std::sync::Mutex::new(None);
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 /// Values received in parts, and chunks copied into device memory on arrival.
 static RECEIVED_VALUES: AtomicU64 = AtomicU64::new(0);

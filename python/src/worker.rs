@@ -159,7 +159,7 @@ impl ObjectValue for PyValue {
                 if out.is_none(py) {
                     return Ok(None);
                 }
-                let (frames, parts, keep): (Vec<Bound<'_, PyAny>>, Vec<(u64, u64)>, Py<PyAny>) = out.extract(py)?;
+                let (frames, parts, keep): StagedParts<'_> = out.extract(py)?;
                 let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
                 // A pool per value (a peer that stops reading holds up only
                 // its own transfer), its buffers kept between transfers.
@@ -200,6 +200,10 @@ impl ObjectValue for PyValue {
         })
     }
 }
+
+/// What `rdask.device.dumps_staged` returns: the value's frames but for its
+/// device arrays, the arrays as (device address, bytes), what keeps them alive.
+type StagedParts<'py> = (Vec<Bound<'py, PyAny>>, Vec<(u64, u64)>, Py<PyAny>);
 
 /// Device values of at least this size go to peers in staging chunks as
 /// they are copied off the device; smaller ones in one copy.
