@@ -17,10 +17,11 @@ fn bytes(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-/// Answers every request with: 1 whole; 2 in three parts (a head of two
-/// frames, a chunk, a chunk with the close); 3 missing; 4 in parts that end
-/// in an error.
-async fn holder() -> String {
+type Reply<'a> = &'a dyn Fn(Vec<DataItem>, Vec<Bytes>, bool);
+
+/// A holder over TCP that answers each request with `answer(send, first
+/// task asked for)`.
+async fn holder_with(answer: fn(Reply<'_>, u64)) -> String {
     let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
     let address = listener.address.clone();
     tokio::spawn(async move {
@@ -28,22 +29,32 @@ async fn holder() -> String {
             tokio::spawn(async move {
                 handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
                 while let Ok(Some(frame)) = conn.receiver.recv().await {
-                    let ArchivedToPeerMessage::Fetch { request_id, .. } = ToPeerMessage::access(&frame.control).unwrap();
-                    let request_id = request_id.to_native();
+                    let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control).unwrap();
+                    let (request_id, first) = (request_id.to_native(), tasks[0].get().0);
                     let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
                         conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
                     };
-                    send(vec![item(1, 0, 1, false, None), item(2, 1, 2, true, None)], vec![bytes("one"), bytes("h0"), bytes("h1")], true);
-                    send(vec![item(2, 0, 1, true, None)], vec![bytes("c0")], true);
-                    send(vec![item(2, 0, 1, false, None)], vec![bytes("c1")], true);
-                    let missing = DataItem { id: TaskId(3), found: false, first: 0, count: 0, error: None, partial: false };
-                    send(vec![missing, item(4, 0, 1, true, None)], vec![bytes("x")], true);
-                    send(vec![item(4, 0, 1, false, Some("device copy failed"))], vec![bytes("payload")], false);
+                    answer(&send, first);
                 }
             });
         }
     });
     address
+}
+
+/// Answers every request with: 1 whole; 2 in three parts (a head of two
+/// frames, a chunk, a chunk with the close); 3 missing; 4 in parts that end
+/// in an error.
+async fn holder() -> String {
+    holder_with(|send, _| {
+        send(vec![item(1, 0, 1, false, None), item(2, 1, 2, true, None)], vec![bytes("one"), bytes("h0"), bytes("h1")], true);
+        send(vec![item(2, 0, 1, true, None)], vec![bytes("c0")], true);
+        send(vec![item(2, 0, 1, false, None)], vec![bytes("c1")], true);
+        let missing = DataItem { id: TaskId(3), found: false, first: 0, count: 0, error: None, partial: false };
+        send(vec![missing, item(4, 0, 1, true, None)], vec![bytes("x")], true);
+        send(vec![item(4, 0, 1, false, Some("device copy failed"))], vec![bytes("payload")], false);
+    })
+    .await
 }
 
 #[tokio::test]
@@ -95,34 +106,20 @@ impl rdask_transport::peer::PartReceiver for Joined {
 /// parts are dropped); asking for task 7 gets parts interrupted by another
 /// task, which breaks the connection.
 async fn sink_holder() -> String {
-    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
-    let address = listener.address.clone();
-    tokio::spawn(async move {
-        while let Some(mut conn) = listener.accept().await {
-            tokio::spawn(async move {
-                handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
-                while let Ok(Some(frame)) = conn.receiver.recv().await {
-                    let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control).unwrap();
-                    let (request_id, first) = (request_id.to_native(), tasks[0].get().0);
-                    let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
-                        conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
-                    };
-                    if first == 7 {
-                        send(vec![item(7, 0, 1, true, None)], vec![bytes("SINK7")], true);
-                        send(vec![item(8, 0, 1, false, None)], vec![bytes("other")], false);
-                        continue;
-                    }
-                    send(vec![item(5, 0, 1, true, None)], vec![bytes("SINK:")], true);
-                    send(vec![item(5, 0, 1, true, None)], vec![bytes("a")], true);
-                    send(vec![item(5, 0, 0, false, None), item(6, 0, 1, true, None)], vec![bytes("SINK6")], true);
-                    send(vec![item(6, 0, 1, true, None)], vec![bytes("bad")], true);
-                    send(vec![item(6, 0, 1, true, None)], vec![bytes("late")], true);
-                    send(vec![item(6, 0, 0, false, None)], vec![], false);
-                }
-            });
+    holder_with(|send, first| {
+        if first == 7 {
+            send(vec![item(7, 0, 1, true, None)], vec![bytes("SINK7")], true);
+            send(vec![item(8, 0, 1, false, None)], vec![bytes("other")], false);
+            return;
         }
-    });
-    address
+        send(vec![item(5, 0, 1, true, None)], vec![bytes("SINK:")], true);
+        send(vec![item(5, 0, 1, true, None)], vec![bytes("a")], true);
+        send(vec![item(5, 0, 0, false, None), item(6, 0, 1, true, None)], vec![bytes("SINK6")], true);
+        send(vec![item(6, 0, 1, true, None)], vec![bytes("bad")], true);
+        send(vec![item(6, 0, 1, true, None)], vec![bytes("late")], true);
+        send(vec![item(6, 0, 0, false, None)], vec![], false);
+    })
+    .await
 }
 
 #[tokio::test]
