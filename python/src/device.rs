@@ -34,7 +34,8 @@ fn device_error(e: rdask_gpu::GpuError) -> PyErr {
 /// array interface of the value it holds.
 #[pyclass(module = "rdask._rdask", frozen)]
 pub struct DeviceBuffer {
-    buf: std::sync::Mutex<Option<rdask_gpu::device::DeviceBuffer>>,
+    /// Taken only when this object is dropped.
+    buf: Option<rdask_gpu::device::DeviceBuffer>,
     device: Arc<dyn Device>,
     address: u64,
     nbytes: usize,
@@ -65,9 +66,16 @@ impl DeviceBuffer {
     }
 }
 
+impl DeviceBuffer {
+    fn new(buf: rdask_gpu::device::DeviceBuffer, device: Arc<dyn Device>, shape: Vec<usize>, typestr: String) -> DeviceBuffer {
+        let address = device.address(&buf);
+        DeviceBuffer { nbytes: buf.len(), buf: Some(buf), device, address, shape, typestr }
+    }
+}
+
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if let Some(buf) = self.buf.lock().unwrap().take() {
+        if let Some(buf) = self.buf.take() {
             self.device.free(buf);
         }
     }
@@ -111,8 +119,7 @@ pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<u
             into.finish()
         })
         .map_err(device_error)?;
-    let address = dev.address(&buf);
-    Ok(DeviceBuffer { nbytes: buf.len(), buf: std::sync::Mutex::new(Some(buf)), device: dev, address, shape, typestr })
+    Ok(DeviceBuffer::new(buf, dev, shape, typestr))
 }
 
 /// The device this process's device frames use ("GPU 0", "host stand-in");
@@ -309,8 +316,7 @@ pub fn device_claim(frame: &Bound<'_, PyAny>, shape: Vec<usize>, typestr: String
         .as_mut()
         .and_then(|m| m.remove(&id))
         .ok_or_else(|| crate::RdaskError::new_err("this device array was claimed already (or freed)"))?;
-    let address = device.address(&buf);
-    Ok(DeviceBuffer { nbytes: buf.len(), buf: std::sync::Mutex::new(Some(buf)), device, address, shape, typestr })
+    Ok(DeviceBuffer::new(buf, device, shape, typestr))
 }
 
 /// Values this process received in parts with their chunks copied into

@@ -123,12 +123,7 @@ async fn serve_one(
             let value = match value {
                 Some(Serve::Staged(staged)) => {
                     // What came before goes first: answers keep the request's order.
-                    if !items.is_empty() {
-                        let reply = FromPeerMessage::Data { request_id, items: std::mem::take(&mut items), more: true };
-                        conn.sender.send(Frame::with_data(&reply, std::mem::take(&mut data)))?;
-                    }
-                    sent.fetch_add(chunk_bytes, std::sync::atomic::Ordering::Relaxed);
-                    chunk_bytes = 0;
+                    send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, &sent)?;
                     let bytes = send_staged(&conn.sender, request_id, id, staged).await?;
                     sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                     continue;
@@ -171,10 +166,7 @@ async fn serve_one(
             }
             chunk_bytes += bytes;
             if chunk_bytes >= REPLY_CHUNK && n + 1 < tasks.len() {
-                let reply = FromPeerMessage::Data { request_id, items: std::mem::take(&mut items), more: true };
-                sent.fetch_add(chunk_bytes, std::sync::atomic::Ordering::Relaxed);
-                conn.sender.send(Frame::with_data(&reply, std::mem::take(&mut data)))?;
-                chunk_bytes = 0;
+                send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, &sent)?;
             }
         }
         let reply = FromPeerMessage::Data { request_id, items, more: false };
@@ -182,6 +174,24 @@ async fn serve_one(
         conn.sender.send(Frame::with_data(&reply, data))?;
     }
     Ok(())
+}
+
+/// Sends the items gathered so far (if any) as a part of the answer
+/// (`more`), and counts their bytes as sent.
+fn send_part(
+    sender: &rdask_transport::FrameSender,
+    request_id: u64,
+    items: &mut Vec<DataItem>,
+    data: &mut Vec<Bytes>,
+    bytes: &mut u64,
+    sent: &std::sync::atomic::AtomicU64,
+) -> rdask_transport::Result<()> {
+    sent.fetch_add(std::mem::take(bytes), std::sync::atomic::Ordering::Relaxed);
+    if items.is_empty() {
+        return Ok(());
+    }
+    let reply = FromPeerMessage::Data { request_id, items: std::mem::take(items), more: true };
+    sender.send(Frame::with_data(&reply, std::mem::take(data)))
 }
 
 /// Sends a device value as it is copied off the device: its first frames,
