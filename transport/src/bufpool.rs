@@ -89,9 +89,17 @@ impl Drop for Pooled {
         let mut p = pool().lock().unwrap();
         let now = Instant::now();
         p.expire(now);
-        if p.free.len() < MAX_BUFFERS && p.held() + buf.capacity() <= p.limit {
-            p.free.push((buf, now));
+        if buf.capacity() > p.limit {
+            return;
         }
+        // A full pool makes room by dropping the buffers idle longest: the
+        // sizes a process receives change (64 MiB values, then 1 GiB ones),
+        // and a buffer just used is the likeliest to fit the next receive.
+        while p.free.len() >= MAX_BUFFERS || p.held() + buf.capacity() > p.limit {
+            let Some(oldest) = p.free.iter().enumerate().min_by_key(|(_, (_, since))| *since).map(|(i, _)| i) else { break };
+            p.free.swap_remove(oldest);
+        }
+        p.free.push((buf, now));
     }
 }
 
@@ -114,6 +122,34 @@ pub fn clear() -> usize {
 /// Bytes the pool holds now (for tests and diagnostics).
 pub fn pooled_bytes() -> usize {
     pool().lock().unwrap().held()
+}
+
+/// Large receive buffers ask for transparent huge pages: a 1 GiB value then
+/// takes 512 page faults instead of 262,144 (measured: page faults and page
+/// clearing were half the CPU time of a 1 GiB worker-to-worker transfer over
+/// TCP), and a single-copy transfer between processes (UCX's `cma`) walks
+/// 512 times fewer page-table entries.
+pub fn advise_huge_pages_vec(buf: &mut Vec<u8>) {
+    advise_huge_pages_spare(buf.spare_capacity_mut());
+}
+
+/// As `advise_huge_pages_vec`, for the not yet written part of a buffer.
+pub fn advise_huge_pages_spare(spare: &mut [std::mem::MaybeUninit<u8>]) {
+    const HUGE: usize = 2 << 20;
+    if spare.len() < 4 * HUGE {
+        return;
+    }
+    let start = spare.as_mut_ptr() as usize;
+    let aligned = (start + HUGE - 1) & !(HUGE - 1);
+    let end = (start + spare.len()) & !(HUGE - 1);
+    if end > aligned {
+        // SAFETY: the range lies inside memory this buffer owns and has not
+        // initialised; madvise only changes how the kernel backs it. Failure
+        // (THP disabled) is harmless, so the result is ignored.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -156,5 +192,28 @@ mod tests {
         let small = take(len / 4, |_| fresh += 1);
         assert_eq!(fresh, 2);
         drop(small);
+    }
+
+    #[test]
+    fn a_full_pool_keeps_the_buffer_used_last() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        clear();
+        // The pool fills with buffers of one size...
+        let held: Vec<Bytes> = (0..MAX_BUFFERS).map(|_| into_bytes(take(POOL_MIN, |_| {}))).collect();
+        drop(held);
+        assert_eq!(pooled_bytes(), MAX_BUFFERS * POOL_MIN);
+        // ...then the values grow: the larger buffer replaces an idle one
+        // and serves the next receive of its size.
+        let len = 3 * POOL_MIN;
+        let mut fresh = 0;
+        let big = take(len, |_| fresh += 1);
+        let addr = big.as_ptr() as usize;
+        drop(into_bytes(big));
+        let again = take(len, |_| fresh += 1);
+        assert_eq!(fresh, 1, "the larger buffer was kept");
+        assert_eq!(again.as_ptr() as usize, addr);
+        assert!(pooled_bytes() <= (MAX_BUFFERS - 1) * POOL_MIN, "a smaller one made room");
+        drop(again);
+        clear();
     }
 }

@@ -582,7 +582,7 @@ impl State {
             let len = status.count(u8::equivalent_datatype()) as usize;
             // Large values land in reused memory when there is some (no
             // page faults and zeroing for a 64 MiB value).
-            let mut d = crate::bufpool::take(len, |_| {});
+            let mut d = crate::bufpool::take(len, crate::bufpool::advise_huge_pages_vec);
             // SAFETY: MPI writes all `len` bytes before they are read: the
             // matched message has exactly `len` bytes (its status says so).
             unsafe { d.set_len(len) };

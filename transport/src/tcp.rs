@@ -257,7 +257,7 @@ impl<R: AsyncRead + Unpin + Send> TcpFrameReader<R> {
             // alone commits no more than that.
             let mut first = Vec::with_capacity(GROW_STEP);
             self.read_data_into(&mut first, GROW_STEP, data_len).await?;
-            let mut buf = bufpool::take(data_len, advise_huge_pages_vec);
+            let mut buf = bufpool::take(data_len, bufpool::advise_huge_pages_vec);
             buf.extend_from_slice(&first);
             drop(first);
             self.read_data_into(&mut buf, data_len, data_len).await?;
@@ -272,7 +272,7 @@ impl<R: AsyncRead + Unpin + Send> TcpFrameReader<R> {
                 // value again and again. The reservation is address space
                 // only; pages are committed as bytes land in them.
                 data.reserve(want);
-                advise_huge_pages(&mut data);
+                bufpool::advise_huge_pages_spare(data.spare_capacity_mut());
             }
             let stall = self.limits.stall_timeout;
             let read = async { Ok((&mut self.reader).take(want as u64).read_buf(&mut data).await?) };
@@ -335,35 +335,6 @@ async fn or_stall<T>(limit: std::time::Duration, what: &str, io: impl std::futur
     match tokio::time::timeout(limit, io).await {
         Ok(r) => r,
         Err(_) => Err(TransportError::Timeout(format!("peer stopped sending inside {what} for {limit:?}"))),
-    }
-}
-
-/// Large receive buffers ask for transparent huge pages: a 1 GiB value then
-/// takes 512 page faults instead of 262,144 (measured: page faults and page
-/// clearing were half the CPU time of a 1 GiB worker-to-worker transfer).
-fn advise_huge_pages(buf: &mut BytesMut) {
-    advise_huge_pages_spare(buf.spare_capacity_mut());
-}
-
-fn advise_huge_pages_vec(buf: &mut Vec<u8>) {
-    advise_huge_pages_spare(buf.spare_capacity_mut());
-}
-
-fn advise_huge_pages_spare(spare: &mut [std::mem::MaybeUninit<u8>]) {
-    const HUGE: usize = 2 << 20;
-    if spare.len() < 4 * HUGE {
-        return;
-    }
-    let start = spare.as_mut_ptr() as usize;
-    let aligned = (start + HUGE - 1) & !(HUGE - 1);
-    let end = (start + spare.len()) & !(HUGE - 1);
-    if end > aligned {
-        // SAFETY: the range lies inside memory this buffer owns and has not
-        // initialised; madvise only changes how the kernel backs it. Failure
-        // (THP disabled) is harmless, so the result is ignored.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
-        }
     }
 }
 

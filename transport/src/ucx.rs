@@ -392,11 +392,68 @@ struct State {
     /// Most frame bytes sent in an active message's header.
     max_prefix: usize,
     id_key: std::collections::hash_map::RandomState,
-    /// Endpoints report a vanished peer (UCP_ERR_HANDLING_MODE_PEER). Off
-    /// (`RDASK_UCX_PEER_ERRORS=0`) UCX may use transports without failure
-    /// detection (faster on some), and a dead peer is noticed only by the
-    /// layers above (heartbeats, timeouts).
-    peer_errors: bool,
+    /// Which endpoints ask UCX for peer-failure handling.
+    peer_errors: PeerErrors,
+}
+
+/// When endpoints use UCP_ERR_HANDLING_MODE_PEER (`RDASK_UCX_PEER_ERRORS`).
+///
+/// The mode costs bandwidth: UCX 1.13 then leaves out transports that cannot
+/// detect a failed peer, among them `cma` (single-copy shared memory), and
+/// moves rendezvous data between a node's processes over TCP. What the mode
+/// adds is keepalive for peers that vanish without a word (a host or link
+/// that goes down). A peer on the same host cannot vanish that way: when its
+/// process dies the kernel closes its connection-manager socket, and UCX
+/// reports the endpoint failed in either mode (`Connection reset by remote
+/// peer`; a test kills a peer mid-transfer in both). So by default only
+/// endpoints to other hosts ask for it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PeerErrors {
+    /// Endpoints to other hosts (the default, `auto`).
+    Remote,
+    /// Every endpoint (`1`).
+    Always,
+    /// None (`0`): a vanished remote peer is noticed only by the layers
+    /// above (heartbeats, timeouts).
+    Never,
+}
+
+impl PeerErrors {
+    fn from_env() -> PeerErrors {
+        match std::env::var("RDASK_UCX_PEER_ERRORS").as_deref().map(str::trim) {
+            Ok("1") | Ok("always") | Ok("yes") => PeerErrors::Always,
+            Ok("0") | Ok("never") | Ok("no") => PeerErrors::Never,
+            Ok("") | Ok("auto") | Err(_) => PeerErrors::Remote,
+            Ok(other) => {
+                tracing::warn!("RDASK_UCX_PEER_ERRORS={other:?} is not one of auto, 1, 0; using auto");
+                PeerErrors::Remote
+            }
+        }
+    }
+
+    /// Whether an endpoint to `peer` asks for peer-failure handling.
+    fn wanted(self, peer: Option<std::net::IpAddr>) -> bool {
+        match self {
+            PeerErrors::Always => true,
+            PeerErrors::Never => false,
+            PeerErrors::Remote => !peer.is_some_and(is_this_host),
+        }
+    }
+}
+
+/// Whether `ip` is an address of this machine (loopback or an interface's).
+fn is_this_host(ip: std::net::IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => return false,
+        },
+        v4 => v4,
+    };
+    ip.is_loopback() || crate::netif::interface_addresses().iter().any(|(_, a)| std::net::IpAddr::V4(*a) == ip)
 }
 
 fn engine_thread(shared: Arc<Shared>, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
@@ -502,9 +559,15 @@ fn init() -> std::result::Result<(State, i32, String), String> {
             return Err(format!("ucp_config_read: {} (check the UCX_* environment variables)", status_text(lib, s)));
         }
         // Shared memory between processes is used with peer-failure
-        // handling (rdask's endpoints ask for it) only when UCX is told it
-        // may (UCX 1.13); without this, a node's processes talk over TCP.
-        if std::env::var_os("UCX_MM_ERROR_HANDLING").is_none() {
+        // handling only when UCX is told it may (UCX 1.13); without this,
+        // endpoints that ask for it between a node's processes talk over
+        // TCP. Only set when shared memory may be used (else UCX warns).
+        let peer_errors = PeerErrors::from_env();
+        let tls = std::env::var("UCX_TLS").unwrap_or_default();
+        let listed = |t: &&str| tls.trim_start_matches('^').split(',').any(|x| x.trim() == *t);
+        // "^a,b" lists what UCX must not use.
+        let shm_allowed = if tls.starts_with('^') { !["shm", "mm"].iter().any(listed) } else { tls.is_empty() || ["all", "shm", "mm", "sysv", "posix"].iter().any(listed) };
+        if peer_errors == PeerErrors::Always && shm_allowed && std::env::var_os("UCX_MM_ERROR_HANDLING").is_none() {
             let _ = lib.ucp_config_modify(config, c"MM_ERROR_HANDLING".as_ptr(), c"y".as_ptr());
         }
         let mut params: sys::ucp_params_t = std::mem::zeroed();
@@ -548,7 +611,6 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         lib.ucp_get_version(&mut major, &mut minor, &mut release);
         let version = format!("{major}.{minor}.{release}");
         tracing::debug!(%version, "UCX started");
-        let peer_errors = std::env::var("RDASK_UCX_PEER_ERRORS").map_or(true, |v| v != "0");
         let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
         attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
         let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(16).min(4096) } else { 0 };
@@ -638,10 +700,13 @@ impl State {
         }
     }
 
-    /// A new endpoint for `ep_params` (plus error handling), or UCX's status.
-    fn create_ep(&self, params: &mut sys::ucp_ep_params_t) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
+    /// A new endpoint for `ep_params` to `peer` (plus error handling), or
+    /// UCX's status.
+    fn create_ep(&self, params: &mut sys::ucp_ep_params_t, peer: Option<std::net::IpAddr>) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
         params.field_mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
-        params.err_mode = if self.peer_errors { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
+        let wanted = self.peer_errors.wanted(peer);
+        tracing::debug!(?peer, peer_failure_handling = wanted, "UCX endpoint");
+        params.err_mode = if wanted { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
         params.err_handler.cb = Some(on_ep_error);
         params.err_handler.arg = ptr::null_mut();
         let mut ep = ptr::null_mut();
@@ -702,7 +767,7 @@ impl State {
             p.flags = sys::UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
             p.sockaddr.addr = (&storage as *const libc::sockaddr_storage).cast();
             p.sockaddr.addrlen = len;
-            self.create_ep(&mut p)
+            self.create_ep(&mut p, Some(addr.ip()))
         };
         let ep = match ep {
             Ok(ep) => ep,
@@ -815,16 +880,16 @@ impl State {
         };
         let (incoming, runtime, limits, lh) = (l.incoming.clone(), l.runtime.clone(), l.limits, l.handle);
         // SAFETY: a connection request UCX handed us, used once.
-        let peer = unsafe {
+        let client = unsafe {
             let mut attr: sys::ucp_conn_request_attr_t = std::mem::zeroed();
             attr.field_mask = sys::UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR as u64;
             if ok(self.lib.ucp_conn_request_query(request, &mut attr)) {
-                from_sockaddr((&attr.client_address as *const sys::sockaddr_storage).cast()).map(|a| format!("ucx://{a}"))
+                from_sockaddr((&attr.client_address as *const sys::sockaddr_storage).cast())
             } else {
                 None
             }
-        }
-        .unwrap_or_else(|| "ucx://(unknown)".into());
+        };
+        let peer = client.map_or_else(|| "ucx://(unknown)".into(), |a| format!("ucx://{a}"));
         if incoming.capacity() == 0 || incoming.is_closed() {
             tracing::warn!(%peer, "UCX listener queue full or closed; refusing a connection");
             // SAFETY: as above.
@@ -836,7 +901,9 @@ impl State {
             let mut p: sys::ucp_ep_params_t = std::mem::zeroed();
             p.field_mask = sys::UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
             p.conn_request = request;
-            self.create_ep(&mut p)
+            // The client's address decides as the client decided by ours:
+            // both are this host's, or neither.
+            self.create_ep(&mut p, client.map(|a| a.ip()))
         };
         match ep {
             Ok(ep) => {
@@ -878,7 +945,7 @@ impl State {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.rndv_bytes += len;
         // Large values land in reused memory when there is some.
-        let mut buf = crate::bufpool::take(len, |_| {});
+        let mut buf = crate::bufpool::take(len, crate::bufpool::advise_huge_pages_vec);
         // SAFETY: UCX writes all `len` bytes before the buffer is read
         // (completion is checked in `received`).
         unsafe { buf.set_len(len) };
@@ -1232,6 +1299,25 @@ unsafe fn from_sockaddr(p: *const libc::sockaddr_storage) -> Option<SocketAddr> 
 mod tests {
     use super::*;
     use crate::frame::encode_frame;
+
+    #[test]
+    fn peer_failure_handling_is_asked_for_endpoints_to_other_hosts_only() {
+        let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        // TEST-NET-1: documentation addresses, never an interface's.
+        let elsewhere: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(is_this_host(loopback) && is_this_host(mapped));
+        assert!(!is_this_host(elsewhere));
+        for (_, ip) in crate::netif::interface_addresses() {
+            assert!(is_this_host(ip.into()), "{ip} is this host's");
+        }
+        assert!(!PeerErrors::Remote.wanted(Some(loopback)));
+        assert!(PeerErrors::Remote.wanted(Some(elsewhere)));
+        // A peer whose address UCX could not tell is treated as remote.
+        assert!(PeerErrors::Remote.wanted(None));
+        assert!(PeerErrors::Always.wanted(Some(loopback)));
+        assert!(!PeerErrors::Never.wanted(Some(elsewhere)));
+    }
 
     #[test]
     fn parse_takes_the_tcp_layout_and_refuses_mismatches() {

@@ -4,7 +4,8 @@
 //!
 //! UCX reads its configuration once per process, so the UCX cases also run
 //! in child processes of this test binary with `UCX_TLS=tcp` and with shared
-//! memory (`ucx_cases_over_each_ucx_transport`).
+//! memory, and with UCX's peer-failure handling on every endpoint as between
+//! hosts (`ucx_cases_over_each_ucx_transport`).
 
 mod common;
 use common::{assert_same_frame, control, small_frame};
@@ -285,7 +286,7 @@ async fn child_peer() {
         if c.sender.send(Frame { control: control(), data: vec![value.clone()] }).is_err() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -303,17 +304,21 @@ fn ucx_cases_over_each_ucx_transport() {
         eprintln!("skipped: UCX is not available here");
         return;
     }
-    for tls in ["tcp", "shm,tcp"] {
+    // Between a host's processes endpoints leave out UCX's peer-failure
+    // handling (`RDASK_UCX_PEER_ERRORS=auto`); endpoints to other hosts ask
+    // for it, and the last run makes these use it too.
+    for (tls, peer_errors) in [("tcp", "auto"), ("shm,tcp", "auto"), ("shm,tcp", "1")] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["ucx::", "--test-threads=1"])
             .env("UCX_TLS", tls)
+            .env("RDASK_UCX_PEER_ERRORS", peer_errors)
             .env("RDASK_UCX_VARIANT", tls)
             .env("RDASK_REQUIRE_UCX", "1")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "UCX_TLS={tls}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("13 passed"), "UCX_TLS={tls}: not every case ran:\n{stdout}");
+        assert!(out.status.success(), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("13 passed"), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}: not every case ran:\n{stdout}");
     }
 }
 

@@ -7,6 +7,11 @@
 //! ucx_perftest's server and client with the same environment. Figures go to
 //! stdout and to `--out` as JSON. Sizes are MiB-based and bandwidth is in
 //! MB/s of 2^20 bytes, as ucx_perftest prints it.
+//!
+//! This machine's figures swing by tens of percent from one run to the next
+//! (ucx_perftest alone gave 3.9 to 9.3 GB/s for the same 64 MiB test within
+//! minutes), so each comparison runs `--rounds` times, rdask and perftest
+//! alternated, and reports every round and the medians.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -32,9 +37,15 @@ struct Args {
     /// Frame sizes in MiB.
     #[arg(long, value_delimiter = ',', default_value = "64,1024")]
     sizes_mib: Vec<usize>,
-    /// Frames per size (after one warm-up frame).
-    #[arg(long, default_value_t = 8)]
-    iters: usize,
+    /// Frames per size; by default enough for `--gib-per-size` GiB (at
+    /// least 4), after unmeasured frames that warm the receiver's buffers.
+    #[arg(long)]
+    iters: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    gib_per_size: usize,
+    /// Times each comparison runs, rdask and perftest alternated.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Ping-pongs of an 8-byte frame.
     #[arg(long, default_value_t = 10000)]
     lat_iters: usize,
@@ -79,18 +90,25 @@ async fn client(a: &Args) -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     for &mib in &a.sizes_mib {
         let value = Bytes::from(vec![0x5au8; mib << 20]);
-        // Warm-up (connection, buffers, rendezvous set-up).
-        c.sender.send(frame(b"data", vec![value.clone()]))?;
+        // Warm-up: connection, rendezvous set-up, and the receive buffers
+        // (a receiver keeps up to 256 MiB in flight, and one more buffer
+        // while the last frame is handed up; memory the kernel hands out
+        // fresh costs more to fault in on this VM than to copy into, and
+        // perftest, too, times a buffer it has touched).
+        for _ in 0..(512 / mib).max(2) {
+            c.sender.send(frame(b"data", vec![value.clone()]))?;
+        }
         c.sender.send(frame(b"done", vec![]))?;
         recv(&mut c).await?;
+        let iters = a.iters_for(mib);
         let t0 = Instant::now();
-        for _ in 0..a.iters {
+        for _ in 0..iters {
             c.sender.send(frame(b"data", vec![value.clone()]))?;
         }
         c.sender.send(frame(b"done", vec![]))?;
         recv(&mut c).await?;
         let secs = t0.elapsed().as_secs_f64();
-        out.insert(format!("bw_{mib}MiB_MBps"), ((a.iters * (mib << 20)) as f64 / secs / (1 << 20) as f64).into());
+        out.insert(format!("bw_{mib}MiB_MBps"), ((iters * (mib << 20)) as f64 / secs / (1 << 20) as f64).into());
     }
     let small = Bytes::from(vec![1u8; 8]);
     for _ in 0..100 {
@@ -128,7 +146,10 @@ fn run_pair(a: &Args, protocol: &str, tls: &str) -> anyhow::Result<serde_json::V
         }
     };
     let mut c = Command::new(&exe);
-    c.args(["--role", "client", "--addr", &addr, "--iters", &a.iters.to_string(), "--lat-iters", &a.lat_iters.to_string()]);
+    c.args(["--role", "client", "--addr", &addr, "--gib-per-size", &a.gib_per_size.to_string(), "--lat-iters", &a.lat_iters.to_string()]);
+    if let Some(n) = a.iters {
+        c.args(["--iters", &n.to_string()]);
+    }
     c.arg("--sizes-mib").arg(a.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","));
     with_tls(&mut c, tls);
     let out = c.output()?;
@@ -179,36 +200,78 @@ fn perftest(test: &str, size: usize, iters: usize, tls: &str, port: u16, extra: 
     Ok(if test.ends_with("_lat") { fields[3] } else { fields[5] })
 }
 
+impl Args {
+    fn iters_for(&self, mib: usize) -> usize {
+        self.iters.unwrap_or(((self.gib_per_size << 10) / mib).max(4))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Figures of several rounds as one row: the medians, and each round's.
+fn merge_rounds(rounds: &[serde_json::Map<String, serde_json::Value>]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for key in rounds[0].keys() {
+        let all: Vec<f64> = rounds.iter().filter_map(|r| r.get(key).and_then(|v| v.as_f64())).collect();
+        let tenth = |x: f64| (x * 10.0).round() / 10.0;
+        out.insert(key.clone(), tenth(median(all.clone())).into());
+        out.insert(format!("{key}_rounds"), all.iter().map(|&x| tenth(x)).collect::<Vec<_>>().into());
+    }
+    serde_json::Value::Object(out)
+}
+
 fn bench(a: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut port = 13340;
+    let as_map = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
     if a.protocols.iter().any(|p| p == "tcp") {
         eprintln!("tcp ...");
-        let r = run_pair(a, "tcp", "default")?;
-        rows.push(serde_json::json!({"transport": "rdask tcp://", "ucx_tls": null, "figures": r}));
+        let rounds: Vec<_> = (0..a.rounds).map(|_| run_pair(a, "tcp", "default").map(as_map)).collect::<anyhow::Result<_>>()?;
+        rows.push(serde_json::json!({"transport": "rdask tcp://", "ucx_tls": null, "figures": merge_rounds(&rounds)}));
     }
+    // Its defaults (tag matching, busy polling, no failure handling), and
+    // active messages with peer-failure handling and sleeping on the event
+    // fd between events (what rdask does between hosts).
+    let perftests = [("ucx_perftest tag_bw/tag_lat", "tag_bw", "tag_lat", &[][..]), ("ucx_perftest ucp_am_* -e -E sleep", "ucp_am_bw", "ucp_am_lat", &["-e", "-E", "sleep"][..])];
     for tls in a.ucx_tls.iter().filter(|_| a.protocols.iter().any(|p| p == "ucx")) {
-        eprintln!("ucx UCX_TLS={tls} ...");
-        let r = run_pair(a, "ucx", tls)?;
-        rows.push(serde_json::json!({"transport": "rdask ucx://", "ucx_tls": tls, "figures": r}));
-        // Its defaults (tag matching, busy polling, no failure handling),
-        // and rdask's way (active messages, peer-failure handling, sleeping
-        // on the event fd between events).
-        for (name, bw, lat, extra) in [
-            ("ucx_perftest tag_bw/tag_lat", "tag_bw", "tag_lat", &[][..]),
-            ("ucx_perftest ucp_am_* -e -E sleep", "ucp_am_bw", "ucp_am_lat", &["-e", "-E", "sleep"][..]),
-        ] {
-            let mut p = serde_json::Map::new();
-            for &mib in &a.sizes_mib {
+        let mut ours = Vec::new();
+        let mut theirs = vec![Vec::new(); perftests.len()];
+        for round in 0..a.rounds {
+            eprintln!("ucx UCX_TLS={tls}, round {} of {} ...", round + 1, a.rounds);
+            ours.push(as_map(run_pair(a, "ucx", tls)?));
+            for (i, (_, bw, lat, extra)) in perftests.iter().enumerate() {
+                let mut p = serde_json::Map::new();
+                for &mib in &a.sizes_mib {
+                    port += 1;
+                    p.insert(format!("bw_{mib}MiB_MBps"), perftest(bw, mib << 20, a.iters_for(mib), tls, port, extra)?.into());
+                }
                 port += 1;
-                p.insert(format!("bw_{mib}MiB_MBps"), perftest(bw, mib << 20, a.iters, tls, port, extra)?.into());
+                p.insert("lat_8B_us".into(), perftest(lat, 8, a.lat_iters, tls, port, extra)?.into());
+                theirs[i].push(p);
             }
-            port += 1;
-            p.insert("lat_8B_us".into(), perftest(lat, 8, a.lat_iters, tls, port, extra)?.into());
-            rows.push(serde_json::json!({"transport": name, "ucx_tls": tls, "figures": p}));
         }
+        rows.push(serde_json::json!({"transport": "rdask ucx://", "ucx_tls": tls, "figures": merge_rounds(&ours)}));
+        for ((name, ..), rounds) in perftests.iter().zip(&theirs) {
+            rows.push(serde_json::json!({"transport": name, "ucx_tls": tls, "figures": merge_rounds(rounds)}));
+        }
+        // rdask's medians against perftest's defaults.
+        let mut ratio = serde_json::Map::new();
+        for &mib in &a.sizes_mib {
+            let key = format!("bw_{mib}MiB_MBps");
+            let r = rows[rows.len() - 3]["figures"][&key].as_f64().unwrap_or(0.0) / rows[rows.len() - 2]["figures"][&key].as_f64().unwrap_or(f64::NAN);
+            ratio.insert(format!("bw_{mib}MiB_pct_of_tag_bw"), ((r * 1000.0).round() / 10.0).into());
+        }
+        rows.push(serde_json::json!({"transport": "rdask / perftest defaults", "ucx_tls": tls, "figures": ratio}));
     }
-    println!("{:<34} {:<10} {}", "transport", "UCX_TLS", "figures (bandwidth MB/s of 2^20 B; one-way latency µs)");
+    println!("{:<34} {:<10} {}", "transport", "UCX_TLS", "figures (bandwidth MB/s of 2^20 B; one-way latency µs; medians of the rounds, then each round)");
     for r in &rows {
         println!("{:<34} {:<10} {}", r["transport"].as_str().unwrap(), r["ucx_tls"].as_str().unwrap_or("-"), r["figures"]);
     }
