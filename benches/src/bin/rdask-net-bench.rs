@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     gib_per_size: usize,
     /// Times each comparison runs, rdask and perftest alternated.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Ping-pongs of an 8-byte frame.
     #[arg(long, default_value_t = 10000)]
