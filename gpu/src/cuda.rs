@@ -94,10 +94,114 @@ impl Device for CudaDevice {
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, ptr) }.map_err(err("reading device memory"))
     }
 
+    fn ipc_domain(&self) -> Option<String> {
+        // GPUs of one node share memory through IPC handles; between two
+        // GPUs the import asks for peer access, and fails (the requester then
+        // fetches the value over the network) where there is none.
+        Some(format!("cuda:{}", crate::ipc::node_id()))
+    }
+
+    unsafe fn ipc_export(&self, ptr: u64, _len: usize) -> Result<Vec<u8>, GpuError> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(err("sharing device memory"))?;
+        // The array may still be being written on its library's stream: the
+        // importer must see the finished bytes (as `read_raw` waits too).
+        self.ctx.synchronize().map_err(err("sharing device memory"))?;
+        // A handle names a whole allocation (a CuPy pool block, say): the
+        // array is at an offset into it.
+        let (mut base, mut size) = (0, 0);
+        // SAFETY: out-pointers to locals; the caller says `ptr` is device memory.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }.result().map_err(err("finding an array's allocation"))?;
+        let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: as above.
+        unsafe { sys::cuIpcGetMemHandle(&mut handle, base) }.result().map_err(err("getting an IPC handle"))?;
+        let mut body: Vec<u8> = handle.reserved.iter().map(|c| *c as u8).collect();
+        body.extend_from_slice(&(ptr - base).to_le_bytes());
+        Ok(crate::ipc::descriptor(&body))
+    }
+
+    fn ipc_import(&self, descriptor: &[u8], len: usize) -> Result<DeviceBuffer, GpuError> {
+        use cudarc::driver::sys;
+        let body = crate::ipc::body(descriptor)
+            .filter(|b| b.len() == 72)
+            .ok_or_else(|| GpuError::Device { what: "importing device memory".into(), reason: "not a CUDA IPC descriptor".into() })?;
+        let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        for (d, s) in handle.reserved.iter_mut().zip(&body[..64]) {
+            *d = *s as _;
+        }
+        let offset = u64::from_le_bytes(body[64..].try_into().unwrap());
+        let mut dst = self.alloc(len)?;
+        if len == 0 {
+            return Ok(dst);
+        }
+        self.ctx.bind_to_thread().map_err(err("importing device memory"))?;
+        let remote = open_handle(handle)?;
+        let to = self.address(&dst);
+        // SAFETY: `remote` maps the exporter's allocation, which it keeps
+        // until told the import is done; `to` is our new buffer of `len`.
+        let copied = unsafe { sys::cuMemcpyDtoD_v2(to, remote + offset, len) }.result().map_err(err("copying from another process's device memory"));
+        // Device-to-device copies do not wait for the device: wait before
+        // the exporter is told it may free its memory.
+        let synced = copied.and_then(|()| self.ctx.synchronize().map_err(err("copying from another process's device memory")));
+        close_handle(handle);
+        if let Err(e) = synced {
+            self.free(std::mem::replace(&mut dst, DeviceBuffer { len: 0, inner: DeviceInner::Host(Vec::new()) }));
+            return Err(e);
+        }
+        Ok(dst)
+    }
+
     fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError> {
         // SAFETY: staging bytes are written by a copy before they are read.
         let p = unsafe { self.ctx.alloc_pinned::<u8>(len) }.map_err(err("allocating page-locked host memory"))?;
         Ok(StagingBuffer::Pinned(p))
+    }
+}
+
+/// Handles this process has open, with how many imports use each: CUDA
+/// maps a handle once per context, and two arrays of one exported
+/// allocation may be imported at the same time.
+fn open_handles() -> &'static std::sync::Mutex<std::collections::HashMap<[u8; 64], (u64, usize)>> {
+    static OPEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<[u8; 64], (u64, usize)>>> = std::sync::OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+fn key(handle: &cudarc::driver::sys::CUipcMemHandle_st) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    for (d, s) in k.iter_mut().zip(handle.reserved.iter()) {
+        *d = *s as u8;
+    }
+    k
+}
+
+fn open_handle(handle: cudarc::driver::sys::CUipcMemHandle_st) -> Result<u64, GpuError> {
+    use cudarc::driver::sys;
+    let mut open = open_handles().lock().unwrap();
+    if let Some((ptr, users)) = open.get_mut(&key(&handle)) {
+        *users += 1;
+        return Ok(*ptr);
+    }
+    let mut ptr = 0;
+    // SAFETY: an out-pointer to a local; the driver checks the handle.
+    unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32) }
+        .result()
+        .map_err(err("opening another process's IPC handle"))?;
+    open.insert(key(&handle), (ptr, 1));
+    Ok(ptr)
+}
+
+fn close_handle(handle: cudarc::driver::sys::CUipcMemHandle_st) {
+    let mut open = open_handles().lock().unwrap();
+    let k = key(&handle);
+    let Some((ptr, users)) = open.get_mut(&k) else { return };
+    *users -= 1;
+    if *users == 0 {
+        let ptr = *ptr;
+        open.remove(&k);
+        // SAFETY: a mapping opened by `open_handle` that nothing uses now.
+        if let Err(e) = unsafe { cudarc::driver::sys::cuIpcCloseMemHandle(ptr) }.result() {
+            tracing::warn!("closing an IPC mapping: {e:?}");
+        }
     }
 }
 

@@ -102,6 +102,27 @@ pub trait Device: Send + Sync {
     fn free(&self, buf: DeviceBuffer) {
         drop(buf)
     }
+    /// Which processes can import this process's exported memory: those
+    /// whose device gives the same domain (`ipc.rs`). `None`: this device
+    /// shares no memory between processes.
+    fn ipc_domain(&self) -> Option<String> {
+        None
+    }
+    /// A descriptor of the device memory at `ptr..ptr + len` that another
+    /// process of the domain can import while this process keeps the
+    /// memory allocated.
+    ///
+    /// # Safety
+    /// The range must be memory of this device.
+    unsafe fn ipc_export(&self, _ptr: u64, _len: usize) -> Result<Vec<u8>, GpuError> {
+        Err(GpuError::Device { what: "sharing device memory with another process".into(), reason: format!("{} cannot", self.describe()) })
+    }
+    /// A new buffer of this process holding a copy of the `len` bytes an
+    /// exported descriptor names (the exporter must keep them allocated
+    /// until this returns).
+    fn ipc_import(&self, _descriptor: &[u8], _len: usize) -> Result<DeviceBuffer, GpuError> {
+        Err(GpuError::Device { what: "importing another process's device memory".into(), reason: format!("{} cannot", self.describe()) })
+    }
 }
 
 fn check_range(buf_len: usize, offset: usize, len: usize, what: &str) -> Result<(), GpuError> {
@@ -211,6 +232,38 @@ impl Device for HostStandIn {
         }
     }
 
+    fn ipc_domain(&self) -> Option<String> {
+        Some(format!("standin:{}", crate::ipc::node_id()))
+    }
+
+    unsafe fn ipc_export(&self, ptr: u64, _len: usize) -> Result<Vec<u8>, GpuError> {
+        // The stand-in's "device" memory is this process's host memory.
+        let mut body = std::process::id().to_le_bytes().to_vec();
+        body.extend_from_slice(&ptr.to_le_bytes());
+        Ok(crate::ipc::descriptor(&body))
+    }
+
+    fn ipc_import(&self, descriptor: &[u8], len: usize) -> Result<DeviceBuffer, GpuError> {
+        let bad = |reason: String| GpuError::Device { what: "importing another process's device memory".into(), reason };
+        let body = crate::ipc::body(descriptor).filter(|b| b.len() == 12).ok_or_else(|| bad("not a stand-in descriptor".into()))?;
+        let pid = u32::from_le_bytes(body[..4].try_into().unwrap());
+        let address = u64::from_le_bytes(body[4..].try_into().unwrap());
+        // Tests of the fallback: the stand-in refuses as two GPUs without
+        // peer access would.
+        if std::env::var("RDASK_STANDIN_IPC").is_ok_and(|v| v.trim() == "refuse") {
+            return Err(bad("refused (RDASK_STANDIN_IPC=refuse)".into()));
+        }
+        let mut buf = self.alloc(len)?;
+        #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
+        let DeviceInner::Host(d) = &mut buf.inner else { unreachable!("the stand-in allocates host buffers") };
+        if let Err(e) = crate::ipc::read_other_process(pid, address, d) {
+            self.free(buf);
+            return Err(bad(format!("reading {len} bytes of process {pid}: {e}")));
+        }
+        self.count(len);
+        Ok(buf)
+    }
+
     unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError> {
         if ptr == 0 && !dst.is_empty() {
             return Err(GpuError::Device { what: "reading device memory".into(), reason: "null address".into() });
@@ -223,14 +276,20 @@ impl Device for HostStandIn {
     }
 }
 
+static PROCESS_DEVICE: std::sync::OnceLock<Result<std::sync::Arc<dyn Device>, String>> = std::sync::OnceLock::new();
+
+/// Whether this process opened its device already (with success).
+pub fn device_opened() -> bool {
+    PROCESS_DEVICE.get().is_some_and(|d| d.is_ok())
+}
+
 /// The device of this process: with `RDASK_DEVICE=standin`, the host stand-in
 /// (tests and CPU-only machines exercising the device path); otherwise GPU 0
 /// of those `CUDA_VISIBLE_DEVICES` leaves visible (each `rdask-cuda-worker`
 /// process sees its own GPU first). Opened once; a failure says why, every
 /// time it is asked.
 pub fn process_device() -> Result<std::sync::Arc<dyn Device>, GpuError> {
-    static DEVICE: std::sync::OnceLock<Result<std::sync::Arc<dyn Device>, String>> = std::sync::OnceLock::new();
-    DEVICE
+    PROCESS_DEVICE
         .get_or_init(|| {
             if std::env::var("RDASK_DEVICE").is_ok_and(|v| v.trim() == "standin") {
                 return Ok(std::sync::Arc::new(HostStandIn::default()) as std::sync::Arc<dyn Device>);

@@ -14,6 +14,7 @@
 pub mod cuda;
 pub mod device;
 pub mod device_store;
+pub mod ipc;
 pub mod nvml;
 pub mod staging;
 

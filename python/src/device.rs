@@ -136,6 +136,21 @@ pub(crate) static STAGED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// The most staging buffers one value had in use at once.
 pub(crate) static MOST_BUFFERS: AtomicU64 = AtomicU64::new(0);
 
+/// Device values shared with processes of this node through IPC: since
+/// start, and held now (until the requester says it copied them).
+pub(crate) static SHARED_VALUES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static SHARED_HELD: AtomicU64 = AtomicU64::new(0);
+/// Device arrays this process imported from another through IPC.
+static IMPORTED_ARRAYS: AtomicU64 = AtomicU64::new(0);
+static IMPORTED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Whether device values may go to and come from processes of this node as
+/// IPC descriptors (`RDASK_DEVICE_IPC=0` turns it off).
+pub(crate) fn ipc_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RDASK_DEVICE_IPC").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Device values this process sent to peers in staging chunks since it
 /// started: `{"values", "chunks", "bytes", "most_buffers", "chunk_bytes"}`
 /// (`most_buffers`: the most staging buffers one value used at once, which
@@ -148,6 +163,8 @@ pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("bytes", STAGED_BYTES.load(Ordering::Relaxed))?;
     d.set_item("most_buffers", MOST_BUFFERS.load(Ordering::Relaxed))?;
     d.set_item("chunk_bytes", rdask_gpu::staging::DEFAULT_CHUNK)?;
+    d.set_item("shared_values", SHARED_VALUES.load(Ordering::Relaxed))?;
+    d.set_item("shared_held", SHARED_HELD.load(Ordering::Relaxed))?;
     Ok(d)
 }
 
@@ -166,6 +183,9 @@ static RECEIVED_CHUNKS: AtomicU64 = AtomicU64::new(0);
 /// in device memory (rewritten from `RDV1` by [`DeviceParts::finish`]).
 const RESIDENT: &[u8; 4] = b"RDVD";
 const HANDLE: &[u8; 4] = b"RDVH";
+/// The marker of a header (`RDV1` layout) whose arrays follow as IPC
+/// descriptors (`rdask_gpu::ipc`), one per array, to import.
+pub(crate) const SHARED: &[u8; 4] = b"RDVS";
 
 /// A frame standing for an arrived device array; dropping the last copy of
 /// it frees the array if nobody claimed it.
@@ -191,7 +211,7 @@ impl Drop for HandleFrame {
 
 /// `RDV1` header: (host buffers, array sizes).
 fn parse_header(h: &[u8]) -> Option<(usize, Vec<u64>)> {
-    if h.len() < 12 || &h[..4] != MARK {
+    if h.len() < 12 || (&h[..4] != MARK && &h[..4] != SHARED) {
         return None;
     }
     let word = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap()) as usize;
@@ -216,14 +236,33 @@ impl rdask_transport::peer::PartSink for DeviceSink {
             return None;
         }
         let dev = process_device().ok()?;
-        Some(Box::new(DeviceParts { dev, head: head.to_vec(), sizes, current: None, done: Vec::new() }))
+        let shared = head[0].starts_with(SHARED);
+        Some(Box::new(DeviceParts { dev, head: head.to_vec(), sizes, shared, current: None, done: Vec::new() }))
     }
+
+    fn ipc_offer(&self) -> Option<rdask_transport::protocol::IpcOffer> {
+        if !ipc_enabled() || !device_expected() {
+            return None;
+        }
+        let domain = process_device().ok()?.ipc_domain()?;
+        Some(rdask_transport::protocol::IpcOffer { domain, pid: std::process::id() })
+    }
+}
+
+/// Whether this process works with device memory: a GPU worker, the
+/// stand-in, or a process that opened its device already. (Offering IPC
+/// opens the device; a CPU-only client must not create a CUDA context on
+/// GPU 0 for that.)
+fn device_expected() -> bool {
+    std::env::var_os("RDASK_DEVICE_MEMORY_LIMIT").is_some() || std::env::var("RDASK_DEVICE").is_ok_and(|v| v.trim() == "standin") || rdask_gpu::device::device_opened()
 }
 
 struct DeviceParts {
     dev: Arc<dyn Device>,
     head: Vec<Bytes>,
     sizes: Vec<u64>,
+    /// The arrays come as IPC descriptors (`SHARED` head), not as bytes.
+    shared: bool,
     current: Option<StageIn>,
     done: Vec<rdask_gpu::device::DeviceBuffer>,
 }
@@ -261,8 +300,26 @@ impl DeviceParts {
     }
 }
 
+impl DeviceParts {
+    /// The next array, imported from the holder's device memory.
+    fn import(&mut self, descriptor: &[u8]) -> Result<(), String> {
+        let failed = |e: String| format!("{}: {e}", rdask_transport::peer::IPC_IMPORT_FAILED);
+        let Some(&size) = self.sizes.get(self.done.len()) else {
+            return Err("more device arrays arrived than the value's header says".into());
+        };
+        let buf = if size == 0 { self.dev.alloc(0) } else { self.dev.ipc_import(descriptor, size as usize) };
+        self.done.push(buf.map_err(|e| failed(e.to_string()))?);
+        IMPORTED_ARRAYS.fetch_add(1, Ordering::Relaxed);
+        IMPORTED_BYTES.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 impl rdask_transport::peer::PartReceiver for DeviceParts {
     fn push(&mut self, frames: &[Bytes]) -> Result<(), String> {
+        if self.shared {
+            return frames.iter().try_for_each(|f| self.import(f));
+        }
         for f in frames {
             self.push_bytes(f)?;
             RECEIVED_CHUNKS.fetch_add(1, Ordering::Relaxed);
@@ -326,5 +383,7 @@ pub fn receive_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("values", RECEIVED_VALUES.load(Ordering::Relaxed))?;
     d.set_item("chunks", RECEIVED_CHUNKS.load(Ordering::Relaxed))?;
+    d.set_item("imported_arrays", IMPORTED_ARRAYS.load(Ordering::Relaxed))?;
+    d.set_item("imported_bytes", IMPORTED_BYTES.load(Ordering::Relaxed))?;
     Ok(d)
 }

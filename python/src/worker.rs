@@ -142,12 +142,13 @@ impl ObjectValue for PyValue {
         self.frames.is_none() || self.device > 0
     }
 
-    fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
-        if self.device < STAGE_FROM {
+    fn staged(&self, ipc: Option<&rdask_transport::protocol::IpcOffer>) -> Option<Result<Staged, TaskFailure>> {
+        let device = rdask_gpu::device::process_device().ok()?;
+        let share = ipc.is_some_and(|o| o.pid != std::process::id() && device.ipc_domain().is_some_and(|d| d == o.domain)) && crate::device::ipc_enabled();
+        if self.device < STAGE_FROM && !share {
             return None;
         }
         let dumps_staged = self.codec.dumps_staged.as_ref()?;
-        let device = rdask_gpu::device::process_device().ok()?;
         keep_thread_state();
         Python::attach(|py| {
             let obj = match &*self.placed.lock().unwrap() {
@@ -161,13 +162,16 @@ impl ObjectValue for PyValue {
                 }
                 let (frames, parts, keep): StagedParts<'_> = out.extract(py)?;
                 let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
+                if share {
+                    return Ok(Some(shared_parts(&*device, head, &parts, keep)?));
+                }
                 // A pool per value (a peer that stops reading holds up only
                 // its own transfer), its buffers kept between transfers.
                 let pool = StagingPool::with_cache(device, STAGING_CHUNK, STAGING_DEPTH, Some(staging_cache()));
                 // SAFETY: `keep` holds the arrays whose memory the parts
                 // name, and lives as long as the source.
                 let raw = unsafe { RawSource::new(pool.clone(), parts) };
-                Ok(Some(Staged { head, chunks: Box::new(DeviceChunks { raw, pool, keep: Some(keep) }) }))
+                Ok(Some(Staged { head, chunks: Box::new(DeviceChunks { raw, pool, keep: Some(keep) }), shared: false }))
             };
             run().map_err(|e| failure_from(py, e)).transpose()
         })
@@ -219,6 +223,50 @@ fn staging_cache() -> Arc<StagingCache> {
 
 /// The chunks of a device value being sent, and the Python objects that
 /// keep its device memory alive meanwhile.
+/// A device value for a requester of this node: its head marked as shared,
+/// then one IPC descriptor per array (an empty array: the bare mark); the
+/// arrays stay alive with the source until the requester releases them.
+fn shared_parts(device: &dyn rdask_gpu::device::Device, mut head: Vec<Bytes>, parts: &[(u64, u64)], keep: Py<PyAny>) -> PyResult<Staged> {
+    let mut descriptors = std::collections::VecDeque::with_capacity(parts.len());
+    for &(address, nbytes) in parts {
+        let d = if nbytes == 0 {
+            rdask_gpu::ipc::descriptor(&[])
+        } else {
+            // SAFETY: `keep` holds the array whose memory this is.
+            unsafe { device.ipc_export(address, nbytes as usize) }.map_err(|e| crate::RdaskError::new_err(e.to_string()))?
+        };
+        descriptors.push_back(Bytes::from(d));
+    }
+    let mut first = head[0].to_vec();
+    first[..4].copy_from_slice(crate::device::SHARED);
+    head[0] = Bytes::from(first);
+    crate::device::SHARED_VALUES.fetch_add(1, Ordering::Relaxed);
+    crate::device::SHARED_HELD.fetch_add(1, Ordering::Relaxed);
+    Ok(Staged { head, chunks: Box::new(SharedArrays { descriptors, keep: Some(keep) }), shared: true })
+}
+
+/// The descriptors of a shared device value, and what keeps its arrays.
+struct SharedArrays {
+    descriptors: std::collections::VecDeque<Bytes>,
+    keep: Option<Py<PyAny>>,
+}
+
+impl ChunkSource for SharedArrays {
+    fn next_chunk(&mut self) -> Result<Option<Bytes>, TaskFailure> {
+        Ok(self.descriptors.pop_front())
+    }
+}
+
+impl Drop for SharedArrays {
+    fn drop(&mut self) {
+        crate::device::SHARED_HELD.fetch_sub(1, Ordering::Relaxed);
+        if let Some(keep) = self.keep.take() {
+            keep_thread_state();
+            Python::attach(|_py| drop(keep));
+        }
+    }
+}
+
 struct DeviceChunks {
     raw: RawSource,
     pool: Arc<StagingPool>,

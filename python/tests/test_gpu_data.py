@@ -212,6 +212,7 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
     if protocol == "ucx" and not rdask._rdask.ucx_status()[0]:
         pytest.skip(f"UCX is not usable here: {rdask._rdask.ucx_status()[1]}")
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # as between nodes
     n = (40 * MB + 12_344) // 8  # a little over 40 MiB: 6 chunks of 8 MiB at most
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
             Client(cluster) as client:
@@ -229,7 +230,7 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
         assert 1 <= stats["most_buffers"] <= 4, "host memory of a transfer stays within the staging pool"
         # The receivers copied each chunk into device memory as it came.
         got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
-        assert got == {"values": 1, "chunks": stats["chunks"] // 2}, got
+        assert got["values"] == 1 and got["chunks"] == stats["chunks"] // 2 and got["imported_arrays"] == 0, got
         assert rdask._rdask.receive_stats()["values"] >= 1, "the client too"
 
 
@@ -259,6 +260,7 @@ def test_a_requester_killed_mid_transfer_leaves_the_sender_serving(standin, monk
     import signal
 
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # staging chunks, as between nodes
     n = 192 * MB // 8
     with LocalCluster(n_workers=3, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster, timeout=30) as client:
@@ -274,3 +276,48 @@ def test_a_requester_killed_mid_transfer_leaves_the_sender_serving(standin, monk
         assert got == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
         big, _ = x.result(timeout=60)
         assert big.array[-1] == (n - 1) % 1000.0
+
+
+@pytest.mark.parametrize("mib", [0, 40])
+def test_device_values_between_processes_of_a_node_go_by_ipc(standin, monkeypatch, mib):
+    """Workers of one node (and a client there) import a device value from
+    its holder's memory (CUDA IPC on a GPU; the stand-in reads the holder's
+    memory through the kernel): no bytes over the network, and the holder
+    lets go of it once the requester says it copied it."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    n = (mib * MB + 12_344) // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.submit(make_pattern, n, workers=[a])
+        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        big, small = x.result()  # the client, on this node too
+        assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["imported_arrays"] == 2 and got["imported_bytes"] == n * 8 + 10 and got["chunks"] == 0, got
+        assert rdask._rdask.receive_stats()["imported_arrays"] >= 2, "the client imported too"
+
+        def sent():
+            return client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
+
+        stats = sent()
+        assert stats["shared_values"] == 2 and stats["values"] == 0 and stats["bytes"] == 0, stats
+        assert _until(lambda: sent()["shared_held"] == 0), "released after the copies: %r" % sent()
+
+
+def test_a_refused_ipc_import_falls_back_to_the_network(standin, monkeypatch):
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_STANDIN_IPC", "refuse")  # as GPUs without peer access
+    n = 20 * MB // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.submit(make_pattern, n, workers=[a])
+        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        y = client.submit(make_pattern, n, workers=[a], pure=False)
+        assert client.submit(check_pattern, y, workers=[b]).result()[1], "the next value comes over the network at once"
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["imported_arrays"] == 0 and got["values"] == 2 and got["chunks"] > 0, got
+        stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
+        assert stats["shared_values"] == 1 and stats["values"] == 2, "one offer, then staging only: %r" % stats
+        assert _until(lambda: client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]["shared_held"] == 0)

@@ -3,7 +3,7 @@
 //! requests and matched by request id.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use crate::backend::{connect, FrameSender};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, Limits};
 use crate::handshake::{handshake_connect, Role};
-use crate::protocol::{ArchivedFromPeerMessage, FromPeerMessage, ToPeerMessage, WireMessage};
+use crate::protocol::{ArchivedFromPeerMessage, FromPeerMessage, IpcOffer, ToPeerMessage, WireMessage};
 use crate::TaskId;
 
 /// The frames of one value; most values are one frame, kept inline.
@@ -37,9 +37,19 @@ pub type Fetched = (TaskId, FetchedValue);
 type Pending = Arc<Mutex<Option<HashMap<u64, Waiting>>>>;
 
 struct Waiting {
-    tx: oneshot::Sender<Result<Vec<Fetched>>>,
+    tx: oneshot::Sender<Result<Answer>>,
     so_far: Vec<Fetched>,
+    /// Some value of the answer came in parts.
+    parts: bool,
 }
+
+/// An answer's values, and whether some came in parts.
+type Answer = (Vec<Fetched>, bool);
+
+/// In the error of a value whose device memory could not be imported from
+/// its holder (`PartReceiver::push`): the requester then fetches it again
+/// without offering IPC.
+pub const IPC_IMPORT_FAILED: &str = "importing device memory from the holder failed";
 
 /// Takes the parts of a value sent in parts (a device value, staging chunk
 /// by staging chunk) as they arrive, instead of joining their frames in host
@@ -48,6 +58,12 @@ pub trait PartSink: Send + Sync {
     /// A value's first part (its head frames); `None` leaves the value to
     /// be joined in host memory.
     fn begin(&self, head: &[Bytes]) -> Option<Box<dyn PartReceiver>>;
+    /// Offered with every request: this process can import device memory
+    /// that a holder of the same domain shares (its parts are then IPC
+    /// descriptors, which the receiver imports as they arrive).
+    fn ipc_offer(&self) -> Option<IpcOffer> {
+        None
+    }
 }
 
 /// One value arriving in parts.
@@ -69,6 +85,8 @@ pub struct PeerConnection {
     sender: FrameSender,
     pending: Pending,
     next_id: AtomicU64,
+    /// An import from this peer failed: no more IPC offers to it.
+    ipc_off: AtomicBool,
     pub address: String,
 }
 
@@ -102,7 +120,7 @@ impl PeerConnection {
                 }
             }
         });
-        Ok(PeerConnection { sender: conn.sender, pending, next_id: AtomicU64::new(1), address: address.to_string() })
+        Ok(PeerConnection { sender: conn.sender, pending, next_id: AtomicU64::new(1), ipc_off: AtomicBool::new(false), address: address.to_string() })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -111,14 +129,42 @@ impl PeerConnection {
 
     /// Asks the peer for `tasks`; the answer lists them in the same order.
     pub async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
+        let offer = if self.ipc_off.load(Ordering::Relaxed) { None } else { PART_SINK.get().and_then(|s| s.ipc_offer()) };
+        let offered = offer.is_some();
+        let (request_id, (mut out, parts)) = self.request(tasks, offer).await?;
+        if !(offered && parts) {
+            return Ok(out);
+        }
+        // What came through IPC was copied as it arrived: the holder may
+        // let go of it.
+        let _ = self.sender.send(Frame::from_message(&ToPeerMessage::Release { request_id }));
+        let failed: Vec<usize> = (0..out.len())
+            .filter(|&i| matches!(&out[i].1, FetchedValue::Unserializable { message, .. } if message.contains(IPC_IMPORT_FAILED)))
+            .collect();
+        if failed.is_empty() {
+            return Ok(out);
+        }
+        if !self.ipc_off.swap(true, Ordering::Relaxed) {
+            if let FetchedValue::Unserializable { message, .. } = &out[failed[0]].1 {
+                tracing::warn!(peer = %self.address, "{message}; device values from this peer come over the network from now on");
+            }
+        }
+        let (_, (again, _)) = self.request(failed.iter().map(|&i| out[i].0).collect(), None).await?;
+        for (i, fetched) in failed.into_iter().zip(again) {
+            out[i] = fetched;
+        }
+        Ok(out)
+    }
+
+    async fn request(&self, tasks: Vec<TaskId>, ipc: Option<IpcOffer>) -> Result<(u64, Answer)> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
-            Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new() }),
+            Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new(), parts: false }),
             None => return Err(TransportError::Closed),
         };
-        self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks }))?;
-        rx.await.map_err(|_| TransportError::Closed)?
+        self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks, ipc }))?;
+        Ok((request_id, rx.await.map_err(|_| TransportError::Closed)??))
     }
 }
 
@@ -227,9 +273,10 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame) -> 
         let w = map.remove(&id).expect("present");
         drop(guard);
         let out = steps.into_iter().map(|s| if let Step::New(f) = s { f } else { unreachable!("no parts") }).collect();
-        let _ = w.tx.send(Ok(out));
+        let _ = w.tx.send(Ok((out, false)));
         return Ok(());
     }
+    w.parts |= joining;
     for step in steps {
         match step {
             Step::New(f) => w.so_far.push(f),
@@ -252,7 +299,7 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame) -> 
         if opens.remove(&id).is_some() {
             let _ = w.tx.send(Err(TransportError::Invalid("an answer ended inside a value sent in parts".into())));
         } else {
-            let _ = w.tx.send(Ok(w.so_far));
+            let _ = w.tx.send(Ok((w.so_far, w.parts)));
         }
     }
     Ok(())

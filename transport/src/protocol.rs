@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -505,7 +505,22 @@ pub struct PeerAddress {
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub enum ToPeerMessage {
-    Fetch { request_id: u64, tasks: Vec<TaskId> },
+    /// `ipc`: the requester is on this node and can import device memory
+    /// of this domain: device values may come as IPC descriptors instead of
+    /// their bytes (docs/protocol.md "Device frames").
+    Fetch { request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer> },
+    /// The requester has copied what request `request_id`'s answer shared
+    /// through IPC: the holder may let go of it.
+    Release { request_id: u64 },
+}
+
+/// Where a requester can import device memory from.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct IpcOffer {
+    /// `Device::ipc_domain` of the requester's device (node and kind).
+    pub domain: String,
+    /// The requester's process (a process does not import from itself).
+    pub pid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]

@@ -153,7 +153,7 @@ fn encode_decode_round_trip_preserves_every_byte() {
     let back = decode_frame(&bytes, &Limits::default()).unwrap();
     assert_same_frame(&back, &frame);
     // The control part must still be readable in place as the message it was.
-    let ArchivedToPeerMessage::Fetch { request_id, tasks } = back.access::<ToPeerMessage>().unwrap();
+    let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = back.access::<ToPeerMessage>().unwrap() else { panic!("not a fetch") };
     assert_eq!(request_id.to_native(), 42);
     assert_eq!(tasks.len(), 3);
 }
@@ -706,7 +706,7 @@ fn samples_to_worker() -> Vec<ToWorkerMessage> {
 }
 
 fn samples_to_peer() -> Vec<ToPeerMessage> {
-    vec![ToPeerMessage::Fetch { request_id: 1, tasks: vec![TaskId(1), TaskId(1 << 40)] }]
+    vec![ToPeerMessage::Fetch { request_id: 1, tasks: vec![TaskId(1), TaskId(1 << 40)], ipc: None }, ToPeerMessage::Release { request_id: 1 }]
 }
 
 fn samples_from_peer() -> Vec<FromPeerMessage> {

@@ -29,7 +29,7 @@ async fn holder_with(answer: fn(Reply<'_>, u64)) -> String {
             tokio::spawn(async move {
                 handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
                 while let Ok(Some(frame)) = conn.receiver.recv().await {
-                    let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control).unwrap();
+                    let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = ToPeerMessage::access(&frame.control).unwrap() else { continue };
                     let (request_id, first) = (request_id.to_native(), tasks[0].get().0);
                     let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
                         conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();

@@ -66,7 +66,10 @@ pub trait ObjectValue: Send + Sync + 'static {
     /// For a peer, this value as frames whose device parts are read off the
     /// device in chunks while they are sent (`Staged`), instead of all at
     /// once into host memory. `None`: use [`ObjectValue::serialize`].
-    fn staged(&self) -> Option<Result<Staged, TaskFailure>> {
+    /// With `ipc` (the requester shares this node and can import device
+    /// memory of that domain), the parts may be descriptors of the arrays'
+    /// memory instead (`Staged::shared`).
+    fn staged(&self, _ipc: Option<&rdask_transport::protocol::IpcOffer>) -> Option<Result<Staged, TaskFailure>> {
         None
     }
     /// Whether serialising this value may take long (running an
@@ -82,6 +85,10 @@ pub trait ObjectValue: Send + Sync + 'static {
 pub struct Staged {
     pub head: Vec<Bytes>,
     pub chunks: Box<dyn ChunkSource>,
+    /// The chunks are IPC descriptors of device memory the source keeps
+    /// alive: the peer server keeps the source until the requester says it
+    /// has copied them (`ToPeerMessage::Release`).
+    pub shared: bool,
 }
 
 /// The chunks of a value that is being copied off a device.

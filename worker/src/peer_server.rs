@@ -5,7 +5,7 @@ use std::sync::Arc;
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role};
 use rdask_transport::warn_limit::WarnLimiter;
-use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, ToPeerMessage, WireMessage};
+use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, IpcOffer, ToPeerMessage, WireMessage};
 use rdask_transport::{Connection, Frame, Listener};
 
 use crate::store::{read_spilled, Serve, Store};
@@ -100,10 +100,55 @@ async fn serve_one(
 ) -> rdask_transport::Result<()> {
     handshake_accept(&mut conn, &[Role::Peer], token).await?;
     drop(permit);
+    let mut shared = Shared::default();
+    let result = serve_requests(&mut conn, &store, &sent, &mut shared).await;
+    // A requester that went away without releasing what it was shown: its
+    // device memory is let go of now (dropping may take an interpreter lock).
+    if !shared.0.is_empty() {
+        tokio::task::spawn_blocking(move || drop(shared));
+    }
+    result
+}
+
+/// Device memory shared with this connection's requester through IPC, by
+/// request, until it says it copied it (`ToPeerMessage::Release`).
+#[derive(Default)]
+struct Shared(std::collections::HashMap<u64, (std::time::Instant, Vec<Box<dyn crate::executor::ChunkSource>>)>);
+
+/// A requester that has not released shared memory after this long is not
+/// going to: the memory is let go of.
+const SHARED_AT_MOST: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Shared {
+    fn release(&mut self, request_id: u64) {
+        if let Some((_, sources)) = self.0.remove(&request_id) {
+            tokio::task::spawn_blocking(move || drop(sources));
+        }
+    }
+
+    fn expire(&mut self, peer: &str) {
+        let old: Vec<u64> = self.0.iter().filter(|(_, (since, _))| since.elapsed() > SHARED_AT_MOST).map(|(id, _)| *id).collect();
+        for id in old {
+            tracing::warn!(%peer, request = id, "a requester never released device memory shared with it; letting go of it");
+            self.release(id);
+        }
+    }
+}
+
+async fn serve_requests(conn: &mut Connection, store: &Arc<Store>, sent: &Arc<std::sync::atomic::AtomicU64>, shared: &mut Shared) -> rdask_transport::Result<()> {
     let budget = SendBudget::new(128 << 20);
     while let Some(frame) = conn.receiver.recv().await? {
-        let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control)?;
-        let request_id = request_id.to_native();
+        shared.expire(&conn.peer);
+        let (request_id, tasks, ipc) = match ToPeerMessage::access(&frame.control)? {
+            ArchivedToPeerMessage::Fetch { request_id, tasks, ipc } => {
+                let ipc = ipc.as_ref().map(|o| IpcOffer { domain: o.domain.to_string(), pid: o.pid.to_native() });
+                (request_id.to_native(), tasks, ipc)
+            }
+            ArchivedToPeerMessage::Release { request_id } => {
+                shared.release(request_id.to_native());
+                continue;
+            }
+        };
         let mut items = Vec::with_capacity(tasks.len());
         let mut data: Vec<Bytes> = Vec::with_capacity(tasks.len());
         let mut chunk_bytes = 0u64;
@@ -111,9 +156,9 @@ async fn serve_one(
         // Pickling a large Python object, say, would stall this event loop
         // (and the worker's heartbeats with it).
         let served = if Store::serving_may_block(&held) {
-            tokio::task::spawn_blocking(move || Store::serve_held(held)).await.expect("serialising does not panic")
+            tokio::task::spawn_blocking(move || Store::serve_held(held, ipc.as_ref())).await.expect("serialising does not panic")
         } else {
-            Store::serve_held(held)
+            Store::serve_held(held, ipc.as_ref())
         };
         for (n, (t, value)) in tasks.iter().zip(served).enumerate() {
             let id = t.get();
@@ -123,9 +168,17 @@ async fn serve_one(
             let value = match value {
                 Some(Serve::Staged(staged)) => {
                     // What came before goes first: answers keep the request's order.
-                    send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, &sent)?;
-                    let bytes = send_staged(&conn.sender, request_id, id, staged).await?;
+                    send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, sent)?;
+                    let keep = staged.shared;
+                    let (bytes, source) = send_staged(&conn.sender, request_id, id, staged).await?;
                     sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    if keep {
+                        shared.0.entry(request_id).or_insert_with(|| (std::time::Instant::now(), Vec::new())).1.push(source);
+                    } else {
+                        // Letting go of the source may take an interpreter
+                        // lock (it keeps the arrays alive): not on this event loop.
+                        tokio::task::spawn_blocking(move || drop(source));
+                    }
                     continue;
                 }
                 Some(Serve::Disk(disk)) => {
@@ -166,7 +219,7 @@ async fn serve_one(
             }
             chunk_bytes += bytes;
             if chunk_bytes >= REPLY_CHUNK && n + 1 < tasks.len() {
-                send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, &sent)?;
+                send_part(&conn.sender, request_id, &mut items, &mut data, &mut chunk_bytes, sent)?;
             }
         }
         let reply = FromPeerMessage::Data { request_id, items, more: false };
@@ -199,14 +252,15 @@ fn send_part(
 /// pool when the transport has written it, which is what paces the copies),
 /// then a closing item. Every message has `more` set; the answer's last
 /// message closes the request. A copy that fails closes the value with the
-/// error instead. Returns the bytes sent.
+/// error instead. Returns the bytes sent and the source (which keeps the
+/// value's arrays alive).
 async fn send_staged(
     sender: &rdask_transport::FrameSender,
     request_id: u64,
     id: rdask_transport::TaskId,
     staged: crate::executor::Staged,
-) -> rdask_transport::Result<u64> {
-    let crate::executor::Staged { head, mut chunks } = staged;
+) -> rdask_transport::Result<(u64, Box<dyn crate::executor::ChunkSource>)> {
+    let crate::executor::Staged { head, mut chunks, .. } = staged;
     let item = |count: usize, partial: bool, error: Option<String>| DataItem { id, found: true, first: 0, count: count as u32, error, partial };
     let message = |item: DataItem| FromPeerMessage::Data { request_id, items: vec![item], more: true };
     let mut bytes: u64 = head.iter().map(|f| f.len() as u64).sum();
@@ -236,8 +290,5 @@ async fn send_staged(
             }
         }
     }
-    // Letting go of the source may take an interpreter lock (it keeps the
-    // arrays alive): not on this event loop.
-    tokio::task::spawn_blocking(move || drop(chunks));
-    Ok(bytes)
+    Ok((bytes, chunks))
 }

@@ -39,7 +39,7 @@ async fn good_peer() -> String {
             tokio::spawn(async move {
                 handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
                 while let Ok(Some(frame)) = conn.receiver.recv().await {
-                    let ArchivedToPeerMessage::Fetch { request_id, tasks } = ToPeerMessage::access(&frame.control).unwrap();
+                    let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = ToPeerMessage::access(&frame.control).unwrap() else { continue };
                     let items: Vec<DataItem> = tasks
                         .iter()
                         .enumerate()

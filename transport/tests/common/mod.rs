@@ -9,7 +9,7 @@ use rdask_transport::{Frame, TaskId, WireMessage};
 
 /// A control message that is a real archive (any type works for framing).
 pub fn control() -> AlignedVec {
-    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)] }.encode()
+    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)], ipc: None }.encode()
 }
 
 /// A small frame (for cutting at every byte position, and for ordering).
