@@ -237,6 +237,10 @@ impl Device for HostStandIn {
     }
 
     unsafe fn ipc_export(&self, ptr: u64, _len: usize) -> Result<Vec<u8>, GpuError> {
+        // Tests of the holder's fallback: memory that cannot be shared.
+        if std::env::var("RDASK_STANDIN_IPC").is_ok_and(|v| v.trim() == "unshareable") {
+            return Err(GpuError::Device { what: "sharing device memory".into(), reason: "unshareable (RDASK_STANDIN_IPC=unshareable)".into() });
+        }
         // The stand-in's "device" memory is this process's host memory.
         let mut body = std::process::id().to_le_bytes().to_vec();
         body.extend_from_slice(&ptr.to_le_bytes());

@@ -163,7 +163,17 @@ impl ObjectValue for PyValue {
                 let (frames, parts, keep): StagedParts<'_> = out.extract(py)?;
                 let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
                 if share {
-                    return Ok(Some(shared_parts(&*device, head, &parts, keep)?));
+                    // Memory that cannot be shared (a stream-ordered pool's,
+                    // say) goes as bytes instead.
+                    match shared_parts(&*device, head.clone(), &parts, keep.clone_ref(py)) {
+                        Ok(staged) => return Ok(Some(staged)),
+                        Err(e) => {
+                            tracing::debug!("cannot share a device value by IPC, sending its bytes: {e}");
+                            if self.device < STAGE_FROM {
+                                return Ok(None);
+                            }
+                        }
+                    }
                 }
                 // A pool per value (a peer that stops reading holds up only
                 // its own transfer), its buffers kept between transfers.

@@ -321,3 +321,18 @@ def test_a_refused_ipc_import_falls_back_to_the_network(standin, monkeypatch):
         stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
         assert stats["shared_values"] == 1 and stats["values"] == 2, "one offer, then staging only: %r" % stats
         assert _until(lambda: client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]["shared_held"] == 0)
+
+
+@pytest.mark.parametrize("mib", [0, 20])
+def test_device_memory_that_cannot_be_shared_goes_as_bytes(standin, monkeypatch, mib):
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_STANDIN_IPC", "unshareable")  # as a stream-ordered pool's memory
+    n = (mib * MB + 800) // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        x = client.submit(make_pattern, n, workers=[a])
+        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
+        assert stats["shared_values"] == 0 and stats["values"] == (1 if mib else 0), stats
+        assert client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]["imported_arrays"] == 0
