@@ -296,7 +296,11 @@ pub fn process_device() -> Result<std::sync::Arc<dyn Device>, GpuError> {
     PROCESS_DEVICE
         .get_or_init(|| {
             if std::env::var("RDASK_DEVICE").is_ok_and(|v| v.trim() == "standin") {
-                return Ok(std::sync::Arc::new(HostStandIn::default()) as std::sync::Arc<dyn Device>);
+                // `RDASK_STANDIN_CAPACITY` (bytes): a small "device" that runs
+                // full, for tests of what happens then.
+                let capacity = std::env::var("RDASK_STANDIN_CAPACITY").ok().and_then(|v| v.trim().parse().ok());
+                let dev = capacity.map_or_else(HostStandIn::default, HostStandIn::with_capacity);
+                return Ok(std::sync::Arc::new(dev) as std::sync::Arc<dyn Device>);
             }
             open_gpu().map_err(|e| e.to_string())
         })

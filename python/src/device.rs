@@ -112,7 +112,7 @@ pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<u
     let total = chunks.iter().map(|c| c.len()).sum();
     let buf = py
         .detach(|| {
-            let mut into = StageIn::new(dev.clone(), total)?;
+            let mut into = with_room(total, || StageIn::new(dev.clone(), total))?;
             for chunk in &chunks {
                 into.push(chunk)?;
             }
@@ -120,6 +120,19 @@ pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<u
         })
         .map_err(device_error)?;
     Ok(DeviceBuffer::new(buf, dev, shape, typestr))
+}
+
+/// Runs `alloc` (an allocation of `len` device bytes); when the device is
+/// full, moves least recently used device values of this process's GPU
+/// workers to host memory (`device_tier::make_room`) and tries again, as
+/// long as that frees something. Blocks: not on an event loop's hot path.
+pub(crate) fn with_room<T>(len: usize, mut alloc: impl FnMut() -> Result<T, rdask_gpu::GpuError>) -> Result<T, rdask_gpu::GpuError> {
+    loop {
+        match alloc() {
+            Err(rdask_gpu::GpuError::OutOfMemory { .. }) if rdask_worker::device_tier::make_room(len as u64) > 0 => continue,
+            other => return other,
+        }
+    }
 }
 
 /// The device this process's device frames use ("GPU 0", "host stand-in");
@@ -285,7 +298,10 @@ impl DeviceParts {
             };
             let into = match &mut self.current {
                 Some(s) => s,
-                None => self.current.insert(StageIn::new(self.dev.clone(), size as usize).map_err(|e| e.to_string())?),
+                None => {
+                    let dev = self.dev.clone();
+                    self.current.insert(with_room(size as usize, || StageIn::new(dev.clone(), size as usize)).map_err(|e| e.to_string())?)
+                }
             };
             let room = (size - into.filled() as u64) as usize;
             let take = room.min(chunk.len());
@@ -307,7 +323,7 @@ impl DeviceParts {
         let Some(&size) = self.sizes.get(self.done.len()) else {
             return Err("more device arrays arrived than the value's header says".into());
         };
-        let buf = if size == 0 { self.dev.alloc(0) } else { self.dev.ipc_import(descriptor, size as usize) };
+        let buf = if size == 0 { self.dev.alloc(0) } else { with_room(size as usize, || self.dev.ipc_import(descriptor, size as usize)) };
         self.done.push(buf.map_err(|e| failed(e.to_string()))?);
         IMPORTED_ARRAYS.fetch_add(1, Ordering::Relaxed);
         IMPORTED_BYTES.fetch_add(size, Ordering::Relaxed);

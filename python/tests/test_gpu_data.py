@@ -336,3 +336,25 @@ def test_device_memory_that_cannot_be_shared_goes_as_bytes(standin, monkeypatch,
         stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
         assert stats["shared_values"] == 0 and stats["values"] == (1 if mib else 0), stats
         assert client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]["imported_arrays"] == 0
+
+
+def test_a_full_device_makes_room_for_arriving_values(standin, monkeypatch):
+    """No limit set, but the device itself runs full (a stand-in of 14 MiB):
+    a value arriving from a peer moves the least recently used device
+    values to host memory instead of failing the fetch."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_STANDIN_CAPACITY", str(14 * MB))
+    n = 4 * MB // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        xs = [client.submit(make, i, n, workers=[a], pure=False) for i in range(6)]
+        # One after another, so each input stays on b as a replica.
+        for i, x in enumerate(xs):
+            assert client.submit(how_it_arrived, x, workers=[b], pure=False).result() == \
+                ("StandInArray", "DeviceBuffer", float(i * n))
+        moved = _until(lambda: client.scheduler_info()["workers"][b]["device_spilled_total_bytes"] or None)
+        assert moved and moved >= 4 * MB * 3, client.scheduler_info()["workers"][b]
+        # Replicas moved to host memory come back to the device when used
+        # (making room again).
+        assert client.submit(total, xs[0], xs[1], workers=[b], pure=False).result() == float(n)

@@ -181,6 +181,58 @@ pub fn spawn_device_monitor(name: String, ledger: Arc<DeviceLedger>, store: Weak
     Ok(guard)
 }
 
+/// The GPU workers of this process, for [`make_room`].
+type Rooms = Vec<(u64, Arc<DeviceLedger>, Weak<Store>)>;
+static ROOMS: Mutex<Rooms> = Mutex::new(Vec::new());
+static NEXT_ROOM: AtomicU64 = AtomicU64::new(1);
+
+/// Lets [`make_room`] move this worker's device values; undone when the
+/// guard is dropped (the worker ends).
+pub fn offer_room(ledger: Arc<DeviceLedger>, store: Weak<Store>) -> RoomGuard {
+    let id = NEXT_ROOM.fetch_add(1, Ordering::Relaxed);
+    ROOMS.lock().unwrap().push((id, ledger, store));
+    RoomGuard(id)
+}
+
+pub struct RoomGuard(u64);
+
+impl Drop for RoomGuard {
+    fn drop(&mut self) {
+        ROOMS.lock().unwrap().retain(|(id, ..)| *id != self.0);
+    }
+}
+
+/// Device memory ran out (an arriving value could not be allocated): moves
+/// least recently used device values of this process's GPU workers to host
+/// memory until `bytes` are freed or none are left, whatever the limit.
+/// Returns the bytes moved. Blocks (copies, an interpreter lock): call it
+/// where blocking is allowed.
+pub fn make_room(bytes: u64) -> u64 {
+    let rooms: Vec<(Arc<DeviceLedger>, Arc<Store>)> = ROOMS.lock().unwrap().iter().filter_map(|(_, l, s)| Some((l.clone(), s.upgrade()?))).collect();
+    let mut moved = 0;
+    for (ledger, store) in rooms {
+        let round = store.spill_device_while(|so_far| moved + so_far < bytes);
+        moved += round.bytes;
+        if round.values > 0 {
+            let s = ledger.stats();
+            tracing::info!(
+                "device memory full: moved {} device values ({}) to host memory to make room for {}; on the device {}",
+                round.values,
+                human(round.bytes),
+                human(bytes),
+                human(s.device_bytes)
+            );
+        }
+        if let Some(e) = round.error {
+            tracing::error!("cannot move a device value to host memory: {e}");
+        }
+        if moved >= bytes {
+            break;
+        }
+    }
+    moved
+}
+
 /// Stops the device monitor when the worker ends.
 pub struct StopOnDrop {
     stop: Arc<AtomicBool>,

@@ -214,7 +214,10 @@ pub async fn run_worker_until(
         Store::default()
     };
     let device_limit = config.device.as_ref().map_or(0, |d| d.limit());
-    let store = Arc::new(if device_limit > 0 { store.ordered() } else { store });
+    // A GPU worker keeps its values' use order even without a limit: a
+    // device that runs full makes room by moving the least recently used.
+    let store = Arc::new(if config.device.is_some() { store.ordered() } else { store });
+    let _room = config.device.as_ref().map(|ledger| crate::device_tier::offer_room(ledger.clone(), Arc::downgrade(&store)));
     let _device_monitor = match &config.device {
         Some(ledger) if device_limit > 0 => {
             tracing::info!(name = %config.name, limit = %crate::memory::human(device_limit), "device memory limit: least recently used device values move to host memory above it");

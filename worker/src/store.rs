@@ -389,9 +389,15 @@ impl Store {
     /// A value that fails to move stays on the device (the error is in the
     /// round); the others are still tried.
     pub fn spill_device(&self, ledger: &crate::device_tier::DeviceLedger) -> SpillRound {
+        self.spill_device_while(|_| ledger.over_limit())
+    }
+
+    /// Moves least-recently-used device values to host memory while
+    /// `more(bytes moved so far)` says so and device values are left.
+    pub fn spill_device_while(&self, mut more: impl FnMut(u64) -> bool) -> SpillRound {
         let mut round = SpillRound::default();
         let mut from = 0u64;
-        while ledger.over_limit() {
+        while more(round.bytes) {
             let next = {
                 let g = self.inner.lock().unwrap();
                 g.lru.range(from..).find_map(|(&stamp, id)| match g.values.get(id) {
