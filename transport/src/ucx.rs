@@ -560,14 +560,16 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         }
         // Shared memory between processes is used with peer-failure
         // handling only when UCX is told it may (UCX 1.13); without this,
-        // endpoints that ask for it between a node's processes talk over
-        // TCP. Only set when shared memory may be used (else UCX warns).
+        // endpoints that ask for it between a node's processes (a client
+        // with `RDASK_UCX_PEER_ERRORS=1`, or one that judged our address
+        // remote) talk over TCP. Only set when shared memory may be used
+        // (else UCX warns).
         let peer_errors = PeerErrors::from_env();
         let tls = std::env::var("UCX_TLS").unwrap_or_default();
         let listed = |t: &&str| tls.trim_start_matches('^').split(',').any(|x| x.trim() == *t);
         // "^a,b" lists what UCX must not use.
         let shm_allowed = if tls.starts_with('^') { !["shm", "mm"].iter().any(listed) } else { tls.is_empty() || ["all", "shm", "mm", "sysv", "posix"].iter().any(listed) };
-        if peer_errors == PeerErrors::Always && shm_allowed && std::env::var_os("UCX_MM_ERROR_HANDLING").is_none() {
+        if peer_errors != PeerErrors::Never && shm_allowed && std::env::var_os("UCX_MM_ERROR_HANDLING").is_none() {
             let _ = lib.ucp_config_modify(config, c"MM_ERROR_HANDLING".as_ptr(), c"y".as_ptr());
         }
         let mut params: sys::ucp_params_t = std::mem::zeroed();
@@ -700,13 +702,20 @@ impl State {
         }
     }
 
-    /// A new endpoint for `ep_params` to `peer` (plus error handling), or
-    /// UCX's status.
-    fn create_ep(&self, params: &mut sys::ucp_ep_params_t, peer: Option<std::net::IpAddr>) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
-        params.field_mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
-        let wanted = self.peer_errors.wanted(peer);
-        tracing::debug!(?peer, peer_failure_handling = wanted, "UCX endpoint");
-        params.err_mode = if wanted { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
+    /// A new endpoint for `ep_params` (plus the error handler), or UCX's
+    /// status. `connecting_to`: the peer this side connects to, which
+    /// decides the failure-handling mode; an accepted endpoint takes the
+    /// mode its client chose (UCX refuses an endpoint whose two sides ask
+    /// for different modes, and the two may judge "this host" differently:
+    /// NAT, addresses bound by a proxy, different settings).
+    fn create_ep(&self, params: &mut sys::ucp_ep_params_t, connecting_to: Option<std::net::IpAddr>) -> std::result::Result<sys::ucp_ep_h, sys::ucs_status_t> {
+        params.field_mask |= sys::UCP_EP_PARAM_FIELD_ERR_HANDLER as u64;
+        if let Some(peer) = connecting_to {
+            let wanted = self.peer_errors.wanted(Some(peer));
+            tracing::debug!(%peer, peer_failure_handling = wanted, "UCX endpoint");
+            params.field_mask |= sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE as u64;
+            params.err_mode = if wanted { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
+        }
         params.err_handler.cb = Some(on_ep_error);
         params.err_handler.arg = ptr::null_mut();
         let mut ep = ptr::null_mut();
@@ -901,9 +910,7 @@ impl State {
             let mut p: sys::ucp_ep_params_t = std::mem::zeroed();
             p.field_mask = sys::UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
             p.conn_request = request;
-            // The client's address decides as the client decided by ours:
-            // both are this host's, or neither.
-            self.create_ep(&mut p, client.map(|a| a.ip()))
+            self.create_ep(&mut p, None)
         };
         match ep {
             Ok(ep) => {

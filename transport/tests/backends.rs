@@ -238,6 +238,7 @@ async fn a_peer_process_killed_mid_transfer_ends_its_connection_only(scheme: &st
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_peer", "--nocapture", "--test-threads=1"])
         .env("RDASK_TEST_PEER", &listener.address)
+        .env("RDASK_UCX_PEER_ERRORS", other_failure_mode())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -271,11 +272,50 @@ async fn a_peer_process_killed_mid_transfer_ends_its_connection_only(scheme: &st
     assert_same_frame(&recv(&mut c).await.unwrap().unwrap(), &small_frame());
 }
 
-/// The child side of the test above; does nothing unless run by it.
+/// The child peer asks for the other UCX failure-handling mode than this
+/// process: the accepting side takes the client's (UCX refuses an endpoint
+/// whose sides ask for different ones).
+fn other_failure_mode() -> &'static str {
+    if std::env::var("RDASK_UCX_PEER_ERRORS").is_ok_and(|v| v == "1") {
+        "0"
+    } else {
+        "1"
+    }
+}
+
+/// A peer process that dies while its connection is idle (both sides
+/// waiting, nothing in flight): the reading side learns it, not a hang.
+async fn a_peer_process_killed_while_idle_ends_its_connection(scheme: &str) {
+    let mut listener = rdask_transport::listen(&format!("{scheme}://127.0.0.1:0"), Limits::default()).await.unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_peer", "--nocapture", "--test-threads=1"])
+        .env("RDASK_TEST_PEER", &listener.address)
+        .env("RDASK_TEST_PEER_IDLE", "1")
+        .env("RDASK_UCX_PEER_ERRORS", other_failure_mode())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conn = tokio::time::timeout(WAIT, listener.accept()).await.expect("the child never connected").unwrap();
+    let hello = recv(&mut conn).await.unwrap().expect("the child closed at once");
+    assert_same_frame(&hello, &small_frame());
+    // Let any traffic settle: the connection is idle when the child dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let end = tokio::time::timeout(WAIT, recv(&mut conn)).await.expect("a dead idle peer was never noticed");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    eprintln!("{scheme}: after the idle kill the reader got {end:?}");
+}
+
+/// The child side of the tests above; does nothing unless run by them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_peer() {
     let Ok(addr) = std::env::var("RDASK_TEST_PEER") else { return };
     let c = rdask_transport::connect(&addr, Limits::default()).await.unwrap();
+    if std::env::var_os("RDASK_TEST_PEER_IDLE").is_some() {
+        c.sender.send(small_frame()).unwrap();
+        std::future::pending::<()>().await;
+    }
     for n in [20_000usize, 300_000] {
         let mut control = AlignedVec::new();
         control.extend_from_slice(&pattern(7, n));
@@ -318,7 +358,7 @@ fn ucx_cases_over_each_ucx_transport() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("13 passed"), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}: not every case ran:\n{stdout}");
+        assert!(stdout.contains("14 passed"), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}: not every case ran:\n{stdout}");
     }
 }
 
@@ -367,6 +407,7 @@ over_backends!(
     many_connections_to_one_listener,
     a_dropped_listener_stops_accepting,
     a_peer_process_killed_mid_transfer_ends_its_connection_only,
+    a_peer_process_killed_while_idle_ends_its_connection,
 );
 
 /// Built without UCX (`--no-default-features`, as ci/test.sh also builds
