@@ -101,20 +101,24 @@ impl Device for CudaDevice {
         Some(format!("cuda:{}", crate::ipc::node_id()))
     }
 
-    unsafe fn ipc_export(&self, ptr: u64, _len: usize) -> Result<Vec<u8>, GpuError> {
+    unsafe fn ipc_export(&self, ptr: u64, len: usize) -> Result<Vec<u8>, GpuError> {
         use cudarc::driver::sys;
         self.ctx.bind_to_thread().map_err(err("sharing device memory"))?;
-        // The array may still be being written on its library's stream: the
-        // importer must see the finished bytes (as `read_raw` waits too).
-        self.ctx.synchronize().map_err(err("sharing device memory"))?;
         // A handle names a whole allocation (a CuPy pool block, say): the
         // array is at an offset into it.
         let (mut base, mut size) = (0, 0);
         // SAFETY: out-pointers to locals; the caller says `ptr` is device memory.
         unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }.result().map_err(err("finding an array's allocation"))?;
+        if (ptr - base) as usize + len > size {
+            return Err(GpuError::Device { what: "sharing device memory".into(), reason: format!("{len} bytes at {ptr:#x} run past their allocation") });
+        }
         let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
-        // SAFETY: as above.
+        // SAFETY: as above. Memory of a stream-ordered pool (cuMemAllocAsync)
+        // is refused here, and then goes as bytes.
         unsafe { sys::cuIpcGetMemHandle(&mut handle, base) }.result().map_err(err("getting an IPC handle"))?;
+        // The array may still be being written on its library's stream: the
+        // importer must see the finished bytes (as `read_raw` waits too).
+        self.ctx.synchronize().map_err(err("sharing device memory"))?;
         let mut body: Vec<u8> = handle.reserved.iter().map(|c| *c as u8).collect();
         body.extend_from_slice(&(ptr - base).to_le_bytes());
         Ok(crate::ipc::descriptor(&body))
@@ -136,6 +140,18 @@ impl Device for CudaDevice {
         }
         self.ctx.bind_to_thread().map_err(err("importing device memory"))?;
         let remote = open_handle(handle)?;
+        // The descriptor came over the network: check it names memory inside
+        // the mapped allocation before copying (an out-of-range copy can
+        // break the whole context).
+        let (mut base, mut size) = (0, 0);
+        // SAFETY: out-pointers to locals; `remote` is a live mapping.
+        let inside = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, remote) }.result().is_ok()
+            && offset.checked_add(len as u64).is_some_and(|end| remote - base + end <= size as u64);
+        if !inside {
+            close_handle(handle);
+            self.free(dst);
+            return Err(GpuError::Device { what: "importing device memory".into(), reason: format!("{len} bytes at offset {offset} lie outside the shared allocation") });
+        }
         let to = self.address(&dst);
         // SAFETY: `remote` maps the exporter's allocation, which it keeps
         // until told the import is done; `to` is our new buffer of `len`.

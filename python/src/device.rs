@@ -129,10 +129,31 @@ pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<u
 pub(crate) fn with_room<T>(len: usize, mut alloc: impl FnMut() -> Result<T, rdask_gpu::GpuError>) -> Result<T, rdask_gpu::GpuError> {
     loop {
         match alloc() {
-            Err(rdask_gpu::GpuError::OutOfMemory { .. }) if rdask_worker::device_tier::make_room(len as u64) > 0 => continue,
+            Err(rdask_gpu::GpuError::OutOfMemory { .. }) if rdask_worker::device_tier::make_room(len as u64) > 0 => {
+                // Arrays freed by moving them went back to their library's
+                // pool (CuPy keeps freed blocks), not to the driver rdask
+                // allocates from: ask the library to give them back.
+                free_library_pools();
+            }
             other => return other,
         }
     }
+}
+
+/// Gives the blocks CuPy's default pools keep back to the driver (when CuPy
+/// is imported in this process).
+fn free_library_pools() {
+    Python::attach(|py| {
+        let Ok(modules) = py.import("sys").and_then(|s| s.getattr("modules")) else { return };
+        let Ok(cupy) = modules.get_item("cupy") else { return };
+        for pool in ["get_default_memory_pool", "get_default_pinned_memory_pool"] {
+            if let Ok(p) = cupy.call_method0(pool) {
+                if let Err(e) = p.call_method0("free_all_blocks") {
+                    tracing::debug!("cupy.{pool}().free_all_blocks(): {e}");
+                }
+            }
+        }
+    });
 }
 
 /// The device this process's device frames use ("GPU 0", "host stand-in");
@@ -324,7 +345,12 @@ impl DeviceParts {
             return Err("more device arrays arrived than the value's header says".into());
         };
         let buf = if size == 0 { self.dev.alloc(0) } else { with_room(size as usize, || self.dev.ipc_import(descriptor, size as usize)) };
-        self.done.push(buf.map_err(|e| failed(e.to_string()))?);
+        let buf = buf.map_err(|e| match e {
+            // A full device is not a failed import: the bytes would not fit either.
+            rdask_gpu::GpuError::OutOfMemory { .. } => e.to_string(),
+            other => failed(other.to_string()),
+        })?;
+        self.done.push(buf);
         IMPORTED_ARRAYS.fetch_add(1, Ordering::Relaxed);
         IMPORTED_BYTES.fetch_add(size, Ordering::Relaxed);
         Ok(())

@@ -57,6 +57,30 @@ impl FrameSender {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// A handle that can send while some other clone of this sender lives,
+    /// without keeping the connection open itself.
+    pub fn downgrade(&self) -> WeakFrameSender {
+        WeakFrameSender { tx: self.tx.downgrade(), limits: self.limits, notify: self.notify.as_ref().map(Arc::downgrade) }
+    }
+}
+
+/// See [`FrameSender::downgrade`].
+pub struct WeakFrameSender {
+    tx: mpsc::WeakUnboundedSender<Frame>,
+    limits: Limits,
+    notify: Option<std::sync::Weak<dyn Notify>>,
+}
+
+impl WeakFrameSender {
+    /// The sender, while the connection's sending side is still open.
+    pub fn upgrade(&self) -> Option<FrameSender> {
+        let notify = match &self.notify {
+            Some(n) => Some(n.upgrade()?),
+            None => None,
+        };
+        Some(FrameSender { tx: self.tx.upgrade()?, limits: self.limits, notify })
+    }
 }
 
 impl std::fmt::Debug for FrameSender {

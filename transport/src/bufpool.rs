@@ -99,11 +99,16 @@ impl Drop for Pooled {
         // A full pool makes room by dropping the buffers idle longest: the
         // sizes a process receives change (64 MiB values, then 1 GiB ones),
         // and a buffer just used is the likeliest to fit the next receive.
+        let mut evicted = Vec::new();
         while p.free.len() >= MAX_BUFFERS || p.held() + buf.capacity() > p.limit {
             let Some(oldest) = p.free.iter().enumerate().min_by_key(|(_, (_, since))| *since).map(|(i, _)| i) else { break };
-            p.free.swap_remove(oldest);
+            evicted.push(p.free.swap_remove(oldest));
         }
         p.free.push((buf, now));
+        // Unmapping a large buffer takes a while: not under the lock every
+        // receiver takes.
+        drop(p);
+        drop(evicted);
     }
 }
 

@@ -98,13 +98,14 @@ impl PeerConnection {
         let reader_pending = pending.clone();
         let mut receiver = conn.receiver;
         let addr = address.to_string();
+        let release = conn.sender.downgrade();
         tokio::spawn(async move {
             // Values arriving in parts, by request (only this task sees them).
             let mut opens: HashMap<u64, Open> = HashMap::new();
             let err = loop {
                 match receiver.recv().await {
                     Ok(Some(frame)) => {
-                        if let Err(e) = dispatch(&reader_pending, &mut opens, frame) {
+                        if let Err(e) = dispatch(&reader_pending, &mut opens, frame, &release) {
                             break e;
                         }
                     }
@@ -131,13 +132,11 @@ impl PeerConnection {
     pub async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
         let offer = if self.ipc_off.load(Ordering::Relaxed) { None } else { PART_SINK.get().and_then(|s| s.ipc_offer()) };
         let offered = offer.is_some();
-        let (request_id, (mut out, parts)) = self.request(tasks, offer).await?;
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (mut out, parts) = self.request(request_id, tasks, offer).await?;
         if !(offered && parts) {
             return Ok(out);
         }
-        // What came through IPC was copied as it arrived: the holder may
-        // let go of it.
-        let _ = self.sender.send(Frame::from_message(&ToPeerMessage::Release { request_id }));
         let failed: Vec<usize> = (0..out.len())
             .filter(|&i| matches!(&out[i].1, FetchedValue::Unserializable { message, .. } if message.contains(IPC_IMPORT_FAILED)))
             .collect();
@@ -149,24 +148,25 @@ impl PeerConnection {
                 tracing::warn!(peer = %self.address, "{message}; device values from this peer come over the network from now on");
             }
         }
-        let (_, (again, _)) = self.request(failed.iter().map(|&i| out[i].0).collect(), None).await?;
+        let again_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (again, _) = self.request(again_id, failed.iter().map(|&i| out[i].0).collect(), None).await?;
         for (i, fetched) in failed.into_iter().zip(again) {
             out[i] = fetched;
         }
         Ok(out)
     }
 
-    async fn request(&self, tasks: Vec<TaskId>, ipc: Option<IpcOffer>) -> Result<(u64, Answer)> {
-        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    async fn request(&self, request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer>) -> Result<Answer> {
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
             Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new(), parts: false }),
             None => return Err(TransportError::Closed),
         };
         self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks, ipc }))?;
-        Ok((request_id, rx.await.map_err(|_| TransportError::Closed)??))
+        rx.await.map_err(|_| TransportError::Closed)?
     }
 }
+
 
 /// A value of a request that is arriving in parts (only the connection's
 /// reader sees these).
@@ -193,7 +193,18 @@ fn receive_error(e: String) -> FetchedValue {
     FetchedValue::Unserializable { message: format!("receiving a value in parts: {e}"), payload: Bytes::new() }
 }
 
-fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame) -> Result<()> {
+/// Tells the holder that request `id`'s answer, which came in parts, is
+/// in: what it shared by IPC has been copied (the parts' receivers import as
+/// they go), so it may let go of it. Sent by the reader, so it also happens
+/// when the fetch that asked was dropped or timed out meanwhile; a holder
+/// that shared nothing for the request ignores it.
+fn send_release(release: &crate::backend::WeakFrameSender, id: u64) {
+    if let Some(sender) = release.upgrade() {
+        let _ = sender.send(Frame::from_message(&ToPeerMessage::Release { request_id: id }));
+    }
+}
+
+fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, release: &crate::backend::WeakFrameSender) -> Result<()> {
     let msg = FromPeerMessage::access(&frame.control)?;
     let ArchivedFromPeerMessage::Data { request_id, items, more } = msg;
     let id = request_id.to_native();
@@ -296,6 +307,9 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame) -> 
     if !*more {
         let w = map.remove(&id).expect("present");
         drop(guard);
+        if w.parts {
+            send_release(release, id);
+        }
         if opens.remove(&id).is_some() {
             let _ = w.tx.send(Err(TransportError::Invalid("an answer ended inside a value sent in parts".into())));
         } else {

@@ -136,3 +136,43 @@ async fn a_part_sink_takes_parts_as_they_arrive_and_its_failures_stick() {
     assert!(!err.is_empty());
     assert!(conn.is_closed(), "parts interrupted by another task break the connection");
 }
+
+/// The requester tells the holder when an answer that came in parts is in
+/// (what was shared by IPC has been copied), also when the fetch that asked
+/// was dropped before the answer ended; an answer sent whole needs no word.
+#[tokio::test]
+async fn an_answer_in_parts_is_released_even_when_its_fetch_was_dropped() {
+    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
+    let address = listener.address.clone();
+    let (released_tx, mut released) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut conn = listener.accept().await.unwrap();
+        handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
+        while let Ok(Some(frame)) = conn.receiver.recv().await {
+            let (request_id, first) = match ToPeerMessage::access(&frame.control).unwrap() {
+                ArchivedToPeerMessage::Fetch { request_id, tasks, .. } => (request_id.to_native(), tasks[0].get().0),
+                ArchivedToPeerMessage::Release { request_id } => {
+                    released_tx.send(request_id.to_native()).unwrap();
+                    continue;
+                }
+            };
+            let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
+                conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
+            };
+            if first == 1 {
+                send(vec![item(1, 0, 1, false, None)], vec![bytes("whole")], false);
+                continue;
+            }
+            // Task 2 in parts, the end of it late.
+            send(vec![item(2, 0, 1, true, None)], vec![bytes("h")], true);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            send(vec![item(2, 0, 1, false, None)], vec![bytes("c")], false);
+        }
+    });
+    let conn = PeerConnection::connect(&address, None, Default::default()).await.unwrap();
+    conn.fetch(vec![TaskId(1)]).await.unwrap();
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), conn.fetch(vec![TaskId(2)])).await;
+    assert!(dropped.is_err(), "the fetch was given up before its answer ended");
+    let id = tokio::time::timeout(std::time::Duration::from_secs(10), released.recv()).await.expect("no release came").unwrap();
+    assert_eq!(id, 2, "the request answered in parts, not the one answered whole");
+}

@@ -100,13 +100,24 @@ async fn serve_one(
 ) -> rdask_transport::Result<()> {
     handshake_accept(&mut conn, &[Role::Peer], token).await?;
     drop(permit);
-    let mut shared = Shared::default();
-    let result = serve_requests(&mut conn, &store, &sent, &mut shared).await;
-    // A requester that went away without releasing what it was shown: its
-    // device memory is let go of now (dropping may take an interpreter lock).
-    if !shared.0.is_empty() {
-        tokio::task::spawn_blocking(move || drop(shared));
-    }
+    // A requester that goes away without releasing what it was shown: its
+    // device memory is let go of when the table is dropped (also when this
+    // task is aborted).
+    let shared = Arc::new(std::sync::Mutex::new(Shared::default()));
+    // What a requester never released is let go of after a while, even on
+    // a connection where nothing else arrives.
+    let sweeper = {
+        let (shared, peer) = (Arc::downgrade(&shared), conn.peer.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SHARED_AT_MOST / 10).await;
+                let Some(shared) = shared.upgrade() else { return };
+                shared.lock().unwrap().expire(&peer);
+            }
+        })
+    };
+    let result = serve_requests(&mut conn, &store, &sent, &shared).await;
+    sweeper.abort();
     result
 }
 
@@ -118,6 +129,18 @@ struct Shared(std::collections::HashMap<u64, (std::time::Instant, Vec<Box<dyn cr
 /// A requester that has not released shared memory after this long is not
 /// going to: the memory is let go of.
 const SHARED_AT_MOST: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        // Dropping the sources may take an interpreter lock: not on an
+        // event loop (which may be shutting down: a plain thread).
+        let sources = std::mem::take(&mut self.0);
+        let _ = std::thread::Builder::new().name("rdask-release".into()).spawn(move || drop(sources));
+    }
+}
 
 impl Shared {
     fn release(&mut self, request_id: u64) {
@@ -135,17 +158,21 @@ impl Shared {
     }
 }
 
-async fn serve_requests(conn: &mut Connection, store: &Arc<Store>, sent: &Arc<std::sync::atomic::AtomicU64>, shared: &mut Shared) -> rdask_transport::Result<()> {
+async fn serve_requests(
+    conn: &mut Connection,
+    store: &Arc<Store>,
+    sent: &Arc<std::sync::atomic::AtomicU64>,
+    shared: &std::sync::Mutex<Shared>,
+) -> rdask_transport::Result<()> {
     let budget = SendBudget::new(128 << 20);
     while let Some(frame) = conn.receiver.recv().await? {
-        shared.expire(&conn.peer);
         let (request_id, tasks, ipc) = match ToPeerMessage::access(&frame.control)? {
             ArchivedToPeerMessage::Fetch { request_id, tasks, ipc } => {
                 let ipc = ipc.as_ref().map(|o| IpcOffer { domain: o.domain.to_string(), pid: o.pid.to_native() });
                 (request_id.to_native(), tasks, ipc)
             }
             ArchivedToPeerMessage::Release { request_id } => {
-                shared.release(request_id.to_native());
+                shared.lock().unwrap().release(request_id.to_native());
                 continue;
             }
         };
@@ -173,7 +200,7 @@ async fn serve_requests(conn: &mut Connection, store: &Arc<Store>, sent: &Arc<st
                     let (bytes, source) = send_staged(&conn.sender, request_id, id, staged).await?;
                     sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                     if keep {
-                        shared.0.entry(request_id).or_insert_with(|| (std::time::Instant::now(), Vec::new())).1.push(source);
+                        shared.lock().unwrap().0.entry(request_id).or_insert_with(|| (std::time::Instant::now(), Vec::new())).1.push(source);
                     } else {
                         // Letting go of the source may take an interpreter
                         // lock (it keeps the arrays alive): not on this event loop.
