@@ -207,6 +207,15 @@ def check_pattern(pair):
             type(small._owner).__name__)
 
 
+def pattern_from_a_to_b(client, n):
+    """Makes the pattern value on the first worker and checks it as an input
+    on the second; returns both workers and the value's future."""
+    a, b = sorted(client.scheduler_info()["workers"])
+    x = client.submit(make_pattern, n, workers=[a])
+    assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+    return a, b, x
+
+
 @pytest.mark.parametrize("protocol", ["tcp", "ucx"])
 def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monkeypatch, protocol):
     if protocol == "ucx" and not rdask._rdask.ucx_status()[0]:
@@ -216,9 +225,7 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
     n = (40 * MB + 12_344) // 8  # a little over 40 MiB: 6 chunks of 8 MiB at most
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
             Client(cluster) as client:
-        a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make_pattern, n, workers=[a])
-        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        a, b, x = pattern_from_a_to_b(client, n)
         big, small = x.result()  # the client is a requester too
         assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
         stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
@@ -288,9 +295,7 @@ def test_device_values_between_processes_of_a_node_go_by_ipc(standin, monkeypatc
     n = (mib * MB + 12_344) // 8
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make_pattern, n, workers=[a])
-        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        a, b, x = pattern_from_a_to_b(client, n)
         big, small = x.result()  # the client, on this node too
         assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
         got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
@@ -311,9 +316,7 @@ def test_a_refused_ipc_import_falls_back_to_the_network(standin, monkeypatch):
     n = 20 * MB // 8
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make_pattern, n, workers=[a])
-        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        a, b, x = pattern_from_a_to_b(client, n)
         y = client.submit(make_pattern, n, workers=[a], pure=False)
         assert client.submit(check_pattern, y, workers=[b]).result()[1], "the next value comes over the network at once"
         got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
@@ -330,9 +333,7 @@ def test_device_memory_that_cannot_be_shared_goes_as_bytes(standin, monkeypatch,
     n = (mib * MB + 800) // 8
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make_pattern, n, workers=[a])
-        assert client.submit(check_pattern, x, workers=[b]).result() == ("DeviceBuffer", True, [7] * 5, "DeviceBuffer")
+        a, b, x = pattern_from_a_to_b(client, n)
         stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
         assert stats["shared_values"] == 0 and stats["values"] == (1 if mib else 0), stats
         assert client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]["imported_arrays"] == 0
