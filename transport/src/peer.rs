@@ -167,7 +167,6 @@ impl PeerConnection {
     }
 }
 
-
 /// A value of a request that is arriving in parts (only the connection's
 /// reader sees these).
 struct Open {
