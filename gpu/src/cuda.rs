@@ -119,7 +119,7 @@ impl Device for CudaDevice {
         // The array may still be being written on its library's stream: the
         // importer must see the finished bytes (as `read_raw` waits too).
         self.ctx.synchronize().map_err(err("sharing device memory"))?;
-        let mut body: Vec<u8> = handle.reserved.iter().map(|c| *c as u8).collect();
+        let mut body = key(&handle).to_vec();
         body.extend_from_slice(&(ptr - base).to_le_bytes());
         Ok(crate::ipc::descriptor(&body))
     }
@@ -134,7 +134,7 @@ impl Device for CudaDevice {
             *d = *s as _;
         }
         let offset = u64::from_le_bytes(body[64..].try_into().unwrap());
-        let mut dst = self.alloc(len)?;
+        let dst = self.alloc(len)?;
         if len == 0 {
             return Ok(dst);
         }
@@ -161,7 +161,7 @@ impl Device for CudaDevice {
         let synced = copied.and_then(|()| self.ctx.synchronize().map_err(err("copying from another process's device memory")));
         close_handle(handle);
         if let Err(e) = synced {
-            self.free(std::mem::replace(&mut dst, DeviceBuffer { len: 0, inner: DeviceInner::Host(Vec::new()) }));
+            self.free(dst);
             return Err(e);
         }
         Ok(dst)

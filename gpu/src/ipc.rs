@@ -10,7 +10,13 @@
 pub const DESCRIPTOR_MARK: &[u8; 4] = b"RDVX";
 
 /// This boot of this machine: processes that see the same id share a node.
-pub fn node_id() -> String {
+/// Read once (every fetch offers it, every serve compares it).
+pub fn node_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(read_node_id)
+}
+
+fn read_node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .ok()
