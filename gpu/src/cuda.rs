@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
-use crate::device::{Device, DeviceBuffer, DeviceInner, StagingBuffer};
+use crate::device::{check_range, Device, DeviceBuffer, DeviceInner, StagingBuffer};
 use crate::GpuError;
 
 pub struct CudaDevice {
@@ -43,9 +43,13 @@ impl Device for CudaDevice {
             // CUDA refuses empty allocations; an empty array needs no memory.
             return Ok(DeviceBuffer { len, inner: DeviceInner::Host(Vec::new()) });
         }
+        self.ctx.bind_to_thread().map_err(err("allocating device memory"))?;
+        // Plain `cuMemAlloc`, not the stream-ordered pool cudarc would use
+        // where the GPU has one: CUDA gives IPC handles only to plain
+        // allocations, and values rdask received are shared on by IPC too.
         // SAFETY: the bytes are written (copies in) before anything reads them.
-        match unsafe { self.stream.alloc::<u8>(len) } {
-            Ok(s) => Ok(DeviceBuffer { len, inner: DeviceInner::Cuda(s) }),
+        match unsafe { cudarc::driver::result::malloc_sync(len) } {
+            Ok(ptr) => Ok(DeviceBuffer { len, inner: DeviceInner::Cuda(CudaAlloc { ptr, ctx: self.ctx.clone() }) }),
             Err(e) if format!("{e:?}").contains("OUT_OF_MEMORY") => {
                 Err(GpuError::OutOfMemory { device: self.describe(), wanted: len as u64, free: 0 })
             }
@@ -57,14 +61,13 @@ impl Device for CudaDevice {
         let DeviceInner::Cuda(s) = &src.inner else {
             return Err(GpuError::Device { what: "copying to host".into(), reason: "not a CUDA buffer".into() });
         };
-        let view = s.slice(offset..offset + len);
-        match dst {
-            StagingBuffer::Pinned(p) => {
-                let part = p.as_mut_slice().map_err(err("copying to host"))?;
-                self.stream.memcpy_dtoh(&view, &mut part[..len]).map_err(err("copying to host"))?
-            }
-            StagingBuffer::Host(v) => self.stream.memcpy_dtoh(&view, &mut v[..len]).map_err(err("copying to host"))?,
-        }
+        check_range(src.len, offset, len, "copying to host")?;
+        check_range(dst.len(), 0, len, "copying to host")?;
+        self.ctx.bind_to_thread().map_err(err("copying to host"))?;
+        let part = &mut dst.bytes_mut()?[..len];
+        // SAFETY: both ranges were checked; the copy is waited for below,
+        // before `part` can be used or freed.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(part, s.ptr + offset as u64, self.stream.cu_stream()) }.map_err(err("copying to host"))?;
         self.stream.synchronize().map_err(err("copying to host"))
     }
 
@@ -72,15 +75,16 @@ impl Device for CudaDevice {
         let DeviceInner::Cuda(d) = &mut dst.inner else {
             return Err(GpuError::Device { what: "copying to the device".into(), reason: "not a CUDA buffer".into() });
         };
-        let mut view = d.slice_mut(offset..offset + src.len());
-        self.stream.memcpy_htod(src, &mut view).map_err(err("copying to the device"))?;
+        check_range(dst.len, offset, src.len(), "copying to the device")?;
+        self.ctx.bind_to_thread().map_err(err("copying to the device"))?;
+        // SAFETY: the range was checked; waited for before `src` may go.
+        unsafe { cudarc::driver::result::memcpy_htod_async(d.ptr + offset as u64, src, self.stream.cu_stream()) }.map_err(err("copying to the device"))?;
         self.stream.synchronize().map_err(err("copying to the device"))
     }
 
     fn address(&self, buf: &DeviceBuffer) -> u64 {
-        use cudarc::driver::DevicePtr;
         match &buf.inner {
-            DeviceInner::Cuda(s) => s.device_ptr(&self.stream).0,
+            DeviceInner::Cuda(s) => s.ptr,
             DeviceInner::Host(_) => 0, // an empty buffer
         }
     }
@@ -171,6 +175,24 @@ impl Device for CudaDevice {
         // SAFETY: staging bytes are written by a copy before they are read.
         let p = unsafe { self.ctx.alloc_pinned::<u8>(len) }.map_err(err("allocating page-locked host memory"))?;
         Ok(StagingBuffer::Pinned(p))
+    }
+}
+
+/// Device memory from `cuMemAlloc`, freed when dropped.
+pub(crate) struct CudaAlloc {
+    ptr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for CudaAlloc {
+    fn drop(&mut self) {
+        // Copies into or out of the buffer were waited for when they were
+        // made, so nothing on the device still uses it.
+        // SAFETY: this allocation's own pointer, freed once.
+        let freed = self.ctx.bind_to_thread().and_then(|()| unsafe { cudarc::driver::result::free_sync(self.ptr) });
+        if let Err(e) = freed {
+            tracing::warn!("freeing device memory at {:#x}: {e:?}", self.ptr);
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub struct DeviceBuffer {
 pub(crate) enum DeviceInner {
     Host(Vec<u8>),
     #[cfg(feature = "cuda")]
-    Cuda(cudarc::driver::CudaSlice<u8>),
+    Cuda(crate::cuda::CudaAlloc),
 }
 
 impl DeviceBuffer {
@@ -125,7 +125,7 @@ pub trait Device: Send + Sync {
     }
 }
 
-fn check_range(buf_len: usize, offset: usize, len: usize, what: &str) -> Result<(), GpuError> {
+pub(crate) fn check_range(buf_len: usize, offset: usize, len: usize, what: &str) -> Result<(), GpuError> {
     match offset.checked_add(len) {
         Some(end) if end <= buf_len => Ok(()),
         _ => Err(GpuError::Device { what: what.into(), reason: format!("bytes {offset}..+{len} outside a buffer of {buf_len}") }),
