@@ -98,6 +98,11 @@ impl Device for CudaDevice {
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, ptr) }.map_err(err("reading device memory"))
     }
 
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(err("waiting for the device"))?;
+        self.ctx.synchronize().map_err(err("waiting for the device"))
+    }
+
     fn ipc_domain(&self) -> Option<String> {
         // GPUs of one node share memory through IPC handles; between two
         // GPUs the import asks for peer access, and fails (the requester then

@@ -97,6 +97,17 @@ pub trait Device: Send + Sync {
     /// `ptr..ptr + dst.len()` must be memory of this device that stays
     /// allocated until the call returns.
     unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError>;
+    /// Whether this "device" memory is host memory (the stand-in): a
+    /// transport moves it as host memory.
+    fn is_host_memory(&self) -> bool {
+        false
+    }
+    /// Waits until work queued on the device (another library's writes to
+    /// its arrays) has finished, before something outside the device's
+    /// streams (a transport) reads its memory.
+    fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(())
+    }
     /// Gives a buffer back (dropping one frees it too; this also keeps the
     /// stand-in's count right).
     fn free(&self, buf: DeviceBuffer) {
@@ -230,6 +241,10 @@ impl Device for HostStandIn {
             #[cfg(feature = "cuda")]
             DeviceInner::Cuda(_) => 0,
         }
+    }
+
+    fn is_host_memory(&self) -> bool {
+        true
     }
 
     fn ipc_domain(&self) -> Option<String> {

@@ -199,6 +199,9 @@ pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("chunk_bytes", rdask_gpu::staging::DEFAULT_CHUNK)?;
     d.set_item("shared_values", SHARED_VALUES.load(Ordering::Relaxed))?;
     d.set_item("shared_held", SHARED_HELD.load(Ordering::Relaxed))?;
+    d.set_item("direct_values", crate::device_direct::SENT_VALUES.load(Ordering::Relaxed))?;
+    d.set_item("direct_arrays", crate::device_direct::SENT_ARRAYS.load(Ordering::Relaxed))?;
+    d.set_item("direct_bytes", crate::device_direct::SENT_BYTES.load(Ordering::Relaxed))?;
     Ok(d)
 }
 
@@ -280,6 +283,13 @@ impl rdask_transport::peer::PartSink for DeviceSink {
         }
         let domain = process_device().ok()?.ipc_domain()?;
         Some(rdask_transport::protocol::IpcOffer { domain, pid: std::process::id() })
+    }
+
+    fn direct_kind(&self) -> Option<rdask_transport::device::MemoryKind> {
+        if !crate::device_direct::direct_enabled() || !device_expected() {
+            return None;
+        }
+        Some(crate::device_direct::kind_of(&*process_device().ok()?))
     }
 }
 
@@ -369,6 +379,22 @@ impl rdask_transport::peer::PartReceiver for DeviceParts {
         Ok(())
     }
 
+    fn push_device(&mut self, payload: rdask_transport::device::DevicePayload) -> Result<(), String> {
+        self.skip_empty().map_err(|e| e.to_string())?;
+        if self.shared || self.current.is_some() {
+            return Err("a device frame arrived inside another part of a value".into());
+        }
+        let Some(&size) = self.sizes.get(self.done.len()) else {
+            return Err("more device arrays arrived than the value's header says".into());
+        };
+        match crate::device_direct::take_arrival(payload, size)? {
+            crate::device_direct::Arrived::OnDevice(buf) => self.done.push(buf),
+            // The device had no room when it arrived: copied in now (making room).
+            crate::device_direct::Arrived::OnHost(bytes) => self.push_bytes(&bytes)?,
+        }
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<rdask_transport::peer::Frames, String> {
         self.skip_empty().map_err(|e| e.to_string())?;
         if self.current.is_some() || self.done.len() != self.sizes.len() {
@@ -427,5 +453,8 @@ pub fn receive_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("chunks", RECEIVED_CHUNKS.load(Ordering::Relaxed))?;
     d.set_item("imported_arrays", IMPORTED_ARRAYS.load(Ordering::Relaxed))?;
     d.set_item("imported_bytes", IMPORTED_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("direct_arrays", crate::device_direct::ARRIVED_ARRAYS.load(Ordering::Relaxed))?;
+    d.set_item("direct_bytes", crate::device_direct::ARRIVED_BYTES.load(Ordering::Relaxed))?;
+    d.set_item("direct_on_host", crate::device_direct::ARRIVED_ON_HOST.load(Ordering::Relaxed))?;
     Ok(d)
 }

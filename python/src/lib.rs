@@ -5,6 +5,7 @@
 
 mod client;
 mod device;
+mod device_direct;
 mod frames;
 mod mpi;
 mod payload;
@@ -132,6 +133,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device::device_claim, m)?)?;
     m.add_function(wrap_pyfunction!(device::receive_stats, m)?)?;
     rdask_transport::peer::set_part_sink(std::sync::Arc::new(device::DeviceSink));
+    rdask_transport::device::set_device_allocator(std::sync::Arc::new(device_direct::Arrivals));
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<client::Client>()?;
     m.add_function(wrap_pyfunction!(worker::run_worker, m)?)?;

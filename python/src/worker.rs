@@ -142,10 +142,13 @@ impl ObjectValue for PyValue {
         self.frames.is_none() || self.device > 0
     }
 
-    fn staged(&self, ipc: Option<&rdask_transport::protocol::IpcOffer>) -> Option<Result<Staged, TaskFailure>> {
+    fn staged(&self, ipc: Option<&rdask_transport::protocol::IpcOffer>, direct: Option<rdask_transport::device::MemoryKind>) -> Option<Result<Staged, TaskFailure>> {
         let device = rdask_gpu::device::process_device().ok()?;
         let share = ipc.is_some_and(|o| o.pid != std::process::id() && device.ipc_domain().is_some_and(|d| d == o.domain)) && crate::device::ipc_enabled();
-        if self.device < STAGE_FROM && !share {
+        // The requester's connection carries this device's memory: each
+        // array goes as one device frame, whatever the value's size.
+        let direct = direct == Some(crate::device_direct::kind_of(&*device)) && crate::device_direct::direct_enabled();
+        if self.device < STAGE_FROM && !share && !direct {
             return None;
         }
         let dumps_staged = self.codec.dumps_staged.as_ref()?;
@@ -169,11 +172,15 @@ impl ObjectValue for PyValue {
                         Ok(staged) => return Ok(Some(staged)),
                         Err(e) => {
                             tracing::debug!("cannot share a device value by IPC, sending its bytes: {e}");
-                            if self.device < STAGE_FROM {
+                            if self.device < STAGE_FROM && !direct {
                                 return Ok(None);
                             }
                         }
                     }
+                }
+                if direct {
+                    let arrays = crate::device_direct::DirectArrays::new(&*device, &parts, keep).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
+                    return Ok(Some(Staged { head, chunks: Box::new(arrays), shared: false }));
                 }
                 // A pool per value (a peer that stops reading holds up only
                 // its own transfer), its buffers kept between transfers.

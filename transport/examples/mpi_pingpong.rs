@@ -77,7 +77,7 @@ fn main() {
                 let n = rounds(size);
                 let t = Instant::now();
                 for _ in 0..n {
-                    conn.sender.send(Frame { control: control.clone(), data: vec![data.clone()] }).unwrap();
+                    conn.sender.send(Frame { control: control.clone(), data: vec![data.clone()], device: None }).unwrap();
                     let back = conn.receiver.recv().await.unwrap().unwrap();
                     assert_eq!(back.data[0].len(), size);
                 }

@@ -23,6 +23,9 @@ pub struct FrameSender {
     tx: mpsc::UnboundedSender<Frame>,
     limits: Limits,
     notify: Option<Arc<dyn Notify>>,
+    /// Memory kinds this connection carries as device payloads
+    /// (`device::kind_bit`); 0 for all but UCX.
+    carries: u8,
 }
 
 /// Wakes a backend that does not poll the send queue from a tokio task (UCX:
@@ -35,18 +38,39 @@ pub trait Notify: Send + Sync {
 
 impl FrameSender {
     pub fn new(tx: mpsc::UnboundedSender<Frame>, limits: Limits) -> Self {
-        FrameSender { tx, limits, notify: None }
+        FrameSender { tx, limits, notify: None, carries: 0 }
     }
 
     /// A sender whose backend is woken by `notify` after each frame.
     pub fn with_notify(tx: mpsc::UnboundedSender<Frame>, limits: Limits, notify: Arc<dyn Notify>) -> Self {
-        FrameSender { tx, limits, notify: Some(notify) }
+        FrameSender { tx, limits, notify: Some(notify), carries: 0 }
+    }
+
+    /// This sender with device payloads of the kinds in `kinds` (bits of
+    /// `device::kind_bit`) allowed.
+    pub fn carrying(mut self, kinds: u8) -> Self {
+        self.carries = kinds;
+        self
+    }
+
+    /// Whether frames with a device payload of `kind` can go on this
+    /// connection (UCX with that memory kind in its build).
+    pub fn carries(&self, kind: crate::device::MemoryKind) -> bool {
+        self.carries & crate::device::kind_bit(kind) != 0
     }
 
     /// Queues a frame. Fails at once for a frame over the size limit, or when
     /// the connection is gone.
     pub fn send(&self, frame: Frame) -> Result<()> {
         frame.check(&self.limits)?;
+        if let Some(d) = &frame.device {
+            if !self.carries(d.kind) {
+                return Err(TransportError::Invalid(format!("this connection cannot carry {:?} memory", d.kind)));
+            }
+            if frame.host_size() > crate::device::DEVICE_FRAME_HOST_MAX as u64 {
+                return Err(TransportError::Invalid(format!("a device frame's host part of {} bytes is over {}", frame.host_size(), crate::device::DEVICE_FRAME_HOST_MAX)));
+            }
+        }
         self.tx.send(frame).map_err(|_| TransportError::Closed)?;
         if let Some(n) = &self.notify {
             n.notify();
@@ -61,7 +85,7 @@ impl FrameSender {
     /// A handle that can send while some other clone of this sender lives,
     /// without keeping the connection open itself.
     pub fn downgrade(&self) -> WeakFrameSender {
-        WeakFrameSender { tx: self.tx.downgrade(), limits: self.limits, notify: self.notify.as_ref().map(Arc::downgrade) }
+        WeakFrameSender { tx: self.tx.downgrade(), limits: self.limits, notify: self.notify.as_ref().map(Arc::downgrade), carries: self.carries }
     }
 }
 
@@ -70,6 +94,7 @@ pub struct WeakFrameSender {
     tx: mpsc::WeakUnboundedSender<Frame>,
     limits: Limits,
     notify: Option<std::sync::Weak<dyn Notify>>,
+    carries: u8,
 }
 
 impl WeakFrameSender {
@@ -79,7 +104,7 @@ impl WeakFrameSender {
             Some(n) => Some(n.upgrade()?),
             None => None,
         };
-        Some(FrameSender { tx: self.tx.upgrade()?, limits: self.limits, notify })
+        Some(FrameSender { tx: self.tx.upgrade()?, limits: self.limits, notify, carries: self.carries })
     }
 }
 

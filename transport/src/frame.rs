@@ -52,11 +52,14 @@ pub struct Frame {
     /// be read in place.
     pub control: AlignedVec,
     pub data: Vec<Bytes>,
+    /// A payload in device memory, after the data frames (only on
+    /// connections that carry it: `FrameSender::carries`).
+    pub device: Option<crate::device::DevicePayload>,
 }
 
 impl Frame {
     pub fn new(control: AlignedVec) -> Self {
-        Frame { control, data: Vec::new() }
+        Frame { control, data: Vec::new(), device: None }
     }
 
     pub fn from_message<M: WireMessage>(msg: &M) -> Self {
@@ -64,7 +67,7 @@ impl Frame {
     }
 
     pub fn with_data<M: WireMessage>(msg: &M, data: Vec<Bytes>) -> Self {
-        Frame { control: msg.encode(), data }
+        Frame { control: msg.encode(), data, device: None }
     }
 
     /// Validates the control part as `M` and returns an in-place view.
@@ -79,8 +82,14 @@ impl Frame {
         })
     }
 
-    /// Total payload size as it will appear on the wire.
+    /// Total payload size as it will appear on the wire (a device payload
+    /// included).
     pub fn wire_size(&self) -> u64 {
+        self.host_size() + self.device.as_ref().map_or(0, |d| d.len as u64)
+    }
+
+    /// The size of the host part: header, length table, control, data frames.
+    pub fn host_size(&self) -> u64 {
         (HEADER_LEN + 8 * self.data.len() + self.control.len()) as u64
             + self.data.iter().map(|d| d.len() as u64).sum::<u64>()
     }
@@ -190,12 +199,12 @@ pub fn decode_frame(bytes: &[u8], limits: &Limits) -> Result<Frame> {
     let mut control = AlignedVec::with_capacity(header.control_len as usize);
     control.extend_from_slice(&bytes[table_end..control_end]);
     let data = split_data(BytesMut::from(&bytes[control_end..total as usize]), &lengths);
-    Ok(Frame { control, data })
+    Ok(Frame { control, data, device: None })
 }
 
 /// Encodes a whole frame into one buffer (tests; the TCP writer uses vectored I/O).
 pub fn encode_frame(frame: &Frame) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.wire_size() as usize);
+    let mut out = Vec::with_capacity(frame.host_size() as usize);
     frame.encode_header(&mut out);
     out.extend_from_slice(&frame.control);
     for d in &frame.data {

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod bufpool;
+pub mod device;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;

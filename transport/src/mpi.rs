@@ -590,7 +590,7 @@ impl State {
             data.push(crate::bufpool::into_bytes(d));
         }
         let Some(c) = self.conns.get(&id) else { return };
-        let _ = c.inbound.send(Ok(Some(Frame { control, data })));
+        let _ = c.inbound.send(Ok(Some(Frame { control, data, device: None })));
     }
 }
 

@@ -13,6 +13,7 @@ use crate::backend::{connect, FrameSender};
 use crate::error::{Result, TransportError};
 use crate::frame::{Frame, Limits};
 use crate::handshake::{handshake_connect, Role};
+use crate::device::{DevicePayload, MemoryKind};
 use crate::protocol::{ArchivedFromPeerMessage, FromPeerMessage, IpcOffer, ToPeerMessage, WireMessage};
 use crate::TaskId;
 
@@ -64,12 +65,25 @@ pub trait PartSink: Send + Sync {
     fn ipc_offer(&self) -> Option<IpcOffer> {
         None
     }
+    /// Offered with every request on a connection that carries device
+    /// payloads of this kind: this process's device memory is of this kind
+    /// (a holder of the same kind then sends each array as one device frame,
+    /// which the transport receives into this process's device memory).
+    fn direct_kind(&self) -> Option<MemoryKind> {
+        None
+    }
 }
 
 /// One value arriving in parts.
 pub trait PartReceiver: Send {
     /// The frames of the next part.
     fn push(&mut self, frames: &[Bytes]) -> std::result::Result<(), String>;
+    /// The next part as a device payload (one array of the value, received
+    /// into this process's device memory, or into host memory when the
+    /// device had no room).
+    fn push_device(&mut self, payload: DevicePayload) -> std::result::Result<(), String> {
+        Err(format!("cannot take a device payload ({payload:?})"))
+    }
     /// The value's frames, once every part arrived.
     fn finish(self: Box<Self>) -> std::result::Result<Frames, String>;
 }
@@ -132,8 +146,9 @@ impl PeerConnection {
     pub async fn fetch(&self, tasks: Vec<TaskId>) -> Result<Vec<Fetched>> {
         let offer = if self.ipc_off.load(Ordering::Relaxed) { None } else { PART_SINK.get().and_then(|s| s.ipc_offer()) };
         let offered = offer.is_some();
+        let direct = PART_SINK.get().and_then(|s| s.direct_kind()).filter(|k| self.sender.carries(*k));
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (mut out, parts) = self.request(request_id, tasks, offer).await?;
+        let (mut out, parts) = self.request(request_id, tasks, offer, direct).await?;
         if !(offered && parts) {
             return Ok(out);
         }
@@ -149,20 +164,20 @@ impl PeerConnection {
             }
         }
         let again_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (again, _) = self.request(again_id, failed.iter().map(|&i| out[i].0).collect(), None).await?;
+        let (again, _) = self.request(again_id, failed.iter().map(|&i| out[i].0).collect(), None, direct).await?;
         for (i, fetched) in failed.into_iter().zip(again) {
             out[i] = fetched;
         }
         Ok(out)
     }
 
-    async fn request(&self, request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer>) -> Result<Answer> {
+    async fn request(&self, request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer>, direct: Option<MemoryKind>) -> Result<Answer> {
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().unwrap().as_mut() {
             Some(map) => map.insert(request_id, Waiting { tx, so_far: Vec::new(), parts: false }),
             None => return Err(TransportError::Closed),
         };
-        self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks, ipc }))?;
+        self.sender.send(Frame::from_message(&ToPeerMessage::Fetch { request_id, tasks, ipc, direct }))?;
         rx.await.map_err(|_| TransportError::Closed)?
     }
 }
@@ -209,6 +224,11 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, rel
     let id = request_id.to_native();
     let mut steps = Vec::with_capacity(items.len());
     let mut joining = opens.contains_key(&id);
+    // A device payload is one part of a value sent in parts, alone in its frame.
+    let mut device = frame.device.clone();
+    if device.is_some() && items.len() != 1 {
+        return Err(TransportError::Invalid(format!("a device frame with {} items (one expected)", items.len())));
+    }
     for item in items.iter() {
         let task = item.id.get();
         let value = if !item.found {
@@ -231,6 +251,9 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, rel
         // Parts go to their sink here, outside the lock: a copy into device
         // memory must not hold up the requests waiting on this connection.
         let Some(open) = opens.get_mut(&id) else {
+            if device.is_some() {
+                return Err(TransportError::Invalid(format!("a device payload for task {task} outside a value sent in parts")));
+            }
             if item.partial {
                 let sink = match (&value, PART_SINK.get()) {
                     (FetchedValue::Value(head), Some(sink)) => sink.begin(head),
@@ -248,16 +271,19 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, rel
         }
         let step = match (value, open.failed) {
             (FetchedValue::Value(_), true) => Step::Nothing,
-            (FetchedValue::Value(frames), false) => match &mut open.sink {
-                Some(r) => match r.push(&frames) {
-                    Ok(()) => Step::Nothing,
-                    Err(e) => {
-                        (open.sink, open.failed) = (None, true);
-                        Step::Replace(receive_error(e))
-                    }
-                },
-                None => Step::Extend(frames),
-            },
+            (FetchedValue::Value(frames), false) => {
+                let pushed = match (&mut open.sink, device.take()) {
+                    (Some(r), Some(payload)) => r.push_device(payload).map(|()| Step::Nothing),
+                    (Some(r), None) => r.push(&frames).map(|()| Step::Nothing),
+                    // Joined in host memory: a host payload is one more frame.
+                    (None, Some(payload)) => payload.into_host_bytes().map(|b| Step::Extend(std::iter::once(b).collect())).ok_or_else(|| "device memory arrived for a value this process cannot place on a device".to_string()),
+                    (None, None) => Ok(Step::Extend(frames)),
+                };
+                pushed.unwrap_or_else(|e| {
+                    (open.sink, open.failed) = (None, true);
+                    Step::Replace(receive_error(e))
+                })
+            }
             // A value that failed half-way (its copy off a device) is that failure.
             (other, _) => {
                 (open.sink, open.failed) = (None, true);

@@ -16,7 +16,7 @@ pub use crate::ids::{ArchivedClientId, ArchivedTaskId, ArchivedWorkerId, ClientI
 
 /// Bumped on any change of a message layout below. The handshake rejects
 /// peers with a different version before any archive is read.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Index value meaning "this item has no data frame".
 pub const NO_FRAME: u32 = u32::MAX;
@@ -507,11 +507,38 @@ pub struct PeerAddress {
 pub enum ToPeerMessage {
     /// `ipc`: the requester is on this node and can import device memory
     /// of this domain: device values may come as IPC descriptors instead of
-    /// their bytes (docs/protocol.md "Device frames").
-    Fetch { request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer> },
+    /// their bytes (docs/protocol.md "Device frames"). `direct`: the
+    /// requester's connection carries device payloads of this kind (UCX
+    /// with that memory in its build) and its device is of this kind: device
+    /// values may come as one device frame per array instead of staging
+    /// chunks.
+    Fetch { request_id: u64, tasks: Vec<TaskId>, ipc: Option<IpcOffer>, direct: Option<MemoryKind> },
     /// The requester has copied what request `request_id`'s answer shared
     /// through IPC: the holder may let go of it.
     Release { request_id: u64 },
+}
+
+/// Memory a device frame's payload lives in (`transport::device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Archive, Serialize, Deserialize)]
+#[rkyv(derive(Debug, PartialEq))]
+#[repr(u8)]
+pub enum MemoryKind {
+    /// Host memory: the stand-in device's, or a payload that landed on the
+    /// host because the device had no room.
+    Host = 0,
+    /// CUDA device memory.
+    Cuda = 1,
+}
+
+impl MemoryKind {
+    /// The kind with this code (`kind as u8`), if any.
+    pub fn from_code(code: u8) -> Option<MemoryKind> {
+        match code {
+            0 => Some(MemoryKind::Host),
+            1 => Some(MemoryKind::Cuda),
+            _ => None,
+        }
+    }
 }
 
 /// Where a requester can import device memory from.

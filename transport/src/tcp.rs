@@ -261,7 +261,7 @@ impl<R: AsyncRead + Unpin + Send> TcpFrameReader<R> {
             buf.extend_from_slice(&first);
             drop(first);
             self.read_data_into(&mut buf, data_len, data_len).await?;
-            return Ok(Some(Frame { control, data: split_bytes(bufpool::into_bytes(buf), &lengths) }));
+            return Ok(Some(Frame { control, data: split_bytes(bufpool::into_bytes(buf), &lengths), device: None }));
         }
         let mut data = BytesMut::with_capacity(data_len.min(GROW_STEP));
         while data.len() < data_len {
@@ -284,7 +284,7 @@ impl<R: AsyncRead + Unpin + Send> TcpFrameReader<R> {
                 )));
             }
         }
-        Ok(Some(Frame { control, data: split_data(data, &lengths) }))
+        Ok(Some(Frame { control, data: split_data(data, &lengths), device: None }))
     }
 
     /// Reads data-frame bytes into `buf` until it holds `upto` (of a frame's

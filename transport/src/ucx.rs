@@ -45,6 +45,7 @@ use ucx_sys as sys;
 
 use crate::backend::{host_port, Backend, BoxFuture, Connection, FrameRead, FrameSender, Listener, Notify};
 use crate::error::{Result, TransportError};
+use crate::device::{DevicePayload, MemoryKind, DEVICE_FRAME_HOST_MAX};
 use crate::frame::{check_lengths, FixedHeader, Frame, Limits, HEADER_LEN};
 
 /// Header: receiver's connection id, sequence number, the frame's first bytes.
@@ -54,6 +55,11 @@ const AM_CLOSE: u32 = 2;
 /// Header: the sender's id for this connection (sent with UCX's reply
 /// endpoint, which tells the receiver which endpoint it came on).
 const AM_HELLO: u32 = 3;
+/// A frame with a device payload (`crate::device`). Header: receiver's
+/// connection id, sequence number, the payload's memory kind (u64), then
+/// the frame's whole host part; the message's data is the payload, sent
+/// from (and received into) memory of that kind by rendezvous.
+const AM_DEVICE: u32 = 4;
 /// Pieces smaller than this are copied into the staging buffer rather than
 /// given their own iov entry.
 const COPY_BELOW: usize = 16 << 10;
@@ -252,6 +258,9 @@ enum Event {
     Hello { ep: usize, remote: u64 },
     Frame { conn: u64, seq: u64, prefix: Vec<u8>, data: Vec<u8> },
     Rndv { conn: u64, seq: u64, prefix: Vec<u8>, desc: usize, len: usize },
+    /// A device frame whose payload waits for its receive (`desc`), or
+    /// came with the message (`data`: eager, in host memory).
+    Device { conn: u64, seq: u64, kind: u64, host: Vec<u8>, desc: usize, len: usize, data: Option<Vec<u8>> },
     Close { conn: u64, seq: u64 },
     ConnRequest { listener: u64, request: usize },
     EpError { ep: usize, status: sys::ucs_status_t },
@@ -295,6 +304,18 @@ unsafe extern "C" fn on_am(
             }
             let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
             push(Event::Frame { conn, seq, prefix, data: bytes });
+        }
+        AM_DEVICE if header_length >= 24 => {
+            let (conn, seq, kind) = (word(0), word(1), word(2));
+            let host = header[24..].to_vec();
+            if param.recv_attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
+                push(Event::Device { conn, seq, kind, host, desc: data as usize, len: length, data: None });
+                return sys::UCS_INPROGRESS as sys::ucs_status_t;
+            }
+            // UCX may deliver a small payload with the message even when
+            // rendezvous was asked for: it is host memory then.
+            let bytes = if length == 0 { Vec::new() } else { std::slice::from_raw_parts(data.cast::<u8>(), length).to_vec() };
+            push(Event::Device { conn, seq, kind, host, desc: 0, len: length, data: Some(bytes) });
         }
         id => tracing::warn!(id, header_length, "malformed UCX message; dropped"),
     }
@@ -342,6 +363,9 @@ struct RecvKeep {
     seq: u64,
     prefix: Vec<u8>,
     buf: Vec<u8>,
+    /// A device frame's payload being received (`prefix` is then the
+    /// frame's whole host part, `buf` empty).
+    device: Option<DevicePayload>,
 }
 
 enum Slot {
@@ -394,6 +418,8 @@ struct State {
     id_key: std::collections::hash_map::RandomState,
     /// Which endpoints ask UCX for peer-failure handling.
     peer_errors: PeerErrors,
+    /// Memory kinds connections carry as device payloads (`device::kind_bit`).
+    carries: u8,
 }
 
 /// When endpoints use UCP_ERR_HANDLING_MODE_PEER (`RDASK_UCX_PEER_ERRORS`).
@@ -589,7 +615,7 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         if s != sys::UCS_OK as sys::ucs_status_t {
             return Err(format!("ucp_worker_create: {}", status_text(lib, s)));
         }
-        for id in [AM_FRAME, AM_CLOSE, AM_HELLO] {
+        for id in [AM_FRAME, AM_CLOSE, AM_HELLO, AM_DEVICE] {
             let mut h: sys::ucp_am_handler_param_t = std::mem::zeroed();
             h.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
                 | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
@@ -616,8 +642,38 @@ fn init() -> std::result::Result<(State, i32, String), String> {
         let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
         attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64;
         let max_prefix = if ok(lib.ucp_worker_query(worker, &mut attr)) { attr.max_am_header.saturating_sub(16).min(4096) } else { 0 };
-        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix, id_key: Default::default(), peer_errors };
+        let carries = memory_kinds(lib, context, max_prefix);
+        tracing::debug!(%version, carries, "UCX memory kinds for device frames (bit 0 host, bit 1 CUDA)");
+        let st = State { lib, worker, next_id: 1, conns: HashMap::new(), by_ep: HashMap::new(), listeners: HashMap::new(), closing: Vec::new(), max_prefix, id_key: Default::default(), peer_errors, carries };
         Ok((st, efd, version))
+    }
+}
+
+/// The memory kinds this UCX moves as device payloads: host memory always,
+/// CUDA memory where the build has CUDA transports (Debian's libucx has
+/// none; UCX from the `libucx-cu12` wheels does). None when a device
+/// frame's host part would not fit an active message's header.
+/// `RDASK_UCX_DEVICE_FRAMES=0` turns them off.
+///
+/// # Safety
+/// `context` must be a live UCP context.
+unsafe fn memory_kinds(lib: &sys::UcpLib, context: sys::ucp_context_h, max_prefix: usize) -> u8 {
+    if max_prefix < DEVICE_FRAME_HOST_MAX + 8 || std::env::var("RDASK_UCX_DEVICE_FRAMES").is_ok_and(|v| v.trim() == "0") {
+        return 0;
+    }
+    let mut kinds = crate::device::kind_bit(MemoryKind::Host);
+    let mut attr: sys::ucp_context_attr = std::mem::zeroed();
+    attr.field_mask = sys::UCP_ATTR_FIELD_MEMORY_TYPES as u64;
+    if ok(lib.ucp_context_query(context, &mut attr)) && attr.memory_types & (1 << sys::UCS_MEMORY_TYPE_CUDA) != 0 {
+        kinds |= crate::device::kind_bit(MemoryKind::Cuda);
+    }
+    kinds
+}
+
+fn ucs_memory_type(kind: MemoryKind) -> sys::ucs_memory_type_t {
+    match kind {
+        MemoryKind::Host => sys::UCS_MEMORY_TYPE_HOST,
+        MemoryKind::Cuda => sys::UCS_MEMORY_TYPE_CUDA,
     }
 }
 
@@ -736,7 +792,7 @@ impl State {
         let max = Arc::new(AtomicU64::new(limits.max_frame_size));
         let _enter = runtime.enter();
         let connection = Connection {
-            sender: FrameSender::with_notify(out_tx, limits, Arc::new(SendNotifier(id))),
+            sender: FrameSender::with_notify(out_tx, limits, Arc::new(SendNotifier(id))).carrying(self.carries),
             receiver: Box::new(ChannelReader { rx: in_rx, max: max.clone() }),
             peer: peer.clone(),
         };
@@ -825,6 +881,7 @@ impl State {
                 self.deliver(id);
             }
             Event::Rndv { conn, seq, prefix, desc, len } => self.rendezvous(conn, seq, prefix, desc as *mut c_void, len),
+            Event::Device { conn, seq, kind, host, desc, len, data } => self.device_frame(conn, seq, kind, host, desc as *mut c_void, len, data),
             Event::Close { conn: id, seq } => {
                 let Some(c) = self.conns.get_mut(&id) else { return };
                 c.arrived.insert(seq, Slot::Ready(Ok(None)));
@@ -956,7 +1013,7 @@ impl State {
         // SAFETY: UCX writes all `len` bytes before the buffer is read
         // (completion is checked in `received`).
         unsafe { buf.set_len(len) };
-        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix, buf }));
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix, buf, device: None }));
         // SAFETY: the buffer lives in `keep` until the receive completes.
         let request = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
@@ -976,6 +1033,18 @@ impl State {
 
     fn received(&mut self, keep: RecvKeep, status: sys::ucs_status_t) {
         let Some(c) = self.conns.get_mut(&keep.conn) else { return };
+        if let Some(payload) = keep.device {
+            let item = if ok(status) {
+                parse(Bytes::from(keep.prefix), Bytes::new(), c.max.load(Ordering::Relaxed)).map(|f| Some(Frame { device: Some(payload), ..f }))
+            } else {
+                Err(TransportError::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    format!("UCX receive of device memory from {} failed: {}", c.peer, status_text(self.lib, status)),
+                )))
+            };
+            c.arrived.insert(keep.seq, Slot::Ready(item));
+            return self.deliver(keep.conn);
+        }
         c.rndv_bytes -= keep.buf.len();
         loop {
             let Some(c) = self.conns.get_mut(&keep.conn) else { return };
@@ -1052,8 +1121,10 @@ impl State {
                 c.send_seq += 1;
                 c.send_seq - 1
             });
-            if let Some(seq) = seq {
-                self.send_am(ep, AM_FRAME, header(remote, seq), Some(frame), true);
+            match seq {
+                Some(seq) if frame.device.is_some() => self.send_device(ep, header(remote, seq), frame),
+                Some(seq) => self.send_am(ep, AM_FRAME, header(remote, seq), Some(frame), true),
+                None => {}
             }
         }
         if gone {
@@ -1161,6 +1232,108 @@ impl State {
         }
     }
 
+    /// Sends a frame with a device payload: its host part in the message
+    /// header, the payload by rendezvous straight from its memory (the
+    /// sender checked the host part's size and that this UCX carries the
+    /// kind: `FrameSender::send`).
+    fn send_device(&mut self, ep: sys::ucp_ep_h, mut header: Vec<u8>, frame: Frame) {
+        let payload = frame.device.clone().expect("a device frame");
+        header.extend_from_slice(&(payload.kind as u64).to_le_bytes());
+        frame.encode_header(&mut header);
+        header.extend_from_slice(&frame.control);
+        for d in &frame.data {
+            header.extend_from_slice(d);
+        }
+        let keep = Box::into_raw(Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: Some(frame) }));
+        // SAFETY: the header lives in `keep`, the payload's memory with its
+        // owner in `keep`'s frame, until UCX says the send is done.
+        let request = unsafe {
+            let k = &*keep;
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK
+                | sys::UCP_OP_ATTR_FIELD_USER_DATA
+                | sys::UCP_OP_ATTR_FIELD_FLAGS
+                | sys::UCP_OP_ATTR_FIELD_DATATYPE
+                | sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            p.flags = sys::UCP_AM_SEND_FLAG_RNDV;
+            p.cb.send = Some(on_send);
+            p.user_data = keep.cast();
+            p.datatype = sys::dt_bytes();
+            p.memory_type = ucs_memory_type(payload.kind);
+            self.lib.ucp_am_send_nbx(ep, AM_DEVICE, k.header.as_ptr().cast(), k.header.len(), payload.address as *const c_void, payload.len, &p)
+        };
+        let status = sys::ptr_status(request);
+        if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
+            // SAFETY: done (or failed) at once: no callback will come.
+            drop(unsafe { Box::from_raw(keep) });
+            if !ok(status) {
+                tracing::debug!("UCX send of device memory failed: {}", status_text(self.lib, status));
+            }
+        }
+    }
+
+    /// A device frame arrived: its payload is received into memory of its
+    /// kind (the process's allocator), or into host memory where there is
+    /// none (or no room), which the receiver then copies in.
+    #[allow(clippy::too_many_arguments)]
+    fn device_frame(&mut self, id: u64, seq: u64, kind: u64, host: Vec<u8>, desc: *mut c_void, len: usize, data: Option<Vec<u8>>) {
+        let release = |st: &State| {
+            if data.is_none() {
+                // SAFETY: a descriptor UCX gave our handler, released once.
+                unsafe { st.lib.ucp_am_data_release(st.worker, desc) };
+            }
+        };
+        let Some(c) = self.conns.get_mut(&id) else { return release(self) };
+        let max = c.max.load(Ordering::Relaxed);
+        let bad = if (len + host.len()) as u64 > max {
+            Some(TransportError::FrameTooLarge { size: (len + host.len()) as u64, max })
+        } else {
+            MemoryKind::from_code(kind as u8).filter(|_| kind < 256).map_or_else(|| Some(TransportError::Malformed(format!("device frame of unknown memory kind {kind}"))), |_| None)
+        };
+        if c.ended || bad.is_some() {
+            if let (false, Some(e)) = (c.ended, bad) {
+                c.arrived.insert(seq, Slot::Ready(Err(e)));
+                self.deliver(id);
+            }
+            return release(self);
+        }
+        let kind = MemoryKind::from_code(kind as u8).expect("checked");
+        if let Some(bytes) = data {
+            let item = parse(Bytes::from(host), Bytes::new(), max).map(|f| Some(Frame { device: Some(DevicePayload::host(Bytes::from(bytes))), ..f }));
+            c.arrived.insert(seq, Slot::Ready(item));
+            return self.deliver(id);
+        }
+        c.arrived.insert(seq, Slot::Receiving);
+        let (payload, memory_type) = match crate::device::alloc_for_arrival(kind, len) {
+            Some(p) => (p, ucs_memory_type(kind)),
+            None => {
+                let mut buf = crate::bufpool::take(len, crate::bufpool::advise_huge_pages_vec);
+                // SAFETY: UCX writes all `len` bytes before they are read.
+                unsafe { buf.set_len(len) };
+                (DevicePayload::host(crate::bufpool::into_bytes(buf)), sys::UCS_MEMORY_TYPE_HOST)
+            }
+        };
+        let (address, len) = (payload.address, payload.len);
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix: host, buf: Vec::new(), device: Some(payload) }));
+        // SAFETY: the destination is kept allocated by its owner in `keep`
+        // until the receive completes; nothing reads it before then.
+        let request = unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA | sys::UCP_OP_ATTR_FIELD_DATATYPE | sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            p.cb.recv_am = Some(on_recv);
+            p.user_data = keep.cast();
+            p.datatype = sys::dt_bytes();
+            p.memory_type = memory_type;
+            self.lib.ucp_am_recv_data_nbx(self.worker, desc, address as *mut c_void, len, &p)
+        };
+        let status = sys::ptr_status(request);
+        if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
+            // SAFETY: completed at once (or failed): no callback will come.
+            let keep = unsafe { Box::from_raw(keep) };
+            self.received(*keep, status);
+        }
+    }
+
     /// Closes connection `id`'s endpoint (forcibly after an error).
     fn destroy(&mut self, id: u64, force: bool) {
         let Some(c) = self.conns.remove(&id) else { return };
@@ -1257,7 +1430,7 @@ fn parse(prefix: Bytes, payload: Bytes, max: u64) -> Result<Frame> {
             d
         })
         .collect();
-    Ok(Frame { control, data })
+    Ok(Frame { control, data, device: None })
 }
 
 fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -1330,7 +1503,7 @@ mod tests {
     fn parse_takes_the_tcp_layout_and_refuses_mismatches() {
         let mut control = AlignedVec::new();
         control.extend_from_slice(b"hello");
-        let frame = Frame { control, data: vec![Bytes::from_static(b"abc"), Bytes::from(vec![7u8; 40_000])] };
+        let frame = Frame { control, data: vec![Bytes::from_static(b"abc"), Bytes::from(vec![7u8; 40_000])], device: None };
         let wire = Bytes::from(encode_frame(&frame));
         let back = parse(Bytes::new(), wire.clone(), 1 << 30).unwrap();
         assert_eq!(&back.control[..], b"hello");

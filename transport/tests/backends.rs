@@ -27,6 +27,7 @@ fn mixed_frame(seed: u8) -> Frame {
     Frame {
         control: control(),
         data: vec![Bytes::new(), Bytes::from_static(b"x"), pattern(seed, 3 * 1024 * 1024 + 17), Bytes::new(), pattern(seed ^ 1, 40_000), pattern(seed ^ 2, 1000)],
+        device: None,
     }
 }
 
@@ -75,14 +76,14 @@ async fn a_frame_with_many_data_frames_arrives_intact(scheme: &str) {
     let (client, mut server) = pair(scheme).await;
     // A reply with thousands of values, a few of them large.
     let data: Vec<Bytes> = (0..5000).map(|i| if i % 1000 == 7 { pattern(i as u8, 100_000) } else { pattern(i as u8, i % 50) }).collect();
-    let f = Frame { control: control(), data };
+    let f = Frame { control: control(), data, device: None };
     client.sender.send(f.clone()).unwrap();
     assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &f);
 }
 
 async fn a_large_value_arrives_intact(scheme: &str) {
     let (client, mut server) = pair(scheme).await;
-    let f = Frame { control: control(), data: vec![pattern(3, 3), pattern(5, 200 << 20), pattern(7, 5)] };
+    let f = Frame { control: control(), data: vec![pattern(3, 3), pattern(5, 200 << 20), pattern(7, 5)], device: None };
     client.sender.send(f.clone()).unwrap();
     assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &f);
 }
@@ -95,8 +96,8 @@ async fn frames_with_large_control_messages_arrive_intact(scheme: &str) {
     for (i, control_len) in [20_000usize, 70_000, 300_000, 3 << 20].into_iter().enumerate() {
         let mut control = AlignedVec::new();
         control.extend_from_slice(&pattern(i as u8, control_len));
-        frames.push(Frame { control: control.clone(), data: vec![] });
-        frames.push(Frame { control, data: vec![pattern(9, 10), pattern(i as u8, 2 << 20)] });
+        frames.push(Frame { control: control.clone(), data: vec![], device: None });
+        frames.push(Frame { control, data: vec![pattern(9, 10), pattern(i as u8, 2 << 20)], device: None });
     }
     for f in &frames {
         client.sender.send(f.clone()).unwrap();
@@ -112,8 +113,8 @@ async fn several_large_frames_queued_at_once_arrive_in_order(scheme: &str) {
     let (client, mut server) = pair(scheme).await;
     let big = pattern(1, 120 << 20);
     for i in 0..5u8 {
-        client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![i]), big.clone()] }).unwrap();
-        client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![100 + i])] }).unwrap();
+        client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![i]), big.clone()], device: None }).unwrap();
+        client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![100 + i])], device: None }).unwrap();
     }
     for i in 0..5u8 {
         let f = recv(&mut server).await.unwrap().unwrap();
@@ -130,7 +131,7 @@ async fn a_malformed_frame_fails_its_connection_only(scheme: &str) {
     let mut listener = rdask_transport::listen(&format!("{scheme}://127.0.0.1:0"), Limits::default()).await.unwrap();
     let bad = rdask_transport::connect(&listener.address, Limits::default()).await.unwrap();
     let mut server = tokio::time::timeout(WAIT, listener.accept()).await.expect("accept hung").unwrap();
-    bad.sender.send(Frame { control: AlignedVec::new(), data: vec![Bytes::from_static(b"junk")] }).unwrap();
+    bad.sender.send(Frame { control: AlignedVec::new(), data: vec![Bytes::from_static(b"junk")], device: None }).unwrap();
     assert!(matches!(recv(&mut server).await, Err(TransportError::Malformed(_))));
     let good = rdask_transport::connect(&listener.address, Limits::default()).await.unwrap();
     let mut server = tokio::time::timeout(WAIT, listener.accept()).await.expect("accept hung").unwrap();
@@ -141,7 +142,7 @@ async fn a_malformed_frame_fails_its_connection_only(scheme: &str) {
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable(scheme: &str) {
     let limits = Limits { max_frame_size: 64 * 1024, ..Default::default() };
     let (client, mut server) = pair_with(scheme, limits, Limits::default()).await;
-    let big = Frame { control: control(), data: vec![Bytes::from(vec![7u8; 100 * 1024])] };
+    let big = Frame { control: control(), data: vec![Bytes::from(vec![7u8; 100 * 1024])], device: None };
     assert!(matches!(client.sender.send(big), Err(TransportError::FrameTooLarge { max: 65536, .. })));
     client.sender.send(small_frame()).unwrap();
     assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());
@@ -149,14 +150,14 @@ async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable(sche
 
 async fn a_frame_over_the_receivers_limit_is_refused_there(scheme: &str) {
     let (client, mut server) = pair_with(scheme, Limits::default(), Limits { max_frame_size: 4096, ..Default::default() }).await;
-    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 10_000])] }).unwrap();
+    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 10_000])], device: None }).unwrap();
     match recv(&mut server).await {
         Err(TransportError::FrameTooLarge { max: 4096, .. }) => {}
         other => panic!("expected FrameTooLarge at the receiver, got {other:?}"),
     }
     // The large rendezvous case too (UCX refuses before receiving the body).
     let (client, mut server) = pair_with(scheme, Limits::default(), Limits { max_frame_size: 1 << 20, ..Default::default() }).await;
-    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 8 << 20])] }).unwrap();
+    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 8 << 20])], device: None }).unwrap();
     assert!(matches!(recv(&mut server).await, Err(TransportError::FrameTooLarge { .. })));
 }
 
@@ -199,7 +200,7 @@ async fn many_connections_to_one_listener(scheme: &str) {
         let mut v = Vec::new();
         for i in 0..40u8 {
             let c = rdask_transport::connect(&addr, Limits::default()).await.unwrap();
-            c.sender.send(Frame { control: control(), data: vec![pattern(i, 1000 + i as usize)] }).unwrap();
+            c.sender.send(Frame { control: control(), data: vec![pattern(i, 1000 + i as usize)], device: None }).unwrap();
             v.push(c);
         }
         v
@@ -307,6 +308,42 @@ async fn a_peer_process_killed_while_idle_ends_its_connection(scheme: &str) {
     eprintln!("{scheme}: after the idle kill the reader got {end:?}");
 }
 
+/// A device frame (`rdask_transport::device`): host memory stands for the
+/// device here, which every UCX build carries; TCP carries none and says so
+/// at the sender. In order with plain frames, its host part intact.
+async fn device_frames_go_where_the_transport_carries_them(scheme: &str) {
+    use rdask_transport::device::{DevicePayload, MemoryKind};
+    let (client, mut server) = pair(scheme).await;
+    let device_frame = |payload: Bytes| Frame { device: Some(DevicePayload::host(payload)), ..small_frame() };
+    if scheme == "tcp" {
+        assert!(!client.sender.carries(MemoryKind::Host) && !client.sender.carries(MemoryKind::Cuda));
+        let err = client.sender.send(device_frame(pattern(1, 100))).unwrap_err();
+        assert!(err.to_string().contains("cannot carry Host memory"), "{err}");
+        client.sender.send(small_frame()).unwrap();
+        assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());
+        return;
+    }
+    assert!(client.sender.carries(MemoryKind::Host));
+    // A host part over the limit is refused before it is queued.
+    let mut control = AlignedVec::new();
+    control.extend_from_slice(&pattern(3, 2000));
+    let too_big = Frame { control, data: vec![], device: Some(DevicePayload::host(pattern(1, 10))) };
+    assert!(client.sender.send(too_big).unwrap_err().to_string().contains("host part"));
+    let (big, small) = (pattern(9, (3 << 20) + 5), pattern(4, 10));
+    for f in [small_frame(), device_frame(big.clone()), device_frame(small.clone()), small_frame()] {
+        client.sender.send(f).unwrap();
+    }
+    assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());
+    for want in [big, small] {
+        let mut got = recv(&mut server).await.unwrap().unwrap();
+        let payload = got.device.take().expect("the device payload");
+        assert_eq!((payload.kind, payload.len), (MemoryKind::Host, want.len()));
+        assert_same_frame(&got, &small_frame());
+        assert!(payload.into_host_bytes().unwrap() == want, "the payload's bytes differ");
+    }
+    assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());
+}
+
 /// The child side of the tests above; does nothing unless run by them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_peer() {
@@ -319,11 +356,11 @@ async fn child_peer() {
     for n in [20_000usize, 300_000] {
         let mut control = AlignedVec::new();
         control.extend_from_slice(&pattern(7, n));
-        c.sender.send(Frame { control, data: vec![] }).unwrap();
+        c.sender.send(Frame { control, data: vec![], device: None }).unwrap();
     }
     let value = Bytes::from(vec![0x5au8; 64 << 20]);
     loop {
-        if c.sender.send(Frame { control: control(), data: vec![value.clone()] }).is_err() {
+        if c.sender.send(Frame { control: control(), data: vec![value.clone()], device: None }).is_err() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -358,7 +395,7 @@ fn ucx_cases_over_each_ucx_transport() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("14 passed"), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}: not every case ran:\n{stdout}");
+        assert!(stdout.contains("15 passed"), "UCX_TLS={tls} RDASK_UCX_PEER_ERRORS={peer_errors}: not every case ran:\n{stdout}");
     }
 }
 
@@ -408,6 +445,7 @@ over_backends!(
     a_dropped_listener_stops_accepting,
     a_peer_process_killed_mid_transfer_ends_its_connection_only,
     a_peer_process_killed_while_idle_ends_its_connection,
+    device_frames_go_where_the_transport_carries_them,
 );
 
 /// Built without UCX (`--no-default-features`, as ci/test.sh also builds

@@ -76,6 +76,7 @@ fn mixed_frame() -> Frame {
             Bytes::from(pseudo_random(3, 1000)),
             Bytes::new(),
         ],
+        device: None,
     }
 }
 
@@ -160,7 +161,7 @@ fn encode_decode_round_trip_preserves_every_byte() {
 
 #[test]
 fn decode_of_a_frame_with_only_empty_data_frames_round_trips() {
-    let frame = Frame { control: control(), data: vec![Bytes::new(); 5] };
+    let frame = Frame { control: control(), data: vec![Bytes::new(); 5], device: None };
     let back = decode_frame(&encode_frame(&frame), &Limits::default()).unwrap();
     assert_same_frame(&back, &frame);
 }
@@ -261,14 +262,14 @@ async fn large_values_arrive_intact_and_their_memory_is_reused_by_the_next_one()
     // Above bufpool::POOL_MIN: received into pooled memory.
     let (client, mut server) = tcp_pair().await;
     let part = |n: usize, seed: u8| Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>());
-    let a = Frame { control: control(), data: vec![part(3, 1), part(40 << 20, 2), part(5, 3)] };
+    let a = Frame { control: control(), data: vec![part(3, 1), part(40 << 20, 2), part(5, 3)], device: None };
     client.sender.send(a.clone()).unwrap();
     let got = recv(&mut server).await.unwrap().unwrap();
     assert_same_frame(&got, &a);
     let first = got.data[1].as_ptr() as usize - 3;
     drop(got);
     assert!(rdask_transport::bufpool::pooled_bytes() >= 40 << 20, "the freed buffer went back to the pool");
-    let b = Frame { control: control(), data: vec![part(3, 4), part(40 << 20, 5), part(5, 6)] };
+    let b = Frame { control: control(), data: vec![part(3, 4), part(40 << 20, 5), part(5, 6)], device: None };
     client.sender.send(b.clone()).unwrap();
     let got = recv(&mut server).await.unwrap().unwrap();
     assert_same_frame(&got, &b);
@@ -279,7 +280,7 @@ async fn large_values_arrive_intact_and_their_memory_is_reused_by_the_next_one()
 async fn oversized_send_fails_at_the_sender_and_the_connection_stays_usable() {
     let limits = Limits { max_frame_size: 64 * 1024, ..Default::default() };
     let (client, mut server) = tcp_pair_with(limits, Limits::default()).await;
-    let big = Frame { control: control(), data: vec![Bytes::from(vec![7u8; 100 * 1024])] };
+    let big = Frame { control: control(), data: vec![Bytes::from(vec![7u8; 100 * 1024])], device: None };
     match client.sender.send(big.clone()) {
         Err(TransportError::FrameTooLarge { size, max }) => {
             assert_eq!(size, big.wire_size());
@@ -300,7 +301,7 @@ async fn frame_over_the_receivers_limit_is_frame_too_large_at_the_receiver() {
     // The sender allows it, the receiver does not: the receiver must refuse
     // from the header alone, before reading the body.
     let (client, mut server) = tcp_pair_with(Limits::default(), Limits { max_frame_size: 4096, ..Default::default() }).await;
-    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 10_000])] }).unwrap();
+    client.sender.send(Frame { control: control(), data: vec![Bytes::from(vec![1u8; 10_000])], device: None }).unwrap();
     match recv(&mut server).await {
         Err(TransportError::FrameTooLarge { max: 4096, .. }) => {}
         other => panic!("expected FrameTooLarge at the receiver, got {other:?}"),
@@ -706,7 +707,7 @@ fn samples_to_worker() -> Vec<ToWorkerMessage> {
 }
 
 fn samples_to_peer() -> Vec<ToPeerMessage> {
-    vec![ToPeerMessage::Fetch { request_id: 1, tasks: vec![TaskId(1), TaskId(1 << 40)], ipc: None }, ToPeerMessage::Release { request_id: 1 }]
+    vec![ToPeerMessage::Fetch { request_id: 1, tasks: vec![TaskId(1), TaskId(1 << 40)], ipc: None, direct: Some(rdask_transport::protocol::MemoryKind::Cuda) }, ToPeerMessage::Release { request_id: 1 }]
 }
 
 fn samples_from_peer() -> Vec<FromPeerMessage> {

@@ -68,8 +68,10 @@ pub trait ObjectValue: Send + Sync + 'static {
     /// once into host memory. `None`: use [`ObjectValue::serialize`].
     /// With `ipc` (the requester shares this node and can import device
     /// memory of that domain), the parts may be descriptors of the arrays'
-    /// memory instead (`Staged::shared`).
-    fn staged(&self, _ipc: Option<&rdask_transport::protocol::IpcOffer>) -> Option<Result<Staged, TaskFailure>> {
+    /// memory instead (`Staged::shared`); with `direct` (the requester's
+    /// connection carries device payloads of the kind of this process's
+    /// device), each array may go as one device payload ([`Part::Device`]).
+    fn staged(&self, _ipc: Option<&rdask_transport::protocol::IpcOffer>, _direct: Option<rdask_transport::device::MemoryKind>) -> Option<Result<Staged, TaskFailure>> {
         None
     }
     /// Whether serialising this value may take long (running an
@@ -96,6 +98,18 @@ pub trait ChunkSource: Send {
     /// The next chunk, or `None` at the end. May block (for a free staging
     /// buffer, and for the copy): call it where blocking is allowed.
     fn next_chunk(&mut self) -> Result<Option<Bytes>, TaskFailure>;
+    /// The next part: a chunk, or an array's device memory itself for a
+    /// connection that carries it.
+    fn next_part(&mut self) -> Result<Option<Part>, TaskFailure> {
+        Ok(self.next_chunk()?.map(Part::Bytes))
+    }
+}
+
+/// One part of a value sent in parts.
+pub enum Part {
+    Bytes(Bytes),
+    /// Sent as a device frame's payload (`rdask_transport::device`).
+    Device(rdask_transport::device::DevicePayload),
 }
 
 /// One task as handed to an executor thread.

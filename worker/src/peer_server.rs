@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use rdask_transport::bytes::Bytes;
 use rdask_transport::handshake::{handshake_accept, HandshakeGate, Role};
+use rdask_transport::device::MemoryKind;
 use rdask_transport::warn_limit::WarnLimiter;
 use rdask_transport::protocol::{ArchivedToPeerMessage, DataItem, FromPeerMessage, IpcOffer, ToPeerMessage, WireMessage};
 use rdask_transport::{Connection, Frame, Listener};
 
+use crate::executor::Part;
 use crate::store::{read_spilled, Serve, Store};
 
 /// Accepts peers until dropped or aborted. Connection tasks live in a
@@ -166,10 +168,15 @@ async fn serve_requests(
 ) -> rdask_transport::Result<()> {
     let budget = SendBudget::new(128 << 20);
     while let Some(frame) = conn.receiver.recv().await? {
-        let (request_id, tasks, ipc) = match ToPeerMessage::access(&frame.control)? {
-            ArchivedToPeerMessage::Fetch { request_id, tasks, ipc } => {
+        let (request_id, tasks, ipc, direct) = match ToPeerMessage::access(&frame.control)? {
+            ArchivedToPeerMessage::Fetch { request_id, tasks, ipc, direct } => {
                 let ipc = ipc.as_ref().map(|o| IpcOffer { domain: o.domain.to_string(), pid: o.pid.to_native() });
-                (request_id.to_native(), tasks, ipc)
+                // Device payloads only where this side's transport carries them too.
+                let direct = direct.as_ref().map(|k| match k {
+                    rdask_transport::protocol::ArchivedMemoryKind::Host => MemoryKind::Host,
+                    rdask_transport::protocol::ArchivedMemoryKind::Cuda => MemoryKind::Cuda,
+                });
+                (request_id.to_native(), tasks, ipc, direct.filter(|k| conn.sender.carries(*k)))
             }
             ArchivedToPeerMessage::Release { request_id } => {
                 shared.lock().unwrap().release(request_id.to_native());
@@ -183,9 +190,9 @@ async fn serve_requests(
         // Pickling a large Python object, say, would stall this event loop
         // (and the worker's heartbeats with it).
         let served = if Store::serving_may_block(&held) {
-            tokio::task::spawn_blocking(move || Store::serve_held(held, ipc.as_ref())).await.expect("serialising does not panic")
+            tokio::task::spawn_blocking(move || Store::serve_held(held, ipc.as_ref(), direct)).await.expect("serialising does not panic")
         } else {
-            Store::serve_held(held, ipc.as_ref())
+            Store::serve_held(held, ipc.as_ref(), direct)
         };
         for (n, (t, value)) in tasks.iter().zip(served).enumerate() {
             let id = t.get();
@@ -294,16 +301,21 @@ async fn send_staged(
     sender.send(Frame::with_data(&message(item(head.len(), true, None)), head))?;
     loop {
         let (back, next) = tokio::task::spawn_blocking(move || {
-            let next = chunks.next_chunk();
+            let next = chunks.next_part();
             (chunks, next)
         })
         .await
         .expect("a staging copy does not panic");
         chunks = back;
         match next {
-            Ok(Some(chunk)) => {
+            Ok(Some(Part::Bytes(chunk))) => {
                 bytes += chunk.len() as u64;
                 sender.send(Frame::with_data(&message(item(1, true, None)), vec![chunk]))?;
+            }
+            Ok(Some(Part::Device(payload))) => {
+                // The payload's owner keeps the array alive until sent.
+                bytes += payload.len as u64;
+                sender.send(Frame { device: Some(payload), ..Frame::from_message(&message(item(0, true, None))) })?;
             }
             Ok(None) => {
                 sender.send(Frame::from_message(&message(item(0, false, None))))?;

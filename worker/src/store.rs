@@ -281,7 +281,7 @@ impl Store {
     /// they are on disk, for the caller to read when it is ready to send
     /// ([`read_spilled`]); they stay on disk.
     pub fn serve_many(&self, ids: impl Iterator<Item = TaskId>) -> Vec<Option<Serve>> {
-        Self::serve_held(self.hold_many(ids), None)
+        Self::serve_held(self.hold_many(ids), None, None)
     }
 
     /// What `serve_many` serves, taken from the store (cheap, under its
@@ -301,12 +301,17 @@ impl Store {
         held.iter().any(|h| matches!(h, Some(Ok(Value::Object(o))) if o.serialize_may_block()))
     }
 
-    /// `ipc`: what the requester offered for device values (`ObjectValue::staged`).
-    pub fn serve_held(held: Vec<Option<Result<Value, OnDisk>>>, ipc: Option<&rdask_transport::protocol::IpcOffer>) -> Vec<Option<Serve>> {
+    /// `ipc`, `direct`: what the requester offered for device values
+    /// (`ObjectValue::staged`).
+    pub fn serve_held(
+        held: Vec<Option<Result<Value, OnDisk>>>,
+        ipc: Option<&rdask_transport::protocol::IpcOffer>,
+        direct: Option<rdask_transport::device::MemoryKind>,
+    ) -> Vec<Option<Serve>> {
         held.into_iter()
             .map(|h| {
                 h.map(|h| match h {
-                    Ok(Value::Object(o)) if o.device_bytes() > 0 => match o.staged(ipc) {
+                    Ok(Value::Object(o)) if o.device_bytes() > 0 => match o.staged(ipc, direct) {
                         Some(Ok(staged)) => Serve::Staged(staged),
                         Some(Err(e)) => Serve::Frames(Err(e)),
                         None => Serve::Frames(o.serialize().map(Frames::from_vec)),

@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         let src = Arc::new(src);
         let src2 = src.clone();
         let out = tokio::task::spawn_blocking(move || {
-            stage_out::<anyhow::Error>(&pool2, &src2, |b| Ok(sender.send(Frame { control: control(), data: vec![b] })?))
+            stage_out::<anyhow::Error>(&pool2, &src2, |b| Ok(sender.send(Frame { control: control(), data: vec![b], device: None })?))
         });
         let mut into = StageIn::new(dev.clone(), src_len)?;
         let mut got = 0;
@@ -153,7 +153,7 @@ fn main() -> anyhow::Result<()> {
         // Host: the same bytes as one value.
         let host = Bytes::from(vec![0x5au8; src_len]);
         let t = Instant::now();
-        client.sender.send(Frame { control: control(), data: vec![host] })?;
+        client.sender.send(Frame { control: control(), data: vec![host], device: None })?;
         let f = server.receiver.recv().await?.context("closed")?;
         anyhow::ensure!(f.data[0].len() == src_len);
         anyhow::Ok((dev_secs, t.elapsed().as_secs_f64()))

@@ -60,7 +60,7 @@ struct Args {
 fn frame(tag: &[u8], data: Vec<Bytes>) -> Frame {
     let mut control = AlignedVec::new();
     control.extend_from_slice(tag);
-    Frame { control, data }
+    Frame { control, data, device: None }
 }
 
 async fn recv(c: &mut Connection) -> anyhow::Result<Frame> {

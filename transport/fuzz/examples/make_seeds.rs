@@ -166,7 +166,7 @@ fn messages() -> Vec<(u8, Vec<u8>)> {
     ] {
         out.push((3, m.encode().to_vec()));
     }
-    out.push((4, ToPeerMessage::Fetch { request_id: 1, tasks: vec![t, TaskId(8)], ipc: Some(rdask_transport::protocol::IpcOffer { domain: "standin:boot".into(), pid: 7 }) }.encode().to_vec()));
+    out.push((4, ToPeerMessage::Fetch { request_id: 1, tasks: vec![t, TaskId(8)], ipc: Some(rdask_transport::protocol::IpcOffer { domain: "standin:boot".into(), pid: 7 }), direct: Some(rdask_transport::protocol::MemoryKind::Host) }.encode().to_vec()));
     for m in [
         FromPeerMessage::Data {
             request_id: 1,

@@ -57,7 +57,7 @@ fn tcp_like(stream: &[u8], limits: &Limits) -> Result<Option<(Frame, usize)>, ()
     control.extend_from_slice(take(control_len)?);
     let data_len = (total - (HEADER_LEN + 8 * lengths.len()) as u64 - header.control_len as u64) as usize;
     let data = Bytes::copy_from_slice(take(data_len)?);
-    let frame = Frame { control, data: split_bytes(data, &lengths) };
+    let frame = Frame { control, data: split_bytes(data, &lengths), device: None };
     Ok(Some((frame, pos)))
 }
 

@@ -9,12 +9,12 @@ use rdask_transport::{Frame, TaskId, WireMessage};
 
 /// A control message that is a real archive (any type works for framing).
 pub fn control() -> AlignedVec {
-    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)], ipc: None }.encode()
+    ToPeerMessage::Fetch { request_id: 42, tasks: vec![TaskId(1), TaskId(2), TaskId(3)], ipc: None, direct: None }.encode()
 }
 
 /// A small frame (for cutting at every byte position, and for ordering).
 pub fn small_frame() -> Frame {
-    Frame { control: control(), data: vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"defgh")] }
+    Frame { control: control(), data: vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"defgh")], device: None }
 }
 
 pub fn assert_same_frame(got: &Frame, want: &Frame) {
