@@ -83,21 +83,28 @@ def main(argv=None):
     result = {"array": a.array, "host": platform.node(), "limit_mib": a.limit_mib}
     # Moves with device memory counted but no limit (nothing spills).
     # Two workers of one node: the device value goes by IPC (the default),
-    # then, in a cluster with IPC off, in staging chunks as between nodes.
+    # then, in a cluster with IPC off, in staging chunks as between nodes;
+    # over UCX (where it works here) as device frames, and staged again.
     os.environ["RDASK_DEVICE_MEMORY_LIMIT"] = "0"
     result["move"] = {"mib": a.move_mib}
-    for how, ipc in (("ipc", "1"), ("staged", "0")):
+    ways = [("ipc", "tcp", "1", "1"), ("staged", "tcp", "0", "0")]
+    if rdask._rdask.ucx_status()[0]:
+        ways += [("ucx_direct", "ucx", "0", "1"), ("ucx_staged", "ucx", "0", "0")]
+    for how, protocol, ipc, direct in ways:
         os.environ["RDASK_DEVICE_IPC"] = ipc
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        os.environ["RDASK_DEVICE_DIRECT"] = direct
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
+                Client(cluster) as client:
             workers = sorted(client.scheduler_info()["workers"])
             dev = move(client, workers, a.move_mib, a.array, a.repeat)
             result["move"][f"device_{how}_s"] = dev
             print(f"move {a.move_mib} MiB worker->worker: device value ({how}) {dev:.3f} s ({a.move_mib * MB / dev / 1e6:.0f} MB/s)")
-            if how == "ipc":
+            if how in ("ipc", "ucx_direct"):
                 host = move(client, workers, a.move_mib, "numpy", a.repeat)
-                result["move"]["host_s"] = host
-                print(f"move {a.move_mib} MiB worker->worker: host value {host:.3f} s ({a.move_mib * MB / host / 1e6:.0f} MB/s)")
+                result["move"][f"host_{protocol}_s"] = host
+                print(f"move {a.move_mib} MiB worker->worker: host value over {protocol} {host:.3f} s ({a.move_mib * MB / host / 1e6:.0f} MB/s)")
     os.environ.pop("RDASK_DEVICE_IPC")
+    os.environ.pop("RDASK_DEVICE_DIRECT")
 
     limit = a.limit_mib * MB
     os.environ["RDASK_DEVICE_MEMORY_LIMIT"] = str(limit)

@@ -222,6 +222,7 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
         pytest.skip(f"UCX is not usable here: {rdask._rdask.ucx_status()[1]}")
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
     monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # as between nodes
+    monkeypatch.setenv("RDASK_DEVICE_DIRECT", "0")  # as over a UCX without the device's memory
     n = (40 * MB + 12_344) // 8  # a little over 40 MiB: 6 chunks of 8 MiB at most
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
             Client(cluster) as client:
@@ -339,14 +340,21 @@ def test_device_memory_that_cannot_be_shared_goes_as_bytes(standin, monkeypatch,
         assert client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]["imported_arrays"] == 0
 
 
-def test_a_full_device_makes_room_for_arriving_values(standin, monkeypatch):
+@pytest.mark.parametrize("protocol", ["tcp", "ucx"])
+def test_a_full_device_makes_room_for_arriving_values(standin, monkeypatch, protocol):
     """No limit set, but the device itself runs full (a stand-in of 14 MiB):
     a value arriving from a peer moves the least recently used device
-    values to host memory instead of failing the fetch."""
+    values to host memory instead of failing the fetch. Over TCP the value
+    is imported by IPC; over UCX it comes as device frames, which land in
+    host memory when the device is full and are copied in once room is made."""
+    if protocol == "ucx":
+        if not rdask._rdask.ucx_status()[0]:
+            pytest.skip(f"UCX is not usable here: {rdask._rdask.ucx_status()[1]}")
+        monkeypatch.setenv("RDASK_DEVICE_IPC", "0")
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
     monkeypatch.setenv("RDASK_STANDIN_CAPACITY", str(14 * MB))
     n = 4 * MB // 8
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol=protocol) as cluster, \
             Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         xs = [client.submit(make, i, n, workers=[a], pure=False) for i in range(6)]
@@ -359,3 +367,34 @@ def test_a_full_device_makes_room_for_arriving_values(standin, monkeypatch):
         # Replicas moved to host memory come back to the device when used
         # (making room again).
         assert client.submit(total, xs[0], xs[1], workers=[b], pure=False).result() == float(n)
+        if protocol == "ucx":
+            got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+            assert got["direct_arrays"] == 6 and got["direct_on_host"] >= 1 and got["chunks"] == 0, got
+
+
+@pytest.mark.parametrize("mib", [0, 40])
+def test_device_values_go_as_device_frames_over_ucx(standin, monkeypatch, mib):
+    """Over a UCX that moves the device's memory (CUDA transports for a GPU;
+    host memory, which every UCX moves, for the stand-in) each array of a
+    device value goes as one device frame: sent from the array's memory and
+    received into device memory the requester allocated, with no staging
+    chunks at either end."""
+    if not rdask._rdask.ucx_status()[0]:
+        pytest.skip(f"UCX is not usable here: {rdask._rdask.ucx_status()[1]}")
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # as between nodes
+    n = (mib * MB + 12_344) // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol="ucx") as cluster, \
+            Client(cluster) as client:
+        a, b, x = pattern_from_a_to_b(client, n)
+        big, small = x.result()  # the client, over UCX too
+        assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
+        # Two requests (worker b from a; the client from a or from b's
+        # replica), two arrays each.
+        by_worker = client.run(lambda: rdask._rdask.staging_stats())
+        sent = {k: sum(st[k] for st in by_worker.values()) for k in ("direct_values", "direct_arrays", "direct_bytes", "chunks")}
+        assert sent["direct_values"] == 2 and sent["direct_arrays"] == 4, sent
+        assert sent["direct_bytes"] == 2 * (n * 8 + 10) and sent["chunks"] == 0, sent
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["values"] == 1 and got["direct_arrays"] == 2 and got["direct_bytes"] == n * 8 + 10, got
+        assert got["direct_on_host"] == 0 and got["chunks"] == 0 and got["imported_arrays"] == 0, got
