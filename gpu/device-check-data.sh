@@ -23,10 +23,14 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rdask-device-check}
 mkdir -p "$out"
 echo "== nvidia-smi -L"; nvidia-smi -L || true
-echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
-echo "== rdask-gpu-bench"
-./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
-cat "$out/gpu.json"
+if [ -x .gpu-bin/rdask-gpu-tests ]; then
+  echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
+  echo "== rdask-gpu-bench"
+  ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
+  cat "$out/gpu.json"
+else
+  echo "== skipped the Rust-side checks: no .gpu-bin carried"
+fi
 # The Python device path (device frames, device memory limit) on CuPy arrays:
 # needs the rdask abi3 wheel and dask's wheels carried in .gpu-wheels (the
 # machine's Python has CuPy but no dask; the device README says how to carry
@@ -35,6 +39,15 @@ echo "== benches/device_values.py --array cupy"
 if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
   python3 -m venv --system-site-packages /tmp/rdask-venv
   /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/rdask-*.whl
+  # A carried libucx-cu12 wheel (43 MB: carry it instead of .gpu-bin, in a
+  # run of its own) gives rdask a UCX with CUDA transports: the bench's
+  # ucx_direct move then sends GPU memory as device frames.
+  if ls .gpu-wheels/libucx*.whl >/dev/null 2>&1; then
+    /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/libucx*.whl
+    ucx_lib=$(/tmp/rdask-venv/bin/python -c 'import libucx, os; print(os.path.join(os.path.dirname(libucx.__file__), "lib"))')
+    export LD_LIBRARY_PATH=$ucx_lib:${LD_LIBRARY_PATH:-}
+    echo "UCX from the libucx wheel: $ucx_lib"
+  fi
   /tmp/rdask-venv/bin/python benches/device_values.py --array cupy --move-mib 1024 --limit-mib 4096 \
     --value-mib 512 --out "$out/device-values.json"
 else

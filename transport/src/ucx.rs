@@ -1285,19 +1285,19 @@ impl State {
         };
         let Some(c) = self.conns.get_mut(&id) else { return release(self) };
         let max = c.max.load(Ordering::Relaxed);
-        let bad = if (len + host.len()) as u64 > max {
-            Some(TransportError::FrameTooLarge { size: (len + host.len()) as u64, max })
-        } else {
-            MemoryKind::from_code(kind as u8).filter(|_| kind < 256).map_or_else(|| Some(TransportError::Malformed(format!("device frame of unknown memory kind {kind}"))), |_| None)
+        let known = u8::try_from(kind).ok().and_then(MemoryKind::from_code);
+        let bad = match known {
+            _ if (len + host.len()) as u64 > max => Some(TransportError::FrameTooLarge { size: (len + host.len()) as u64, max }),
+            None => Some(TransportError::Malformed(format!("device frame of unknown memory kind {kind}"))),
+            Some(_) => None,
         };
-        if c.ended || bad.is_some() {
+        let Some(kind) = known.filter(|_| !c.ended && bad.is_none()) else {
             if let (false, Some(e)) = (c.ended, bad) {
                 c.arrived.insert(seq, Slot::Ready(Err(e)));
                 self.deliver(id);
             }
             return release(self);
-        }
-        let kind = MemoryKind::from_code(kind as u8).expect("checked");
+        };
         if let Some(bytes) = data {
             let item = parse(Bytes::from(host), Bytes::new(), max).map(|f| Some(Frame { device: Some(DevicePayload::host(Bytes::from(bytes))), ..f }));
             c.arrived.insert(seq, Slot::Ready(item));
