@@ -31,6 +31,7 @@ StandInArray`), which is how this path is tested on machines without a GPU.
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import struct
 import sys
@@ -142,16 +143,31 @@ def _contiguous(cai: dict) -> bool:
     return True
 
 
+# Most objects `nbytes` looks at in one value (a result that is a list of a
+# million floats costs a bounded walk, not a million checks).
+_LOOK_AT_MOST = 10_000
+
+
 def nbytes(obj: Any) -> int:
-    """Device bytes of `obj`, or of the items of a list, tuple or dict."""
-    cai = _interface(obj)
-    if cai is not None:
-        return _nbytes_of(cai)
-    if isinstance(obj, (list, tuple)) and len(obj) <= 10_000:
-        return sum(_nbytes_of(c) for c in map(_interface, obj) if c is not None)
-    if isinstance(obj, dict) and len(obj) <= 10_000:
-        return sum(_nbytes_of(c) for c in map(_interface, obj.values()) if c is not None)
-    return 0
+    """Device bytes `obj` holds: its device arrays, also inside lists,
+    tuples, sets and dict values nested to any depth (up to 10,000 objects
+    looked at); an array held twice counts once."""
+    seen, total, budget = set(), 0, _LOOK_AT_MOST
+    stack = [obj]
+    while stack and budget > 0:
+        x = stack.pop()
+        budget -= 1
+        cai = _interface(x)
+        if cai is not None:
+            address = cai["data"][0]
+            if address not in seen:
+                seen.add(address)
+                total += _nbytes_of(cai)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(itertools.islice(x, budget))
+        elif isinstance(x, dict):
+            stack.extend(itertools.islice(x.values(), budget))
+    return total
 
 
 class _DeviceFrames:

@@ -242,6 +242,19 @@ def test_large_device_values_leave_their_worker_in_staging_chunks(standin, monke
         assert rdask._rdask.receive_stats()["values"] >= 1, "the client too"
 
 
+def test_device_bytes_count_nested_arrays_once_each(standin):
+    from rdask import serialize
+    from rdask.testing import StandInArray
+
+    a, b = StandInArray(np.ones(1000)), StandInArray(np.ones(10, np.int8))
+    assert serialize.device_nbytes(a) == 8000
+    assert serialize.device_nbytes([a, a, {"x": (b, [a])}]) == 8010
+    assert serialize.device_nbytes({"deep": [[[[[[(b,)]]]]]], "host": np.ones(10**6)}) == 10
+    # A huge list is looked at only so far: bounded work for any result.
+    many = [1.0] * 50_000 + [a]
+    assert serialize.device_nbytes(many) == 0 and serialize.device_nbytes(many[::-1]) == 8000
+
+
 def test_device_frames_round_trip_any_dtype_and_nested(standin):
     from rdask import serialize
     from rdask.testing import StandInArray
@@ -256,8 +269,8 @@ def test_device_frames_round_trip_any_dtype_and_nested(standin):
     assert (back["nested"][0].array == grid.array).all() and back["nested"][1][1] == 3
     assert back["nested"][1][0].array.shape == (0,) and (back["host"] == 1).all()
     assert type(back["t"]._owner).__name__ == "DeviceBuffer"
-    # Counted: the top-level arrays of a dict (nested ones are not looked for).
-    assert device == stamps.nbytes
+    # Counted: every array, however deeply nested.
+    assert device == stamps.nbytes + grid.nbytes
     # A view that outlives its StandInArray keeps the device memory alive.
     view = np.asarray(serialize.loads_value(serialize.dumps(grid)))
     del back
