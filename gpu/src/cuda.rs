@@ -98,6 +98,10 @@ impl Device for CudaDevice {
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, ptr) }.map_err(err("reading device memory"))
     }
 
+    fn bind_to_thread(&self) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(err("making the GPU current"))
+    }
+
     fn synchronize(&self) -> Result<(), GpuError> {
         self.ctx.bind_to_thread().map_err(err("waiting for the device"))?;
         self.ctx.synchronize().map_err(err("waiting for the device"))

@@ -102,6 +102,11 @@ pub trait Device: Send + Sync {
     fn is_host_memory(&self) -> bool {
         false
     }
+    /// Makes this device current on the calling thread (a GPU's context),
+    /// for libraries that move its memory there (UCX).
+    fn bind_to_thread(&self) -> Result<(), GpuError> {
+        Ok(())
+    }
     /// Waits until work queued on the device (another library's writes to
     /// its arrays) has finished, before something outside the device's
     /// streams (a transport) reads its memory.

@@ -159,10 +159,11 @@ def nbytes(obj: Any) -> int:
         budget -= 1
         cai = _interface(x)
         if cai is not None:
-            address = cai["data"][0]
-            if address not in seen:
-                seen.add(address)
-                total += _nbytes_of(cai)
+            # A view at the same address but of another size is another array.
+            array = (cai["data"][0], _nbytes_of(cai))
+            if array not in seen:
+                seen.add(array)
+                total += array[1]
         elif isinstance(x, (list, tuple, set, frozenset)):
             stack.extend(itertools.islice(x, budget))
         elif isinstance(x, dict):

@@ -297,7 +297,7 @@ impl rdask_transport::peer::PartSink for DeviceSink {
 /// stand-in, or a process that opened its device already. (Offering IPC
 /// opens the device; a CPU-only client must not create a CUDA context on
 /// GPU 0 for that.)
-fn device_expected() -> bool {
+pub(crate) fn device_expected() -> bool {
     std::env::var_os("RDASK_DEVICE_MEMORY_LIMIT").is_some() || std::env::var("RDASK_DEVICE").is_ok_and(|v| v.trim() == "standin") || rdask_gpu::device::device_opened()
 }
 

@@ -57,6 +57,11 @@ pub(crate) struct Arrivals;
 
 impl DeviceAllocator for Arrivals {
     fn alloc(&self, kind: MemoryKind, len: usize) -> Option<DevicePayload> {
+        // A process that does not work with device memory (a CPU-only
+        // client) must not open a GPU for a payload a peer sent it.
+        if !crate::device::device_expected() {
+            return None;
+        }
         let dev = process_device().ok()?;
         if kind_of(&*dev) != kind {
             return None;
@@ -66,7 +71,17 @@ impl DeviceAllocator for Arrivals {
         // which is not for this thread).
         let buf = dev.alloc(len).ok()?;
         let address = dev.address(&buf);
-        Some(DevicePayload { address, len, kind, owner: Arc::new(Arrival(Mutex::new(Some((buf, dev))))) })
+        // SAFETY: the buffer lives in the owner until a value claims it
+        // (`take_arrival`), and only the transport writes it before then.
+        Some(unsafe { DevicePayload::new(address, len, kind, Arc::new(Arrival(Mutex::new(Some((buf, dev)))))) })
+    }
+
+    fn prepare_thread(&self, _kind: MemoryKind) {
+        if let Ok(dev) = process_device() {
+            if let Err(e) = dev.bind_to_thread() {
+                tracing::warn!("cannot make the device current on the transport's thread: {e}");
+            }
+        }
     }
 }
 
@@ -79,12 +94,12 @@ pub(crate) enum Arrived {
 
 /// What arrived as `payload` (of `len` bytes, the array's size).
 pub(crate) fn take_arrival(payload: DevicePayload, len: u64) -> Result<Arrived, String> {
-    if payload.len as u64 != len {
-        return Err(format!("a device frame of {} bytes for an array of {len}", payload.len));
+    if payload.len() as u64 != len {
+        return Err(format!("a device frame of {} bytes for an array of {len}", payload.len()));
     }
     ARRIVED_ARRAYS.fetch_add(1, Ordering::Relaxed);
     ARRIVED_BYTES.fetch_add(len, Ordering::Relaxed);
-    if let Some(arrival) = payload.owner.downcast_ref::<Arrival>() {
+    if let Some(arrival) = payload.owner().downcast_ref::<Arrival>() {
         if let Some((buf, _)) = arrival.0.lock().unwrap().take() {
             return Ok(Arrived::OnDevice(buf));
         }
@@ -133,6 +148,8 @@ impl ChunkSource for DirectArrays {
         let Some((address, len)) = self.arrays.pop_front() else { return Ok(None) };
         SENT_ARRAYS.fetch_add(1, Ordering::Relaxed);
         SENT_BYTES.fetch_add(len, Ordering::Relaxed);
-        Ok(Some(Part::Device(DevicePayload { address, len: len as usize, kind: self.kind, owner: self.keep.clone() })))
+        // SAFETY: `keep` holds the array (the device was waited for when
+        // this source was made) until the last payload is gone.
+        Ok(Some(Part::Device(unsafe { DevicePayload::new(address, len as usize, self.kind, self.keep.clone()) })))
     }
 }

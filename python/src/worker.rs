@@ -178,8 +178,11 @@ impl ObjectValue for PyValue {
                         }
                     }
                 }
-                if direct {
-                    let arrays = crate::device_direct::DirectArrays::new(&*device, &parts, keep).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
+                // One frame per array: an array over the frame size limit is staged.
+                let fits = parts.iter().all(|&(_, n)| n + rdask_transport::device::DEVICE_FRAME_HOST_MAX as u64 <= rdask_transport::frame::DEFAULT_MAX_FRAME_SIZE);
+                if direct && fits {
+                    // The device is waited for without holding the interpreter.
+                    let arrays = py.detach(|| crate::device_direct::DirectArrays::new(&*device, &parts, keep)).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
                     return Ok(Some(Staged { head, chunks: Box::new(arrays), shared: false }));
                 }
                 // A pool per value (a peer that stops reading holds up only

@@ -64,8 +64,11 @@ impl FrameSender {
     pub fn send(&self, frame: Frame) -> Result<()> {
         frame.check(&self.limits)?;
         if let Some(d) = &frame.device {
-            if !self.carries(d.kind) {
-                return Err(TransportError::Invalid(format!("this connection cannot carry {:?} memory", d.kind)));
+            if !self.carries(d.kind()) {
+                return Err(TransportError::Invalid(format!("this connection cannot carry {:?} memory", d.kind())));
+            }
+            if d.is_empty() || !frame.data.is_empty() {
+                return Err(TransportError::Invalid("a device frame has a non-empty payload and no data frames".into()));
             }
             if frame.host_size() > crate::device::DEVICE_FRAME_HOST_MAX as u64 {
                 return Err(TransportError::Invalid(format!("a device frame's host part of {} bytes is over {}", frame.host_size(), crate::device::DEVICE_FRAME_HOST_MAX)));

@@ -23,19 +23,51 @@ pub const DEVICE_FRAME_HOST_MAX: usize = 1024;
 /// `len` bytes of memory of `kind` at `address`, kept allocated by `owner`.
 #[derive(Clone)]
 pub struct DevicePayload {
-    pub address: u64,
-    pub len: usize,
-    pub kind: MemoryKind,
+    address: u64,
+    len: usize,
+    kind: MemoryKind,
     /// Keeps the memory allocated while the payload lives (a sender's
     /// arrays until the transport has sent them; a receiver's new buffer).
-    pub owner: Arc<dyn std::any::Any + Send + Sync>,
+    owner: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl DevicePayload {
+    /// A payload of the `len` bytes of `kind` at `address`.
+    ///
+    /// # Safety
+    /// While `owner` (or a clone of this payload) lives, the memory must stay
+    /// allocated, and must not be written by anyone but a transport
+    /// receiving into it; for `MemoryKind::Host` it must be this process's
+    /// readable memory.
+    pub unsafe fn new(address: u64, len: usize, kind: MemoryKind, owner: Arc<dyn std::any::Any + Send + Sync>) -> DevicePayload {
+        DevicePayload { address, len, kind, owner }
+    }
+
     /// A payload that arrived in host memory (no allocator, or no room on
     /// the device): its bytes.
     pub fn host(bytes: Bytes) -> DevicePayload {
         DevicePayload { address: bytes.as_ptr() as u64, len: bytes.len(), kind: MemoryKind::Host, owner: Arc::new(bytes) }
+    }
+
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+
+    /// What keeps the memory allocated (to recognise one's own allocation).
+    pub fn owner(&self) -> &(dyn std::any::Any + Send + Sync) {
+        &*self.owner
     }
 
     /// The payload as bytes, without a copy, when it is host memory.
@@ -75,6 +107,9 @@ pub trait DeviceAllocator: Send + Sync {
     /// `len` bytes of `kind`; `None` (no such device here, or no room):
     /// the payload lands in host memory instead.
     fn alloc(&self, kind: MemoryKind, len: usize) -> Option<DevicePayload>;
+    /// Called on a transport's thread before it moves memory of `kind`
+    /// (a GPU's context made current there, for UCX's CUDA transports).
+    fn prepare_thread(&self, _kind: MemoryKind) {}
 }
 
 static ALLOCATOR: std::sync::OnceLock<Arc<dyn DeviceAllocator>> = std::sync::OnceLock::new();
@@ -88,6 +123,15 @@ pub fn set_device_allocator(a: Arc<dyn DeviceAllocator>) {
 /// Where an arriving payload of `kind` lands, if the process can hold it.
 pub fn alloc_for_arrival(kind: MemoryKind, len: usize) -> Option<DevicePayload> {
     ALLOCATOR.get()?.alloc(kind, len).filter(|p| p.len == len && p.kind == kind)
+}
+
+/// Readies the calling (transport) thread to move memory of `kind`.
+pub fn prepare_thread(kind: MemoryKind) {
+    if kind != MemoryKind::Host {
+        if let Some(a) = ALLOCATOR.get() {
+            a.prepare_thread(kind);
+        }
+    }
 }
 
 /// Bit of `kind` in a set of kinds ([`crate::FrameSender::carries`]).

@@ -85,7 +85,7 @@ impl Frame {
     /// Total payload size as it will appear on the wire (a device payload
     /// included).
     pub fn wire_size(&self) -> u64 {
-        self.host_size() + self.device.as_ref().map_or(0, |d| d.len as u64)
+        self.host_size() + self.device.as_ref().map_or(0, |d| d.len() as u64)
     }
 
     /// The size of the host part: header, length table, control, data frames.

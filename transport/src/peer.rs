@@ -226,8 +226,8 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, rel
     let mut joining = opens.contains_key(&id);
     // A device payload is one part of a value sent in parts, alone in its frame.
     let mut device = frame.device.clone();
-    if device.is_some() && items.len() != 1 {
-        return Err(TransportError::Invalid(format!("a device frame with {} items (one expected)", items.len())));
+    if device.is_some() && (items.len() != 1 || !frame.data.is_empty()) {
+        return Err(TransportError::Invalid(format!("a device frame with {} items and {} data frames (one item, no frames expected)", items.len(), frame.data.len())));
     }
     for item in items.iter() {
         let task = item.id.get();
@@ -283,6 +283,9 @@ fn dispatch(pending: &Pending, opens: &mut HashMap<u64, Open>, frame: Frame, rel
                     (open.sink, open.failed) = (None, true);
                     Step::Replace(receive_error(e))
                 })
+            }
+            (_, _) if device.is_some() => {
+                return Err(TransportError::Invalid(format!("a device payload for task {task}, which is not a value")));
             }
             // A value that failed half-way (its copy off a device) is that failure.
             (other, _) => {

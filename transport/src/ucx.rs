@@ -355,6 +355,9 @@ struct SendKeep {
     staging: Vec<u8>,
     iov: Vec<sys::ucp_dt_iov_t>,
     _frame: Option<Frame>,
+    /// A device frame's connection: a failed send fails the connection (its
+    /// receiver would wait for that sequence number forever).
+    device_conn: Option<u64>,
 }
 
 /// A rendezvous receive in progress.
@@ -362,10 +365,32 @@ struct RecvKeep {
     conn: u64,
     seq: u64,
     prefix: Vec<u8>,
+    /// Host memory received into (a frame's bytes, or a device payload
+    /// that lands on the host).
     buf: Vec<u8>,
-    /// A device frame's payload being received (`prefix` is then the
-    /// frame's whole host part, `buf` empty).
-    device: Option<DevicePayload>,
+    len: usize,
+    into: Into,
+}
+
+/// What a rendezvous receive fills.
+enum Into {
+    /// A frame's bytes after `prefix`.
+    Frame,
+    /// A device frame's payload (`prefix` is the frame's whole host part)
+    /// in memory of its kind.
+    Device(DevicePayload),
+    /// A device frame's payload landing in host memory (`buf`).
+    DeviceOnHost,
+}
+
+/// A rendezvous receive waiting its turn (`RNDV_IN_FLIGHT`); `device`: a
+/// device frame's payload of that kind.
+struct WaitingRndv {
+    seq: u64,
+    prefix: Vec<u8>,
+    desc: usize,
+    len: usize,
+    device: Option<MemoryKind>,
 }
 
 enum Slot {
@@ -394,7 +419,7 @@ struct Conn {
     /// Bytes of rendezvous receives in progress, and the frames waiting
     /// their turn (sequence, prefix, UCX's descriptor, length).
     rndv_bytes: usize,
-    rndv_waiting: std::collections::VecDeque<(u64, Vec<u8>, usize, usize)>,
+    rndv_waiting: std::collections::VecDeque<WaitingRndv>,
 }
 
 struct ListenerEntry {
@@ -904,12 +929,16 @@ impl State {
             Event::SendDone { keep, request, status } => {
                 // SAFETY: `keep` came from Box::into_raw in `send_frame` and
                 // is given back exactly once; the request is UCX's to free.
-                unsafe {
-                    drop(Box::from_raw(keep as *mut SendKeep));
+                let keep = unsafe {
                     self.lib.ucp_request_free(request as *mut c_void);
-                }
+                    Box::from_raw(keep as *mut SendKeep)
+                };
                 if !ok(status) {
                     tracing::debug!("UCX send failed: {}", status_text(self.lib, status));
+                    if let Some(id) = keep.device_conn {
+                        let e = io_error(self.lib, std::io::ErrorKind::Other, "sending device memory over UCX failed".into(), status);
+                        self.fail(id, e);
+                    }
                 }
             }
             Event::RecvDone { keep, request, status } => {
@@ -999,7 +1028,7 @@ impl State {
         // after another): a peer that queues ten 1 GiB frames does not make
         // this process allocate 10 GiB at once, and buffers get reused.
         if c.rndv_bytes > 0 && c.rndv_bytes + len > RNDV_IN_FLIGHT {
-            c.rndv_waiting.push_back((seq, prefix, desc as usize, len));
+            c.rndv_waiting.push_back(WaitingRndv { seq, prefix, desc: desc as usize, len, device: None });
             return;
         }
         self.post_rndv(id, seq, prefix, desc, len);
@@ -1013,7 +1042,7 @@ impl State {
         // SAFETY: UCX writes all `len` bytes before the buffer is read
         // (completion is checked in `received`).
         unsafe { buf.set_len(len) };
-        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix, buf, device: None }));
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix, buf, len, into: Into::Frame }));
         // SAFETY: the buffer lives in `keep` until the receive completes.
         let request = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
@@ -1033,39 +1062,49 @@ impl State {
 
     fn received(&mut self, keep: RecvKeep, status: sys::ucs_status_t) {
         let Some(c) = self.conns.get_mut(&keep.conn) else { return };
-        if let Some(payload) = keep.device {
-            let item = if ok(status) {
-                parse(Bytes::from(keep.prefix), Bytes::new(), c.max.load(Ordering::Relaxed)).map(|f| Some(Frame { device: Some(payload), ..f }))
-            } else {
-                Err(TransportError::Io(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionReset,
-                    format!("UCX receive of device memory from {} failed: {}", c.peer, status_text(self.lib, status)),
-                )))
-            };
-            c.arrived.insert(keep.seq, Slot::Ready(item));
-            return self.deliver(keep.conn);
-        }
-        c.rndv_bytes -= keep.buf.len();
+        c.rndv_bytes -= keep.len;
         loop {
             let Some(c) = self.conns.get_mut(&keep.conn) else { return };
-            let Some(&(_, _, _, len)) = c.rndv_waiting.front() else { break };
-            if c.rndv_bytes > 0 && c.rndv_bytes + len > RNDV_IN_FLIGHT {
+            let Some(next) = c.rndv_waiting.front() else { break };
+            if c.rndv_bytes > 0 && c.rndv_bytes + next.len > RNDV_IN_FLIGHT {
                 break;
             }
-            let (seq, prefix, desc, len) = c.rndv_waiting.pop_front().unwrap();
-            self.post_rndv(keep.conn, seq, prefix, desc as *mut c_void, len);
+            let w = c.rndv_waiting.pop_front().unwrap();
+            match w.device {
+                None => self.post_rndv(keep.conn, w.seq, w.prefix, w.desc as *mut c_void, w.len),
+                Some(kind) => self.post_device(keep.conn, w.seq, w.prefix, w.desc as *mut c_void, w.len, kind),
+            }
         }
         let Some(c) = self.conns.get_mut(&keep.conn) else { return };
-        let item = if ok(status) {
-            parse(Bytes::from(keep.prefix), crate::bufpool::into_bytes(keep.buf), c.max.load(Ordering::Relaxed)).map(Some)
-        } else {
+        let max = c.max.load(Ordering::Relaxed);
+        let item = if !ok(status) {
             Err(TransportError::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 format!("UCX receive from {} failed: {}", c.peer, status_text(self.lib, status)),
             )))
+        } else {
+            let with = |payload: DevicePayload| move |f: Frame| Some(Frame { device: Some(payload), ..f });
+            match keep.into {
+                Into::Frame => parse(Bytes::from(keep.prefix), crate::bufpool::into_bytes(keep.buf), max).map(Some),
+                Into::Device(payload) => parse(Bytes::from(keep.prefix), Bytes::new(), max).map(with(payload)),
+                Into::DeviceOnHost => {
+                    let payload = DevicePayload::host(crate::bufpool::into_bytes(keep.buf));
+                    parse(Bytes::from(keep.prefix), Bytes::new(), max).map(with(payload))
+                }
+            }
         };
         c.arrived.insert(keep.seq, Slot::Ready(item));
         self.deliver(keep.conn);
+    }
+
+    /// Ends connection `id` with `e` on its reading side.
+    fn fail(&mut self, id: u64, e: TransportError) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if !c.ended {
+            c.ended = true;
+            let _ = c.inbound.send(Err(e));
+        }
+        self.destroy(id, true);
     }
 
     /// Hands up, in order, every frame whose turn has come.
@@ -1122,7 +1161,7 @@ impl State {
                 c.send_seq - 1
             });
             match seq {
-                Some(seq) if frame.device.is_some() => self.send_device(ep, header(remote, seq), frame),
+                Some(seq) if frame.device.is_some() => self.send_device(id, ep, header(remote, seq), frame),
                 Some(seq) => self.send_am(ep, AM_FRAME, header(remote, seq), Some(frame), true),
                 None => {}
             }
@@ -1142,7 +1181,7 @@ impl State {
 
     /// Sends one active message: the frame's wire layout as an iov.
     fn send_am(&mut self, ep: sys::ucp_ep_h, am: u32, header: Vec<u8>, frame: Option<Frame>, may_prefix: bool) {
-        let mut keep = Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: None });
+        let mut keep = Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: None, device_conn: None });
         if let Some(frame) = &frame {
             // (start, end) in staging, or a borrowed slice.
             enum Piece {
@@ -1236,15 +1275,16 @@ impl State {
     /// header, the payload by rendezvous straight from its memory (the
     /// sender checked the host part's size and that this UCX carries the
     /// kind: `FrameSender::send`).
-    fn send_device(&mut self, ep: sys::ucp_ep_h, mut header: Vec<u8>, frame: Frame) {
+    fn send_device(&mut self, id: u64, ep: sys::ucp_ep_h, mut header: Vec<u8>, frame: Frame) {
         let payload = frame.device.clone().expect("a device frame");
-        header.extend_from_slice(&(payload.kind as u64).to_le_bytes());
+        crate::device::prepare_thread(payload.kind());
+        header.extend_from_slice(&(payload.kind() as u64).to_le_bytes());
         frame.encode_header(&mut header);
         header.extend_from_slice(&frame.control);
         for d in &frame.data {
             header.extend_from_slice(d);
         }
-        let keep = Box::into_raw(Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: Some(frame) }));
+        let keep = Box::into_raw(Box::new(SendKeep { header, staging: Vec::new(), iov: Vec::new(), _frame: Some(frame), device_conn: Some(id) }));
         // SAFETY: the header lives in `keep`, the payload's memory with its
         // owner in `keep`'s frame, until UCX says the send is done.
         let request = unsafe {
@@ -1259,15 +1299,17 @@ impl State {
             p.cb.send = Some(on_send);
             p.user_data = keep.cast();
             p.datatype = sys::dt_bytes();
-            p.memory_type = ucs_memory_type(payload.kind);
-            self.lib.ucp_am_send_nbx(ep, AM_DEVICE, k.header.as_ptr().cast(), k.header.len(), payload.address as *const c_void, payload.len, &p)
+            p.memory_type = ucs_memory_type(payload.kind());
+            self.lib.ucp_am_send_nbx(ep, AM_DEVICE, k.header.as_ptr().cast(), k.header.len(), payload.address() as *const c_void, payload.len(), &p)
         };
         let status = sys::ptr_status(request);
         if status != sys::UCS_INPROGRESS as sys::ucs_status_t {
             // SAFETY: done (or failed) at once: no callback will come.
             drop(unsafe { Box::from_raw(keep) });
             if !ok(status) {
-                tracing::debug!("UCX send of device memory failed: {}", status_text(self.lib, status));
+                let e = io_error(self.lib, std::io::ErrorKind::Other, "sending device memory over UCX failed".into(), status);
+                tracing::debug!("{e}");
+                self.fail(id, e);
             }
         }
     }
@@ -1283,12 +1325,16 @@ impl State {
                 unsafe { st.lib.ucp_am_data_release(st.worker, desc) };
             }
         };
+        let carries = self.carries;
         let Some(c) = self.conns.get_mut(&id) else { return release(self) };
         let max = c.max.load(Ordering::Relaxed);
-        let known = u8::try_from(kind).ok().and_then(MemoryKind::from_code);
+        // Only kinds this side said it carries: memory of another kind is
+        // not for this UCX (or this process) to receive.
+        let known = u8::try_from(kind).ok().and_then(MemoryKind::from_code).filter(|k| carries & crate::device::kind_bit(*k) != 0);
         let bad = match known {
             _ if (len + host.len()) as u64 > max => Some(TransportError::FrameTooLarge { size: (len + host.len()) as u64, max }),
-            None => Some(TransportError::Malformed(format!("device frame of unknown memory kind {kind}"))),
+            None => Some(TransportError::Malformed(format!("a device frame of memory kind {kind}, which this connection does not carry"))),
+            Some(_) if len == 0 => Some(TransportError::Malformed("a device frame without a payload".into())),
             Some(_) => None,
         };
         let Some(kind) = known.filter(|_| !c.ended && bad.is_none()) else {
@@ -1304,19 +1350,35 @@ impl State {
             return self.deliver(id);
         }
         c.arrived.insert(seq, Slot::Receiving);
-        let (payload, memory_type) = match crate::device::alloc_for_arrival(kind, len) {
-            Some(p) => (p, ucs_memory_type(kind)),
+        // Received a few at a time, as large frames are (`rendezvous`).
+        if c.rndv_bytes > 0 && c.rndv_bytes + len > RNDV_IN_FLIGHT {
+            c.rndv_waiting.push_back(WaitingRndv { seq, prefix: host, desc: desc as usize, len, device: Some(kind) });
+            return;
+        }
+        self.post_device(id, seq, host, desc, len, kind);
+    }
+
+    fn post_device(&mut self, id: u64, seq: u64, host: Vec<u8>, desc: *mut c_void, len: usize, kind: MemoryKind) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.rndv_bytes += len;
+        crate::device::prepare_thread(kind);
+        let (into, mut buf, address, memory_type) = match crate::device::alloc_for_arrival(kind, len) {
+            Some(p) => {
+                let address = p.address();
+                (Into::Device(p), Vec::new(), address, ucs_memory_type(kind))
+            }
             None => {
                 let mut buf = crate::bufpool::take(len, crate::bufpool::advise_huge_pages_vec);
                 // SAFETY: UCX writes all `len` bytes before they are read.
                 unsafe { buf.set_len(len) };
-                (DevicePayload::host(crate::bufpool::into_bytes(buf)), sys::UCS_MEMORY_TYPE_HOST)
+                let address = buf.as_mut_ptr() as u64;
+                (Into::DeviceOnHost, buf, address, sys::UCS_MEMORY_TYPE_HOST)
             }
         };
-        let (address, len) = (payload.address, payload.len);
-        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix: host, buf: Vec::new(), device: Some(payload) }));
-        // SAFETY: the destination is kept allocated by its owner in `keep`
-        // until the receive completes; nothing reads it before then.
+        let keep = Box::into_raw(Box::new(RecvKeep { conn: id, seq, prefix: host, buf: std::mem::take(&mut buf), len, into }));
+        // SAFETY: the destination (the payload's memory, kept by its owner,
+        // or the buffer, whose heap memory does not move with the Vec) lives
+        // in `keep` until the receive completes; nothing reads it before.
         let request = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
             p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA | sys::UCP_OP_ATTR_FIELD_DATATYPE | sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
@@ -1338,9 +1400,9 @@ impl State {
     fn destroy(&mut self, id: u64, force: bool) {
         let Some(c) = self.conns.remove(&id) else { return };
         self.by_ep.remove(&(c.ep as usize));
-        for (_, _, desc, _) in &c.rndv_waiting {
+        for w in &c.rndv_waiting {
             // SAFETY: descriptors UCX gave our handler and nobody received.
-            unsafe { self.lib.ucp_am_data_release(self.worker, *desc as *mut c_void) };
+            unsafe { self.lib.ucp_am_data_release(self.worker, w.desc as *mut c_void) };
         }
         if !c.ended {
             let _ = c.inbound.send(Ok(None));

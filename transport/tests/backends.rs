@@ -314,7 +314,9 @@ async fn a_peer_process_killed_while_idle_ends_its_connection(scheme: &str) {
 async fn device_frames_go_where_the_transport_carries_them(scheme: &str) {
     use rdask_transport::device::{DevicePayload, MemoryKind};
     let (client, mut server) = pair(scheme).await;
-    let device_frame = |payload: Bytes| Frame { device: Some(DevicePayload::host(payload)), ..small_frame() };
+    // A device frame's host part is its control message alone.
+    let bare = || Frame { control: control(), data: vec![], device: None };
+    let device_frame = |payload: Bytes| Frame { device: Some(DevicePayload::host(payload)), ..bare() };
     if scheme == "tcp" {
         assert!(!client.sender.carries(MemoryKind::Host) && !client.sender.carries(MemoryKind::Cuda));
         let err = client.sender.send(device_frame(pattern(1, 100))).unwrap_err();
@@ -329,6 +331,9 @@ async fn device_frames_go_where_the_transport_carries_them(scheme: &str) {
     control.extend_from_slice(&pattern(3, 2000));
     let too_big = Frame { control, data: vec![], device: Some(DevicePayload::host(pattern(1, 10))) };
     assert!(client.sender.send(too_big).unwrap_err().to_string().contains("host part"));
+    // So is one with data frames, or an empty payload.
+    assert!(client.sender.send(Frame { device: Some(DevicePayload::host(pattern(1, 10))), ..small_frame() }).is_err());
+    assert!(client.sender.send(device_frame(Bytes::new())).is_err());
     let (big, small) = (pattern(9, (3 << 20) + 5), pattern(4, 10));
     for f in [small_frame(), device_frame(big.clone()), device_frame(small.clone()), small_frame()] {
         client.sender.send(f).unwrap();
@@ -337,8 +342,8 @@ async fn device_frames_go_where_the_transport_carries_them(scheme: &str) {
     for want in [big, small] {
         let mut got = recv(&mut server).await.unwrap().unwrap();
         let payload = got.device.take().expect("the device payload");
-        assert_eq!((payload.kind, payload.len), (MemoryKind::Host, want.len()));
-        assert_same_frame(&got, &small_frame());
+        assert_eq!((payload.kind(), payload.len()), (MemoryKind::Host, want.len()));
+        assert_same_frame(&got, &bare());
         assert!(payload.into_host_bytes().unwrap() == want, "the payload's bytes differ");
     }
     assert_same_frame(&recv(&mut server).await.unwrap().unwrap(), &small_frame());

@@ -4,7 +4,7 @@
 //! allocator is process-wide.
 
 mod common;
-use common::small_frame;
+use common::control;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,8 @@ impl DeviceAllocator for TestAllocator {
         self.given.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; len];
         let address = buf.as_mut_ptr() as u64;
-        Some(DevicePayload { address, len, kind, owner: Arc::new(Slot(Mutex::new(buf))) })
+        // SAFETY: the buffer lives in the owner; only the transport writes it.
+        Some(unsafe { DevicePayload::new(address, len, kind, Arc::new(Slot(Mutex::new(buf)))) })
     }
 }
 
@@ -53,15 +54,15 @@ async fn payloads_land_in_allocated_memory_or_on_the_host_when_there_is_none() {
     let mut server = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
     let (fits, too_big) = (pattern(1, 700_000), pattern(2, 3 << 20));
     for p in [&fits, &too_big] {
-        client.sender.send(Frame { device: Some(DevicePayload::host(p.clone())), ..small_frame() }).unwrap();
+        client.sender.send(Frame { control: control(), data: vec![], device: Some(DevicePayload::host(p.clone())) }).unwrap();
     }
     let wait = Duration::from_secs(30);
     let landed = tokio::time::timeout(wait, server.receiver.recv()).await.unwrap().unwrap().unwrap().device.unwrap();
-    assert!(landed.owner.downcast_ref::<Slot>().is_some(), "the payload did not land in the allocator's memory");
-    let slot = landed.owner.downcast_ref::<Slot>().unwrap();
+    assert!(landed.owner().downcast_ref::<Slot>().is_some(), "the payload did not land in the allocator's memory");
+    let slot = landed.owner().downcast_ref::<Slot>().unwrap();
     assert!(slot.0.lock().unwrap()[..] == fits[..], "bytes differ");
     assert_eq!(alloc.given.load(Ordering::Relaxed), 1);
     let on_host = tokio::time::timeout(wait, server.receiver.recv()).await.unwrap().unwrap().unwrap().device.unwrap();
-    assert!(on_host.owner.downcast_ref::<Bytes>().is_some(), "a payload the allocator had no room for lands in host memory");
+    assert!(on_host.owner().downcast_ref::<Bytes>().is_some(), "a payload the allocator had no room for lands in host memory");
     assert!(on_host.into_host_bytes().unwrap() == too_big);
 }

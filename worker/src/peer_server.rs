@@ -314,7 +314,7 @@ async fn send_staged(
             }
             Ok(Some(Part::Device(payload))) => {
                 // The payload's owner keeps the array alive until sent.
-                bytes += payload.len as u64;
+                bytes += payload.len() as u64;
                 sender.send(Frame { device: Some(payload), ..Frame::from_message(&message(item(0, true, None))) })?;
             }
             Ok(None) => {
