@@ -246,9 +246,21 @@ impl Drop for HandleFrame {
     }
 }
 
+/// The bytes a value's frames took to arrive: for a value whose device
+/// arrays arrived in parts (an `RDVD` head and handle frames), its head,
+/// host buffers and the arrays' sizes; else the frames' length.
+pub(crate) fn received_bytes(frames: &[Bytes]) -> u64 {
+    let all = || frames.iter().map(|f| f.len() as u64).sum();
+    let Some(head) = frames.first().filter(|h| h.starts_with(RESIDENT)) else { return all() };
+    match parse_header(head, &[RESIDENT]) {
+        Some((nhost, sizes)) if frames.len() > nhost => frames[..=nhost].iter().map(|f| f.len() as u64).sum::<u64>() + sizes.iter().sum::<u64>(),
+        _ => all(),
+    }
+}
+
 /// `RDV1` header: (host buffers, array sizes).
-fn parse_header(h: &[u8]) -> Option<(usize, Vec<u64>)> {
-    if h.len() < 12 || (&h[..4] != MARK && &h[..4] != SHARED) {
+fn parse_header(h: &[u8], marks: &[&[u8; 4]]) -> Option<(usize, Vec<u64>)> {
+    if h.len() < 12 || !marks.iter().any(|m| h[..4] == m[..]) {
         return None;
     }
     let word = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap()) as usize;
@@ -268,7 +280,7 @@ pub(crate) struct DeviceSink;
 
 impl rdask_transport::peer::PartSink for DeviceSink {
     fn begin(&self, head: &[Bytes]) -> Option<Box<dyn rdask_transport::peer::PartReceiver>> {
-        let (nhost, sizes) = parse_header(head.first()?)?;
+        let (nhost, sizes) = parse_header(head.first()?, &[MARK, SHARED])?;
         if head.len() != 1 + nhost {
             return None;
         }

@@ -399,6 +399,10 @@ fn keep_thread_state() {
 }
 
 impl Executor for PyExecutor {
+    fn received_bytes(&self, frames: &Frames) -> u64 {
+        crate::device::received_bytes(frames)
+    }
+
     fn execute(&self, task: TaskRun) -> Result<Value, TaskFailure> {
         keep_thread_state();
         Python::attach(|py| {

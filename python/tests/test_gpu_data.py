@@ -397,9 +397,17 @@ def test_device_values_go_as_device_frames_over_ucx(standin, monkeypatch, mib):
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
     monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # as between nodes
     n = (mib * MB + 12_344) // 8
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, protocol="ucx") as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", protocol="ucx") as cluster, \
             Client(cluster) as client:
         a, b, x = pattern_from_a_to_b(client, n)
+        base = cluster.dashboard_link.rsplit("/", 1)[0]
+
+        def fetched():  # the transfer figures count the arrays' bytes, not their handles
+            with urllib.request.urlopen(base + "/api/snapshot", timeout=10) as r:
+                got = max(row["bytes_in"] for row in json.loads(r.read())["workers"])
+            return got if got >= n * 8 + 10 else None
+
+        assert _until(fetched), "the dashboard's incoming bytes miss the device arrays"
         big, small = x.result()  # the client, over UCX too
         assert np.array_equal(big.array, np.arange(n, dtype=np.float64) % 1000.0) and small.array.tolist() == [7] * 5
         # Two requests (worker b from a; the client from a or from b's

@@ -157,6 +157,14 @@ pub trait Executor: Send + Sync + 'static {
         self.execute(TaskRun { id, key: key.to_string(), payload: payload.clone(), inputs: inputs.to_vec() })
     }
 
+    /// The bytes a value received as `frames` took to move (for the
+    /// transfer figures): their length, unless some frames stand for
+    /// memory that arrived another way (device arrays copied into device
+    /// memory as they came).
+    fn received_bytes(&self, frames: &Frames) -> u64 {
+        frames.iter().map(|f| f.len() as u64).sum()
+    }
+
     /// Turns frames received from a peer back into a value.
     fn deserialize(&self, frames: Frames) -> Result<Value, TaskFailure> {
         match frames.len() {

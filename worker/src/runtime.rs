@@ -681,7 +681,7 @@ impl State {
             }
             match fetched {
                 FetchedValue::Value(frames) => {
-                    self.bytes_in += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+                    self.bytes_in += self.executor.received_bytes(&frames);
                     match self.executor.deserialize(frames) {
                         Ok(v) => arrived.push((dep, v)),
                         // Another holder would send the same bytes: the tasks
