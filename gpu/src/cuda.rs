@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
-use crate::device::{check_range, Device, DeviceBuffer, DeviceInner, StagingBuffer};
+use crate::device::{check_range, Device, DeviceBuffer, DeviceInner, StagingBuffer, StreamSync};
 use crate::GpuError;
 
 pub struct CudaDevice {
@@ -91,9 +91,6 @@ impl Device for CudaDevice {
 
     unsafe fn read_raw(&self, ptr: u64, dst: &mut [u8]) -> Result<(), GpuError> {
         self.ctx.bind_to_thread().map_err(err("reading device memory"))?;
-        // Arrays of other libraries are written on their own streams: wait
-        // for the device before reading (as CuPy's `.get()` does by default).
-        self.ctx.synchronize().map_err(err("reading device memory"))?;
         // SAFETY: the caller guarantees the range is live device memory.
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, ptr) }.map_err(err("reading device memory"))
     }
@@ -102,9 +99,17 @@ impl Device for CudaDevice {
         self.ctx.bind_to_thread().map_err(err("making the GPU current"))
     }
 
-    fn synchronize(&self) -> Result<(), GpuError> {
+    fn wait_for(&self, sync: StreamSync) -> Result<(), GpuError> {
         self.ctx.bind_to_thread().map_err(err("waiting for the device"))?;
-        self.ctx.synchronize().map_err(err("waiting for the device"))
+        match sync {
+            StreamSync::Ready => Ok(()),
+            StreamSync::Device => self.ctx.synchronize().map_err(err("waiting for the device")),
+            // 1 and 2 are the driver's CU_STREAM_LEGACY and CU_STREAM_PER_THREAD.
+            // SAFETY: a stream handle of this process (the array's producer's).
+            StreamSync::Stream(s) => unsafe { cudarc::driver::sys::cuStreamSynchronize(s as cudarc::driver::sys::CUstream) }
+                .result()
+                .map_err(err("waiting for an array's stream")),
+        }
     }
 
     fn ipc_domain(&self) -> Option<String> {
@@ -129,9 +134,6 @@ impl Device for CudaDevice {
         // SAFETY: as above. Memory of a stream-ordered pool (cuMemAllocAsync)
         // is refused here, and then goes as bytes.
         unsafe { sys::cuIpcGetMemHandle(&mut handle, base) }.result().map_err(err("getting an IPC handle"))?;
-        // The array may still be being written on its library's stream: the
-        // importer must see the finished bytes (as `read_raw` waits too).
-        self.ctx.synchronize().map_err(err("sharing device memory"))?;
         let mut body = key(&handle).to_vec();
         body.extend_from_slice(&(ptr - base).to_le_bytes());
         Ok(crate::ipc::descriptor(&body))

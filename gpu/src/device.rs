@@ -78,6 +78,31 @@ impl StagingBuffer {
     }
 }
 
+/// What must be finished before rdask reads another library's array: the
+/// `stream` of its `__cuda_array_interface__` (version 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamSync {
+    /// No stream given (an older interface): the whole device.
+    Device,
+    /// `stream: None`: the producer says the data is ready.
+    Ready,
+    /// Work on this stream (1: the legacy default stream, 2: the
+    /// per-thread default stream, else a `CUstream` of this process).
+    Stream(u64),
+}
+
+impl StreamSync {
+    /// From the code the serialiser passes: -1 no stream given, 0 `None`,
+    /// else the stream (the interface forbids 0 as a stream).
+    pub fn from_code(code: i64) -> StreamSync {
+        match code {
+            c if c < 0 => StreamSync::Device,
+            0 => StreamSync::Ready,
+            s => StreamSync::Stream(s as u64),
+        }
+    }
+}
+
 /// One device (a GPU, or the stand-in).
 pub trait Device: Send + Sync {
     /// For logs and errors: "GPU 0 (NVIDIA H200)", "host stand-in".
@@ -92,6 +117,8 @@ pub trait Device: Send + Sync {
     fn address(&self, buf: &DeviceBuffer) -> u64;
     /// Copies `dst.len()` bytes at device address `ptr` into `dst`: device
     /// memory that another library owns (a CuPy, Numba or PyTorch array).
+    /// Work still writing it is not waited for: call [`Device::wait_for`]
+    /// first.
     ///
     /// # Safety
     /// `ptr..ptr + dst.len()` must be memory of this device that stays
@@ -107,10 +134,9 @@ pub trait Device: Send + Sync {
     fn bind_to_thread(&self) -> Result<(), GpuError> {
         Ok(())
     }
-    /// Waits until work queued on the device (another library's writes to
-    /// its arrays) has finished, before something outside the device's
-    /// streams (a transport) reads its memory.
-    fn synchronize(&self) -> Result<(), GpuError> {
+    /// Waits until the work `sync` names (another library's writes to its
+    /// arrays) has finished, before rdask or a transport reads the memory.
+    fn wait_for(&self, _sync: StreamSync) -> Result<(), GpuError> {
         Ok(())
     }
     /// Gives a buffer back (dropping one frees it too; this also keeps the
@@ -126,7 +152,7 @@ pub trait Device: Send + Sync {
     }
     /// A descriptor of the device memory at `ptr..ptr + len` that another
     /// process of the domain can import while this process keeps the
-    /// memory allocated.
+    /// memory allocated (wait for its writers first: [`Device::wait_for`]).
     ///
     /// # Safety
     /// The range must be memory of this device.

@@ -207,7 +207,8 @@ impl RawSource {
     ///
     /// # Safety
     /// Every part must stay allocated device memory of the pool's device
-    /// until the source is dropped (the caller keeps its arrays alive).
+    /// until the source is dropped (the caller keeps its arrays alive); the
+    /// caller waited for their writers ([`crate::device::Device::wait_for`]).
     pub unsafe fn new(pool: Arc<StagingPool>, parts: Vec<(u64, u64)>) -> RawSource {
         RawSource { pool, parts: parts.into_iter().filter(|p| p.1 > 0).collect(), offset: 0 }
     }

@@ -27,16 +27,20 @@ class DeviceBuffer:
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]: ...
 
-def device_download(address: int, nbytes: int) -> Frame:
-    """Copies device memory at `address` (kept alive by the caller) to a host frame."""
+def device_download(address: int, nbytes: int, stream: int = -1) -> Frame:
+    """Copies device memory at `address` (kept alive by the caller) to a host frame once the work on
+    `stream` is done (-1: the whole device; 0: ready; else the array interface's stream)."""
 def device_upload(frames: list[Any], shape: list[int], typestr: str) -> DeviceBuffer:
     """Copies host frames (an array's bytes, whole or in chunks) into new device memory described as a C-order array."""
 def staging_stats() -> dict[str, int]:
-    """Device values this process sent in staging chunks: values, chunks, bytes, most_buffers, chunk_bytes."""
+    """Device values this process sent: in staging chunks (values, chunks, bytes, most_buffers, chunk_bytes), shared by
+    IPC (shared_values, shared_held), as device frames (direct_values, direct_arrays, direct_bytes); and how copies off
+    the device waited for the arrays' writers (waited_device, waited_stream, waited_not_needed)."""
 def device_claim(frame: Any, shape: list[int], typestr: str) -> DeviceBuffer:
     """The device array that arrived in parts and that a handle frame stands for (once)."""
 def receive_stats() -> dict[str, int]:
-    """Values received in parts with their chunks copied into device memory on arrival: values, chunks."""
+    """Values received in parts with their chunks copied into device memory on arrival (values, chunks), imported by
+    IPC (imported_arrays, imported_bytes), received as device frames (direct_arrays, direct_bytes, direct_on_host)."""
 def device_name() -> str:
     """This process's device ("GPU 0", "host stand-in"); raises GpuUnavailableError."""
 

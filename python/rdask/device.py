@@ -131,6 +131,19 @@ def _nbytes_of(cai: dict) -> int:
     return n
 
 
+def _stream_code(cai: dict) -> int:
+    """What must finish before the array may be read, from the interface's
+    `stream` (version 3): -1 none given (the whole device), 0 `None` (the
+    producer says it is ready), else the stream (1 and 2: the legacy and
+    per-thread default streams). 0 is not a valid stream: the whole device."""
+    if "stream" not in cai:
+        return -1
+    s = cai["stream"]
+    if s is None:
+        return 0
+    return int(s) if int(s) > 0 else -1
+
+
 def _contiguous(cai: dict) -> bool:
     strides = cai.get("strides")
     if strides is None:
@@ -192,10 +205,10 @@ class _DeviceFrames:
         self.sizes.append(n)
         if self.download:
             if n:
-                self.device_frames.append(_rdask.device_download(cai["data"][0], n))
+                self.device_frames.append(_rdask.device_download(cai["data"][0], n, _stream_code(cai)))
         else:
             # Read later, in chunks, while the value is sent: kept alive until then.
-            self.device_frames.append((cai["data"][0], n))
+            self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
             self.keep.append(obj)
         index = len(self.sizes) - 1
         return _from_device_frame, (index, _rebuilder(obj), tuple(cai["shape"]), cai["typestr"])

@@ -20,16 +20,22 @@ from .device import register_device_type
 class StandInArray:
     """A C-contiguous NumPy array posing as device memory."""
 
-    def __init__(self, array, owner=None):
+    def __init__(self, array, owner=None, stream=...):
         self.array = np.ascontiguousarray(array)
         # What keeps the memory alive when it is rdask's (a DeviceBuffer).
         self._owner = owner
+        # The interface's `stream` (version 3) when given: None (ready) or
+        # a stream number; left out by default, as older producers do.
+        self._stream = stream
 
     @property
     def __cuda_array_interface__(self):
         a = self.array
-        return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False),
-                "strides": None, "version": 3}
+        cai = {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False),
+               "strides": None, "version": 3}
+        if self._stream is not ...:
+            cai["stream"] = self._stream
+        return cai
 
     @property
     def nbytes(self) -> int:

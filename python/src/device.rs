@@ -82,12 +82,16 @@ impl Drop for DeviceBuffer {
 }
 
 /// Copies `nbytes` of device memory at `address` (an array of CuPy, Numba,
-/// PyTorch: the caller keeps it alive meanwhile) into a new host frame.
-/// The interpreter lock is released during the copy.
+/// PyTorch: the caller keeps it alive meanwhile) into a new host frame,
+/// once the work on `stream` is done (the serialiser's code for the
+/// interface's stream: -1 none given, the whole device; 0 ready).
+/// The interpreter lock is released during the wait and the copy.
 #[pyfunction]
-pub fn device_download(py: Python<'_>, address: u64, nbytes: usize) -> PyResult<Frame> {
+#[pyo3(signature = (address, nbytes, stream=-1))]
+pub fn device_download(py: Python<'_>, address: u64, nbytes: usize, stream: i64) -> PyResult<Frame> {
     let dev = device()?;
     let host = py.detach(|| {
+        wait_for_arrays(&*dev, [stream])?;
         // Large frames land in reused, already mapped memory when there is
         // some (fresh pages cost a fault each on first touch).
         let mut host = rdask_transport::bufpool::take(nbytes, |_| {});
@@ -180,6 +184,32 @@ static IMPORTED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Whether device values may go to and come from processes of this node as
 /// IPC descriptors (`RDASK_DEVICE_IPC=0` turns it off).
+/// Waits once for each distinct stream the arrays' interfaces named (the
+/// codes of `device_download`), before their memory is read or shared.
+pub(crate) fn wait_for_arrays(dev: &dyn Device, streams: impl IntoIterator<Item = i64>) -> Result<(), rdask_gpu::GpuError> {
+    use rdask_gpu::device::StreamSync;
+    let mut seen = std::collections::HashSet::new();
+    for sync in streams.into_iter().map(StreamSync::from_code) {
+        if !seen.insert(sync) {
+            continue;
+        }
+        let counter = match sync {
+            StreamSync::Device => &WAITED_DEVICE,
+            StreamSync::Ready => &WAITED_NOT_NEEDED,
+            StreamSync::Stream(_) => &WAITED_STREAM,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        dev.wait_for(sync)?;
+    }
+    Ok(())
+}
+
+/// How often a copy off the device waited for the whole device (an array
+/// that named no stream), for one stream, or not at all (`stream: None`).
+static WAITED_DEVICE: AtomicU64 = AtomicU64::new(0);
+static WAITED_STREAM: AtomicU64 = AtomicU64::new(0);
+static WAITED_NOT_NEEDED: AtomicU64 = AtomicU64::new(0);
+
 pub(crate) fn ipc_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("RDASK_DEVICE_IPC").map_or(true, |v| v.trim() != "0"))
@@ -199,6 +229,9 @@ pub fn staging_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("chunk_bytes", rdask_gpu::staging::DEFAULT_CHUNK)?;
     d.set_item("shared_values", SHARED_VALUES.load(Ordering::Relaxed))?;
     d.set_item("shared_held", SHARED_HELD.load(Ordering::Relaxed))?;
+    d.set_item("waited_device", WAITED_DEVICE.load(Ordering::Relaxed))?;
+    d.set_item("waited_stream", WAITED_STREAM.load(Ordering::Relaxed))?;
+    d.set_item("waited_not_needed", WAITED_NOT_NEEDED.load(Ordering::Relaxed))?;
     d.set_item("direct_values", crate::device_direct::SENT_VALUES.load(Ordering::Relaxed))?;
     d.set_item("direct_arrays", crate::device_direct::SENT_ARRAYS.load(Ordering::Relaxed))?;
     d.set_item("direct_bytes", crate::device_direct::SENT_BYTES.load(Ordering::Relaxed))?;

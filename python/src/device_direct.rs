@@ -129,13 +129,12 @@ pub(crate) struct DirectArrays {
 }
 
 impl DirectArrays {
-    /// `parts`: (device address, bytes) of each array, kept by `keep`. The
-    /// device is waited for first: the transport reads the memory outside
-    /// the streams that may still be writing it.
-    pub(crate) fn new(device: &dyn Device, parts: &[(u64, u64)], keep: Py<PyAny>) -> Result<DirectArrays, rdask_gpu::GpuError> {
-        device.synchronize()?;
+    /// `parts`: (device address, bytes) of each array, kept by `keep`, whose
+    /// writers were waited for (the transport reads the memory outside the
+    /// streams that wrote it).
+    pub(crate) fn new(device: &dyn Device, parts: &[(u64, u64)], keep: Py<PyAny>) -> DirectArrays {
         SENT_VALUES.fetch_add(1, Ordering::Relaxed);
-        Ok(DirectArrays { arrays: parts.iter().copied().filter(|&(_, n)| n > 0).collect(), kind: kind_of(device), keep: Arc::new(KeepArrays(Some(keep))) })
+        DirectArrays { arrays: parts.iter().copied().filter(|&(_, n)| n > 0).collect(), kind: kind_of(device), keep: Arc::new(KeepArrays(Some(keep))) }
     }
 }
 
@@ -148,8 +147,8 @@ impl ChunkSource for DirectArrays {
         let Some((address, len)) = self.arrays.pop_front() else { return Ok(None) };
         SENT_ARRAYS.fetch_add(1, Ordering::Relaxed);
         SENT_BYTES.fetch_add(len, Ordering::Relaxed);
-        // SAFETY: `keep` holds the array (the device was waited for when
-        // this source was made) until the last payload is gone.
+        // SAFETY: `keep` holds the array (its writers were waited for
+        // before this source was made) until the last payload is gone.
         Ok(Some(Part::Device(unsafe { DevicePayload::new(address, len as usize, self.kind, self.keep.clone()) })))
     }
 }

@@ -165,6 +165,10 @@ impl ObjectValue for PyValue {
                 }
                 let (frames, parts, keep): StagedParts<'_> = out.extract(py)?;
                 let head = frames.iter().map(py_to_bytes).collect::<PyResult<Vec<_>>>()?;
+                let (parts, streams): (Vec<(u64, u64)>, Vec<i64>) = parts.into_iter().map(|(a, n, s)| ((a, n), s)).unzip();
+                // What still writes the arrays is waited for once, before
+                // any is read or shared, without holding the interpreter.
+                py.detach(|| crate::device::wait_for_arrays(&*device, streams)).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
                 if share {
                     // Memory that cannot be shared (a stream-ordered pool's,
                     // say) goes as bytes instead.
@@ -181,8 +185,7 @@ impl ObjectValue for PyValue {
                 // One frame per array: an array over the frame size limit is staged.
                 let fits = parts.iter().all(|&(_, n)| n + rdask_transport::device::DEVICE_FRAME_HOST_MAX as u64 <= rdask_transport::frame::DEFAULT_MAX_FRAME_SIZE);
                 if direct && fits {
-                    // The device is waited for without holding the interpreter.
-                    let arrays = py.detach(|| crate::device_direct::DirectArrays::new(&*device, &parts, keep)).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
+                    let arrays = crate::device_direct::DirectArrays::new(&*device, &parts, keep);
                     return Ok(Some(Staged { head, chunks: Box::new(arrays), shared: false }));
                 }
                 // A pool per value (a peer that stops reading holds up only
@@ -226,8 +229,9 @@ impl ObjectValue for PyValue {
 }
 
 /// What `rdask.device.dumps_staged` returns: the value's frames but for its
-/// device arrays, the arrays as (device address, bytes), what keeps them alive.
-type StagedParts<'py> = (Vec<Bound<'py, PyAny>>, Vec<(u64, u64)>, Py<PyAny>);
+/// device arrays, the arrays as (device address, bytes, stream code of
+/// `device_download`), what keeps them alive.
+type StagedParts<'py> = (Vec<Bound<'py, PyAny>>, Vec<(u64, u64, i64)>, Py<PyAny>);
 
 /// Device values of at least this size go to peers in staging chunks as
 /// they are copied off the device; smaller ones in one copy.

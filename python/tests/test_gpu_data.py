@@ -419,3 +419,36 @@ def test_device_values_go_as_device_frames_over_ucx(standin, monkeypatch, mib):
         got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
         assert got["values"] == 1 and got["direct_arrays"] == 2 and got["direct_bytes"] == n * 8 + 10, got
         assert got["direct_on_host"] == 0 and got["chunks"] == 0 and got["imported_arrays"] == 0, got
+
+
+def make_on_stream(n, stream):
+    from rdask.testing import StandInArray
+
+    return StandInArray(np.full(n, 1.0)) if stream == "absent" else StandInArray(np.full(n, 1.0), stream=stream)
+
+
+def test_copies_off_the_device_wait_for_the_stream_the_array_names(standin, monkeypatch):
+    """`__cuda_array_interface__`'s `stream` says what must finish before an
+    array is read: that stream, nothing (None), or, when an older producer
+    gives none, the whole device. Small values (copied off at once when
+    the task ends) and large ones (staged while sent) alike."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_DEVICE_IPC", "0")
+    monkeypatch.setenv("RDASK_DEVICE_DIRECT", "0")
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        (w,) = client.scheduler_info()["workers"]
+
+        def waits():
+            stats = client.run(lambda: rdask._rdask.staging_stats(), workers=[w])[w]
+            return {k: v for k, v in stats.items() if k.startswith("waited_")}
+
+        before = waits()
+        for n in (1000, 20 * MB // 8):
+            for stream, counted in ((None, "waited_not_needed"), (7, "waited_stream"), ("absent", "waited_device")):
+                x = client.submit(make_on_stream, n, stream, pure=False)
+                assert float(x.result().array.sum()) == n
+                after = waits()
+                assert after[counted] == before[counted] + 1 and sum(after.values()) == sum(before.values()) + 1, \
+                    (n, stream, before, after)
+                before = after
+                del x
