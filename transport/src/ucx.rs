@@ -50,7 +50,8 @@ use crate::frame::{check_lengths, FixedHeader, Frame, Limits, HEADER_LEN};
 
 /// Header: receiver's connection id, sequence number, the frame's first bytes.
 const AM_FRAME: u32 = 1;
-/// Header: receiver's connection id, sequence number.
+/// Header: receiver's connection id, sequence number, 1 when the sender
+/// had the receiver's CLOSE already (else 0).
 const AM_CLOSE: u32 = 2;
 /// Header: the sender's id for this connection (sent with UCX's reply
 /// endpoint, which tells the receiver which endpoint it came on).
@@ -66,6 +67,9 @@ const COPY_BELOW: usize = 16 << 10;
 /// A frame's first bytes go in the message header only when the rest is at
 /// least this large (see `send_am`).
 const PREFIX_MIN_REST: usize = 1 << 20;
+/// How long a connection closed on both sides, here last, waits for the
+/// peer to close its endpoint first (`drain_outgoing`).
+const LINGER: Duration = Duration::from_secs(5);
 /// Rendezvous bytes one connection receives at once (one frame of any size
 /// is always allowed).
 const RNDV_IN_FLIGHT: usize = 256 << 20;
@@ -261,7 +265,8 @@ enum Event {
     /// A device frame whose payload waits for its receive (`desc`), or
     /// came with the message (`data`: eager, in host memory).
     Device { conn: u64, seq: u64, kind: u64, host: Vec<u8>, desc: usize, len: usize, data: Option<Vec<u8>> },
-    Close { conn: u64, seq: u64 },
+    /// `second`: the peer had our CLOSE when it sent its own.
+    Close { conn: u64, seq: u64, second: bool },
     ConnRequest { listener: u64, request: usize },
     EpError { ep: usize, status: sys::ucs_status_t },
     SendDone { keep: usize, request: usize, status: sys::ucs_status_t },
@@ -292,7 +297,9 @@ unsafe extern "C" fn on_am(
         AM_HELLO if header_length == 8 && param.recv_attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 != 0 => {
             push(Event::Hello { ep: param.reply_ep as usize, remote: word(0) });
         }
-        AM_CLOSE if header_length == 16 => push(Event::Close { conn: word(0), seq: word(1) }),
+        AM_CLOSE if header_length == 16 || header_length == 24 => {
+            push(Event::Close { conn: word(0), seq: word(1), second: header_length == 24 && word(2) == 1 })
+        }
         AM_FRAME if header_length >= 16 => {
             let (conn, seq) = (word(0), word(1));
             // The frame's first bytes when they travel in the header (see `send_am`).
@@ -413,6 +420,13 @@ struct Conn {
     closed_here: bool,
     /// The peer sent CLOSE.
     closed_there: bool,
+    /// We wait for the peer to close its endpoint (`drain_outgoing`), since when.
+    lingering: Option<Instant>,
+    /// The peer's CLOSE said it had ours already (it lingers).
+    peer_closed_second: bool,
+    /// We accepted this connection (the side that lingers when both close
+    /// at once).
+    accepted: bool,
     connecting: Option<(oneshot::Sender<Result<Connection>>, Connection)>,
     /// The peer's id for this connection (its HELLO); frames wait for it.
     remote: Option<u64>,
@@ -810,7 +824,7 @@ impl State {
     }
 
     /// A connection on `ep`: the reading half goes up, the engine keeps the rest.
-    fn add_conn(&mut self, ep: sys::ucp_ep_h, peer: String, runtime: &tokio::runtime::Handle, limits: Limits) -> (u64, Connection) {
+    fn add_conn(&mut self, ep: sys::ucp_ep_h, peer: String, runtime: &tokio::runtime::Handle, limits: Limits, accepted: bool) -> (u64, Connection) {
         let id = self.new_id();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -835,6 +849,9 @@ impl State {
                 ended: false,
                 closed_here: false,
                 closed_there: false,
+                lingering: None,
+                peer_closed_second: false,
+                accepted,
                 connecting: None,
                 remote: None,
                 rndv_bytes: 0,
@@ -866,7 +883,7 @@ impl State {
                 return;
             }
         };
-        let (id, connection) = self.add_conn(ep, peer, &runtime, limits);
+        let (id, connection) = self.add_conn(ep, peer, &runtime, limits, false);
         // The connection is handed out once the endpoint is wired up (a
         // flush completes then), or fails with the endpoint's error.
         // SAFETY: a live endpoint; the callback's user data is the conn id.
@@ -907,8 +924,9 @@ impl State {
             }
             Event::Rndv { conn, seq, prefix, desc, len } => self.rendezvous(conn, seq, prefix, desc as *mut c_void, len),
             Event::Device { conn, seq, kind, host, desc, len, data } => self.device_frame(conn, seq, kind, host, desc as *mut c_void, len, data),
-            Event::Close { conn: id, seq } => {
+            Event::Close { conn: id, seq, second } => {
                 let Some(c) = self.conns.get_mut(&id) else { return };
+                c.peer_closed_second = second;
                 c.arrived.insert(seq, Slot::Ready(Ok(None)));
                 self.deliver(id);
             }
@@ -1000,7 +1018,7 @@ impl State {
         };
         match ep {
             Ok(ep) => {
-                let (id, connection) = self.add_conn(ep, peer, &runtime, limits);
+                let (id, connection) = self.add_conn(ep, peer, &runtime, limits, true);
                 if incoming.try_send(connection).is_err() {
                     self.destroy(id, true);
                 }
@@ -1135,7 +1153,16 @@ impl State {
             // A bad frame: the connection is unusable, as on TCP.
             self.destroy(id, true);
         } else if c.closed_here && c.closed_there {
-            self.destroy(id, false);
+            // We closed first, or both at once. Of two sides closing their
+            // endpoints at the same time one flush fails against the other's
+            // vanished endpoint (UCX logs it as an error): the side that
+            // closed second lingers (`drain_outgoing`), and of two that
+            // closed at once the accepting one.
+            if c.peer_closed_second || !c.accepted {
+                self.destroy(id, false);
+            } else if c.lingering.is_none() {
+                c.lingering = Some(Instant::now());
+            }
         }
     }
 
@@ -1171,9 +1198,20 @@ impl State {
             c.closed_here = true;
             let seq = c.send_seq;
             c.send_seq += 1;
-            let both = c.closed_there || c.inbound.is_closed();
-            self.send_am(ep, AM_CLOSE, header(remote, seq), None, true);
-            if both {
+            let (second, reader_gone) = (c.closed_there, c.inbound.is_closed());
+            if second {
+                // The peer closed first and closes its endpoint (flushing)
+                // when our CLOSE arrives. Closing ours at the same time
+                // makes one of the two flushes fail against a vanished
+                // endpoint (UCX logs it as an error): wait for the peer's
+                // endpoint to go instead (an endpoint error here), or a
+                // few seconds.
+                c.lingering = Some(Instant::now());
+            }
+            let mut close = header(remote, seq);
+            close.extend_from_slice(&u64::from(second).to_le_bytes());
+            self.send_am(ep, AM_CLOSE, close, None, true);
+            if reader_gone && !second {
                 self.destroy(id, false);
             }
         }
@@ -1399,6 +1437,7 @@ impl State {
     /// Closes connection `id`'s endpoint (forcibly after an error).
     fn destroy(&mut self, id: u64, force: bool) {
         let Some(c) = self.conns.remove(&id) else { return };
+        tracing::debug!(peer = %c.peer, force, closed_here = c.closed_here, closed_there = c.closed_there, ended = c.ended, "closing a UCX endpoint");
         self.by_ep.remove(&(c.ep as usize));
         for w in &c.rndv_waiting {
             // SAFETY: descriptors UCX gave our handler and nobody received.
@@ -1441,7 +1480,15 @@ impl State {
     /// Connections closed here whose reader has gone too: nothing more will
     /// be read, so the endpoint goes.
     fn sweep(&mut self) {
-        let done: Vec<u64> = self.conns.iter().filter(|(_, c)| c.closed_here && c.inbound.is_closed()).map(|(id, _)| *id).collect();
+        let done: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.lingering {
+                Some(since) => since.elapsed() > LINGER,
+                None => c.closed_here && c.inbound.is_closed(),
+            })
+            .map(|(id, _)| *id)
+            .collect();
         for id in done {
             self.destroy(id, false);
         }
