@@ -104,8 +104,8 @@ impl Device for CudaDevice {
         match sync {
             StreamSync::Ready => Ok(()),
             StreamSync::Device => self.ctx.synchronize().map_err(err("waiting for the device")),
-            // 1 and 2 are the driver's CU_STREAM_LEGACY and CU_STREAM_PER_THREAD.
-            // SAFETY: a stream handle of this process (the array's producer's).
+            // SAFETY: a stream handle of this process (the array's producer's,
+            // which keeps the array, and so its stream, while it is sent).
             StreamSync::Stream(s) => unsafe { cudarc::driver::sys::cuStreamSynchronize(s as cudarc::driver::sys::CUstream) }
                 .result()
                 .map_err(err("waiting for an array's stream")),

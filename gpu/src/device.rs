@@ -86,18 +86,21 @@ pub enum StreamSync {
     Device,
     /// `stream: None`: the producer says the data is ready.
     Ready,
-    /// Work on this stream (1: the legacy default stream, 2: the
-    /// per-thread default stream, else a `CUstream` of this process).
+    /// Work on this stream (a `CUstream` of this process).
     Stream(u64),
 }
 
 impl StreamSync {
     /// From the code the serialiser passes: -1 no stream given, 0 `None`,
-    /// else the stream (the interface forbids 0 as a stream).
+    /// else the stream (the interface forbids 0 as a stream). The default
+    /// streams (1 legacy, 2 per-thread) mean the whole device: a library
+    /// may give the stream current on the thread that asks (rdask's, not
+    /// the one that wrote the array), and a per-thread stream is another
+    /// one on each thread.
     pub fn from_code(code: i64) -> StreamSync {
         match code {
-            c if c < 0 => StreamSync::Device,
             0 => StreamSync::Ready,
+            c if c <= 2 => StreamSync::Device,
             s => StreamSync::Stream(s as u64),
         }
     }

@@ -91,7 +91,7 @@ impl Drop for DeviceBuffer {
 pub fn device_download(py: Python<'_>, address: u64, nbytes: usize, stream: i64) -> PyResult<Frame> {
     let dev = device()?;
     let host = py.detach(|| {
-        wait_for_arrays(&*dev, [stream])?;
+        wait_for_arrays(&*dev, [stream], false)?;
         // Large frames land in reused, already mapped memory when there is
         // some (fresh pages cost a fault each on first touch).
         let mut host = rdask_transport::bufpool::take(nbytes, |_| {});
@@ -182,14 +182,18 @@ pub(crate) static SHARED_HELD: AtomicU64 = AtomicU64::new(0);
 static IMPORTED_ARRAYS: AtomicU64 = AtomicU64::new(0);
 static IMPORTED_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Whether device values may go to and come from processes of this node as
-/// IPC descriptors (`RDASK_DEVICE_IPC=0` turns it off).
 /// Waits once for each distinct stream the arrays' interfaces named (the
 /// codes of `device_download`), before their memory is read or shared.
-pub(crate) fn wait_for_arrays(dev: &dyn Device, streams: impl IntoIterator<Item = i64>) -> Result<(), rdask_gpu::GpuError> {
+/// `by_others`: the memory is read outside the legacy default stream (by
+/// another process through IPC, or by UCX's own streams), which does not
+/// wait for legacy-stream work as rdask's own copies do: an array said to
+/// be ready (`stream: None`, which Numba gives for arrays of that stream)
+/// waits for the whole device then.
+pub(crate) fn wait_for_arrays(dev: &dyn Device, streams: impl IntoIterator<Item = i64>, by_others: bool) -> Result<(), rdask_gpu::GpuError> {
     use rdask_gpu::device::StreamSync;
     let mut seen = std::collections::HashSet::new();
-    for sync in streams.into_iter().map(StreamSync::from_code) {
+    let syncs = streams.into_iter().map(StreamSync::from_code).map(|s| if by_others && s == StreamSync::Ready { StreamSync::Device } else { s });
+    for sync in syncs {
         if !seen.insert(sync) {
             continue;
         }
@@ -210,6 +214,8 @@ static WAITED_DEVICE: AtomicU64 = AtomicU64::new(0);
 static WAITED_STREAM: AtomicU64 = AtomicU64::new(0);
 static WAITED_NOT_NEEDED: AtomicU64 = AtomicU64::new(0);
 
+/// Whether device values may go to and come from processes of this node as
+/// IPC descriptors (`RDASK_DEVICE_IPC=0` turns it off).
 pub(crate) fn ipc_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("RDASK_DEVICE_IPC").map_or(true, |v| v.trim() != "0"))
@@ -286,7 +292,10 @@ pub(crate) fn received_bytes(frames: &[Bytes]) -> u64 {
     let all = || frames.iter().map(|f| f.len() as u64).sum();
     let Some(head) = frames.first().filter(|h| h.starts_with(RESIDENT)) else { return all() };
     match parse_header(head, &[RESIDENT]) {
-        Some((nhost, sizes)) if frames.len() > nhost => frames[..=nhost].iter().map(|f| f.len() as u64).sum::<u64>() + sizes.iter().sum::<u64>(),
+        // One handle per array, or the head is not what it says.
+        Some((nhost, sizes)) if frames.len() == 1 + nhost + sizes.len() => {
+            frames[..=nhost].iter().map(|f| f.len() as u64).chain(sizes).fold(0u64, u64::saturating_add)
+        }
         _ => all(),
     }
 }

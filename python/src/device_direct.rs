@@ -77,6 +77,11 @@ impl DeviceAllocator for Arrivals {
     }
 
     fn prepare_thread(&self, _kind: MemoryKind) {
+        // Only a device this process opened for its own work: a payload a
+        // peer sends must not open one.
+        if !rdask_gpu::device::device_opened() {
+            return;
+        }
         if let Ok(dev) = process_device() {
             if let Err(e) = dev.bind_to_thread() {
                 tracing::warn!("cannot make the device current on the transport's thread: {e}");

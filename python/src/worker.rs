@@ -168,7 +168,7 @@ impl ObjectValue for PyValue {
                 let (parts, streams): (Vec<(u64, u64)>, Vec<i64>) = parts.into_iter().map(|(a, n, s)| ((a, n), s)).unzip();
                 // What still writes the arrays is waited for once, before
                 // any is read or shared, without holding the interpreter.
-                py.detach(|| crate::device::wait_for_arrays(&*device, streams)).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
+                py.detach(|| crate::device::wait_for_arrays(&*device, streams, share || direct)).map_err(|e| crate::RdaskError::new_err(e.to_string()))?;
                 if share {
                     // Memory that cannot be shared (a stream-ordered pool's,
                     // say) goes as bytes instead.

@@ -444,7 +444,10 @@ def test_copies_off_the_device_wait_for_the_stream_the_array_names(standin, monk
 
         before = waits()
         for n in (1000, 20 * MB // 8):
-            for stream, counted in ((None, "waited_not_needed"), (7, "waited_stream"), ("absent", "waited_device")):
+            # The default streams (1, 2) are the whole device: a library may
+            # name the stream current on rdask's thread, not the writer's.
+            for stream, counted in ((None, "waited_not_needed"), (7, "waited_stream"), ("absent", "waited_device"),
+                                    (1, "waited_device"), (2, "waited_device")):
                 x = client.submit(make_on_stream, n, stream, pure=False)
                 assert float(x.result().array.sum()) == n
                 after = waits()
@@ -452,3 +455,23 @@ def test_copies_off_the_device_wait_for_the_stream_the_array_names(standin, monk
                     (n, stream, before, after)
                 before = after
                 del x
+
+
+def test_an_array_said_to_be_ready_is_waited_for_when_another_process_reads_it(standin, monkeypatch):
+    """`stream: None` is trusted for rdask's own copies (ordered after the
+    legacy default stream's work) but not when another process imports the
+    memory by IPC: the holder waits for the whole device then."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+
+        def waits():
+            return client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]
+
+        x = client.submit(make_on_stream, 1000, None, workers=[a])
+        rdask.wait(x)
+        before = waits()
+        assert client.submit(lambda v: float(v.array.sum()), x, workers=[b]).result() == 1000.0
+        after = waits()
+        assert after["shared_values"] == before["shared_values"] + 1, after
+        assert after["waited_device"] == before["waited_device"] + 1, (before, after)

@@ -1198,7 +1198,7 @@ impl State {
             c.closed_here = true;
             let seq = c.send_seq;
             c.send_seq += 1;
-            let (second, reader_gone) = (c.closed_there, c.inbound.is_closed());
+            let (second, reader_gone, accepted) = (c.closed_there, c.inbound.is_closed(), c.accepted);
             if second {
                 // The peer closed first and closes its endpoint (flushing)
                 // when our CLOSE arrives. Closing ours at the same time
@@ -1212,7 +1212,12 @@ impl State {
             close.extend_from_slice(&u64::from(second).to_le_bytes());
             self.send_am(ep, AM_CLOSE, close, None, true);
             if reader_gone && !second {
-                self.destroy(id, false);
+                // Nothing more will be read; the peer may be closing at this
+                // very moment: the accepting side lingers (as in `deliver`).
+                match self.conns.get_mut(&id) {
+                    Some(c) if accepted => c.lingering = Some(Instant::now()),
+                    _ => self.destroy(id, false),
+                }
             }
         }
     }
@@ -1399,7 +1404,6 @@ impl State {
     fn post_device(&mut self, id: u64, seq: u64, host: Vec<u8>, desc: *mut c_void, len: usize, kind: MemoryKind) {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.rndv_bytes += len;
-        crate::device::prepare_thread(kind);
         let (into, mut buf, address, memory_type) = match crate::device::alloc_for_arrival(kind, len) {
             Some(p) => {
                 let address = p.address();
