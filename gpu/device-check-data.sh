@@ -10,8 +10,11 @@
 #     | python3 -c 'import sys,json; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and "rdask_gpu" in m["executable"]]' \
 #     | head -1 | xargs -I{} cp {} .gpu-bin/rdask-gpu-tests
 #   cp target/release/rdask-gpu-bench .gpu-bin/
+#   strip .gpu-bin/*     # release builds keep debug info: 45 MB -> a few MB
+#   # optional, UCX with CUDA transports (43 MB; carry budget is 64 MiB):
+#   #   pip download --no-deps -d .gpu-wheels libucx-cu12
 #   # then, with the device tool:
-#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-bin"], timeout_s=300)
+#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-bin", ".gpu-wheels"], timeout_s=300)
 #
 # It prints the GPU, runs the rdask-gpu unit tests (on a GPU the CUDA test
 # opens GPU 0 and moves bytes through pinned staging), then rdask-gpu-bench:
@@ -23,11 +26,21 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rdask-device-check}
 mkdir -p "$out"
 echo "== nvidia-smi -L"; nvidia-smi -L || true
+# A carried libucx-cu12 wheel (43 MB) gives rdask a UCX with CUDA transports:
+# device values then go as device frames, GPU memory to GPU memory.
+if ls .gpu-wheels/libucx*.whl >/dev/null 2>&1; then
+  python3 -m zipfile -e .gpu-wheels/libucx*.whl /tmp/libucx-wheel
+  export LD_LIBRARY_PATH=/tmp/libucx-wheel/libucx/lib:${LD_LIBRARY_PATH:-}
+  echo "UCX from the libucx wheel: /tmp/libucx-wheel/libucx/lib"
+fi
 if [ -x .gpu-bin/rdask-gpu-tests ]; then
   echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
   echo "== rdask-gpu-bench"
   ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
   cat "$out/gpu.json"
+  echo "== rdask-gpu-bench over UCX (device frames where this UCX moves GPU memory)"
+  ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 1024 --protocol ucx \
+    --out "$out/gpu-ucx.json" || echo "UCX run failed (rc $?)"
 else
   echo "== skipped the Rust-side checks: no .gpu-bin carried"
 fi
@@ -39,15 +52,6 @@ echo "== benches/device_values.py --array cupy"
 if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
   python3 -m venv --system-site-packages /tmp/rdask-venv
   /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/rdask-*.whl
-  # A carried libucx-cu12 wheel (43 MB: carry it instead of .gpu-bin, in a
-  # run of its own) gives rdask a UCX with CUDA transports: the bench's
-  # ucx_direct move then sends GPU memory as device frames.
-  if ls .gpu-wheels/libucx*.whl >/dev/null 2>&1; then
-    /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/libucx*.whl
-    ucx_lib=$(/tmp/rdask-venv/bin/python -c 'import libucx, os; print(os.path.join(os.path.dirname(libucx.__file__), "lib"))')
-    export LD_LIBRARY_PATH=$ucx_lib:${LD_LIBRARY_PATH:-}
-    echo "UCX from the libucx wheel: $ucx_lib"
-  fi
   /tmp/rdask-venv/bin/python benches/device_values.py --array cupy --move-mib 1024 --limit-mib 4096 \
     --value-mib 512 --out "$out/device-values.json"
 else

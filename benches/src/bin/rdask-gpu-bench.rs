@@ -5,7 +5,9 @@
 //!   memory on the same device in the same run (the bus's limit).
 //! - A device value moved over a real connection (`--protocol`, loopback):
 //!   staged out in chunks on one side and into device memory on the other,
-//!   against moving the same bytes from host memory.
+//!   against moving the same bytes from host memory; over UCX that carries
+//!   the device's memory, also as one device frame (sent from device memory,
+//!   received into device memory).
 //! - Spilling: device values three times the device memory limit written
 //!   through a `DeviceStore` and all read back; time and bytes moved.
 //!
@@ -22,6 +24,7 @@ use rdask_gpu::device::{Device, DeviceBuffer, HostStandIn};
 use rdask_gpu::device_store::DeviceStore;
 use rdask_gpu::staging::{stage_out, StageIn, StagingPool};
 use rdask_transport::bytes::Bytes;
+use rdask_transport::device::{DeviceAllocator, DevicePayload, MemoryKind};
 use rdask_transport::rkyv::util::AlignedVec;
 use rdask_transport::{Frame, Limits};
 
@@ -74,6 +77,22 @@ fn fill(dev: &dyn Device, len: usize) -> anyhow::Result<DeviceBuffer> {
     Ok(buf)
 }
 
+/// Device frames arriving in this process land on the bench's device.
+struct Arrivals(Arc<dyn Device>);
+
+impl DeviceAllocator for Arrivals {
+    fn alloc(&self, kind: MemoryKind, len: usize) -> Option<DevicePayload> {
+        let buf = self.0.alloc(len).ok()?;
+        let address = self.0.address(&buf);
+        // SAFETY: the buffer lives in the owner; only the transport writes it.
+        Some(unsafe { DevicePayload::new(address, len, kind, Arc::new(buf)) })
+    }
+
+    fn prepare_thread(&self, _kind: MemoryKind) {
+        let _ = self.0.bind_to_thread();
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dev = open(&a.device)?;
@@ -123,7 +142,7 @@ fn main() -> anyhow::Result<()> {
 
     // A device value over a real connection, against host bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (dev_secs, host_secs) = rt.block_on(async {
+    let (dev_secs, host_secs, direct_secs) = rt.block_on(async {
         let mut l = rdask_transport::listen(&format!("{}://127.0.0.1:0", a.protocol), Limits::default()).await?;
         let client = rdask_transport::connect(&l.address, Limits::default()).await?;
         let mut server = l.accept().await.context("no connection")?;
@@ -156,7 +175,23 @@ fn main() -> anyhow::Result<()> {
         client.sender.send(Frame { control: control(), data: vec![host], device: None })?;
         let f = server.receiver.recv().await?.context("closed")?;
         anyhow::ensure!(f.data[0].len() == src_len);
-        anyhow::Ok((dev_secs, t.elapsed().as_secs_f64()))
+        let host_secs = t.elapsed().as_secs_f64();
+        // Device frame: the value's memory itself, where the transport carries it.
+        let kind = if dev.is_host_memory() { MemoryKind::Host } else { MemoryKind::Cuda };
+        let mut direct_secs = None;
+        if client.sender.carries(kind) {
+            rdask_transport::device::set_device_allocator(Arc::new(Arrivals(dev.clone())));
+            let address = dev.address(&src);
+            let t = Instant::now();
+            // SAFETY: `src` lives in the owner until the send is done.
+            let payload = unsafe { DevicePayload::new(address, src_len, kind, src.clone()) };
+            client.sender.send(Frame { control: control(), data: vec![], device: Some(payload) })?;
+            let f = server.receiver.recv().await?.context("closed")?;
+            let got = f.device.context("no device payload")?;
+            anyhow::ensure!(got.len() == src_len && got.owner().downcast_ref::<DeviceBuffer>().is_some(), "the payload did not land on the device");
+            direct_secs = Some(t.elapsed().as_secs_f64());
+        }
+        anyhow::Ok((dev_secs, host_secs, direct_secs))
     })?;
     println!(
         "{} MiB device value over {}://: {:.2} GB/s; the same bytes from host memory: {:.2} GB/s",
@@ -167,6 +202,13 @@ fn main() -> anyhow::Result<()> {
     );
     figures.insert("transfer_device_GBps".into(), gbps(len, dev_secs).into());
     figures.insert("transfer_host_GBps".into(), gbps(len, host_secs).into());
+    match direct_secs {
+        Some(secs) => {
+            println!("{} MiB device value as one device frame over {}://: {:.2} GB/s", a.size_mib, a.protocol, gbps(len, secs));
+            figures.insert("transfer_device_frame_GBps".into(), gbps(len, secs).into());
+        }
+        None => println!("device frames: {}:// does not carry this device's memory (UCX without its memory kind, or TCP)", a.protocol),
+    }
 
     // Spilling: values 3x the limit, all written, then all read back.
     let limit = (a.limit_mib << 20) as u64;
