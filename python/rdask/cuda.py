@@ -30,14 +30,10 @@ UNSUPPORTED = {
     "--rmm-release-threshold": "rdask has no RMM pool",
     "--rmm-log-directory": "rdask has no RMM pool",
     "--rmm-track-allocations": "rdask has no RMM pool",
-    "--enable-tcp-over-ucx": "the UCX transport is not built yet",
-    "--enable-infiniband": "the UCX transport is not built yet",
-    "--enable-nvlink": "the UCX transport is not built yet",
-    "--enable-rdmacm": "the UCX transport is not built yet",
-    "--net-devices": "the UCX transport is not built yet",
-    "--enable-jit-unspill": "device spilling is not built yet",
-    "--shared-filesystem": "spilling to disk is not built yet",
-    "--dashboard-address": "the dashboard is not built yet",
+    "--enable-jit-unspill": "rdask has no JIT-unspill proxies; device values move to host memory past "
+                            "--device-memory-limit and come back when a task uses them",
+    "--shared-filesystem": "only dask-cuda's JIT-unspill uses it, which rdask does not have",
+    "--dashboard-address": "workers have no dashboard of their own; the scheduler's dashboard shows them",
     "--preload": "preload scripts are not supported yet",
     "--preload-argv": "preload scripts are not supported yet",
 }
@@ -73,6 +69,38 @@ def plan(topo: dict, gpus: list[dict], nthreads: int | None = 1, memory_limit="a
     return specs
 
 
+def ucx_env(protocol: str | None, enable_tcp_over_ucx=None, enable_infiniband=None, enable_nvlink=None,
+            enable_rdmacm=None, net_devices=None) -> dict:
+    """The UCX settings dask-cuda's flags stand for, for the GPU workers'
+    environment: none when no flag is given (UCX then picks every transport
+    it has, CUDA ones included, which is what dask-cuda recommends now);
+    else `UCX_TLS` with `cuda_copy` and what the flags ask for (TCP is kept
+    for setting up connections unless RDMA CM is asked for), and
+    `UCX_NET_DEVICES`. ValueError when a flag is given without UCX."""
+    flags = {"enable_tcp_over_ucx": enable_tcp_over_ucx, "enable_infiniband": enable_infiniband,
+             "enable_nvlink": enable_nvlink, "enable_rdmacm": enable_rdmacm, "net_devices": net_devices}
+    given = {k: v for k, v in flags.items() if v not in (None, False, "")}
+    if not given:
+        return {}
+    if protocol not in ("ucx", "auto"):  # auto: UCX where it can start (else the settings do nothing)
+        raise ValueError(f"{', '.join(sorted(given))} need protocol 'ucx' (the workers use {protocol or 'tcp'!r})")
+    env = {}
+    if any(k != "net_devices" for k in given):
+        tls = ["cuda_copy"]
+        if enable_infiniband:
+            tls.append("rc")
+        if enable_nvlink:
+            tls.append("cuda_ipc")
+        if enable_tcp_over_ucx or not enable_rdmacm:
+            tls.append("tcp")
+        if enable_rdmacm:
+            tls.append("rdmacm")
+        env["UCX_TLS"] = ",".join(tls)
+    if net_devices:
+        env["UCX_NET_DEVICES"] = str(net_devices)
+    return env
+
+
 def _worker_env(spec: dict) -> dict:
     return {
         "CUDA_VISIBLE_DEVICES": spec["gpu"]["visible_devices"],
@@ -97,6 +125,11 @@ def main(argv=None) -> int:
                    help="tcp, tls (the default with --tls-cert), ucx, or auto (default: the scheduler address's)")
     p.add_argument("--listen-host", "--host", default="127.0.0.1")
     p.add_argument("--no-bind", dest="bind", action="store_false")
+    # dask-cuda's UCX flags (`ucx_env`); without them UCX picks its transports.
+    for flag in ("tcp-over-ucx", "infiniband", "nvlink", "rdmacm"):
+        p.add_argument(f"--enable-{flag}", action="store_true", default=None)
+        p.add_argument(f"--disable-{flag}", dest=f"enable_{flag.replace('-', '_')}", action="store_false")
+    p.add_argument("--net-devices", default=None, help="UCX_NET_DEVICES for the workers (with --protocol ucx)")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
     from .config import add_memory_flags, thresholds_from_args
     from .security import add_tls_flags, apply_args
@@ -125,6 +158,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"rdask-cuda-worker: --protocol: {e}", file=sys.stderr)
         return 2
+    try:
+        ucx = ucx_env(a.protocol, a.enable_tcp_over_ucx, a.enable_infiniband, a.enable_nvlink, a.enable_rdmacm,
+                      a.net_devices)
+    except ValueError as e:
+        print(f"rdask-cuda-worker: {e}", file=sys.stderr)
+        return 2
     a.token = token_of(a)
     try:
         gpus = gpu_devices()
@@ -151,7 +190,7 @@ def main(argv=None) -> int:
         local = os.path.join(a.local_directory, name) if a.local_directory else None
         nannies.append(Nanny(address, name, s["nthreads"], s["memory_limit"], resources, a.token, local,
                              a.listen_host, death_timeout=a.death_timeout, cpus=s["cpus"], numa_node=s["numa"],
-                             gpu=s["gpu_label"], env=_worker_env(s), memory_thresholds=thresholds,
+                             gpu=s["gpu_label"], env={**_worker_env(s), **ucx}, memory_thresholds=thresholds,
                              security=security, protocol=a.protocol).start())
     print(f"rdask-cuda-worker: {len(specs)} GPU worker(s) for {address}:\n{topology.describe_layout(specs)}",
           file=sys.stderr, flush=True)
@@ -164,7 +203,15 @@ class LocalCUDACluster(LocalCluster):
     on a machine without an NVIDIA driver or GPU."""
 
     def __init__(self, n_workers: int | None = None, threads_per_worker: int = 1, CUDA_VISIBLE_DEVICES=None,
-                 memory_limit="auto", device_memory_limit=0.8, bind: bool = True, **kwargs):
+                 memory_limit="auto", device_memory_limit=0.8, bind: bool = True, enable_tcp_over_ucx=None,
+                 enable_infiniband=None, enable_nvlink=None, enable_rdmacm=None, net_devices=None, **kwargs):
+        unsupported = sorted(k for k in kwargs if k.startswith("rmm_") or k in ("jit_unspill", "pre_import"))
+        if unsupported:
+            raise TypeError(f"LocalCUDACluster: {', '.join(unsupported)} not supported (rdask has no RMM pool "
+                            "or JIT-unspill; device values move to host past device_memory_limit)")
+        # What the workers' UCX is told (dask-cuda's flags), checked before anything starts.
+        self._ucx_env = ucx_env(kwargs.get("protocol"), enable_tcp_over_ucx, enable_infiniband, enable_nvlink,
+                                enable_rdmacm, net_devices)
         gpus = gpu_devices()  # before anything starts
         visible = CUDA_VISIBLE_DEVICES
         if isinstance(visible, (list, tuple)):
@@ -188,6 +235,7 @@ class LocalCUDACluster(LocalCluster):
         if not self.processes:
             raise RdaskError("LocalCUDACluster runs one process per GPU (processes=False is not supported)")
         self.workers[name] = Nanny(self.scheduler_address, name, s["nthreads"], s["memory_limit"], self.resources,
-                                   self.token, self.local_directory, self.host, cpus=s["cpus"],
-                                   numa_node=s["numa"], gpu=s["gpu_label"],
-                                   env={**_worker_env(s), **self._worker_env()}).start()
+                                   self.token, self.local_directory, self.host, quiet=False, cpus=s["cpus"],
+                                   numa_node=s["numa"], gpu=s["gpu_label"], memory_thresholds=self.memory_thresholds,
+                                   security=self.security, protocol=self.protocol,
+                                   env={**_worker_env(s), **self._ucx_env, **self._worker_env()}).start()

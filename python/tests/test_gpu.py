@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import psutil
 import pytest
 
@@ -88,3 +89,50 @@ def test_cuda_plan_limits_device_memory_and_labels_each_gpu():
     assert env["CUDA_VISIBLE_DEVICES"] == "3,0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         cuda.plan(topo, gpus, visible="9")
+
+
+def test_cuda_worker_ucx_flags_need_ucx():
+    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1", "--enable-nvlink"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "enable_nvlink need protocol 'ucx'" in out.stderr, out.stderr
+    assert cuda.ucx_env("ucx") == {}, "without flags UCX picks its transports"
+    assert cuda.ucx_env("ucx", enable_nvlink=True, enable_infiniband=True) == {"UCX_TLS": "cuda_copy,rc,cuda_ipc,tcp"}
+    assert cuda.ucx_env("ucx", enable_rdmacm=True, net_devices="mlx5_0:1") == \
+        {"UCX_TLS": "cuda_copy,rdmacm", "UCX_NET_DEVICES": "mlx5_0:1"}
+    with pytest.raises(TypeError, match="rmm_pool_size not supported"):
+        rdask.LocalCUDACluster(rmm_pool_size="1GB")
+    with pytest.raises(ValueError, match="need protocol 'ucx'"):
+        rdask.LocalCUDACluster(enable_nvlink=True)
+
+
+FAKE_GPUS = [{"index": i, "uuid": f"GPU-{i}", "name": "Test GPU", "pci_bus_id": f"0000:0{i}:00.0",
+              "memory": 1 << 30, "cpus": []} for i in range(2)]
+
+
+def make_standin(n):
+    from rdask.testing import StandInArray
+
+    return StandInArray(np.arange(n, dtype=np.float64))
+
+
+@pytest.mark.skipif(not rdask._rdask.ucx_status()[0] and not os.environ.get("RDASK_REQUIRE_UCX"), reason="needs UCX")
+def test_local_cuda_cluster_over_ucx_gives_its_workers_the_protocol_and_ucx_settings(monkeypatch):
+    """dask-cuda's `LocalCUDACluster(protocol="ucx", enable_tcp_over_ucx=True)`:
+    one worker per GPU (two described GPUs; the stand-in device), each
+    listening on UCX with the settings the flags stand for, and device
+    values between them go as device frames."""
+    monkeypatch.setattr(cuda, "gpu_devices", lambda: FAKE_GPUS)
+    monkeypatch.setenv("RDASK_DEVICE", "standin")
+    monkeypatch.setenv("RDASK_DEVICE_IPC", "0")  # as between nodes
+    with rdask.LocalCUDACluster(protocol="ucx", enable_tcp_over_ucx=True, dashboard_address=None) as cluster, \
+            rdask.Client(cluster) as client:
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 2 and all(a.startswith("ucx://") for a in workers), list(workers)
+        env = client.run(lambda: (os.environ.get("UCX_TLS"), os.environ.get("CUDA_VISIBLE_DEVICES")))
+        assert sorted(v[1] for v in env.values()) == ["0,1", "1,0"]
+        assert {v[0] for v in env.values()} == {"cuda_copy,tcp"}
+        a, b = sorted(workers)
+        x = client.submit(make_standin, 100_000, workers=[a])
+        assert client.submit(lambda v: float(v.array.sum()), x, workers=[b]).result() == float(sum(range(100_000)))
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["direct_arrays"] == 1, got
