@@ -381,3 +381,20 @@ pub fn upload(device: &dyn Device, bytes: &[u8]) -> Result<DeviceBuffer, GpuErro
     }
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StreamSync;
+
+    #[test]
+    fn an_arrays_stream_says_what_to_wait_for() {
+        // The serialiser's codes: -1 no stream given, 0 `None`, else the stream.
+        assert_eq!(StreamSync::from_code(-1), StreamSync::Device);
+        assert_eq!(StreamSync::from_code(0), StreamSync::Ready);
+        // The default streams are the whole device (the asking thread's
+        // stream is not the writer's).
+        assert_eq!(StreamSync::from_code(1), StreamSync::Device);
+        assert_eq!(StreamSync::from_code(2), StreamSync::Device);
+        assert_eq!(StreamSync::from_code(0x7f00_1234), StreamSync::Stream(0x7f00_1234));
+    }
+}
