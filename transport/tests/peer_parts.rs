@@ -176,3 +176,55 @@ async fn an_answer_in_parts_is_released_even_when_its_fetch_was_dropped() {
     let id = tokio::time::timeout(std::time::Duration::from_secs(10), released.recv()).await.expect("no release came").unwrap();
     assert_eq!(id, 2, "the request answered in parts, not the one answered whole");
 }
+
+/// A holder over UCX whose answers carry device frames (host memory stands
+/// for the device, as UCX carries it everywhere): task 1 in parts, its
+/// second part a device frame; task 2 a device frame on an item that is not
+/// a part of a value (a protocol error).
+async fn device_frame_holder() -> Option<String> {
+    use rdask_transport::device::DevicePayload;
+    let mut listener = rdask_transport::listen("ucx://127.0.0.1:0", Default::default()).await.ok()?;
+    let address = listener.address.clone();
+    tokio::spawn(async move {
+        while let Some(mut conn) = listener.accept().await {
+            tokio::spawn(async move {
+                handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
+                while let Ok(Some(frame)) = conn.receiver.recv().await {
+                    let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = ToPeerMessage::access(&frame.control).unwrap() else { continue };
+                    let request_id = request_id.to_native();
+                    let message = |items: Vec<DataItem>, more: bool| FromPeerMessage::Data { request_id, items, more };
+                    let device = |items: Vec<DataItem>, more: bool, payload: &str| Frame {
+                        device: Some(DevicePayload::host(bytes(payload))),
+                        ..Frame::from_message(&message(items, more))
+                    };
+                    if tasks[0].get().0 == 1 {
+                        conn.sender.send(Frame::with_data(&message(vec![item(1, 0, 1, true, None)], true), vec![bytes("head")])).unwrap();
+                        conn.sender.send(device(vec![item(1, 0, 0, true, None)], true, "device bytes")).unwrap();
+                        conn.sender.send(Frame::from_message(&message(vec![item(1, 0, 0, false, None)], false))).unwrap();
+                    } else {
+                        conn.sender.send(device(vec![item(2, 0, 0, false, None)], false, "stray")).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    Some(address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_frames_join_a_value_in_parts_and_nowhere_else() {
+    let Some(address) = device_frame_holder().await else {
+        assert!(std::env::var_os("RDASK_REQUIRE_UCX").is_none(), "UCX cannot start here");
+        eprintln!("skipped: UCX is not available here");
+        return;
+    };
+    let conn = PeerConnection::connect(&address, None, Default::default()).await.unwrap();
+    let got = conn.fetch(vec![TaskId(1)]).await.unwrap();
+    match &got[0].1 {
+        // No device sink for this head: the host payload joins as a frame.
+        FetchedValue::Value(f) => assert_eq!(f.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), vec![b"head".to_vec(), b"device bytes".to_vec()]),
+        other => panic!("a value expected, got {other:?}"),
+    }
+    let stray = conn.fetch(vec![TaskId(2)]).await;
+    assert!(stray.is_err(), "a device payload outside a value in parts ends the connection: {stray:?}");
+}
