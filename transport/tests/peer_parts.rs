@@ -19,10 +19,13 @@ fn bytes(s: &str) -> Bytes {
 
 type Reply<'a> = &'a dyn Fn(Vec<DataItem>, Vec<Bytes>, bool);
 
-/// A holder over TCP that answers each request with `answer(send, first
-/// task asked for)`.
-async fn holder_with(answer: fn(Reply<'_>, u64)) -> String {
-    let mut listener = rdask_transport::listen("tcp://127.0.0.1:0", Default::default()).await.unwrap();
+/// A holder on `scheme` that answers each request with `answer(sender,
+/// request id, first task asked for)`; `None` where the scheme cannot listen.
+async fn holder_on<F>(scheme: &str, answer: F) -> Option<String>
+where
+    F: Fn(&rdask_transport::FrameSender, u64, u64) + Copy + Send + Sync + 'static,
+{
+    let mut listener = rdask_transport::listen(&format!("{scheme}://127.0.0.1:0"), Default::default()).await.ok()?;
     let address = listener.address.clone();
     tokio::spawn(async move {
         while let Some(mut conn) = listener.accept().await {
@@ -30,16 +33,24 @@ async fn holder_with(answer: fn(Reply<'_>, u64)) -> String {
                 handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
                 while let Ok(Some(frame)) = conn.receiver.recv().await {
                     let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = ToPeerMessage::access(&frame.control).unwrap() else { continue };
-                    let (request_id, first) = (request_id.to_native(), tasks[0].get().0);
-                    let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
-                        conn.sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
-                    };
-                    answer(&send, first);
+                    answer(&conn.sender, request_id.to_native(), tasks[0].get().0);
                 }
             });
         }
     });
-    address
+    Some(address)
+}
+
+/// A holder over TCP that answers each request with `answer(send, first
+/// task asked for)`.
+async fn holder_with(answer: fn(Reply<'_>, u64)) -> String {
+    let reply = move |sender: &rdask_transport::FrameSender, request_id: u64, first: u64| {
+        let send = |items: Vec<DataItem>, data: Vec<Bytes>, more: bool| {
+            sender.send(Frame::with_data(&FromPeerMessage::Data { request_id, items, more }, data)).unwrap();
+        };
+        answer(&send, first);
+    };
+    holder_on("tcp", reply).await.expect("TCP listens")
 }
 
 /// Answers every request with: 1 whole; 2 in three parts (a head of two
@@ -183,32 +194,21 @@ async fn an_answer_in_parts_is_released_even_when_its_fetch_was_dropped() {
 /// a part of a value (a protocol error).
 async fn device_frame_holder() -> Option<String> {
     use rdask_transport::device::DevicePayload;
-    let mut listener = rdask_transport::listen("ucx://127.0.0.1:0", Default::default()).await.ok()?;
-    let address = listener.address.clone();
-    tokio::spawn(async move {
-        while let Some(mut conn) = listener.accept().await {
-            tokio::spawn(async move {
-                handshake_accept(&mut conn, &[Role::Peer], None).await.unwrap();
-                while let Ok(Some(frame)) = conn.receiver.recv().await {
-                    let ArchivedToPeerMessage::Fetch { request_id, tasks, .. } = ToPeerMessage::access(&frame.control).unwrap() else { continue };
-                    let request_id = request_id.to_native();
-                    let message = |items: Vec<DataItem>, more: bool| FromPeerMessage::Data { request_id, items, more };
-                    let device = |items: Vec<DataItem>, more: bool, payload: &str| Frame {
-                        device: Some(DevicePayload::host(bytes(payload))),
-                        ..Frame::from_message(&message(items, more))
-                    };
-                    if tasks[0].get().0 == 1 {
-                        conn.sender.send(Frame::with_data(&message(vec![item(1, 0, 1, true, None)], true), vec![bytes("head")])).unwrap();
-                        conn.sender.send(device(vec![item(1, 0, 0, true, None)], true, "device bytes")).unwrap();
-                        conn.sender.send(Frame::from_message(&message(vec![item(1, 0, 0, false, None)], false))).unwrap();
-                    } else {
-                        conn.sender.send(device(vec![item(2, 0, 0, false, None)], false, "stray")).unwrap();
-                    }
-                }
-            });
+    holder_on("ucx", |sender, request_id, first| {
+        let message = |items: Vec<DataItem>, more: bool| FromPeerMessage::Data { request_id, items, more };
+        let device = |items: Vec<DataItem>, more: bool, payload: &str| Frame {
+            device: Some(DevicePayload::host(bytes(payload))),
+            ..Frame::from_message(&message(items, more))
+        };
+        if first == 1 {
+            sender.send(Frame::with_data(&message(vec![item(1, 0, 1, true, None)], true), vec![bytes("head")])).unwrap();
+            sender.send(device(vec![item(1, 0, 0, true, None)], true, "device bytes")).unwrap();
+            sender.send(Frame::from_message(&message(vec![item(1, 0, 0, false, None)], false))).unwrap();
+        } else {
+            sender.send(device(vec![item(2, 0, 0, false, None)], false, "stray")).unwrap();
         }
-    });
-    Some(address)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
