@@ -114,16 +114,10 @@ pub(crate) fn take_arrival(payload: DevicePayload, len: u64) -> Result<Arrived, 
 }
 
 /// Keeps a sent value's arrays alive until the transport has sent the last
-/// of them (the payloads share it).
-struct KeepArrays(Option<Py<PyAny>>);
-
-impl Drop for KeepArrays {
-    fn drop(&mut self) {
-        // Often dropped on the transport's thread, which must not wait for
-        // the interpreter: PyO3 defers the decref until one is attached.
-        drop(self.0.take());
-    }
-}
+/// of them (the payloads share it). Often dropped on the transport's
+/// thread, which must not wait for the interpreter: PyO3 defers the decref
+/// of an object dropped there until some thread is attached.
+struct KeepArrays(#[allow(dead_code)] Py<PyAny>);
 
 /// A device value's arrays as device payloads, in order (empty arrays have
 /// no frame: the receiver knows their size from the head).
@@ -139,7 +133,7 @@ impl DirectArrays {
     /// streams that wrote it).
     pub(crate) fn new(device: &dyn Device, parts: &[(u64, u64)], keep: Py<PyAny>) -> DirectArrays {
         SENT_VALUES.fetch_add(1, Ordering::Relaxed);
-        DirectArrays { arrays: parts.iter().copied().filter(|&(_, n)| n > 0).collect(), kind: kind_of(device), keep: Arc::new(KeepArrays(Some(keep))) }
+        DirectArrays { arrays: parts.iter().copied().filter(|&(_, n)| n > 0).collect(), kind: kind_of(device), keep: Arc::new(KeepArrays(keep)) }
     }
 }
 
