@@ -33,7 +33,6 @@ UNSUPPORTED = {
     "--enable-jit-unspill": "rdask has no JIT-unspill proxies; device values move to host memory past "
                             "--device-memory-limit and come back when a task uses them",
     "--shared-filesystem": "only dask-cuda's JIT-unspill uses it, which rdask does not have",
-    "--dashboard-address": "workers have no dashboard of their own; the scheduler's dashboard shows them",
     "--preload": "preload scripts are not supported yet",
     "--preload-argv": "preload scripts are not supported yet",
 }
@@ -130,6 +129,8 @@ def main(argv=None) -> int:
         p.add_argument(f"--enable-{flag}", action="store_true", default=None)
         p.add_argument(f"--disable-{flag}", dest=f"enable_{flag.replace('-', '_')}", action="store_false")
     p.add_argument("--net-devices", default=None, help="UCX_NET_DEVICES for the workers (with --protocol ucx)")
+    p.add_argument("--dashboard-address", default=None,
+                   help="accepted and ignored: workers have no dashboard of their own (the scheduler's shows them)")
     from .cli import add_token_args, run_nannies, scheduler_address, token_of
     from .config import add_memory_flags, thresholds_from_args
     from .security import add_tls_flags, apply_args
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
             return 2
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.dashboard_address is not None:  # as `rdask-worker` does
+        print("rdask-cuda-worker: warning: --dashboard-address is accepted and ignored (workers have no dashboard "
+              "of their own; the scheduler's dashboard shows them)", file=sys.stderr)
     try:
         security = apply_args(a)
     except ValueError as e:

@@ -92,9 +92,11 @@ def test_cuda_plan_limits_device_memory_and_labels_each_gpu():
 
 
 def test_cuda_worker_ucx_flags_need_ucx():
-    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1", "--enable-nvlink"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([CUDA_WORKER, "tcp://127.0.0.1:1", "--enable-nvlink", "--dashboard-address", ":0"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "enable_nvlink need protocol 'ucx'" in out.stderr, out.stderr
+    # A worker's dashboard address is accepted with a warning, as by rdask-worker.
+    assert "--dashboard-address is accepted and ignored" in out.stderr, out.stderr
     assert cuda.ucx_env("ucx") == {}, "without flags UCX picks its transports"
     assert cuda.ucx_env("ucx", enable_nvlink=True, enable_infiniband=True) == {"UCX_TLS": "cuda_copy,rc,cuda_ipc,tcp"}
     assert cuda.ucx_env("ucx", enable_rdmacm=True, net_devices="mlx5_0:1") == \
