@@ -68,6 +68,22 @@ def plan(topo: dict, gpus: list[dict], nthreads: int | None = 1, memory_limit="a
     return specs
 
 
+def ucx_device_path() -> str:
+    """One line saying how device values travel over this process's UCX:
+    dask-cuda users expect GPU-to-GPU transfers, which need a UCX built with
+    CUDA transports (Debian's libucx has none)."""
+    from . import _rdask
+
+    kinds = _rdask.ucx_memory_kinds()
+    if "cuda" in kinds:
+        return "UCX moves GPU memory: device values between nodes go GPU to GPU as device frames"
+    why = ("device frames are off (RDASK_UCX_DEVICE_FRAMES=0)" if not kinds
+           else "this UCX has no CUDA transports")
+    return (f"{why}: device values between nodes go through host memory in staging chunks (between processes "
+            "of one node by CUDA IPC); for GPU-to-GPU transfers put a UCX with CUDA transports (such as the "
+            "libraries of the libucx-cu12 or libucx-cu13 wheels) on LD_LIBRARY_PATH")
+
+
 def ucx_env(protocol: str | None, enable_tcp_over_ucx=None, enable_infiniband=None, enable_nvlink=None,
             enable_rdmacm=None, net_devices=None) -> dict:
     """The UCX settings dask-cuda's flags stand for, for the GPU workers'
@@ -168,6 +184,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 2
+    if a.protocol == "ucx":
+        print(f"rdask-cuda-worker: {ucx_device_path()}", file=sys.stderr)
     a.token = token_of(a)
     try:
         gpus = gpu_devices()

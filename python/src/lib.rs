@@ -96,6 +96,17 @@ fn ucx_status(py: Python<'_>) -> (bool, String) {
     }
 }
 
+/// The memory a device value's arrays may travel in over this process's UCX
+/// as device frames: `[]` where UCX is unusable or device frames are off,
+/// `["host"]` for a UCX without CUDA transports (Debian's), `["host",
+/// "cuda"]` for one with them (`libucx-cu12`/`-cu13`). GIL released.
+#[pyfunction]
+fn ucx_memory_kinds(py: Python<'_>) -> Vec<&'static str> {
+    use rdask_transport::device::MemoryKind;
+    let kinds = py.detach(rdask_transport::ucx_memory_kinds).unwrap_or_default();
+    kinds.into_iter().map(|k| match k { MemoryKind::Host => "host", MemoryKind::Cuda => "cuda" }).collect()
+}
+
 /// The address other hosts reach this one at (first non-loopback IPv4 of an
 /// interface that is up; loopback if there is none).
 #[pyfunction]
@@ -146,6 +157,7 @@ fn _rdask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interface_address, m)?)?;
     m.add_function(wrap_pyfunction!(contact_ip, m)?)?;
     m.add_function(wrap_pyfunction!(ucx_status, m)?)?;
+    m.add_function(wrap_pyfunction!(ucx_memory_kinds, m)?)?;
     m.add_function(wrap_pyfunction!(key_prefix, m)?)?;
     m.add_function(wrap_pyfunction!(topology::read_topology, m)?)?;
     m.add_function(wrap_pyfunction!(topology::describe_topology, m)?)?;

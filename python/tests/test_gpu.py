@@ -118,6 +118,27 @@ def make_standin(n):
 
 
 @pytest.mark.skipif(not rdask._rdask.ucx_status()[0] and not os.environ.get("RDASK_REQUIRE_UCX"), reason="needs UCX")
+def test_ucx_says_which_memory_it_moves_as_device_frames():
+    """A dask-cuda user on UCX expects GPU-to-GPU transfers; rdask says
+    whether this UCX can (CUDA transports) or device values are staged."""
+    code = "import rdask._rdask as r, rdask.cuda as c; print(r.ucx_memory_kinds()); print(c.ucx_device_path())"
+    for off in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "RDASK_UCX_DEVICE_FRAMES"}
+        if off:
+            env["RDASK_UCX_DEVICE_FRAMES"] = "0"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        kinds, line = out.stdout.splitlines()
+        if off:
+            assert kinds == "[]" and line.startswith("device frames are off (RDASK_UCX_DEVICE_FRAMES=0)"), out.stdout
+        elif "cuda" in kinds:  # a UCX with CUDA transports (the GPU machine's carried one)
+            assert kinds == "['host', 'cuda']" and "GPU to GPU" in line, out.stdout
+        else:  # Debian's libucx
+            assert kinds == "['host']" and line.startswith("this UCX has no CUDA transports"), out.stdout
+            assert "libucx-cu13" in line
+
+
+@pytest.mark.skipif(not rdask._rdask.ucx_status()[0] and not os.environ.get("RDASK_REQUIRE_UCX"), reason="needs UCX")
 def test_local_cuda_cluster_over_ucx_gives_its_workers_the_protocol_and_ucx_settings(monkeypatch):
     """dask-cuda's `LocalCUDACluster(protocol="ucx", enable_tcp_over_ucx=True)`:
     one worker per GPU (two described GPUs; the stand-in device), each

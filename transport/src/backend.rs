@@ -270,6 +270,19 @@ pub fn ucx_status() -> std::result::Result<String, String> {
     }
 }
 
+/// The memory kinds UCX moves as device frames in this process, or why UCX
+/// is not usable (as [`ucx_status`]).
+pub fn ucx_memory_kinds() -> std::result::Result<Vec<crate::device::MemoryKind>, String> {
+    #[cfg(all(feature = "ucx", ucx_bindings))]
+    {
+        crate::ucx::device_frame_kinds().map_err(|e| e.to_string())
+    }
+    #[cfg(not(all(feature = "ucx", ucx_bindings)))]
+    {
+        ucx_status().map(|_| Vec::new())
+    }
+}
+
 /// Listens on `addr` with the backend its scheme names.
 pub async fn listen(addr: &str, limits: Limits) -> Result<Listener> {
     backend_for(addr)?.listen(addr, limits).await

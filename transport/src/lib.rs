@@ -23,7 +23,7 @@ pub mod tls;
 pub mod ucx;
 pub mod warn_limit;
 
-pub use backend::{choose_scheme, connect, listen, ucx_status, Backend, Connection, FrameRead, FrameSender, Listener};
+pub use backend::{choose_scheme, connect, listen, ucx_memory_kinds, ucx_status, Backend, Connection, FrameRead, FrameSender, Listener};
 pub use error::{Result, TransportError};
 pub use frame::{Frame, Limits};
 pub use handshake::{handshake_accept, handshake_connect, Role};

@@ -82,6 +82,14 @@ pub fn start() -> Result<String> {
     engine().map(|e| e.version.clone())
 }
 
+/// The memory kinds this process's UCX moves as device frames (starting
+/// UCX if need be): none where device frames are off, host memory, and CUDA
+/// memory where the build has CUDA transports.
+pub fn device_frame_kinds() -> Result<Vec<MemoryKind>> {
+    let carries = engine()?.carries;
+    Ok([MemoryKind::Host, MemoryKind::Cuda].into_iter().filter(|k| carries & crate::device::kind_bit(*k) != 0).collect())
+}
+
 pub struct UcxBackend;
 
 impl Backend for UcxBackend {
@@ -214,6 +222,8 @@ impl Shared {
 struct Engine {
     shared: Arc<Shared>,
     version: String,
+    /// The memory kinds connections carry (`State::carries`).
+    carries: u8,
 }
 
 static ENGINE: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
@@ -236,7 +246,7 @@ fn engine() -> Result<&'static Engine> {
             return Err(format!("cannot start the UCX thread: {e}"));
         }
         match ready_rx.recv() {
-            Ok(Ok(version)) => Ok(Engine { shared, version }),
+            Ok(Ok((version, carries))) => Ok(Engine { shared, version, carries }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("the UCX thread ended during start-up".into()),
         }
@@ -521,11 +531,11 @@ fn is_this_host(ip: std::net::IpAddr) -> bool {
     ip.is_loopback() || crate::netif::interface_addresses().iter().any(|(_, a)| std::net::IpAddr::V4(*a) == ip)
 }
 
-fn engine_thread(shared: Arc<Shared>, ready: std_mpsc::Sender<std::result::Result<String, String>>) {
+fn engine_thread(shared: Arc<Shared>, ready: std_mpsc::Sender<std::result::Result<(String, u8), String>>) {
     let wake = shared.wake;
     let (mut st, efd) = match init() {
         Ok((st, efd, version)) => {
-            let _ = ready.send(Ok(version));
+            let _ = ready.send(Ok((version, st.carries)));
             (st, efd)
         }
         Err(e) => {
