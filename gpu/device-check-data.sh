@@ -1,59 +1,89 @@
 #!/usr/bin/env bash
-# The GPU machine check for the device data plane (issue 12), as one short
-# run (about 2 minutes on an H200). The GPU machine has no Rust toolchain,
-# so the binaries are built here and carried:
+# The GPU machine check for the device data plane (issue 12), as one run of
+# about 5 minutes (each step has its own time limit; together at most 9 minutes).
+# The GPU machine has no Rust toolchain and reaches no package registry, so
+# everything is built here first into .gpu-carry:
 #
-#   # here, once:
-#   echo /.gpu-bin/ >> .git/info/exclude
-#   cargo build --release -p rdask-bench --bin rdask-gpu-bench
-#   cargo test --release -p rdask-gpu --no-run --message-format=json \
-#     | python3 -c 'import sys,json; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and "rdask_gpu" in m["executable"]]' \
-#     | head -1 | xargs -I{} cp {} .gpu-bin/rdask-gpu-tests
-#   cp target/release/rdask-gpu-bench .gpu-bin/
-#   strip .gpu-bin/*     # release builds keep debug info: 45 MB -> a few MB
-#   # optional, UCX with CUDA transports (43 MB; carry budget is 64 MiB):
-#   #   pip download --no-deps -d .gpu-wheels libucx-cu12
-#   # then, with the device tool:
-#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-bin", ".gpu-wheels"], timeout_s=300)
+#   bash gpu/prepare-device-check.sh          # here (about 1 minute)
+#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-carry"], timeout_s=590)
 #
-# It prints the GPU, runs the rdask-gpu unit tests (on a GPU the CUDA test
-# opens GPU 0 and moves bytes through pinned staging), then rdask-gpu-bench:
-# staged D2H/H2D throughput against one whole pinned copy, a 1 GiB device
-# value over TCP against the same bytes from host memory, and spilling of
-# values 3x a 4 GiB device memory limit. Figures go to $OUT/gpu.json.
-set -euo pipefail
+# Dry run here, on the host-memory stand-in (a fresh venv standing in for the
+# machine's Python, which has numpy, pytest, psutil, cloudpickle, toolz,
+# fsspec, pyyaml and CuPy but no dask):
+#
+#   RDASK_CHECK_ARRAY=standin RDASK_CHECK_MIB=256 PY=/tmp/gpu-sim/bin/python bash gpu/device-check-data.sh
+#
+# (RDASK_CHECK_MIB scales the benchmarks' sizes down: 1024 MiB moved, a
+# 4096 MiB device memory limit and 512 MiB values by default.)
+#
+# Steps: the GPU and the UCX carried (CUDA transports or not), the rdask-gpu
+# unit tests (on a GPU the CUDA test opens GPU 0 and moves bytes through
+# pinned staging), python/tests/test_gpu_device.py (CuPy, PyTorch and Numba
+# values over IPC, staging, UCX device frames, spilling, side streams, a dask
+# array of CuPy chunks), rdask-gpu-bench (staged D2H/H2D throughput against
+# one whole pinned copy; a 1 GiB device value over TCP and over UCX against
+# the same bytes from host memory; spilling 3x a 4 GiB limit),
+# benches/device_values.py (1 GiB device values between worker processes by
+# each path; spilling 3x a 4 GiB limit) and gpu/device-check.sh
+# (rdask-cuda-worker on this node). Figures go to $OUT.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rdask-device-check}
+array=${RDASK_CHECK_ARRAY:-cupy}
+py=${PY:-python3}
+carry=.gpu-carry
+mib=${RDASK_CHECK_MIB:-1024}
 mkdir -p "$out"
-echo "== nvidia-smi -L"; nvidia-smi -L || true
-# A carried libucx-cu12 wheel (43 MB) gives rdask a UCX with CUDA transports:
-# device values then go as device frames, GPU memory to GPU memory.
-if ls .gpu-wheels/libucx*.whl >/dev/null 2>&1; then
-  python3 -m zipfile -e .gpu-wheels/libucx*.whl /tmp/libucx-wheel
-  export LD_LIBRARY_PATH=/tmp/libucx-wheel/libucx/lib:${LD_LIBRARY_PATH:-}
-  echo "UCX from the libucx wheel: /tmp/libucx-wheel/libucx/lib"
-fi
-if [ -x .gpu-bin/rdask-gpu-tests ]; then
-  echo "== rdask-gpu unit tests"; ./.gpu-bin/rdask-gpu-tests --test-threads=1
-  echo "== rdask-gpu-bench"
-  ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 4096 --out "$out/gpu.json"
-  cat "$out/gpu.json"
-  echo "== rdask-gpu-bench over UCX (device frames where this UCX moves GPU memory)"
-  ./.gpu-bin/rdask-gpu-bench --device cuda:0 --size-mib 1024 --limit-mib 1024 --protocol ucx \
-    --out "$out/gpu-ucx.json" || echo "UCX run failed (rc $?)"
+failed=()
+step() {  # step NAME SECONDS COMMAND...: runs one step, logs it, carries on after a failure
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "== $name: rc $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || failed+=("$name (rc $rc)")
+}
+
+echo "== nvidia-smi -L"; nvidia-smi -L || echo "no nvidia-smi"
+[ -d "$carry" ] || { echo "no $carry: run gpu/prepare-device-check.sh here first and carry it"; exit 2; }
+
+# UCX with CUDA transports (libucx-cu13's libraries): rdask opens libucp.so.0
+# at run time, so this is all it takes; worker processes inherit it.
+export LD_LIBRARY_PATH=$PWD/$carry/ucx/libucx/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "== UCX carried: $("$carry/ucx/ucx_info" -v | head -1)"
+"$carry/ucx/ucx_info" -d 2>/dev/null | grep -E "^#\s+(Transport|Memory domain):" | sort | uniq -c | head -20
+
+# dask and rdask into a folder of their own; the machine's packages stay.
+site=/tmp/rdask-site
+rm -rf "$site"
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$carry"/wheels/*.whl || exit 2
+export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+"$py" -c 'import rdask, rdask._rdask as r, dask; print("rdask from", rdask.__file__, "dask", dask.__version__);
+print("UCX:", r.ucx_status(), "device frames over UCX carry", r.ucx_memory_kinds())' || exit 2
+
+if [ "$array" = standin ]; then
+  export RDASK_DEVICE=standin RDASK_GPU_TEST_ARRAY=standin
+  device=standin
 else
-  echo "== skipped the Rust-side checks: no .gpu-bin carried"
+  device=cuda:0
 fi
-# The Python device path (device frames, device memory limit) on CuPy arrays:
-# needs the rdask abi3 wheel and dask's wheels carried in .gpu-wheels (the
-# machine's Python has CuPy but no dask; the device README says how to carry
-# wheels). Skipped without them.
-echo "== benches/device_values.py --array cupy"
-if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
-  python3 -m venv --system-site-packages /tmp/rdask-venv
-  /tmp/rdask-venv/bin/pip install -q --no-index --find-links .gpu-wheels .gpu-wheels/rdask-*.whl
-  /tmp/rdask-venv/bin/python benches/device_values.py --array cupy --move-mib 1024 --limit-mib 4096 \
-    --value-mib 512 --out "$out/device-values.json"
-else
-  echo "skipped: no wheels in .gpu-wheels"
+step "rdask-gpu unit tests" 30 "./$carry/bin/rdask-gpu-tests" --test-threads=1
+step "test_gpu_device.py ($array)" 180 "$py" -m pytest python/tests/test_gpu_device.py -v -rs -p no:cacheprovider
+step "rdask-gpu-bench over TCP" 80 "./$carry/bin/rdask-gpu-bench" --device "$device" --size-mib "$mib" --limit-mib $((4 * mib)) \
+  --out "$out/gpu.json"
+step "rdask-gpu-bench over UCX" 80 "./$carry/bin/rdask-gpu-bench" --device "$device" --size-mib "$mib" --limit-mib "$mib" \
+  --protocol ucx --out "$out/gpu-ucx.json"
+step "benches/device_values.py ($array)" 120 "$py" benches/device_values.py --array "$array" --move-mib "$mib" \
+  --limit-mib $((4 * mib)) --value-mib $((mib / 2)) --out "$out/device-values.json"
+if [ "$array" != standin ]; then  # issue 11's check (rdask-cuda-worker on this node), cheap to add
+  step "gpu/device-check.sh (rdask-cuda-worker)" 50 bash gpu/device-check.sh
 fi
+for f in gpu.json gpu-ucx.json device-values.json; do
+  [ -f "$out/$f" ] && { echo "== $f"; cat "$out/$f"; echo; }
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== failed: ${failed[*]}"
+  exit 1
+fi
+echo "== all steps passed"

@@ -3,15 +3,10 @@
 # (well under 5 minutes). The GPU machine has no Rust toolchain and no
 # network, so everything is built here first and carried:
 #
-#   # here, once:
-#   echo /.whl/ >> .git/info/exclude
-#   .venv/bin/maturin build --release -o .whl            # the abi3 rdask wheel
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#       dask==$(.venv/bin/python -c 'import dask; print(dask.__version__)') \
-#       cloudpickle toolz partd locket fsspec packaging pyyaml importlib_metadata zipp psutil
-#   # then, with the device tool:
-#   run(command="bash gpu/device-check.sh", carry=[".whl"], timeout_s=420)
+#   bash gpu/prepare-device-check.sh     # here: the rdask wheel and dask's, in .gpu-carry
+#   run(command="bash gpu/device-check.sh", carry=[".gpu-carry"], timeout_s=420)
+#
+# (gpu/device-check-data.sh, the data plane's check, takes the same carry.)
 #
 # It prints: the GPUs, `rdask topology --cuda`, a scheduler plus
 # rdask-cuda-worker, and from a task with resources={"GPU": 1} on each worker
@@ -21,7 +16,8 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rdask-device-check}
 mkdir -p "$out"
 site=/tmp/rdask-site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+rm -rf "$site"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu-carry/wheels/*.whl
 export PYTHONPATH="$site" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
 py() { python3 "$@"; }
 
