@@ -21,4 +21,6 @@ cargo test --release -p rdask-transport --no-default-features --test backends
 
 # Python: venv, pinned requirements, the extension built in release mode.
 setup_python
-.venv/bin/python -m pytest python/tests -q -x -p no:cacheprovider
+# test_gpu_device.py (the GPU machine's checks on CuPy) runs here on the
+# host-memory stand-in, so that it is known to work before a GPU is lent.
+RDASK_GPU_TEST_ARRAY=standin .venv/bin/python -m pytest python/tests -q -x -p no:cacheprovider
