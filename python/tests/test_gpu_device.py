@@ -11,12 +11,12 @@ CI does, so that this file is known to work before a GPU is at hand."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
 
 import rdask
+from conftest import wait_until
 from rdask import Client, LocalCluster
 
 KIND = os.environ.get("RDASK_GPU_TEST_ARRAY", "cupy")
@@ -106,16 +106,6 @@ def check_pattern(pair):
     host = to_host(big)
     want = np.arange(host.size, dtype=np.float64) % 1000.0
     return library(big), bool(np.array_equal(host, want)), to_host(small).tolist(), library(small)
-
-
-def _until(check, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = check()
-        if out:
-            return out
-        time.sleep(0.1)
-    return None
 
 
 def _ucx_or_skip():
@@ -210,13 +200,13 @@ def test_device_values_three_times_the_limit_spill_to_host_and_come_back(monkeyp
         def worker():
             return next(iter(client.scheduler_info()["workers"].values()))
 
-        settled = _until(lambda: (lambda w: w if w["device_memory"] <= limit and
-                                  w["device_spilled_bytes"] + w["device_memory"] == count * n * 8 else None)(worker()))
-        assert settled, worker()
+        settled = wait_until(lambda: (lambda w: w if w["device_memory"] <= limit and
+                                      w["device_spilled_bytes"] + w["device_memory"] == count * n * 8 else None)(worker()),
+                             30, what="device memory under the limit, the rest on host")
         assert settled["device_spilled_values"] >= 16 and settled["device_spilled_total_bytes"] >= 128 * MB
         sums = client.map(total, *[parts[i::6] for i in range(6)])
         assert sum(client.gather(sums)) == sum(float(i) * n for i in range(count))
-        assert _until(lambda: worker()["device_unspilled_total_bytes"] >= 128 * MB), worker()
+        wait_until(lambda: worker()["device_unspilled_total_bytes"] >= 128 * MB, 30, what="values back on the device")
 
 
 def on_side_stream(n):
@@ -293,27 +283,24 @@ def _library_or_skip(name):
         pytest.skip(f"{name} sees no GPU")
 
 
+OTHER_LIBRARIES = {  # library: (make, describe, what a task sees of make(1000))
+    "torch": (make_torch, describe_torch, ("torch", "cuda", 499500.0)),
+    "numba": (make_numba, describe_numba, ("numba", 499500.0)),
+}
+
+
 @pytest.mark.parametrize("way", ["ipc", "staged"])
-def test_pytorch_tensors_arrive_as_cuda_tensors(monkeypatch, way):
-    _library_or_skip("torch")
+@pytest.mark.parametrize("name", list(OTHER_LIBRARIES))
+def test_pytorch_and_numba_arrays_arrive_as_their_own_type_on_the_gpu(monkeypatch, name, way):
+    _library_or_skip(name)
+    make, describe, want = OTHER_LIBRARIES[name]
     for k, v in WAYS[way][1].items():
         monkeypatch.setenv(k, v)
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
-        t = client.submit(make_torch, 1000, workers=[a])
-        assert client.submit(describe_torch, t, workers=[b]).result() == ("torch", "cuda", 499500.0)
-        assert describe_torch(t.result()) == ("torch", "cuda", 499500.0)
-
-
-@pytest.mark.parametrize("way", ["ipc", "staged"])
-def test_numba_device_arrays_arrive_as_numba_device_arrays(monkeypatch, way):
-    _library_or_skip("numba")
-    for k, v in WAYS[way][1].items():
-        monkeypatch.setenv(k, v)
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
-        a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make_numba, 1000, workers=[a])
-        assert client.submit(describe_numba, x, workers=[b]).result() == ("numba", 499500.0)
+        x = client.submit(make, 1000, workers=[a])
+        assert client.submit(describe, x, workers=[b]).result() == want
+        assert describe(x.result()) == want, "at the client"
 
 
 def test_a_dask_array_of_cupy_chunks_computes_on_the_cluster(monkeypatch):
