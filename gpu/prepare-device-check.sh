@@ -71,7 +71,10 @@ done
 cp "$tmp"/x/libucx_cu13.libs/libcudart-* "$carry/ucx/libucx_cu13.libs/"
 cp "$tmp"/x/libucx/bin/ucx_info "$carry/ucx/"
 chmod +x "$carry/ucx/ucx_info"   # a zip keeps no modes
-strip --strip-unneeded "$carry"/ucx/libucx/lib/*.so.0 "$carry"/ucx/libucx/lib/ucx/*.so.0 "$carry/ucx/ucx_info"
+# The main libraries shrink from 15 MB to 2 MB stripped (they loaded so in a
+# rehearsal here); the modules, which the wheel's repair patched (RPATH),
+# stay as they are: strip can break a patched file.
+strip --strip-unneeded "$carry"/ucx/libucx/lib/*.so.0 "$carry/ucx/ucx_info"
 
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
 size=$(du -sb "$carry" | cut -f1)

@@ -58,6 +58,10 @@ impl Device for CudaDevice {
     }
 
     fn copy_to_host(&self, src: &DeviceBuffer, offset: usize, dst: &mut StagingBuffer, len: usize) -> Result<(), GpuError> {
+        if len == 0 {
+            // An empty buffer has no CUDA memory (see `alloc`).
+            return check_range(src.len, offset, 0, "copying to host");
+        }
         let DeviceInner::Cuda(s) = &src.inner else {
             return Err(GpuError::Device { what: "copying to host".into(), reason: "not a CUDA buffer".into() });
         };
@@ -72,6 +76,9 @@ impl Device for CudaDevice {
     }
 
     fn copy_from_host(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<(), GpuError> {
+        if src.is_empty() {
+            return check_range(dst.len, offset, 0, "copying to the device");
+        }
         let DeviceInner::Cuda(d) = &mut dst.inner else {
             return Err(GpuError::Device { what: "copying to the device".into(), reason: "not a CUDA buffer".into() });
         };
@@ -134,38 +141,47 @@ impl Device for CudaDevice {
         // SAFETY: as above. Memory of a stream-ordered pool (cuMemAllocAsync)
         // is refused here, and then goes as bytes.
         unsafe { sys::cuIpcGetMemHandle(&mut handle, base) }.result().map_err(err("getting an IPC handle"))?;
+        // Handle, the array's offset and the allocation's size: the importer
+        // checks the range against the size the exporter saw.
         let mut body = key(&handle).to_vec();
         body.extend_from_slice(&(ptr - base).to_le_bytes());
+        body.extend_from_slice(&(size as u64).to_le_bytes());
         Ok(crate::ipc::descriptor(&body))
     }
 
     fn ipc_import(&self, descriptor: &[u8], len: usize) -> Result<DeviceBuffer, GpuError> {
         use cudarc::driver::sys;
         let body = crate::ipc::body(descriptor)
-            .filter(|b| b.len() == 72)
+            .filter(|b| b.len() == 80)
             .ok_or_else(|| GpuError::Device { what: "importing device memory".into(), reason: "not a CUDA IPC descriptor".into() })?;
         let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
         for (d, s) in handle.reserved.iter_mut().zip(&body[..64]) {
             *d = *s as _;
         }
-        let offset = u64::from_le_bytes(body[64..].try_into().unwrap());
+        let offset = u64::from_le_bytes(body[64..72].try_into().unwrap());
+        let size = u64::from_le_bytes(body[72..80].try_into().unwrap());
+        // The descriptor came over the network: it must name memory inside
+        // the shared allocation (an out-of-range copy can break the whole
+        // context).
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(GpuError::Device { what: "importing device memory".into(), reason: format!("{len} bytes at offset {offset} lie outside the shared allocation of {size}") });
+        }
         let dst = self.alloc(len)?;
         if len == 0 {
             return Ok(dst);
         }
         self.ctx.bind_to_thread().map_err(err("importing device memory"))?;
         let remote = open_handle(handle)?;
-        // The descriptor came over the network: check it names memory inside
-        // the mapped allocation before copying (an out-of-range copy can
-        // break the whole context).
-        let (mut base, mut size) = (0, 0);
+        // Where the driver describes the mapping, the range must fit it too
+        // (a handle that names a smaller allocation than the descriptor says).
+        let (mut base, mut mapped) = (0, 0);
         // SAFETY: out-pointers to locals; `remote` is a live mapping.
-        let inside = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, remote) }.result().is_ok()
-            && offset.checked_add(len as u64).is_some_and(|end| remote - base + end <= size as u64);
-        if !inside {
+        if unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut mapped, remote) }.result().is_ok()
+            && (remote - base) + offset + len as u64 > mapped as u64
+        {
             close_handle(handle);
             self.free(dst);
-            return Err(GpuError::Device { what: "importing device memory".into(), reason: format!("{len} bytes at offset {offset} lie outside the shared allocation") });
+            return Err(GpuError::Device { what: "importing device memory".into(), reason: format!("{len} bytes at offset {offset} lie outside the mapped allocation of {mapped}") });
         }
         let to = self.address(&dst);
         // SAFETY: `remote` maps the exporter's allocation, which it keeps
@@ -183,9 +199,12 @@ impl Device for CudaDevice {
     }
 
     fn alloc_staging(&self, len: usize) -> Result<StagingBuffer, GpuError> {
+        // Plain page-locked memory, not cudarc's default write-combined kind:
+        // the CPU reads what comes off the device (sockets, UCX, spilled
+        // values), and reads of write-combined memory are very slow.
         // SAFETY: staging bytes are written by a copy before they are read.
-        let p = unsafe { self.ctx.alloc_pinned::<u8>(len) }.map_err(err("allocating page-locked host memory"))?;
-        Ok(StagingBuffer::Pinned(p))
+        let p = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len, 0) }.map_err(err("allocating page-locked host memory"))?;
+        Ok(StagingBuffer::Pinned(crate::device::Pinned::new(p)?))
     }
 }
 

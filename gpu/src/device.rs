@@ -41,7 +41,33 @@ impl std::fmt::Debug for DeviceBuffer {
 pub enum StagingBuffer {
     Host(Vec<u8>),
     #[cfg(feature = "cuda")]
-    Pinned(cudarc::driver::PinnedHostSlice<u8>),
+    Pinned(Pinned),
+}
+
+/// Page-locked host memory from cudarc, read and written through a pointer
+/// taken once: every copy into or out of it is waited for before the copy
+/// returns, so cudarc's accessors (which wait for the slice's event and
+/// bind the context, and can so return an unrelated error pending on the
+/// context) have nothing to add.
+#[cfg(feature = "cuda")]
+pub struct Pinned {
+    mem: cudarc::driver::PinnedHostSlice<u8>,
+    ptr: *mut u8,
+}
+
+// SAFETY: `ptr` points into `mem`, which this struct owns; it is only used
+// as `&[u8]` through `&self` and as `&mut [u8]` through `&mut self`.
+#[cfg(feature = "cuda")]
+unsafe impl Send for Pinned {}
+#[cfg(feature = "cuda")]
+unsafe impl Sync for Pinned {}
+
+#[cfg(feature = "cuda")]
+impl Pinned {
+    pub(crate) fn new(mut mem: cudarc::driver::PinnedHostSlice<u8>) -> Result<Pinned, GpuError> {
+        let ptr = mem.as_mut_ptr().map_err(|e| GpuError::Device { what: "using a staging buffer".into(), reason: format!("{e:?}") })?;
+        Ok(Pinned { mem, ptr })
+    }
 }
 
 impl StagingBuffer {
@@ -49,7 +75,7 @@ impl StagingBuffer {
         match self {
             StagingBuffer::Host(v) => v.len(),
             #[cfg(feature = "cuda")]
-            StagingBuffer::Pinned(p) => p.len(),
+            StagingBuffer::Pinned(p) => p.mem.len(),
         }
     }
 
@@ -62,9 +88,8 @@ impl StagingBuffer {
         match self {
             StagingBuffer::Host(v) => Ok(v),
             #[cfg(feature = "cuda")]
-            StagingBuffer::Pinned(p) => p
-                .as_mut_slice()
-                .map_err(|e| GpuError::Device { what: "using a staging buffer".into(), reason: format!("{e:?}") }),
+            // SAFETY: see `Pinned`; `&mut self` makes this the only view.
+            StagingBuffer::Pinned(p) => Ok(unsafe { std::slice::from_raw_parts_mut(p.ptr, p.mem.len()) }),
         }
     }
 
@@ -73,7 +98,8 @@ impl StagingBuffer {
         match self {
             StagingBuffer::Host(v) => v,
             #[cfg(feature = "cuda")]
-            StagingBuffer::Pinned(p) => p.as_slice().expect("a staging buffer's copy failed"),
+            // SAFETY: see `Pinned`; no `&mut` view exists while `&self` does.
+            StagingBuffer::Pinned(p) => unsafe { std::slice::from_raw_parts(p.ptr, p.mem.len()) },
         }
     }
 }
@@ -303,8 +329,17 @@ impl Device for HostStandIn {
         let address = u64::from_le_bytes(body[4..].try_into().unwrap());
         // Tests of the fallback: the stand-in refuses as two GPUs without
         // peer access would.
-        if std::env::var("RDASK_STANDIN_IPC").is_ok_and(|v| v.trim() == "refuse") {
-            return Err(bad("refused (RDASK_STANDIN_IPC=refuse)".into()));
+        match std::env::var("RDASK_STANDIN_IPC").as_deref().map(str::trim) {
+            Ok("refuse") => return Err(bad("refused (RDASK_STANDIN_IPC=refuse)".into())),
+            // As CUDA refuses a second mapping of memory UCX mapped already:
+            // the first import of the process fails, later ones work.
+            Ok("mapped-once") => {
+                static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    return Err(bad("CUDA_ERROR_ALREADY_MAPPED (RDASK_STANDIN_IPC=mapped-once)".into()));
+                }
+            }
+            _ => {}
         }
         let mut buf = self.alloc(len)?;
         #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature

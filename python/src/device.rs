@@ -127,37 +127,63 @@ pub fn device_upload(py: Python<'_>, frames: Vec<Bound<'_, PyAny>>, shape: Vec<u
 }
 
 /// Runs `alloc` (an allocation of `len` device bytes); when the device is
-/// full, moves least recently used device values of this process's GPU
-/// workers to host memory (`device_tier::make_room`) and tries again, as
-/// long as that frees something. Blocks: not on an event loop's hot path.
+/// full, first asks the array libraries of this process to give their
+/// cached blocks back to the driver (CuPy's pools and PyTorch's caching
+/// allocator keep freed memory that rdask's `cuMemAlloc` cannot use), then
+/// moves least recently used device values of this process's GPU workers to
+/// host memory (`device_tier::make_room`) and tries again, as long as that
+/// frees something. Blocks: not on an event loop's hot path.
 pub(crate) fn with_room<T>(len: usize, mut alloc: impl FnMut() -> Result<T, rdask_gpu::GpuError>) -> Result<T, rdask_gpu::GpuError> {
+    let mut asked_libraries = false;
     loop {
-        match alloc() {
-            Err(rdask_gpu::GpuError::OutOfMemory { .. }) if rdask_worker::device_tier::make_room(len as u64) > 0 => {
-                // Arrays freed by moving them went back to their library's
-                // pool (CuPy keeps freed blocks), not to the driver rdask
-                // allocates from: ask the library to give them back.
-                free_library_pools();
-            }
+        let full = match alloc() {
+            Err(e @ rdask_gpu::GpuError::OutOfMemory { .. }) => e,
             other => return other,
+        };
+        if !asked_libraries {
+            asked_libraries = true;
+            if free_library_pools() {
+                continue;
+            }
         }
+        if rdask_worker::device_tier::make_room(len as u64) == 0 {
+            return Err(full);
+        }
+        // Arrays freed by moving them went back to their library's cache,
+        // not to the driver: ask the library to give them back.
+        free_library_pools();
     }
 }
 
-/// Gives the blocks CuPy's default pools keep back to the driver (when CuPy
-/// is imported in this process).
-fn free_library_pools() {
+/// Gives the blocks CuPy's default pools and PyTorch's caching allocator
+/// keep back to the driver, for those of them this process uses; returns
+/// whether there was any.
+fn free_library_pools() -> bool {
     Python::attach(|py| {
-        let Ok(modules) = py.import("sys").and_then(|s| s.getattr("modules")) else { return };
-        let Ok(cupy) = modules.get_item("cupy") else { return };
-        for pool in ["get_default_memory_pool", "get_default_pinned_memory_pool"] {
-            if let Ok(p) = cupy.call_method0(pool) {
-                if let Err(e) = p.call_method0("free_all_blocks") {
-                    tracing::debug!("cupy.{pool}().free_all_blocks(): {e}");
+        let Ok(modules) = py.import("sys").and_then(|s| s.getattr("modules")) else { return false };
+        let mut any = false;
+        if let Ok(cupy) = modules.get_item("cupy") {
+            for pool in ["get_default_memory_pool", "get_default_pinned_memory_pool"] {
+                if let Ok(p) = cupy.call_method0(pool) {
+                    any = true;
+                    if let Err(e) = p.call_method0("free_all_blocks") {
+                        tracing::debug!("cupy.{pool}().free_all_blocks(): {e}");
+                    }
                 }
             }
         }
-    });
+        // Only where PyTorch already uses the GPU: asking would otherwise
+        // start CUDA in PyTorch.
+        if let Ok(cuda) = modules.get_item("torch.cuda") {
+            if cuda.call_method0("is_initialized").and_then(|b| b.is_truthy()).unwrap_or(false) {
+                any = true;
+                if let Err(e) = cuda.call_method0("empty_cache") {
+                    tracing::debug!("torch.cuda.empty_cache(): {e}");
+                }
+            }
+        }
+        any
+    })
 }
 
 /// The device this process's device frames use ("GPU 0", "host stand-in");
@@ -412,6 +438,11 @@ impl DeviceParts {
         let buf = buf.map_err(|e| match e {
             // A full device is not a failed import: the bytes would not fit either.
             rdask_gpu::GpuError::OutOfMemory { .. } => e.to_string(),
+            // Mapped here already (UCX's CUDA IPC maps peers' memory too):
+            // this value comes over the network, later ones may be imported.
+            other if other.to_string().contains("ALREADY_MAPPED") => {
+                format!("{} {}", failed(other.to_string()), rdask_transport::peer::IPC_IMPORT_FAILED_ONCE)
+            }
             other => failed(other.to_string()),
         })?;
         self.done.push(buf);

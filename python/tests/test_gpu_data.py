@@ -340,6 +340,25 @@ def test_a_refused_ipc_import_falls_back_to_the_network(standin, monkeypatch):
         assert _until(lambda: client.run(lambda: rdask._rdask.staging_stats(), workers=[a])[a]["shared_held"] == 0)
 
 
+def test_memory_mapped_here_already_is_fetched_over_the_network_that_once(standin, monkeypatch):
+    """CUDA refuses to map memory a second time in a process (UCX's CUDA IPC
+    may have mapped it): that value comes over the network, and the next
+    ones are imported by IPC again, unlike a peer whose imports are refused."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
+    monkeypatch.setenv("RDASK_STANDIN_IPC", "mapped-once")
+    n = 20 * MB // 8
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        a, b, x = pattern_from_a_to_b(client, n)
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["imported_arrays"] == 0 and got["values"] == 1 and got["chunks"] > 0, got
+        chunks = got["chunks"]
+        y = client.submit(make_pattern, n, workers=[a], pure=False)
+        assert client.submit(check_pattern, y, workers=[b]).result()[1]
+        got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
+        assert got["imported_arrays"] == 2 and got["chunks"] == chunks, "the next value is imported: %r" % got
+
+
 @pytest.mark.parametrize("mib", [0, 20])
 def test_device_memory_that_cannot_be_shared_goes_as_bytes(standin, monkeypatch, mib):
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
@@ -419,6 +438,32 @@ def test_device_values_go_as_device_frames_over_ucx(standin, monkeypatch, mib):
         got = client.run(lambda: rdask._rdask.receive_stats(), workers=[b])[b]
         assert got["values"] == 1 and got["direct_arrays"] == 2 and got["direct_bytes"] == n * 8 + 10, got
         assert got["direct_on_host"] == 0 and got["chunks"] == 0 and got["imported_arrays"] == 0, got
+
+
+def test_a_full_device_asks_array_libraries_for_their_cached_memory_first():
+    """CuPy's pools (and PyTorch's caching allocator) keep freed device
+    memory that rdask's own allocations cannot use: when the device is full,
+    rdask asks them to give it back before anything else."""
+    code = """
+import sys, types
+import rdask._rdask as r
+MB = 1 << 20
+cached = [r.device_upload([bytes(4 * MB)], [4 * MB], "|u1") for _ in range(2)]  # a pool's blocks
+calls = []
+class Pool:
+    def free_all_blocks(self):
+        calls.append(1)
+        cached.clear()
+cupy = types.ModuleType("cupy")
+cupy.get_default_memory_pool = cupy.get_default_pinned_memory_pool = Pool
+sys.modules["cupy"] = cupy
+buf = r.device_upload([bytes(4 * MB)], [4 * MB], "|u1")
+print(buf.nbytes, len(calls) > 0)
+"""
+    env = {**os.environ, "RDASK_DEVICE": "standin", "RDASK_STANDIN_CAPACITY": str(10 * MB)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(4 * MB), "True"], out.stdout
 
 
 def make_on_stream(n, stream):

@@ -52,6 +52,11 @@ type Answer = (Vec<Fetched>, bool);
 /// without offering IPC.
 pub const IPC_IMPORT_FAILED: &str = "importing device memory from the holder failed";
 
+/// Follows [`IPC_IMPORT_FAILED`] when the failure concerns that value only
+/// (its memory is mapped in this process already, by UCX's CUDA IPC say):
+/// the value is fetched again without IPC, but later ones are offered it.
+pub const IPC_IMPORT_FAILED_ONCE: &str = "(this value only)";
+
 /// Takes the parts of a value sent in parts (a device value, staging chunk
 /// by staging chunk) as they arrive, instead of joining their frames in host
 /// memory: the Python extension copies each chunk into device memory.
@@ -158,10 +163,16 @@ impl PeerConnection {
         if failed.is_empty() {
             return Ok(out);
         }
-        if !self.ipc_off.swap(true, Ordering::Relaxed) {
-            if let FetchedValue::Unserializable { message, .. } = &out[failed[0]].1 {
+        let lasting = failed.iter().find_map(|&i| match &out[i].1 {
+            FetchedValue::Unserializable { message, .. } if !message.contains(IPC_IMPORT_FAILED_ONCE) => Some(message.clone()),
+            _ => None,
+        });
+        match lasting {
+            Some(message) if !self.ipc_off.swap(true, Ordering::Relaxed) => {
                 tracing::warn!(peer = %self.address, "{message}; device values from this peer come over the network from now on");
             }
+            Some(_) => {}
+            None => tracing::debug!(peer = %self.address, "a device value's memory could not be imported this time; fetching it over the network"),
         }
         let again_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (again, _) = self.request(again_id, failed.iter().map(|&i| out[i].0).collect(), None, direct).await?;
