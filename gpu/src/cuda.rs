@@ -229,10 +229,13 @@ impl Drop for CudaAlloc {
 /// Handles this process has open, with how many imports use each: CUDA
 /// maps a handle once per context, and two arrays of one exported
 /// allocation may be imported at the same time.
-fn open_handles() -> &'static std::sync::Mutex<std::collections::HashMap<[u8; 64], (u64, usize)>> {
-    static OPEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<[u8; 64], (u64, usize)>>> = std::sync::OnceLock::new();
+fn open_handles() -> &'static std::sync::Mutex<OpenHandles> {
+    static OPEN: std::sync::OnceLock<std::sync::Mutex<OpenHandles>> = std::sync::OnceLock::new();
     OPEN.get_or_init(Default::default)
 }
+
+/// A handle's bytes → (where it is mapped here, imports using it).
+type OpenHandles = std::collections::HashMap<[u8; 64], (u64, usize)>;
 
 fn key(handle: &cudarc::driver::sys::CUipcMemHandle_st) -> [u8; 64] {
     let mut k = [0u8; 64];
