@@ -61,7 +61,7 @@ def possible() -> bool:
     """Whether this process may hold device arrays (a device library is
     imported or a type registered)."""
     m = sys.modules
-    if _registry or "cupy" in m or "numba.cuda" in m:
+    if _registry or "cupy" in m or "numba.cuda" in m or "numba_cuda" in m:
         return True
     # PyTorch is often imported for CPU work: only once it has used CUDA.
     torch = m.get("torch")
@@ -90,7 +90,7 @@ def _interface(obj) -> dict | None:
     t = type(obj)
     if t in _registry:
         return obj.__cuda_array_interface__
-    mod = t.__module__.partition(".")[0]
+    mod = _library(t)
     if mod == "torch":
         if not getattr(obj, "is_cuda", False) or obj.requires_grad:
             return None
@@ -102,11 +102,18 @@ def _interface(obj) -> dict | None:
         return None
 
 
+def _library(t: type) -> str:
+    """The array library of a type: its top-level package, with the
+    numba-cuda package's (`numba_cuda`, which `numba.cuda` is) as numba."""
+    mod = t.__module__.partition(".")[0]
+    return "numba" if mod == "numba_cuda" else mod
+
+
 def _rebuilder(obj) -> Callable:
     t = type(obj)
     if t in _registry:
         return _registry[t]
-    mod = t.__module__.partition(".")[0]
+    mod = _library(t)
     if mod == "cupy":
         import cupy
 

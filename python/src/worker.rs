@@ -106,6 +106,11 @@ impl ObjectValue for PyValue {
         self.size
     }
 
+    fn host_bytes(&self) -> u64 {
+        // `device` is 0 where the worker keeps no device tier.
+        self.size.saturating_sub(self.device)
+    }
+
     fn serialize(&self) -> Result<Vec<Bytes>, TaskFailure> {
         if let Some(frames) = &self.frames {
             return Ok(frames.clone());

@@ -264,7 +264,8 @@ def make_numba(n):
 
 
 def describe_numba(x):
-    return type(x).__module__.partition(".")[0], float(x.copy_to_host().sum())
+    # numba-cuda's classes live in `numba_cuda` (which `numba.cuda` is).
+    return type(x).__module__.partition(".")[0].replace("numba_cuda", "numba"), float(x.copy_to_host().sum())
 
 
 def _library_or_skip(name):

@@ -96,6 +96,12 @@ impl DeviceLedger {
         }
     }
 
+    /// Bytes of device values moved to host memory and held there now
+    /// (host memory the worker manages, besides its store's values).
+    pub fn on_host_bytes(&self) -> u64 {
+        self.stats.lock().unwrap().on_host_bytes
+    }
+
     /// A value moved from the device to host memory.
     pub fn moved_to_host(&self, bytes: u64) {
         self.released(bytes);

@@ -26,6 +26,15 @@ impl Value {
         }
     }
 
+    /// What the value counts for in the store's host memory (see
+    /// [`ObjectValue::host_bytes`]).
+    pub fn host_bytes(&self) -> u64 {
+        match self {
+            Value::Bytes(b) => b.len() as u64,
+            Value::Object(o) => o.host_bytes(),
+        }
+    }
+
     /// Frames to send to a peer.
     pub fn to_frames(&self) -> Result<Frames, TaskFailure> {
         match self {
@@ -48,6 +57,14 @@ impl std::fmt::Debug for Value {
 pub trait ObjectValue: Send + Sync + 'static {
     /// Estimated memory footprint, reported to the scheduler for placement.
     fn size(&self) -> u64;
+    /// Host memory the value counts for against the worker's memory limit:
+    /// its size less the device memory it holds (a device value's arrays
+    /// count against the device memory limit instead, as in dask-cuda). A
+    /// constant: the store adds and subtracts it. Device values moved to
+    /// host memory are counted by the device tier's ledger.
+    fn host_bytes(&self) -> u64 {
+        self.size()
+    }
     /// The value as frames; an error (with the executor's payload, e.g. the
     /// pickling exception) when this object cannot be serialised.
     fn serialize(&self) -> Result<Vec<Bytes>, TaskFailure>;

@@ -74,8 +74,12 @@ pub fn spawn_monitor(
     queue: Arc<RunQueue>,
     events: tokio::sync::mpsc::UnboundedSender<MemoryEvent>,
     stop: Arc<AtomicBool>,
+    device: Option<Arc<crate::device_tier::DeviceLedger>>,
 ) -> std::io::Result<()> {
     let rss = crate::procinfo::rss_now;
+    // Managed host memory: the store's values (device values count only
+    // their host part there) and device values moved to host memory.
+    let moved_to_host = move || device.as_ref().map_or(0, |l| l.on_host_bytes());
     if let Some(p) = thresholds.pause {
         queue.set_memory_gate((p * limit as f64) as u64);
     }
@@ -102,7 +106,9 @@ pub fn spawn_monitor(
             if now >= quiet_until {
                 // Managed memory above target: spill until under it.
                 let mut round = match target {
-                    Some(t) if store.bytes() > t => store.spill_lru(|mem| mem > t && pauser.check(rss())),
+                    Some(t) if store.bytes() + moved_to_host() > t => {
+                        store.spill_lru(|mem| mem + moved_to_host() > t && pauser.check(rss()))
+                    }
                     _ => Default::default(),
                 };
                 // Process memory above spill: spill until the process is

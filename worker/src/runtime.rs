@@ -252,6 +252,7 @@ pub async fn run_worker_until(
             queue.clone(),
             memory_tx,
             monitor_stop.clone(),
+            config.device.clone(),
         )?;
         tracing::info!(
             name = %config.name,

@@ -114,7 +114,7 @@ impl Inner {
     #[inline]
     fn take(&mut self, id: TaskId, gone: &mut Vec<Value>, files: &mut Vec<OnDisk>) {
         if let Some(v) = self.values.remove(&id) {
-            self.stats.memory_bytes -= v.size();
+            self.stats.memory_bytes -= v.host_bytes();
             self.stats.memory_values -= 1;
             self.forget_order(id);
             gone.push(v);
@@ -154,10 +154,10 @@ impl Store {
         let g = &mut *guard;
         g.values.reserve(values.len());
         for (id, value) in values {
-            g.stats.memory_bytes += value.size();
+            g.stats.memory_bytes += value.host_bytes();
             g.stats.memory_values += 1;
             if let Some(old) = g.values.insert(id, value) {
-                g.stats.memory_bytes -= old.size();
+                g.stats.memory_bytes -= old.host_bytes();
                 g.stats.memory_values -= 1;
                 replaced.push(old);
             }
@@ -188,7 +188,7 @@ impl Store {
             let g = &mut *guard;
             for id in ids {
                 if let Some(v) = g.values.remove(&id) {
-                    g.stats.memory_bytes -= v.size();
+                    g.stats.memory_bytes -= v.host_bytes();
                     g.stats.memory_values -= 1;
                     gone.push(v);
                 }
@@ -263,7 +263,7 @@ impl Store {
             g.spilled.remove(&id);
             g.stats.disk_bytes -= disk.bytes;
             g.stats.disk_values -= 1;
-            g.stats.memory_bytes += value.size();
+            g.stats.memory_bytes += value.host_bytes();
             g.stats.memory_values += 1;
             g.stats.unspilled_total += 1;
             g.stats.unspilled_total_bytes += disk.bytes;
@@ -374,7 +374,7 @@ impl Store {
             let bytes = disk.bytes;
             let old = g.values.remove(&id).expect("checked above");
             g.stamps.remove(&id);
-            g.stats.memory_bytes -= old.size();
+            g.stats.memory_bytes -= old.host_bytes();
             g.stats.memory_values -= 1;
             g.spilled.insert(id, disk);
             g.stats.disk_bytes += bytes;
