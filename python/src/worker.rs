@@ -215,6 +215,16 @@ impl ObjectValue for PyValue {
                 Placed::Object(o) => o.clone_ref(py),
                 Placed::OnHost(_) => return Ok(0),
             };
+            // Referenced elsewhere too (a running task's input, a view kept
+            // as another value, an array being sent): moving it would free
+            // no device memory and could part the copies. Left in place.
+            // (Two references are ours: the store's and `obj`. A view moved
+            // to host lets go of its base, which can then move too.)
+            // SAFETY: `obj` is a live object and the interpreter lock is held.
+            if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } > 2 {
+                tracing::debug!(bytes = self.device, "a device value in use elsewhere stays on the device");
+                return Ok(0);
+            }
             // Serialising copies the device frames to host memory.
             let frames = self.dumps(py, obj.clone_ref(py)).map_err(|e| failure_from(py, e))?;
             let mut placed = self.placed.lock().unwrap();

@@ -122,6 +122,38 @@ def test_device_values_three_times_the_limit_spill_to_host_and_come_back(standin
         assert w, "spilled values were brought back for the tasks"
 
 
+def hold(x, seconds):
+    time.sleep(seconds)
+    return float(x.array.sum())
+
+
+def test_a_device_value_in_use_elsewhere_stays_on_the_device(standin, monkeypatch):
+    """Moving a value whose arrays something else still holds (a running
+    task's input; a view kept as another result, as a CuPy slice keeps its
+    base) would free nothing and part the copies: the device tier moves
+    others instead."""
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(8 * MB))
+    n = 6 * MB // 8
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, Client(cluster) as client:
+        a = client.submit(make, 1, n)
+        rdask.wait(a)
+        held = client.submit(hold, a, 3.0, pure=False)
+        time.sleep(0.5)  # running, with `a` as its input
+        later = [client.submit(make, i, n, pure=False) for i in (2, 3)]
+        rdask.wait(later)
+
+        def worker():
+            return next(iter(client.scheduler_info()["workers"].values()))
+
+        assert _until(lambda: worker()["device_memory"] <= 8 * MB and worker()["device_spilled_values"] >= 2), worker()
+        assert held.result() == float(n)
+        # Never moved: still the array its task made (one brought back from
+        # host memory would sit in rdask's device memory); the later ones
+        # were moved instead.
+        assert client.submit(how_it_arrived, a, pure=False).result() == ("StandInArray", "NoneType", float(n))
+        assert [client.submit(how_it_arrived, x, pure=False).result()[1] for x in later] == ["DeviceBuffer"] * 2
+
+
 def test_without_a_device_the_device_path_says_why():
     code = (
         "import numpy as np, rdask\n"
