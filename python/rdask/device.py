@@ -30,6 +30,7 @@ StandInArray`), which is how this path is tested on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import pickle
@@ -122,13 +123,19 @@ def _rebuilder(obj) -> Callable:
         from numba import cuda
 
         return cuda.as_cuda_array
-    return _torch_from_device
+    # PyTorch describes bfloat16 as "<f2", float16's type string: the
+    # tensor's own dtype travels too, and the arrival is viewed as it.
+    return functools.partial(_torch_from_device, dtype=str(obj.dtype).removeprefix("torch."))
 
 
-def _torch_from_device(buf):
+def _torch_from_device(buf, dtype: str | None = None):
     import torch
 
-    return torch.as_tensor(buf, device="cuda")
+    t = torch.as_tensor(buf, device="cuda")
+    want = getattr(torch, dtype, None) if dtype else None
+    if want is not None and t.dtype != want:
+        t = t.view(want)  # same item size: bfloat16 from float16's bytes
+    return t
 
 
 def _nbytes_of(cai: dict) -> int:

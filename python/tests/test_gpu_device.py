@@ -257,6 +257,17 @@ def describe_torch(t):
     return type(t).__module__.partition(".")[0], t.device.type, float(t.sum())
 
 
+def make_torch_bf16(n):
+    import torch
+
+    return torch.arange(n, dtype=torch.bfloat16, device="cuda")  # integers to 256 are exact
+
+
+def describe_torch_bf16(t):
+    # PyTorch's array interface calls bfloat16 "<f2" (float16's type string).
+    return str(t.dtype), float(t.float().sum())
+
+
 def make_numba(n):
     from numba import cuda
 
@@ -288,6 +299,7 @@ def _library_or_skip(name):
 
 OTHER_LIBRARIES = {  # library: (make, describe, what a task sees of make(1000))
     "torch": (make_torch, describe_torch, ("torch", "cuda", 499500.0)),
+    "torch-bfloat16": (make_torch_bf16, describe_torch_bf16, ("torch.bfloat16", 4950.0)),
     "numba": (make_numba, describe_numba, ("numba", 499500.0)),
 }
 
@@ -295,13 +307,13 @@ OTHER_LIBRARIES = {  # library: (make, describe, what a task sees of make(1000))
 @pytest.mark.parametrize("way", ["ipc", "staged"])
 @pytest.mark.parametrize("name", list(OTHER_LIBRARIES))
 def test_pytorch_and_numba_arrays_arrive_as_their_own_type_on_the_gpu(monkeypatch, name, way):
-    _library_or_skip(name)
+    _library_or_skip(name.partition("-")[0])
     make, describe, want = OTHER_LIBRARIES[name]
     for k, v in WAYS[way][1].items():
         monkeypatch.setenv(k, v)
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
-        x = client.submit(make, 1000, workers=[a])
+        x = client.submit(make, 100 if name == "torch-bfloat16" else 1000, workers=[a])
         assert client.submit(describe, x, workers=[b]).result() == want
         assert describe(x.result()) == want, "at the client"
 
