@@ -311,6 +311,13 @@ def test_device_bytes_count_nested_arrays_once_each(standin):
     assert serialize.device_nbytes(a) == 8000
     assert serialize.device_nbytes([a, a, {"x": (b, [a])}]) == 8010
     assert serialize.device_nbytes({"deep": [[[[[[(b,)]]]]]], "host": np.ones(10**6)}) == 10
+
+    class Matrix:  # arrays held as attributes, as a CuPy sparse matrix holds them
+        def __init__(self, data, indices):
+            self.data, self.indices, self.shape = data, indices, (3, 3)
+
+    assert serialize.device_nbytes(Matrix(a, b)) == 8010
+    assert serialize.device_nbytes([Matrix(a, b), a]) == 8010
     # A huge list is looked at only so far: bounded work for any result.
     many = [1.0] * 50_000 + [a]
     assert serialize.device_nbytes(many) == 0 and serialize.device_nbytes(many[::-1]) == 8000
