@@ -219,40 +219,34 @@ class _DeviceFrames:
 
             obj = cupy.ascontiguousarray(obj)
             cai = obj.__cuda_array_interface__
-        from . import _rdask
-
         n = _nbytes_of(cai)
         self.sizes.append(n)
-        if self.download:
-            if n:
-                self.device_frames.append(_rdask.device_download(cai["data"][0], n, _stream_code(cai)))
-        else:
-            # Read later, in chunks, while the value is sent: kept alive until then.
-            self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
-            self.keep.append(obj)
+        # Read later (copied off whole, or in chunks while the value is
+        # sent): kept alive until then.
+        self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
+        self.keep.append(obj)
         index = len(self.sizes) - 1
         return _from_device_frame, (index, _rebuilder(obj), tuple(cai["shape"]), cai["typestr"])
 
-    def _start(self, download: bool):
+    def _start(self):
         self.device_frames: list = []
         self.sizes: list = []
         self.keep: list = []
-        self.download = download
 
 
 class _Pickler(_DeviceFrames, pickle.Pickler):
-    def __init__(self, file, buffers: list, download: bool = True):
+    def __init__(self, file, buffers: list):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
-        self._start(download)
+        self._start()
 
     def reducer_override(self, obj):
         return self._device_reduce(obj)
 
 
 class _CloudPickler(_DeviceFrames, cloudpickle.Pickler):
-    def __init__(self, file, buffers: list, download: bool = True):
+    def __init__(self, file, buffers: list):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
-        self._start(download)
+        self._start()
 
     def reducer_override(self, obj):
         out = self._device_reduce(obj)
@@ -260,10 +254,15 @@ class _CloudPickler(_DeviceFrames, cloudpickle.Pickler):
 
 
 def _pickle(obj: Any, download: bool):
+    """`(header, buffers, pickler)`; the pickler's `device_frames` are the
+    device arrays' bytes with `download`, else `(address, bytes, stream
+    code)` for the caller to read while `pickler.keep` holds the arrays."""
     for cls in (_Pickler, _CloudPickler):
         buffers: list = []
         f = io.BytesIO()
-        p = cls(f, buffers, download)
+        # Addresses first, bytes once a pickler is chosen: plain pickle may
+        # fail or name `__main__`, and the arrays must not be copied twice.
+        p = cls(f, buffers)
         try:
             p.dump(obj)
         except Exception:
@@ -273,6 +272,10 @@ def _pickle(obj: Any, download: bool):
         header = f.getvalue()
         if cls is _Pickler and b"__main__" in header:
             continue
+        if download:
+            from . import _rdask
+
+            p.device_frames = [_rdask.device_download(a, n, stream) for a, n, stream in p.device_frames if n]
         if p.sizes:
             sizes = b"".join(_SIZE.pack(n) for n in p.sizes)
             header = _HEAD.pack(MARK, len(buffers), len(p.sizes)) + sizes + header

@@ -345,6 +345,30 @@ def test_device_frames_round_trip_any_dtype_and_nested(standin):
     assert (view == grid.array).all()
 
 
+def test_a_value_of_a_script_class_is_copied_off_the_device_once():
+    """Plain pickle names `__main__` for a script's class and the value is
+    pickled again by cloudpickle: its device arrays are still read once."""
+    code = """
+import os
+os.environ["RDASK_DEVICE"] = "standin"
+import numpy as np
+import rdask._rdask as r
+from rdask import serialize
+from rdask.testing import StandInArray
+
+class Holder:
+    def __init__(self, a):
+        self.a = a
+
+before = r.staging_stats()["waited_stream"]
+back = serialize.loads_value(serialize.dumps(Holder(StandInArray(np.arange(1000.0), stream=7))))
+print(r.staging_stats()["waited_stream"] - before, float(back.a.array.sum()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "499500.0"], out.stdout
+
+
 def test_a_requester_killed_mid_transfer_leaves_the_sender_serving(standin, monkeypatch):
     import signal
 
