@@ -52,8 +52,9 @@ echo "== nvidia-smi -L"; nvidia-smi -L || echo "no nvidia-smi"
 # at run time, so this is all it takes; worker processes inherit it.
 export LD_LIBRARY_PATH=$PWD/$carry/ucx/libucx/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "== UCX carried: $("$carry/ucx/ucx_info" -v | head -1)"
-"$carry/ucx/ucx_info" -d 2>/dev/null | grep -E "^#\s+(Transport|Memory domain):" | sort | uniq -c | head -20
-if "$carry/ucx/ucx_info" -d 2>/dev/null | grep -q "Transport: cuda_copy"; then
+ucx_devices=$("$carry/ucx/ucx_info" -d 2>/dev/null || true)
+grep -E "^#\s+(Transport|Memory domain):" <<<"$ucx_devices" | sort | uniq -c | head -20
+if grep -q "Transport: cuda_copy" <<<"$ucx_devices"; then
   export RDASK_EXPECT_UCX_CUDA=1  # test_gpu_device.py then requires device frames in GPU memory
 else
   echo "!! the carried UCX loaded no CUDA transports: device values over UCX will be staged"

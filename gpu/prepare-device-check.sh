@@ -13,7 +13,7 @@
 #            perftest programs)
 #
 # Then, with the device tool:
-#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-carry"], timeout_s=540)
+#   run(command="bash gpu/device-check-data.sh", carry=[".gpu-carry"], timeout_s=590)
 #
 # Needs the project's build (ci/setup.sh, `cargo build --release`) and .venv.
 set -euo pipefail
@@ -26,7 +26,7 @@ mkdir -p "$carry/bin" "$carry/wheels" "$carry/ucx"
 echo "== Rust side: rdask-gpu-bench and the rdask-gpu unit tests"
 cargo build --release -q -p rdask-bench --bin rdask-gpu-bench
 cp target/release/rdask-gpu-bench "$carry/bin/"
-tests=$(cargo test --release -q -p rdask-gpu --lib --no-run --message-format=json 2>/dev/null \
+tests=$(cargo test --release -q -p rdask-gpu --lib --no-run --message-format=json \
   | "$py" -c 'import sys, json
 for m in map(json.loads, sys.stdin):
     if m.get("executable") and m.get("target", {}).get("name") == "rdask_gpu":

@@ -177,7 +177,7 @@ impl Device for CudaDevice {
         let (mut base, mut mapped) = (0, 0);
         // SAFETY: out-pointers to locals; `remote` is a live mapping.
         if unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut mapped, remote) }.result().is_ok()
-            && (remote - base) + offset + len as u64 > mapped as u64
+            && (remote.saturating_sub(base)).checked_add(offset + len as u64).is_none_or(|end| end > mapped as u64)
         {
             close_handle(handle);
             self.free(dst);

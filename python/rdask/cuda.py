@@ -74,11 +74,14 @@ def ucx_device_path() -> str:
     CUDA transports (Debian's libucx has none)."""
     from . import _rdask
 
+    ok, detail = _rdask.ucx_status()
+    if not ok:
+        return f"UCX is not usable here: {detail}"
     kinds = _rdask.ucx_memory_kinds()
     if "cuda" in kinds:
         return "UCX moves GPU memory: device values between nodes go GPU to GPU as device frames"
-    why = ("device frames are off (RDASK_UCX_DEVICE_FRAMES=0)" if not kinds
-           else "this UCX has no CUDA transports")
+    why = ("device frames are off (RDASK_UCX_DEVICE_FRAMES=0, or UCX's message headers are too small for them)"
+           if not kinds else "this UCX has no CUDA transports")
     return (f"{why}: device values between nodes go through host memory in staging chunks (between processes "
             "of one node by CUDA IPC); for GPU-to-GPU transfers put a UCX with CUDA transports (such as the "
             "libraries of the libucx-cu12 or libucx-cu13 wheels) on LD_LIBRARY_PATH")
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
         print(f"rdask-cuda-worker: {e}", file=sys.stderr)
         return 2
     if a.protocol == "ucx":
+        # Asked of UCX with the workers' UCX settings (UCX reads them once).
+        os.environ.update(ucx)
         print(f"rdask-cuda-worker: {ucx_device_path()}", file=sys.stderr)
     a.token = token_of(a)
     try:

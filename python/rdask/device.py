@@ -182,6 +182,7 @@ def nbytes(obj: Any) -> int:
     arrays, a dataclass's) nested to any depth (up to 10,000 objects looked
     at); an array held twice counts once."""
     seen, total, budget = set(), 0, _LOOK_AT_MOST
+    looked_into: set[int] = set()  # containers and objects, once each (cycles)
     stack = [obj]
     while stack and budget > 0:
         x = stack.pop()
@@ -193,15 +194,71 @@ def nbytes(obj: Any) -> int:
             if array not in seen:
                 seen.add(array)
                 total += array[1]
-        elif isinstance(x, (list, tuple, set, frozenset)):
+            continue
+        # By type(), not isinstance(): a proxy answers `__class__` itself.
+        t = type(x)
+        if issubclass(t, (str, bytes, int, float, type, types.ModuleType)) or id(x) in looked_into:
+            continue
+        looked_into.add(id(x))
+        if issubclass(t, (list, tuple, set, frozenset)):
             stack.extend(itertools.islice(x, budget))
-        elif isinstance(x, dict):
+        elif issubclass(t, dict):
             stack.extend(itertools.islice(x.values(), budget))
-        elif not isinstance(x, (str, bytes, int, float, type, types.ModuleType)):
-            attributes = getattr(x, "__dict__", None)
+        else:
+            # The instance's own attributes, not through its class (a proxy
+            # would forward, or run code, or raise something else).
+            try:
+                attributes = object.__getattribute__(x, "__dict__")
+            except Exception:
+                continue
             if isinstance(attributes, dict):
                 stack.extend(itertools.islice(attributes.values(), budget))
     return total
+
+
+class _NonContiguous:
+    """A CuPy array whose C-contiguous copy is what travels."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def contiguous(self):
+        import cupy
+
+        return cupy.ascontiguousarray(self.array)
+
+
+def _read_all(entries: list) -> list:
+    """The bytes of each non-empty array: `(address, bytes, stream code)`
+    entries, or non-contiguous arrays copied C-contiguous first, one at a
+    time."""
+    from . import _rdask
+
+    out = []
+    for e in entries:
+        if isinstance(e, _NonContiguous):
+            c = e.contiguous()
+            cai = c.__cuda_array_interface__
+            e = (cai["data"][0], _nbytes_of(cai), _stream_code(cai))
+        if e[1]:
+            out.append(_rdask.device_download(*e))
+    return out
+
+
+def _addresses(entries: list, keep: list) -> list:
+    """`(address, bytes, stream code)` of each array, for reading while the
+    value is sent; the contiguous copies made for it join `keep`."""
+    out = []
+    for e in entries:
+        if isinstance(e, _NonContiguous):
+            c = e.contiguous()
+            keep.append(c)
+            cai = c.__cuda_array_interface__
+            e = (cai["data"][0], _nbytes_of(cai), _stream_code(cai))
+        out.append(e)
+    return out
 
 
 class _DeviceFrames:
@@ -212,18 +269,18 @@ class _DeviceFrames:
         cai = _interface(obj)
         if cai is None:
             return NotImplemented
-        if not _contiguous(cai):
-            if type(obj).__module__.partition(".")[0] != "cupy":
-                return NotImplemented  # pickled as the library pickles it
-            import cupy
-
-            obj = cupy.ascontiguousarray(obj)
-            cai = obj.__cuda_array_interface__
         n = _nbytes_of(cai)
+        if _contiguous(cai):
+            # Read later (copied off whole, or in chunks while the value is
+            # sent): kept alive until then.
+            self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
+        elif type(obj).__module__.partition(".")[0] == "cupy":
+            # Made C-contiguous (same shape and dtype) only when read: one
+            # such copy at a time on a device that may be full.
+            self.device_frames.append(_NonContiguous(obj))
+        else:
+            return NotImplemented  # pickled as the library pickles it
         self.sizes.append(n)
-        # Read later (copied off whole, or in chunks while the value is
-        # sent): kept alive until then.
-        self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
         self.keep.append(obj)
         index = len(self.sizes) - 1
         return _from_device_frame, (index, _rebuilder(obj), tuple(cai["shape"]), cai["typestr"])
@@ -256,7 +313,8 @@ class _CloudPickler(_DeviceFrames, cloudpickle.Pickler):
 def _pickle(obj: Any, download: bool):
     """`(header, buffers, pickler)`; the pickler's `device_frames` are the
     device arrays' bytes with `download`, else `(address, bytes, stream
-    code)` for the caller to read while `pickler.keep` holds the arrays."""
+    code)` for the caller to read while `pickler.keep` holds the arrays
+    (and the contiguous copies made for them)."""
     for cls in (_Pickler, _CloudPickler):
         buffers: list = []
         f = io.BytesIO()
@@ -272,10 +330,7 @@ def _pickle(obj: Any, download: bool):
         header = f.getvalue()
         if cls is _Pickler and b"__main__" in header:
             continue
-        if download:
-            from . import _rdask
-
-            p.device_frames = [_rdask.device_download(a, n, stream) for a, n, stream in p.device_frames if n]
+        p.device_frames = _read_all(p.device_frames) if download else _addresses(p.device_frames, p.keep)
         if p.sizes:
             sizes = b"".join(_SIZE.pack(n) for n in p.sizes)
             header = _HEAD.pack(MARK, len(buffers), len(p.sizes)) + sizes + header

@@ -79,8 +79,8 @@ def loads_value(frames: list) -> Any:
 
 def device_nbytes(obj: Any) -> int:
     """Bytes of device memory `obj` holds (its device arrays, also inside
-    nested lists, tuples, sets and dicts); 0 where no device library is
-    loaded."""
+    nested lists, tuples, sets, dicts and objects' attributes); 0 where no
+    device library is loaded."""
     return device.nbytes(obj) if device.possible() else 0
 
 

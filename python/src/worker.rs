@@ -229,7 +229,11 @@ impl ObjectValue for PyValue {
             let frames = self.dumps(py, obj.clone_ref(py)).map_err(|e| failure_from(py, e))?;
             let mut placed = self.placed.lock().unwrap();
             let same = matches!(&*placed, Placed::Object(o) if o.is(&obj));
-            if !same {
+            // Again: the copy off the device let other threads run, and a
+            // task may have taken the object meanwhile (`object()` hands it
+            // out under this lock).
+            // SAFETY: as above.
+            if !same || unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } > 2 {
                 return Ok(0);
             }
             let old = std::mem::replace(&mut *placed, Placed::OnHost(frames));

@@ -57,6 +57,10 @@ pub const IPC_IMPORT_FAILED: &str = "importing device memory from the holder fai
 /// the value is fetched again without IPC, but later ones are offered it.
 pub const IPC_IMPORT_FAILED_ONCE: &str = "(this value only)";
 
+/// Values of one connection that may fail to import "this value only"
+/// before the connection makes no more offers.
+const IPC_ONCE_LIMIT: u32 = 3;
+
 /// Takes the parts of a value sent in parts (a device value, staging chunk
 /// by staging chunk) as they arrive, instead of joining their frames in host
 /// memory: the Python extension copies each chunk into device memory.
@@ -106,6 +110,8 @@ pub struct PeerConnection {
     next_id: AtomicU64,
     /// An import from this peer failed: no more IPC offers to it.
     ipc_off: AtomicBool,
+    /// Imports that failed for one value only (`IPC_IMPORT_FAILED_ONCE`).
+    ipc_once: std::sync::atomic::AtomicU32,
     pub address: String,
 }
 
@@ -140,7 +146,7 @@ impl PeerConnection {
                 }
             }
         });
-        Ok(PeerConnection { sender: conn.sender, pending, next_id: AtomicU64::new(1), ipc_off: AtomicBool::new(false), address: address.to_string() })
+        Ok(PeerConnection { sender: conn.sender, pending, next_id: AtomicU64::new(1), ipc_off: AtomicBool::new(false), ipc_once: Default::default(), address: address.to_string() })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -167,12 +173,17 @@ impl PeerConnection {
             FetchedValue::Unserializable { message, .. } if !message.contains(IPC_IMPORT_FAILED_ONCE) => Some(message.clone()),
             _ => None,
         });
-        match lasting {
-            Some(message) if !self.ipc_off.swap(true, Ordering::Relaxed) => {
+        // Failures of one value only, again and again (a pool block that
+        // UCX keeps mapped), end offers too.
+        let lasting = lasting.or_else(|| {
+            let times = self.ipc_once.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(peer = %self.address, times, "a device value's memory could not be imported this time; fetching it over the network");
+            (times >= IPC_ONCE_LIMIT).then(|| format!("{IPC_IMPORT_FAILED} {IPC_ONCE_LIMIT} times"))
+        });
+        if let Some(message) = lasting {
+            if !self.ipc_off.swap(true, Ordering::Relaxed) {
                 tracing::warn!(peer = %self.address, "{message}; device values from this peer come over the network from now on");
             }
-            Some(_) => {}
-            None => tracing::debug!(peer = %self.address, "a device value's memory could not be imported this time; fetching it over the network"),
         }
         let again_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (again, _) = self.request(again_id, failed.iter().map(|&i| out[i].0).collect(), None, direct).await?;

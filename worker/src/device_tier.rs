@@ -151,6 +151,9 @@ impl DeviceLedger {
 /// After a round with a value that could not move, wait this long.
 const BACKOFF_AFTER_ERROR: Duration = Duration::from_secs(5);
 
+/// How long the monitor waits after a round that could move nothing.
+const IDLE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Spills device values to host memory whenever the ledger is over its
 /// limit, until the store is dropped or `stop` is set. Checks at least every
 /// 100 ms, and at once when a value pushes the ledger over.
@@ -179,6 +182,11 @@ pub fn spawn_device_monitor(name: String, ledger: Arc<DeviceLedger>, store: Weak
                     // Values that cannot move would be tried every 100 ms: back off.
                     tracing::error!(worker = %name, "cannot move a device value to host memory: {e}; trying again in {BACKOFF_AFTER_ERROR:?}");
                     quiet_until = std::time::Instant::now() + BACKOFF_AFTER_ERROR;
+                } else if round.values == 0 && ledger.over_limit() {
+                    // Over the limit with every value in use elsewhere (tasks'
+                    // inputs, say): look again once some may have finished.
+                    tracing::debug!(worker = %name, "over the device memory limit, but no device value can move now");
+                    quiet_until = std::time::Instant::now() + IDLE_BACKOFF;
                 }
             }
             ledger.wait_over(crate::memory::MONITOR_INTERVAL);

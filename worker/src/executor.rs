@@ -26,6 +26,14 @@ impl Value {
         }
     }
 
+    /// Device memory the value holds now (see [`ObjectValue::device_bytes`]).
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            Value::Bytes(_) => 0,
+            Value::Object(o) => o.device_bytes(),
+        }
+    }
+
     /// What the value counts for in the store's host memory (see
     /// [`ObjectValue::host_bytes`]).
     pub fn host_bytes(&self) -> u64 {

@@ -448,7 +448,9 @@ pub async fn run_worker_until(
                 let load = WorkerLoad {
                     running: running as u32,
                     queued: queued as u32,
-                    stored_bytes: stats.memory_bytes,
+                    // Device values moved to host memory are host memory the
+                    // worker manages too (the target counts them).
+                    stored_bytes: stats.memory_bytes + st.config.device.as_ref().map_or(0, |l| l.on_host_bytes()),
                     spilled_bytes: stats.disk_bytes,
                     spilled_values: stats.disk_values,
                     spilled_total_bytes: stats.spilled_total_bytes,

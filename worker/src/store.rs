@@ -330,6 +330,9 @@ impl Store {
     pub fn spill_lru(&self, mut more: impl FnMut(u64) -> bool) -> SpillRound {
         let mut round = SpillRound::default();
         let Some(spilling) = self.spilling.as_ref() else { return round };
+        // Values on the device free no host memory by going to disk (the
+        // device tier moves them): passed over, and put back in line after.
+        let mut on_device = Vec::new();
         loop {
             let (id, stamp, value) = {
                 let mut g = self.inner.lock().unwrap();
@@ -338,7 +341,13 @@ impl Store {
                 }
                 let Some((stamp, id)) = g.lru.pop_first() else { break };
                 match g.values.get(&id) {
-                    Some(value) if g.stamps.get(&id) == Some(&stamp) => (id, stamp, value.clone()),
+                    Some(value) if g.stamps.get(&id) == Some(&stamp) => {
+                        if value.device_bytes() > 0 {
+                            on_device.push((stamp, id));
+                            continue;
+                        }
+                        (id, stamp, value.clone())
+                    }
                     _ => continue,
                 }
             };
@@ -385,6 +394,14 @@ impl Store {
             drop(old);
             round.values += 1;
             round.bytes += bytes;
+        }
+        if !on_device.is_empty() {
+            let mut g = self.inner.lock().unwrap();
+            for (stamp, id) in on_device {
+                if g.stamps.get(&id) == Some(&stamp) {
+                    g.lru.insert(stamp, id);
+                }
+            }
         }
         round
     }
