@@ -565,6 +565,9 @@ mod tests {
                 0
             }
         }
+        fn host_bytes(&self) -> u64 {
+            0 // all of it device memory
+        }
         fn move_to_host(&self) -> Result<u64, crate::executor::TaskFailure> {
             if self.fail {
                 return Err(crate::executor::TaskFailure::message("cannot copy"));
@@ -606,6 +609,33 @@ mod tests {
         assert_eq!((st.device_bytes, st.on_host_bytes, st.on_host_values, st.spilled_total), (2000, 3000, 3, 3));
         // Host memory is not touched by device spilling.
         assert_eq!(store.stats().memory_values, 6);
+    }
+
+    #[test]
+    fn spilling_to_disk_passes_over_values_on_the_device_and_keeps_their_place() {
+        let (store, tmp) = spilling_store("device");
+        let ledger = crate::device_tier::DeviceLedger::new(0);
+        let dv = |bytes: u64| {
+            ledger.added(bytes);
+            Value::Object(Arc::new(DeviceValue { bytes, on_device: true.into(), ledger: ledger.clone(), fail: false }))
+        };
+        let ids: Vec<TaskId> = (1..=3).map(TaskId::new).collect();
+        store.insert_many(vec![(ids[0], dv(1000)), (ids[1], value(100, 2)), (ids[2], dv(1000))]);
+        // Device values count no host memory.
+        assert_eq!(store.stats().memory_bytes, 100);
+        let round = store.spill_lru(|_| true);
+        assert_eq!((round.values, round.bytes), (1, 100), "only the host value goes to disk");
+        let held = store.lookup_many(ids.iter().copied());
+        assert!(matches!(held[0], Some(Held::Memory(_))) && matches!(held[1], Some(Held::Disk)) && matches!(held[2], Some(Held::Memory(_))));
+        // Moved to host, the oldest device value is first in line for disk.
+        store.spill_device_while(|moved| moved == 0);
+        let round = store.spill_lru(|_| true);
+        assert_eq!(round.values, 1);
+        let held = store.lookup_many(ids.iter().copied());
+        assert!(matches!(held[0], Some(Held::Disk)) && matches!(held[2], Some(Held::Memory(_))));
+        assert_eq!(store.stats().memory_bytes, 0);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]
