@@ -6,6 +6,7 @@ the figures in `scheduler_info()`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -182,17 +183,24 @@ def test_cpu_workers_report_no_device_memory(client):
         assert (w["device_memory"], w["device_memory_limit"], w["device_spilled_bytes"]) == (0, 0, 0)
 
 
-def test_device_values_go_on_to_disk_under_the_host_limit_and_come_back(standin, monkeypatch, tmp_path):
-    # Device limit 8 MiB; host: values above 0.6 of 64 MiB go to disk (the
-    # process-memory thresholds are off: a Python worker's own RSS is near
-    # that limit).
-    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(8 * MB))
-    n = MB // 8
+@contextlib.contextmanager
+def _host_target_worker(tmp_path):
+    """A client of one worker with a 64 MiB host limit whose managed memory
+    above 0.6 of it goes to disk (the process-memory thresholds are off: a
+    Python worker's own RSS is near that limit)."""
     config = {"distributed.worker.memory.target": 0.6, "distributed.worker.memory.spill": False,
               "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
     with dask.config.set(config), LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=64 * MB,
                                                local_directory=str(tmp_path), dashboard_address=None) as cluster, \
             Client(cluster) as client:
+        yield client
+
+
+def test_device_values_go_on_to_disk_under_the_host_limit_and_come_back(standin, monkeypatch, tmp_path):
+    # Device limit 8 MiB; host: values above 0.6 of 64 MiB go to disk.
+    monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", str(8 * MB))
+    n = MB // 8
+    with _host_target_worker(tmp_path) as client:
         parts = client.map(make, range(64), n=n)
         rdask.wait(parts)
 
@@ -219,11 +227,7 @@ def test_device_values_count_against_the_device_limit_not_the_host_one(standin, 
     show only their host part. Moved to host memory, they count there."""
     monkeypatch.setenv("RDASK_DEVICE_MEMORY_LIMIT", "0")
     n = MB // 8
-    config = {"distributed.worker.memory.target": 0.6, "distributed.worker.memory.spill": False,
-              "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
-    with dask.config.set(config), LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=64 * MB,
-                                               local_directory=str(tmp_path), dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with _host_target_worker(tmp_path) as client:
         parts = client.map(make, range(48), n=n)
         rdask.wait(parts)
 
