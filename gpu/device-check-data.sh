@@ -68,6 +68,12 @@ export PYTHONPATH=$site PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
 "$py" -c 'import rdask, rdask._rdask as r, dask; print("rdask from", rdask.__file__, "dask", dask.__version__);
 print("UCX:", r.ucx_status(), "device frames over UCX carry", r.ucx_memory_kinds())' || exit 2
 
+# The machine's memory starts small and grows as it is used (device README):
+# limits worked out from MemTotal at start would pause or end workers that
+# hold the benchmarks' 1 GiB host values. Host-memory thresholds off.
+export DASK_DISTRIBUTED__WORKER__MEMORY__TARGET=False DASK_DISTRIBUTED__WORKER__MEMORY__SPILL=False \
+  DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE=False
+echo "== memory now: $(grep MemTotal /proc/meminfo)"
 if [ "$array" = standin ]; then
   export RDASK_DEVICE=standin RDASK_GPU_TEST_ARRAY=standin
   device=standin
