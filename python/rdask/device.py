@@ -224,24 +224,28 @@ class _NonContiguous:
     def __init__(self, array):
         self.array = array
 
-    def contiguous(self):
+    def copied(self, keep: list) -> tuple:
+        """`(address, bytes, stream code)` of a C-contiguous copy (same
+        shape and dtype), which `keep` holds."""
         import cupy
 
-        return cupy.ascontiguousarray(self.array)
+        c = cupy.ascontiguousarray(self.array)
+        keep.append(c)
+        cai = c.__cuda_array_interface__
+        return cai["data"][0], _nbytes_of(cai), _stream_code(cai)
 
 
 def _read_all(entries: list) -> list:
     """The bytes of each non-empty array: `(address, bytes, stream code)`
-    entries, or non-contiguous arrays copied C-contiguous first, one at a
-    time."""
+    entries, or non-contiguous arrays copied C-contiguous first, one copy
+    alive at a time."""
     from . import _rdask
 
     out = []
     for e in entries:
+        copy: list = []
         if isinstance(e, _NonContiguous):
-            c = e.contiguous()
-            cai = c.__cuda_array_interface__
-            e = (cai["data"][0], _nbytes_of(cai), _stream_code(cai))
+            e = e.copied(copy)
         if e[1]:
             out.append(_rdask.device_download(*e))
     return out
@@ -250,15 +254,7 @@ def _read_all(entries: list) -> list:
 def _addresses(entries: list, keep: list) -> list:
     """`(address, bytes, stream code)` of each array, for reading while the
     value is sent; the contiguous copies made for it join `keep`."""
-    out = []
-    for e in entries:
-        if isinstance(e, _NonContiguous):
-            c = e.contiguous()
-            keep.append(c)
-            cai = c.__cuda_array_interface__
-            e = (cai["data"][0], _nbytes_of(cai), _stream_code(cai))
-        out.append(e)
-    return out
+    return [e.copied(keep) if isinstance(e, _NonContiguous) else e for e in entries]
 
 
 class _DeviceFrames:

@@ -385,6 +385,46 @@ print(r.staging_stats()["waited_stream"] - before, float(back.a.array.sum()))
     assert out.stdout.split() == ["1", "499500.0"], out.stdout
 
 
+def test_non_contiguous_cupy_arrays_travel_as_contiguous_copies():
+    """CuPy arrays that are not C-contiguous (a transpose) travel as a
+    C-contiguous copy made when the bytes are read; here a stand-in CuPy
+    module over host memory (the real one needs a GPU)."""
+    code = """
+import os, sys, types
+os.environ["RDASK_DEVICE"] = "standin"
+import numpy as np
+from rdask import device, serialize
+from rdask.testing import StandInArray
+
+cupy = types.ModuleType("cupy")
+class ndarray:
+    def __init__(self, a):
+        self.a = a
+    @property
+    def __cuda_array_interface__(self):
+        a = self.a
+        return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False),
+                "strides": None if a.flags.c_contiguous else a.strides, "version": 3}
+ndarray.__module__ = "cupy"
+copies = []
+def ascontiguousarray(x):
+    copies.append(1)
+    return ndarray(np.ascontiguousarray(x.a))
+cupy.ndarray, cupy.ascontiguousarray = ndarray, ascontiguousarray
+cupy.asarray = lambda buf: ndarray(StandInArray.from_device(buf).array)
+sys.modules["cupy"] = cupy
+
+grid = np.arange(12, dtype=np.int32).reshape(3, 4)
+back = serialize.loads_value(serialize.dumps([ndarray(grid.T), ndarray(grid)]))
+print(back[0].a.tolist() == grid.T.tolist(), back[0].a.flags.c_contiguous, back[1].a.tolist() == grid.tolist(), len(copies))
+frames, parts, keep = device.dumps_staged(ndarray(grid.T), lambda head, buffers: [head, *buffers])
+print(len(parts), parts[0][1], any(isinstance(k, ndarray) and k.a.flags.c_contiguous for k in keep))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True", "1", "1", "48", "True"], out.stdout
+
+
 def test_a_requester_killed_mid_transfer_leaves_the_sender_serving(standin, monkeypatch):
     import signal
 
