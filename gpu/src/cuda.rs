@@ -256,7 +256,10 @@ fn open_handle(handle: cudarc::driver::sys::CUipcMemHandle_st) -> Result<u64, Gp
     // SAFETY: an out-pointer to a local; the driver checks the handle.
     unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32) }
         .result()
-        .map_err(err("opening another process's IPC handle"))?;
+        .map_err(|e| match e.0 {
+            sys::cudaError_enum::CUDA_ERROR_ALREADY_MAPPED => GpuError::AlreadyMapped { reason: format!("{e:?}") },
+            _ => err("opening another process's IPC handle")(e),
+        })?;
     open.insert(key(&handle), (ptr, 1));
     Ok(ptr)
 }

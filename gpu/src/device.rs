@@ -336,7 +336,7 @@ impl Device for HostStandIn {
             Ok("mapped-once") => {
                 static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
                 if !FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    return Err(bad("CUDA_ERROR_ALREADY_MAPPED (RDASK_STANDIN_IPC=mapped-once)".into()));
+                    return Err(GpuError::AlreadyMapped { reason: "RDASK_STANDIN_IPC=mapped-once".into() });
                 }
             }
             _ => {}

@@ -39,6 +39,10 @@ pub enum GpuError {
     OutOfMemory { device: String, wanted: u64, free: u64 },
     #[error("device error while {what}: {reason}")]
     Device { what: String, reason: String },
+    /// Another process's memory is mapped in this one already (by UCX's
+    /// CUDA IPC, say): CUDA refuses a second mapping.
+    #[error("device memory of another process is mapped here already: {reason}")]
+    AlreadyMapped { reason: String },
 }
 
 /// A GPU as NVML sees it.

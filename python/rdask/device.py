@@ -270,7 +270,7 @@ class _DeviceFrames:
             # Read later (copied off whole, or in chunks while the value is
             # sent): kept alive until then.
             self.device_frames.append((cai["data"][0], n, _stream_code(cai)))
-        elif type(obj).__module__.partition(".")[0] == "cupy":
+        elif _library(type(obj)) == "cupy":
             # Made C-contiguous (same shape and dtype) only when read: one
             # such copy at a time on a device that may be full.
             self.device_frames.append(_NonContiguous(obj))

@@ -440,8 +440,8 @@ impl DeviceParts {
             rdask_gpu::GpuError::OutOfMemory { .. } => e.to_string(),
             // Mapped here already (UCX's CUDA IPC maps peers' memory too):
             // this value comes over the network, later ones may be imported.
-            other if other.to_string().contains("ALREADY_MAPPED") => {
-                format!("{} {}", failed(other.to_string()), rdask_transport::peer::IPC_IMPORT_FAILED_ONCE)
+            rdask_gpu::GpuError::AlreadyMapped { .. } => {
+                format!("{} {}", failed(e.to_string()), rdask_transport::peer::IPC_IMPORT_FAILED_ONCE)
             }
             other => failed(other.to_string()),
         })?;

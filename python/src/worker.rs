@@ -215,13 +215,7 @@ impl ObjectValue for PyValue {
                 Placed::Object(o) => o.clone_ref(py),
                 Placed::OnHost(_) => return Ok(0),
             };
-            // Referenced elsewhere too (a running task's input, a view kept
-            // as another value, an array being sent): moving it would free
-            // no device memory and could part the copies. Left in place.
-            // (Two references are ours: the store's and `obj`. A view moved
-            // to host lets go of its base, which can then move too.)
-            // SAFETY: `obj` is a live object and the interpreter lock is held.
-            if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } > 2 {
+            if held_elsewhere(py, &obj) {
                 tracing::debug!(bytes = self.device, "a device value in use elsewhere stays on the device");
                 return Ok(0);
             }
@@ -232,8 +226,7 @@ impl ObjectValue for PyValue {
             // Again: the copy off the device let other threads run, and a
             // task may have taken the object meanwhile (`object()` hands it
             // out under this lock).
-            // SAFETY: as above.
-            if !same || unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } > 2 {
+            if !same || held_elsewhere(py, &obj) {
                 return Ok(0);
             }
             let old = std::mem::replace(&mut *placed, Placed::OnHost(frames));
@@ -245,6 +238,16 @@ impl ObjectValue for PyValue {
             Ok(self.device)
         })
     }
+}
+
+/// Whether a stored object is referenced beyond the store and the one
+/// reference `move_to_host` took (a running task's input, a view kept as
+/// another value, an array being sent): moving it would free no device
+/// memory and could part the copies. A view moved to host lets go of its
+/// base, which can then move too.
+fn held_elsewhere(_py: Python<'_>, obj: &Py<PyAny>) -> bool {
+    // SAFETY: `obj` is a live object and the interpreter lock is held (`_py`).
+    unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) > 2 }
 }
 
 /// What `rdask.device.dumps_staged` returns: the value's frames but for its

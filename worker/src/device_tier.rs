@@ -152,7 +152,7 @@ impl DeviceLedger {
 const BACKOFF_AFTER_ERROR: Duration = Duration::from_secs(5);
 
 /// How long the monitor waits after a round that could move nothing.
-const IDLE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Spills device values to host memory whenever the ledger is over its
 /// limit, until the store is dropped or `stop` is set. Checks at least every
